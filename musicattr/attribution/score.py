@@ -1,0 +1,196 @@
+"""Distributed scoring of every training latent (paper Eq. 1).
+
+    tau_i = L(z_i, theta_unlearned; M_L) - L(z_i, theta0; M_L)
+
+``ScoringModule`` runs in ``Trainer.predict`` over the latent store (DDP over GPUs, or gloo
+processes on the CPU); each rank takes a disjoint slice of the items (no padding duplicates).
+theta0 and theta_unlearned differ only in the tensors of the unlearned file: both versions are
+kept and swapped in by assignment (no add/subtract round-off). The baseline losses
+L(z_i, theta0) depend on (checkpoint, T, seed, M_L) only, so they are cached in
+``<store>/baselines/`` and reused by every later query. ``ScoreWriter`` (a Lightning prediction
+writer) writes parts as they come; a killed run resumes from them, and rank 0 merges them into
+``scores.parquet``: item_id, caption, file_name, score, rank, baseline_loss, unlearned_loss, ...
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import Subset
+
+from musicattr.attribution.loss import item_loss
+from musicattr.attribution.masks import resolve_masks
+from musicattr.attribution.unlearn import load_unlearned
+from musicattr.data.datamodules import predict_loader
+from musicattr.data.latent_store import LatentStore
+from musicattr.models.diffusion_module import load_diffusion_module
+from musicattr.models.sat import file_fingerprint
+
+
+class RunMismatchError(RuntimeError):
+    pass
+
+
+def baseline_cache_path(store: str, checkpoint_fp: str, num_draws: int, seed: int, mask_loss: bool) -> Path:
+    return Path(store) / "baselines" / f"{checkpoint_fp}-T{num_draws}-seed{seed}-mask{int(mask_loss)}.parquet"
+
+
+def read_parts(parts: Path) -> pd.DataFrame:
+    frames = [pd.read_parquet(p) for p in sorted(parts.glob("part-*.parquet"))]
+    cols = ["index", "baseline_loss", "unlearned_loss"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+class ScoringModule(L.LightningModule):
+    """Scores the latent store against one unlearned model (use with ``ScoreWriter``)."""
+
+    def __init__(self, checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int = 16,
+                 seed: int = 0, mask_loss: bool | None = None, batch_size: int = 16, num_workers: int = 0,
+                 draws_per_forward: int = 16, use_baseline_cache: bool = True, flush_every: int = 10,
+                 top_k: int = 10):
+        super().__init__()
+        self.save_hyperparameters()
+        self.theta0 = load_diffusion_module(checkpoint)
+        self.changed, self.unlearn_meta = load_unlearned(unlearned)
+        strategy = self.unlearn_meta.get("strategy")
+        self.mask_loss = resolve_masks(strategy, mask_loss=mask_loss)[1]
+        self.checkpoint_fp = file_fingerprint(checkpoint)
+        if self.unlearn_meta.get("checkpoint_fingerprint") not in (None, self.checkpoint_fp):
+            raise RunMismatchError(f"{unlearned} was unlearned from another checkpoint than {checkpoint}; "
+                                   "fix: pass the checkpoint it was made from")
+        self.out_dir = Path(out_dir)
+        self.store = LatentStore(store)
+        self.cache_path = baseline_cache_path(store, self.checkpoint_fp, num_draws, seed, self.mask_loss)
+        self.cached_baseline: dict[int, float] = {}
+        if use_baseline_cache and self.cache_path.exists():
+            df = pd.read_parquet(self.cache_path)
+            self.cached_baseline = dict(zip(df["index"].astype(int), df["baseline_loss"].astype(float)))
+
+    def configure_callbacks(self):
+        return [ScoreWriter(self.hparams.flush_every)]
+
+    def run_key(self) -> dict[str, Any]:
+        return {"checkpoint_fingerprint": self.checkpoint_fp, "unlearned": self.unlearn_meta,
+                "unlearned_fingerprint": file_fingerprint(self.hparams.unlearned),
+                "num_draws": self.hparams.num_draws, "seed": self.hparams.seed, "mask_loss": self.mask_loss,
+                "store": str(self.store.root)}
+
+    def setup(self, stage: str) -> None:
+        self.theta0.to(self.device)
+        named = dict(self.theta0.net.named_parameters())
+        unknown = [k for k in self.changed if k not in named]
+        if unknown:
+            raise RunMismatchError(f"{self.hparams.unlearned} names tensors absent from the model: {unknown[:3]}")
+        self.params = {k: named[k] for k in self.changed}
+        self.original = {k: p.detach().clone() for k, p in self.params.items()}
+        self.unlearned_values = {k: v.to(self.device, self.params[k].dtype) for k, v in self.changed.items()}
+        parts = self.out_dir / "parts"
+        if self.trainer.is_global_zero:
+            parts.mkdir(parents=True, exist_ok=True)
+            key_file = self.out_dir / "run.json"
+            key = json.loads(json.dumps(self.run_key()))
+            if key_file.exists() and json.loads(key_file.read_text()) != key:
+                raise RunMismatchError(f"{self.out_dir} holds scores of another run (other unlearned weights, "
+                                       "draws, seed or mask); fix: choose another out_dir or delete it")
+            key_file.write_text(json.dumps(key, indent=2))
+        self.trainer.strategy.barrier()
+        self.done = set(read_parts(parts)["index"].astype(int))
+
+    def predict_dataloader(self):
+        todo = [pos for pos, idx in enumerate(self.store.items["index"]) if int(idx) not in self.done]
+        if not todo and self.trainer.is_global_zero:  # every item scored earlier: the loop will not run
+            print_top(merge_scores(self), self.hparams.top_k)
+        return predict_loader(Subset(self.store, todo), self.hparams.batch_size, self.hparams.num_workers,
+                              self.trainer)
+
+    def _set(self, values: dict[str, torch.Tensor]) -> None:
+        for k, p in self.params.items():
+            p.data = values[k]
+
+    def _loss(self, batch) -> torch.Tensor:
+        m = self.theta0
+        mask = m.frame_mask(batch) if self.mask_loss else None
+        return item_loss(m.net, batch["latents"], m.conditioning_inputs(batch), batch["item_id"],
+                         self.hparams.seed, self.hparams.num_draws, mask, self.hparams.draws_per_forward)
+
+    @torch.no_grad()
+    def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:
+        idx = [int(i) for i in batch["index"]]
+        self._set(self.unlearned_values)
+        unlearned = self._loss(batch)
+        if all(i in self.cached_baseline for i in idx):
+            baseline = torch.tensor([self.cached_baseline[i] for i in idx], dtype=torch.float64)
+        else:
+            self._set(self.original)
+            baseline = self._loss(batch)
+        return {"index": idx, "baseline_loss": baseline.cpu().numpy(), "unlearned_loss": unlearned.cpu().numpy()}
+
+
+class ScoreWriter(BasePredictionWriter):
+    """Writes each rank's scores as they come; rank 0 merges them at the end of the pass."""
+
+    def __init__(self, flush_every: int = 10):
+        super().__init__(write_interval="batch")
+        self.flush_every = flush_every
+        self._rows: list[pd.DataFrame] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self._rows.append(pd.DataFrame(prediction))
+        if len(self._rows) >= self.flush_every:
+            self._flush(pl_module, trainer.global_rank)
+
+    def _flush(self, pl_module, rank: int) -> None:
+        if not self._rows:
+            return
+        df = pd.concat(self._rows, ignore_index=True)
+        parts = pl_module.out_dir / "parts"
+        name = parts / f"part-r{rank}-{uuid.uuid4().hex[:12]}.parquet"
+        df.to_parquet(name.with_suffix(".tmp"), index=False)
+        os.replace(name.with_suffix(".tmp"), name)
+        self._rows = []
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._flush(pl_module, trainer.global_rank)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            table = merge_scores(pl_module)
+            print_top(table, pl_module.hparams.top_k)
+        trainer.strategy.barrier()
+
+
+def merge_scores(m: ScoringModule) -> pd.DataFrame:
+    """One row per training item (duplicates dropped), ranked by tau (1 = most influenced)."""
+    parts = read_parts(m.out_dir / "parts").drop_duplicates("index", keep="first")
+    parts["index"] = parts["index"].astype(int)
+    items = m.store.items
+    missing = set(items["index"].astype(int)) - set(parts["index"])
+    if missing:
+        raise RuntimeError(f"{len(missing)} items have no score in {m.out_dir}/parts; fix: rerun to resume")
+    df = items[["index", "item_id", "caption", "file_name", "duration_s", "valid_frames"]].merge(
+        parts[["index", "baseline_loss", "unlearned_loss"]], on="index")
+    df["score"] = df["unlearned_loss"].astype(np.float64) - df["baseline_loss"]
+    df = df.sort_values(["score", "index"], ascending=[False, True]).reset_index(drop=True)
+    df["rank"] = np.arange(1, len(df) + 1)
+    df["method"] = "unlearning"
+    df["query_id"] = m.unlearn_meta.get("query_id")
+    tmp = m.out_dir / "scores.parquet.tmp"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, m.out_dir / "scores.parquet")
+    if not m.cache_path.exists() and not m.cached_baseline:
+        m.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        df[["index", "baseline_loss"]].to_parquet(m.cache_path, index=False)
+    return df
+
+
+def print_top(df: pd.DataFrame, k: int) -> None:
+    print(f"\nTop-{k} training tracks by attribution score tau (query {df['query_id'].iloc[0]!r}):")
+    for r in df.head(k).itertuples():
+        print(f"  {r.rank:>4}  tau={r.score:+.3e}  {r.item_id}  |  {r.caption}")

@@ -1,0 +1,83 @@
+"""Lightning data modules over the latent store, and a padding-free distributed sampler."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler, Subset
+
+from musicattr.data.latent_store import LatentStore
+
+
+def collate_items(items: list[dict]) -> dict:
+    """Stack tensors and numbers; keep strings as lists."""
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        if torch.is_tensor(vals[0]):
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float)):
+            out[k] = torch.tensor(vals)
+        else:
+            out[k] = vals
+    return out
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r takes positions r, r+W, r+2W, ... of the dataset: each item on exactly one rank,
+    with no padding duplicates (unlike DistributedSampler). Fine for prediction loops, which need
+    no per-step collective."""
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0):
+        self.length, self.num_replicas, self.rank = length, num_replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+def predict_loader(dataset, batch_size: int, num_workers: int, trainer) -> DataLoader:
+    """Loader for a prediction pass, sharded over the trainer's ranks without duplicates.
+    Use with ``Trainer(use_distributed_sampler=False)``."""
+    world = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world, rank),
+                      num_workers=num_workers, collate_fn=collate_items,
+                      persistent_workers=False)
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Training/validation split of a latent store for ``musicattr fit``.
+
+    The validation set is every ``val_every``-th item (deterministic); ``val_every=0`` trains on all
+    items and validates on the first ``val_batches`` batches of the training set.
+    """
+
+    def __init__(self, store: str, batch_size: int = 16, num_workers: int = 0, val_every: int = 0,
+                 val_items: int = 32):
+        super().__init__()
+        self.save_hyperparameters()
+        self.store_path = store
+
+    def setup(self, stage: str | None = None) -> None:
+        self.store = LatentStore(self.store_path)
+        n = len(self.store)
+        k = self.hparams.val_every
+        if k:
+            val = list(range(0, n, k))
+            train = [i for i in range(n) if i % k]
+        else:
+            train, val = list(range(n)), list(range(min(n, self.hparams.val_items)))
+        self.train_set, self.val_set = Subset(self.store, train), Subset(self.store, val)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.hparams.num_workers, collate_fn=collate_items,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          collate_fn=collate_items)

@@ -1,0 +1,149 @@
+"""The latent store: encoded training set on disk, sharded and memory-mappable.
+
+Layout of a store directory::
+
+    manifest.json                 what the store was made from (shapes, encoders, checkpoint hash)
+    shards/<name>.latents.npy     float16 [n, C, L]  zero-padded audio encoded to latents
+    shards/<name>.text.npy        float32 [n, S, D]  text-conditioning embeddings
+    shards/<name>.json            the n items of the shard (index, item_id, caption, ...)  (written last)
+    index.parquet                 one row per item: index, item_id, caption, file_name, valid_frames,
+                                  seconds_start, seconds_total, duration_s, shard, row
+
+A shard is complete once its .json exists (arrays are written first, each atomically), so an
+interrupted encode resumes by skipping the indices of complete shards. Reading opens each
+shard's arrays with ``np.load(mmap_mode="r")``: 100k+ items never sit in memory at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+ITEM_COLUMNS = ["index", "item_id", "caption", "file_name", "valid_frames", "seconds_start",
+                "seconds_total", "duration_s"]
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class LatentStoreWriter:
+    """Writes shards into a store directory; safe to use from several ranks (distinct names)."""
+
+    def __init__(self, root: str | os.PathLike, manifest: dict[str, Any] | None = None):
+        self.root = Path(root)
+        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        if manifest is not None:
+            path = self.root / "manifest.json"
+            if path.exists():
+                old = json.loads(path.read_text())
+                diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+                if diff:
+                    raise StoreError(f"{path} was made with other settings {diff} (old, new); fix: encode into "
+                                     "a new store directory or delete this one")
+            else:
+                atomic_write_text(path, json.dumps(manifest, indent=2))
+
+    def write_shard(self, name: str, latents: np.ndarray, text: np.ndarray, items: Sequence[dict]) -> None:
+        if not (len(latents) == len(text) == len(items)):
+            raise ValueError("latents, text and items must have the same length")
+        base = self.root / "shards" / name
+        _atomic_save_npy(base.with_name(name + ".latents.npy"), latents.astype(np.float16))
+        _atomic_save_npy(base.with_name(name + ".text.npy"), text.astype(np.float32))
+        atomic_write_text(base.with_name(name + ".json"), json.dumps({"items": list(items)}))
+
+    def shard_metas(self) -> dict[str, list[dict]]:
+        return {p.name[:-5]: json.loads(p.read_text())["items"]
+                for p in sorted((self.root / "shards").glob("*.json"))}
+
+    def done_indices(self) -> set[int]:
+        return {int(it["index"]) for items in self.shard_metas().values() for it in items}
+
+    def finalize(self, expected: int | None = None) -> "LatentStore":
+        """Write index.parquet over all complete shards (each index once) and open the store."""
+        import pandas as pd
+
+        rows, seen = [], set()
+        for shard, items in self.shard_metas().items():
+            for row, it in enumerate(items):
+                if it["index"] in seen:
+                    continue
+                seen.add(it["index"])
+                rows.append({**{k: it.get(k) for k in ITEM_COLUMNS}, "shard": shard, "row": row})
+        if expected is not None and len(rows) != expected:
+            raise StoreError(f"{self.root}: {len(rows)} of {expected} items encoded; fix: rerun encode to resume")
+        df = pd.DataFrame(rows, columns=ITEM_COLUMNS + ["shard", "row"]).sort_values("index")
+        tmp = self.root / "index.parquet.tmp"
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, self.root / "index.parquet")
+        return LatentStore(self.root)
+
+
+class LatentStore(torch.utils.data.Dataset):
+    """Read side: ``store[i]`` is a dict of tensors and metadata for the item at position i."""
+
+    def __init__(self, root: str | os.PathLike):
+        import pandas as pd
+
+        self.root = Path(root)
+        index = self.root / "index.parquet"
+        if not index.exists():
+            raise StoreError(f"{index} not found: {self.root} is not a finished latent store; "
+                             "fix: run `musicattr encode` (it resumes) or check the path")
+        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        self.items = pd.read_parquet(index).reset_index(drop=True)
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return int(self.manifest["latent_channels"]), int(self.manifest["max_frames"])
+
+    def _shard(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self._arrays:
+            base = self.root / "shards" / name
+            self._arrays[name] = (np.load(str(base) + ".latents.npy", mmap_mode="r"),
+                                  np.load(str(base) + ".text.npy", mmap_mode="r"))
+        return self._arrays[name]
+
+    def position_of(self, item: int | str) -> int:
+        """Position of an item given its integer index or its item_id."""
+        col = "index" if isinstance(item, (int, np.integer)) else "item_id"
+        hit = np.flatnonzero(self.items[col].to_numpy() == item)
+        if len(hit) == 0:
+            raise KeyError(f"item {item!r} is not in the store {self.root}")
+        return int(hit[0])
+
+    def __getitem__(self, pos: int) -> dict[str, Any]:
+        r = self.items.iloc[pos]
+        lat, txt = self._shard(r["shard"])
+        return {
+            "latents": torch.from_numpy(np.array(lat[int(r["row"])], dtype=np.float32)),
+            "text_emb": torch.from_numpy(np.array(txt[int(r["row"])], dtype=np.float32)),
+            "valid_frames": int(r["valid_frames"]),
+            "seconds_start": float(r["seconds_start"]),
+            "seconds_total": float(r["seconds_total"]),
+            "index": int(r["index"]),
+            "item_id": str(r["item_id"]),
+            "caption": str(r["caption"]),
+        }

@@ -1,0 +1,89 @@
+"""The latent DiT as a ``lightning.LightningModule`` (pretraining = theta0).
+
+Wraps SAT's ConditionedDiffusionModelWrapper. Training uses the v-objective
+    t ~ U(0,1), z_t = cos(pi t/2) z + sin(pi t/2) eps, loss = || v_theta(z_t, t, c) - (cos eps - sin z) ||^2
+over all latent frames (the paper's assumption: trained without the padding mask) or, with
+``use_padding_mask``, over the non-padded frames only. Classifier-free guidance dropout zeroes
+the text embedding with probability ``cfg_dropout_prob``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from musicattr.attribution.loss import frame_mask_from_lengths, item_loss, masked_mse, v_objective
+from musicattr.models.sat import TEXT_KEY, build_diffusion
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(self, model_config: dict[str, Any], lr: float = 1e-4, weight_decay: float = 1e-3,
+                 warmup_steps: int = 100, cfg_dropout_prob: float = 0.1, use_padding_mask: bool = False,
+                 val_draws: int = 4, val_seed: int = 1234):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = model_config
+        self.diffusion = build_diffusion(model_config)
+
+    @property
+    def net(self):
+        """The SAT DiTWrapper: net(x_t, t, **conditioning_inputs) -> v prediction."""
+        return self.diffusion.model
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.model_config["sample_rate"])
+
+    def conditioning_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Text embedding [B, S, D] (pre-encoded) + SAT number conditioners for the timing."""
+        text = batch["text_emb"].to(self.device)
+        meta = [{"seconds_start": float(s), "seconds_total": float(t)}
+                for s, t in zip(batch["seconds_start"], batch["seconds_total"])]
+        tensors = self.diffusion.conditioner(meta, self.device)
+        tensors[TEXT_KEY] = [text, torch.ones(text.shape[:2], device=self.device)]
+        return self.diffusion.get_conditioning_inputs(tensors)
+
+    def frame_mask(self, batch: dict[str, Any]) -> torch.Tensor:
+        return frame_mask_from_lengths(batch["valid_frames"].to(self.device), batch["latents"].shape[-1])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        z = batch["latents"]
+        cond = self.conditioning_inputs(batch)
+        t = torch.rand(z.shape[0], device=z.device)
+        x_t, target = v_objective(z, t, torch.randn_like(z))
+        pred = self.net(x_t, t, **cond, cfg_dropout_prob=self.hparams.cfg_dropout_prob)
+        mask = self.frame_mask(batch) if self.hparams.use_padding_mask else None
+        loss = masked_mse(pred, target, mask).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        mask = self.frame_mask(batch) if self.hparams.use_padding_mask else None
+        loss = item_loss(self.net, batch["latents"], self.conditioning_inputs(batch), batch["item_id"],
+                         self.hparams.val_seed, self.hparams.val_draws, mask)
+        self.log("val/loss", loss.float().mean(), prog_bar=True, sync_dist=True, batch_size=len(loss))
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.diffusion.parameters(), lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay, betas=(0.9, 0.999))
+        warm = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def load_diffusion_module(path: str, map_location: str = "cpu") -> DiffusionModule:
+    """theta0: a DiffusionModule from a `musicattr fit` checkpoint (config from its hyper_parameters)."""
+    from musicattr.models.sat import init_kwargs, load_state_dict_checked, read_state_dict
+
+    if not path or not __import__("os").path.exists(path):
+        raise FileNotFoundError(f"DiT checkpoint not found: {path!r}; fix: run `musicattr fit` or give the path "
+                                "of a checkpoint it wrote")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "model_config" not in hp:
+        raise ValueError(f"{path} has no hyper_parameters.model_config; fix: pass a checkpoint written by "
+                         "`musicattr fit`")
+    module = DiffusionModule(**init_kwargs(DiffusionModule, hp))
+    load_state_dict_checked(module, read_state_dict(path), path)
+    return module.eval()

@@ -1,0 +1,95 @@
+"""``musicattr generate``: prompts + durations -> audio files and query latents z_hat.
+
+Sampling uses stable-audio-tools' ``generate_diffusion_cond`` (k-diffusion samplers) with
+precomputed conditioning tensors: the prompt's text embedding and the timing conditions
+(seconds_start = 0, seconds_total = ceil(duration)). The full-length latent is kept as the
+query (its first ceil(duration * sr / ratio) frames are the valid part), decoded by the
+autoencoder and cropped to the duration.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from musicattr.models.sat import TEXT_KEY
+
+
+def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str], durations: list[float] | None = None,
+             max_frames: int | None = None, text_encoder: str = "minilm", text_encoder_checkpoint: str | None = None,
+             autoencoder_config: str | None = None, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
+             sampler_type: str = "dpmpp-2m-sde", device: str = "cpu", store: str | None = None) -> list[dict]:
+    """Generate one track per prompt; write ``<out_dir>/<name>.wav`` and ``<name>.query.safetensors``.
+
+    Args:
+        checkpoint: DiT checkpoint (theta0) from ``musicattr fit``.
+        autoencoder: autoencoder checkpoint used to build the latent store.
+        prompts / durations: one duration in seconds per prompt (default: the model's maximum length).
+        max_frames: latent length; default the latent store's (``store``) or the checkpoint's.
+    """
+    from stable_audio_tools.inference.generation import generate_diffusion_cond
+
+    from musicattr.embeddings.text import build_text_encoder
+    from musicattr.models.autoencoder_module import load_autoencoder
+    from musicattr.models.diffusion_module import load_diffusion_module
+
+    if not prompts:
+        raise ValueError("no prompts given; fix: pass --prompts '[\"a slow chorale on strings\"]'")
+    module = load_diffusion_module(checkpoint).to(device)
+    ae = load_autoencoder(autoencoder, autoencoder_config).to(device)
+    if store is not None:
+        manifest = json.loads((Path(store) / "manifest.json").read_text())
+        max_frames = max_frames or int(manifest["max_frames"])
+        text_encoder = manifest.get("text_encoder", text_encoder)
+    max_frames = max_frames or int(module.model_config.get("sample_size", 0)) // ae.downsampling_ratio
+    if not max_frames:
+        raise ValueError("unknown latent length; fix: pass max_frames or store")
+    sr, ratio = module.sample_rate, ae.downsampling_ratio
+    durations = list(durations or [max_frames * ratio / sr] * len(prompts))
+    if len(durations) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(durations)} durations; fix: give one duration per prompt")
+    text = build_text_encoder(text_encoder, text_encoder_checkpoint, device=device).encode(prompts).to(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for q, (prompt, dur) in enumerate(zip(prompts, durations)):
+        dur = min(float(dur), max_frames * ratio / sr)
+        name = f"q{q:03d}"
+        batch = {"text_emb": text[q:q + 1], "seconds_start": [0.0], "seconds_total": [float(math.ceil(dur))]}
+        meta = [{"seconds_start": 0.0, "seconds_total": float(math.ceil(dur))}]
+        with torch.no_grad():
+            tensors = module.diffusion.conditioner(meta, device)
+            tensors[TEXT_KEY] = [batch["text_emb"], torch.ones(1, 1, device=device)]
+            latents = generate_diffusion_cond(module.diffusion, steps=steps, cfg_scale=cfg_scale,
+                                              conditioning_tensors=tensors, sample_size=max_frames, seed=seed + q,
+                                              device=device, return_latents=True, sampler_type=sampler_type)
+            audio = ae.decode(latents.float())[0, :, : int(dur * sr)].cpu()
+        peak = float(audio.abs().max())
+        sf.write(out / f"{name}.wav", (audio / max(peak, 1e-6) * 0.9).numpy().T, sr)
+        valid = math.ceil(dur * sr / ratio)
+        info = {"query_id": name, "caption": prompt, "duration_s": dur, "seconds_start": 0.0,
+                "seconds_total": float(math.ceil(dur)), "valid_frames": valid, "seed": seed + q,
+                "audio": f"{name}.wav", "checkpoint": checkpoint}
+        save_file({"latents": latents[0].float().cpu().contiguous(), "text_emb": text[q].cpu().contiguous()},
+                  str(out / f"{name}.query.safetensors"), metadata={"info": json.dumps(info)})
+        results.append(info)
+        print(f"generate: {out / (name + '.wav')}  ({dur:.1f} s)  {prompt}")
+    (out / "queries.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def load_query(path: str) -> dict:
+    """A query written by ``generate``: latents [C, L], text_emb [S, D] and its info."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"query file not found: {path}; fix: run `musicattr generate` or give a "
+                                "training item with --query_item")
+    with safe_open(path, "pt") as f:
+        info = json.loads(f.metadata()["info"])
+        return {"latents": f.get_tensor("latents"), "text_emb": f.get_tensor("text_emb"), **info}

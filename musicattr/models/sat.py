@@ -1,0 +1,107 @@
+"""Builders for stable-audio-tools (SAT) models from SAT-format config dicts.
+
+The DiT is SAT's ``ConditionedDiffusionModelWrapper`` around ``DiTWrapper`` /
+``DiffusionTransformer``, built with ``create_model_from_config`` exactly as SAT does.
+The autoencoder is SAT's ``AudioAutoencoder`` (Oobleck encoder/decoder, VAE bottleneck).
+
+Text conditioning is *pre-encoded*: text embeddings are computed once at encode time and
+stored in the latent store, then passed to the DiT as the ``prompt`` cross-attention input.
+Timing conditioning (``seconds_start``, ``seconds_total``) uses SAT's ``number`` conditioners.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+
+TEXT_KEY = "prompt"
+TIMING_KEYS = ("seconds_start", "seconds_total")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the model built from a config."""
+
+
+def build_diffusion(config: dict[str, Any]):
+    """Build SAT's ConditionedDiffusionModelWrapper from a ``diffusion_cond`` config."""
+    from stable_audio_tools.models.factory import create_model_from_config
+
+    if config.get("model_type") != "diffusion_cond":
+        raise ValueError(f"model_type must be 'diffusion_cond', got {config.get('model_type')!r}")
+    cfg = copy.deepcopy(config)
+    return create_model_from_config(cfg)
+
+
+def build_autoencoder(config: dict[str, Any]):
+    """Build SAT's AudioAutoencoder from an ``autoencoder`` config."""
+    from stable_audio_tools.models.factory import create_model_from_config
+
+    if config.get("model_type") != "autoencoder":
+        raise ValueError(f"model_type must be 'autoencoder', got {config.get('model_type')!r}")
+    return create_model_from_config(copy.deepcopy(config))
+
+
+def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                            prefix: str = "") -> None:
+    """Load ``state`` into ``module`` (keys optionally under ``prefix``), or raise a clear error.
+
+    Names the checkpoint file and lists missing, unexpected and shape-mismatched tensors,
+    instead of a tensor-shape traceback.
+    """
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def head(xs):
+            return ", ".join(xs[:5]) + (f" ... (+{len(xs) - 5})" if len(xs) > 5 else "")
+        msg = [f"checkpoint {source} does not match the model config:"]
+        if shapes:
+            msg.append(f"  {len(shapes)} shape mismatches: {head(shapes)}")
+        if missing:
+            msg.append(f"  {len(missing)} tensors missing from the checkpoint: {head(missing)}")
+        if unexpected:
+            msg.append(f"  {len(unexpected)} unexpected tensors in the checkpoint: {head(unexpected)}")
+        msg.append("  fix: use the config the checkpoint was trained with (see its hyper_parameters), "
+                   "or a checkpoint trained with this config.")
+        raise CheckpointMismatchError("\n".join(msg))
+    module.load_state_dict(state)
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a state dict from a .ckpt/.pt (Lightning or plain) or .safetensors file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}; fix: check the path or run the stage that writes it")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+
+
+def file_fingerprint(path: str) -> str:
+    """A short content hash of a file (first 16 hex digits of blake2b), to tie outputs to inputs."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_fingerprint(config: dict) -> str:
+    return hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def init_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The saved hyper-parameters that ``cls.__init__`` accepts (drops LightningCLI's extras)."""
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return {k: v for k, v in hparams.items() if k in accepted}
