@@ -86,12 +86,13 @@ class FisherCallback(L.Callback):
 
     def __init__(self, out: str, num_draws: int = 8, seed: int = 0, target: str = "all",
                  use_mask: bool = False, vectorize: bool = True, chunk_size: int = 16, flush_every: int = 20,
-                 metadata: dict[str, Any] | None = None):
+                 metadata: dict[str, Any] | None = None, overwrite: bool = False):
         self.out = Path(out)
         self.parts = Path(str(out) + ".parts")
         self.num_draws, self.seed, self.target = num_draws, seed, target
         self.use_mask, self.vectorize, self.chunk_size, self.flush_every = use_mask, vectorize, chunk_size, flush_every
         self.metadata = dict(metadata or {})
+        self.overwrite = overwrite
         self._sum: dict[str, torch.Tensor] = {}
         self._indices: list[int] = []
         self._batches = 0
@@ -100,14 +101,22 @@ class FisherCallback(L.Callback):
         return {**self.metadata, "num_draws": self.num_draws, "seed": self.seed, "target": self.target,
                 "use_mask": self.use_mask}
 
-    def done_indices(self) -> set[int]:
-        """Items already summed in earlier (interrupted) runs; refuses parts of another run."""
-        if not self.parts.exists():
-            return set()
+    def check_parts(self) -> None:
+        """Refuse (or, with overwrite, clear) partial sums left by a different Fisher run."""
         key_file = self.parts / "run.json"
-        if key_file.exists() and json.loads(key_file.read_text()) != json.loads(json.dumps(self.run_key())):
-            raise FisherMismatchError(f"{self.parts} holds partial sums of another Fisher run; "
-                                      "fix: delete that folder or choose another output path")
+        key = json.loads(json.dumps(self.run_key()))
+        if key_file.exists() and json.loads(key_file.read_text()) != key:
+            if not self.overwrite:
+                raise FisherMismatchError(f"{self.parts} holds partial sums of another Fisher run (other checkpoint, "
+                                          "draws, seed, target or mask); fix: delete that folder, choose another "
+                                          "output path, or pass --model.overwrite true")
+            for p in self.parts.glob("part-*.safetensors"):
+                p.unlink()
+        self.parts.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(json.dumps(key))
+
+    def done_indices(self) -> set[int]:
+        """Items already summed in earlier (interrupted) runs of the same Fisher run."""
         done = set()
         for p in sorted(self.parts.glob("part-*.safetensors")):
             with safe_open(str(p), "pt") as f:
@@ -117,8 +126,7 @@ class FisherCallback(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.params = select_parameters(pl_module.net, self.target)
         if trainer.is_global_zero:
-            self.parts.mkdir(parents=True, exist_ok=True)
-            (self.parts / "run.json").write_text(json.dumps(self.run_key()))
+            self.check_parts()
         trainer.strategy.barrier()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -191,7 +199,7 @@ class FisherPassModule(L.LightningModule):
 
     def __init__(self, checkpoint: str, store: str, out: str, num_draws: int = 8, seed: int = 0,
                  target: str = "all", use_mask: bool = False, vectorize: bool = True, chunk_size: int = 16,
-                 batch_size: int = 8, num_workers: int = 0, flush_every: int = 20):
+                 batch_size: int = 8, num_workers: int = 0, flush_every: int = 20, overwrite: bool = False):
         super().__init__()
         from musicattr.data.latent_store import LatentStore
         from musicattr.models.diffusion_module import load_diffusion_module
@@ -201,7 +209,7 @@ class FisherPassModule(L.LightningModule):
         self.theta0 = load_diffusion_module(checkpoint)
         self.store = LatentStore(store)
         self.callback = FisherCallback(out, num_draws, seed, target, use_mask, vectorize, chunk_size, flush_every,
-                                       metadata={"checkpoint": checkpoint,
+                                       overwrite=overwrite, metadata={"checkpoint": checkpoint,
                                                  "checkpoint_fingerprint": file_fingerprint(checkpoint),
                                                  "store": str(store)})
 

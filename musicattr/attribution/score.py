@@ -55,7 +55,7 @@ class ScoringModule(L.LightningModule):
     def __init__(self, checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int = 16,
                  seed: int = 0, mask_loss: bool | None = None, batch_size: int = 16, num_workers: int = 0,
                  draws_per_forward: int = 16, use_baseline_cache: bool = True, flush_every: int = 10,
-                 top_k: int = 10):
+                 top_k: int = 10, overwrite: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.theta0 = load_diffusion_module(checkpoint)
@@ -98,8 +98,12 @@ class ScoringModule(L.LightningModule):
             key_file = self.out_dir / "run.json"
             key = json.loads(json.dumps(self.run_key()))
             if key_file.exists() and json.loads(key_file.read_text()) != key:
-                raise RunMismatchError(f"{self.out_dir} holds scores of another run (other unlearned weights, "
-                                       "draws, seed or mask); fix: choose another out_dir or delete it")
+                if not self.hparams.overwrite:
+                    raise RunMismatchError(f"{self.out_dir} holds scores of another run (other unlearned weights, "
+                                           "draws, seed or mask); fix: choose another out_dir, or pass "
+                                           "--model.overwrite true to replace them")
+                for p in parts.glob("part-*.parquet"):
+                    p.unlink()
             key_file.write_text(json.dumps(key, indent=2))
         self.trainer.strategy.barrier()
         self.done = set(read_parts(parts)["index"].astype(int))

@@ -1,0 +1,77 @@
+# musicattr: `make demo` runs the whole flow on the embedded corpus, `make test` runs the tests.
+# Both set up the virtual environment first (idempotent: nothing happens when it is up to date).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+MA := $(VENV)/bin/musicattr
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export PYTHONWARNINGS := ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning
+
+D := runs/demo
+CFG := configs/demo
+
+.PHONY: all venv demo test test-fast bench table1 figure1 clean-demo help
+
+help:
+	@echo "make demo     - set up, then run corpus -> autoencoder -> encode -> fit -> fisher -> generate -> unlearn -> attribute"
+	@echo "make test     - set up, then run the test suite"
+	@echo "make bench    - attribution benchmark (prints figures, writes runs/bench/attribution.json)"
+	@echo "make table1   - self-influence grid search on the demo model (Table 1)"
+	@echo "make figure1  - test-to-train comparison with similarity baselines (Figure 1)"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/base.txt requirements/nodeps.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (or run make PYTHON=python3)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip<27"
+	$(PY) -m pip install -q -r requirements/base.txt
+	$(PY) -m pip install -q --no-deps -r requirements/nodeps.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+
+# ---- the demo flow; each stage reruns only when its inputs changed ----
+demo: venv $(D)/attribution/q000/scores.parquet
+	@echo "demo done: audio in $(D)/generated, attribution table $(D)/attribution/q000/scores.parquet"
+
+$(D)/corpus/metadata.jsonl: $(CFG)/corpus.yaml
+	$(MA) corpus --config $(CFG)/corpus.yaml
+
+$(D)/autoencoder/last.ckpt: $(D)/corpus/metadata.jsonl $(CFG)/autoencoder.yaml
+	rm -f $(D)/autoencoder/*.ckpt
+	$(MA) autoencoder --config $(CFG)/autoencoder.yaml
+
+$(D)/store/index.parquet: $(D)/autoencoder/last.ckpt $(CFG)/encode.yaml
+	rm -rf $(D)/store
+	$(MA) encode --config $(CFG)/encode.yaml
+
+$(D)/fit/last.ckpt: $(D)/store/index.parquet $(CFG)/fit.yaml
+	rm -f $(D)/fit/*.ckpt
+	$(MA) fit --config $(CFG)/fit.yaml
+
+$(D)/fisher.safetensors: $(D)/fit/last.ckpt $(CFG)/fisher.yaml
+	$(MA) fisher --config $(CFG)/fisher.yaml --model.overwrite true
+
+$(D)/generated/queries.json: $(D)/fit/last.ckpt $(CFG)/generate.yaml
+	$(MA) generate --config $(CFG)/generate.yaml
+
+$(D)/unlearned/q000.safetensors: $(D)/fisher.safetensors $(D)/generated/queries.json $(CFG)/unlearn.yaml
+	$(MA) unlearn --config $(CFG)/unlearn.yaml
+
+$(D)/attribution/q000/scores.parquet: $(D)/unlearned/q000.safetensors $(CFG)/attribute.yaml
+	$(MA) attribute --config $(CFG)/attribute.yaml --model.overwrite true
+
+bench: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
+	$(PY) scripts/bench_attribution.py --checkpoint $(D)/fit/last.ckpt --store $(D)/store --fisher $(D)/fisher.safetensors --out runs/bench/attribution.json
+
+clean-demo:
+	rm -rf $(D)

@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny SAT DiT config, a synthetic latent store and a theta0 checkpoint.
+
+Everything runs on the CPU with one torch thread per process (tests are deterministic).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+TINY_DIT = {
+    "model_type": "diffusion_cond", "sample_rate": 16000, "sample_size": 16 * 2048,
+    "model": {
+        "io_channels": 4,
+        "conditioning": {"cond_dim": 32, "configs": [
+            {"id": "seconds_start", "type": "number", "config": {"min_val": 0, "max_val": 512}},
+            {"id": "seconds_total", "type": "number", "config": {"min_val": 0, "max_val": 512}}]},
+        "diffusion": {"type": "dit", "diffusion_objective": "v",
+                      "cross_attention_cond_ids": ["prompt", "seconds_start", "seconds_total"],
+                      "global_cond_ids": ["seconds_start", "seconds_total"],
+                      "config": {"io_channels": 4, "embed_dim": 64, "depth": 2, "num_heads": 2,
+                                 "cond_token_dim": 32, "global_cond_dim": 64, "project_cond_tokens": False,
+                                 "transformer_type": "continuous_transformer"}}}}
+
+
+def tiny_config() -> dict:
+    return copy.deepcopy(TINY_DIT)
+
+
+def make_module(seed: int = 0, perturb: float = 0.05):
+    """A tiny DiffusionModule with non-zero weights everywhere (SAT zero-inits some convs)."""
+    from musicattr.models.diffusion_module import DiffusionModule
+
+    torch.manual_seed(seed)
+    m = DiffusionModule(tiny_config())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return m.eval()
+
+
+def save_checkpoint(module, path) -> str:
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return str(path)
+
+
+def make_store(root, n: int = 12, channels: int = 4, frames: int = 16, text_dim: int = 32, seed: int = 0,
+               shard_size: int = 5):
+    """A latent store of ``n`` synthetic items with varied valid lengths (zero padding matters)."""
+    from musicattr.data.latent_store import LatentStoreWriter
+
+    g = np.random.default_rng(seed)
+    w = LatentStoreWriter(root, {"format": 1, "latent_channels": channels, "max_frames": frames, "sample_rate": 16000,
+                                 "audio_channels": 1, "downsampling_ratio": 2048, "text_encoder": "synthetic",
+                                 "text_dim": text_dim})
+    for start in range(0, n, shard_size):
+        idx = list(range(start, min(n, start + shard_size)))
+        lat = g.standard_normal((len(idx), channels, frames)).astype(np.float32)
+        valid = [int(g.integers(3, frames + 1)) for _ in idx]
+        for j, v in enumerate(valid):
+            lat[j, :, v:] = 0.1  # the encoder's output on silence
+        text = g.standard_normal((len(idx), 1, text_dim)).astype(np.float32)
+        items = [{"index": i, "item_id": f"audio/track{i:03d}.wav", "caption": f"caption {i}",
+                  "file_name": f"audio/track{i:03d}.wav", "valid_frames": v, "seconds_start": 0,
+                  "seconds_total": int(np.ceil(v * 2048 / 16000)), "duration_s": v * 2048 / 16000}
+                 for i, v in zip(idx, valid)]
+        w.write_shard(f"r0-{start:09d}", lat, text, items)
+    return w.finalize(expected=n)
+
+
+@pytest.fixture
+def tiny_module():
+    return make_module()
+
+
+@pytest.fixture
+def tiny_store(tmp_path):
+    return make_store(tmp_path / "store")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return save_checkpoint(make_module(), tmp_path / "theta0.ckpt")
