@@ -20,12 +20,15 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = [
     "TrainEmbeddings",
@@ -37,8 +40,9 @@ __all__ = [
     "TABLE_COLUMNS",
 ]
 
-TABLE_COLUMNS = ["item_id", "index", "caption", "file_name", "duration_s", "score", "rank",
-                 "baseline_loss", "unlearned_loss", "method"]
+# Same columns as musicattr.attribution.score.merge_scores (the unlearning scorer's scores.parquet).
+TABLE_COLUMNS = ["item_id", "index", "caption", "file_name", "duration_s", "valid_frames", "score", "rank",
+                 "baseline_loss", "unlearned_loss", "method", "query_id"]
 
 _SEGMENTS_FILE = "segments.bin"
 _OFFSETS_FILE = "offsets.npy"
@@ -232,11 +236,13 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
 # table
 # ------------------------------------------------------------------------------------------
 
-def similarity_table(scores: Tensor, items: Sequence[dict], method: str = "similarity") -> "pandas.DataFrame":
+def similarity_table(scores: Tensor, items: Sequence[dict], method: str = "similarity",
+                     query_id: str | None = None) -> "pandas.DataFrame":
     """Scores -> DataFrame with the unlearning scorer's layout (:data:`TABLE_COLUMNS`), sorted by rank.
 
     ``items[i]`` describes training item i (keys ``item_id``, optional ``index`` (default i),
-    ``caption``, ``file_name``, ``duration_s``). Rank 1 = highest score; ties share no rank (stable
+    ``caption``, ``file_name``, ``duration_s``, ``valid_frames``; missing ``valid_frames`` -> <NA>).
+    Rank 1 = highest score; ties share no rank (stable
     order by index). ``baseline_loss`` / ``unlearned_loss`` are NaN for similarity methods.
     ``method`` e.g. ``"similarity/all-against-all[aisfx]"``."""
     import pandas as pd
@@ -250,6 +256,7 @@ def similarity_table(scores: Tensor, items: Sequence[dict], method: str = "simil
         "caption": [it.get("caption", "") for it in items],
         "file_name": [it.get("file_name", "") for it in items],
         "duration_s": np.asarray([float(it.get("duration_s", np.nan)) for it in items], dtype=np.float64),
+        "valid_frames": pd.array([it.get("valid_frames") for it in items], dtype="Int64"),
         "score": s.astype(np.float64),
     })
     df = df.sort_values(["score", "index"], ascending=[False, True], kind="mergesort", na_position="last")
@@ -257,4 +264,5 @@ def similarity_table(scores: Tensor, items: Sequence[dict], method: str = "simil
     df["baseline_loss"] = np.nan
     df["unlearned_loss"] = np.nan
     df["method"] = method
+    df["query_id"] = query_id
     return df.reset_index(drop=True)[TABLE_COLUMNS]

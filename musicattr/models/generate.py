@@ -22,6 +22,20 @@ from safetensors.torch import save_file
 from musicattr.models.sat import TEXT_KEY
 
 
+def sample_latents(module, text_emb: torch.Tensor, seconds_total: float, max_frames: int, steps: int = 50,
+                   cfg_scale: float = 5.0, seed: int = 0, sampler_type: str = "dpmpp-2m-sde") -> torch.Tensor:
+    """One latent [1, C, max_frames] from SAT's sampler, conditioned on a text embedding [1, S, D] and timing."""
+    from stable_audio_tools.inference.generation import generate_diffusion_cond
+
+    device = module.device
+    with torch.no_grad():
+        tensors = module.diffusion.conditioner([{"seconds_start": 0.0, "seconds_total": float(seconds_total)}], device)
+        tensors[TEXT_KEY] = [text_emb.to(device), torch.ones(text_emb.shape[:2], device=device)]
+        return generate_diffusion_cond(module.diffusion, steps=steps, cfg_scale=cfg_scale, conditioning_tensors=tensors,
+                                       sample_size=max_frames, seed=seed, device=device, return_latents=True,
+                                       sampler_type=sampler_type).float()
+
+
 def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str], durations: list[float] | None = None,
              max_frames: int | None = None, text_encoder: str = "minilm", text_encoder_checkpoint: str | None = None,
              autoencoder_config: str | None = None, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
@@ -34,8 +48,6 @@ def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str]
         prompts / durations: one duration in seconds per prompt (default: the model's maximum length).
         max_frames: latent length; default the latent store's (``store``) or the checkpoint's.
     """
-    from stable_audio_tools.inference.generation import generate_diffusion_cond
-
     from musicattr.embeddings.text import build_text_encoder
     from musicattr.models.autoencoder_module import load_autoencoder
     from musicattr.models.diffusion_module import load_diffusion_module
@@ -62,15 +74,9 @@ def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str]
     for q, (prompt, dur) in enumerate(zip(prompts, durations)):
         dur = min(float(dur), max_frames * ratio / sr)
         name = f"q{q:03d}"
-        batch = {"text_emb": text[q:q + 1], "seconds_start": [0.0], "seconds_total": [float(math.ceil(dur))]}
-        meta = [{"seconds_start": 0.0, "seconds_total": float(math.ceil(dur))}]
-        with torch.no_grad():
-            tensors = module.diffusion.conditioner(meta, device)
-            tensors[TEXT_KEY] = [batch["text_emb"], torch.ones(1, 1, device=device)]
-            latents = generate_diffusion_cond(module.diffusion, steps=steps, cfg_scale=cfg_scale,
-                                              conditioning_tensors=tensors, sample_size=max_frames, seed=seed + q,
-                                              device=device, return_latents=True, sampler_type=sampler_type)
-            audio = ae.decode(latents.float())[0, :, : int(dur * sr)].cpu()
+        latents = sample_latents(module, text[q:q + 1], math.ceil(dur), max_frames, steps, cfg_scale, seed + q,
+                                 sampler_type)
+        audio = ae.decode(latents)[0, :, : int(dur * sr)].cpu()
         peak = float(audio.abs().max())
         sf.write(out / f"{name}.wav", (audio / max(peak, 1e-6) * 0.9).numpy().T, sr)
         valid = math.ceil(dur * sr / ratio)

@@ -1,0 +1,20 @@
+import numpy as np
+import torch
+
+from musicattr.evaluation.figure1 import figure1_curves, plot_figure1
+
+torch.set_num_threads(1)
+
+
+def test_curves_and_png(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 50, generator=g)
+    other = u + 0.5 * torch.randn(3, 50, generator=g)
+    curves = figure1_curves(u, {"similarity/all-against-all": other, "similarity/average": -u})
+    mean = curves["unlearning"]["minmax"][0]
+    assert mean[0] == 1.0 and mean[-1] == 0.0 and np.all(np.diff(mean) <= 1e-12)
+    assert np.allclose(curves["similarity/average"]["minmax"][0], 1.0 - mean)
+    assert np.allclose(curves["unlearning"]["softmax"][0].sum(), 1.0)
+    out = plot_figure1(u, {"similarity/all-against-all": other}, str(tmp_path / "sub" / "fig1.png"), "test")
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
