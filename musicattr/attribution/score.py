@@ -81,7 +81,7 @@ class ScoringModule(L.LightningModule):
         return {"checkpoint_fingerprint": self.checkpoint_fp, "unlearned": self.unlearn_meta,
                 "unlearned_fingerprint": file_fingerprint(self.hparams.unlearned),
                 "num_draws": self.hparams.num_draws, "seed": self.hparams.seed, "mask_loss": self.mask_loss,
-                "store": str(self.store.root)}
+                "store": str(self.store.root.resolve())}
 
     def setup(self, stage: str) -> None:
         self.theta0.to(self.device)

@@ -23,7 +23,11 @@ def target_pattern(target: str) -> str:
 
 def select_parameters(net: torch.nn.Module, target: str) -> dict[str, torch.nn.Parameter]:
     """Trainable parameters of ``net`` whose names match the target group (``re.search``)."""
-    pat = re.compile(target_pattern(target))
+    try:
+        pat = re.compile(target_pattern(target))
+    except re.error as e:
+        raise ValueError(f"target {target!r} is neither a named group {sorted(TARGET_GROUPS)} "
+                         f"nor a valid regular expression: {e}") from e
     chosen = {n: p for n, p in net.named_parameters() if p.requires_grad and pat.search(n)}
     if not chosen:
         raise ValueError(f"target {target!r} selects no parameter; named groups: {sorted(TARGET_GROUPS)} "

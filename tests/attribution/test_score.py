@@ -1,0 +1,348 @@
+"""Scoring every training latent (attribution/score.py, paper Eq. 1) and the whole fisher -> unlearn ->
+attribute flow: the table, invariance to batching and world size, the baseline cache, resuming a killed run,
+the first-order (influence) approximation and self-influence on the synthetic store."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_module, make_store, save_checkpoint
+from musicattr.attribution.fisher import FisherPassModule
+from musicattr.attribution.loss import item_loss
+from musicattr.attribution.score import RunMismatchError, ScoringModule, baseline_cache_path, read_parts
+from musicattr.attribution.unlearn import load_unlearned, run_unlearn
+from musicattr.data.datamodules import collate_items
+from musicattr.data.latent_store import LatentStore
+from musicattr.models.diffusion_module import load_diffusion_module
+from musicattr.models.sat import file_fingerprint
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[2]
+N_ITEMS, T_SCORE = 12, 6
+COLUMNS = ["item_id", "caption", "file_name", "score", "rank", "baseline_loss", "unlearned_loss", "duration_s"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def cli(args, cwd, check=True, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "musicattr.cli", *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    if check and r.returncode != 0:
+        raise AssertionError(f"musicattr {args[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def attribute_args(unlearned, out_dir, num_draws=T_SCORE, batch_size=4, flush_every=1, draws_per_forward=4,
+                   cache=True, trainer=("--trainer.devices", "1")):
+    return ["attribute", "--model.checkpoint", "theta0.ckpt", "--model.store", "store", "--model.unlearned", unlearned,
+            "--model.out_dir", out_dir, "--model.num_draws", num_draws, "--model.batch_size", batch_size,
+            "--model.flush_every", flush_every, "--model.draws_per_forward", draws_per_forward,
+            "--model.use_baseline_cache", str(cache).lower(), "--trainer.accelerator", "cpu", *trainer,
+            "--trainer.default_root_dir", "lightning"]
+
+
+@contextlib.contextmanager
+def chdir(d):
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _trainer():
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, use_distributed_sampler=False, default_root_dir="lightning")
+
+
+def score_inprocess(d, unlearned, out_dir, num_draws=T_SCORE, batch_size=4, store="store", **kw) -> pd.DataFrame:
+    """`musicattr attribute` in this process (same module and writer, no interpreter start-up)."""
+    with chdir(d):
+        m = ScoringModule("theta0.ckpt", store, unlearned, out_dir, num_draws=num_draws, batch_size=batch_size, **kw)
+        _trainer().predict(m, return_predictions=False)
+        return pd.read_parquet(Path(out_dir) / "scores.parquet")
+
+
+def unlearn(d, item, out, lr, num_draws=32, strategy="mixed", **kw):
+    with chdir(d):
+        run_unlearn("theta0.ckpt", "fisher.safetensors", out, query_item=str(item), store="store", lr=lr,
+                    num_draws=num_draws, strategy=strategy, **kw)
+
+
+def by_index(df):
+    return df.sort_values("index").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    """theta0, a Fisher (in-process pass), one unlearned query and a reference `musicattr attribute` run."""
+    d = tmp_path_factory.mktemp("score")
+    make_store(d / "store", n=N_ITEMS)
+    save_checkpoint(make_module(), d / "theta0.ckpt")
+    with chdir(d):
+        m = FisherPassModule("theta0.ckpt", "store", "fisher.safetensors", num_draws=8, batch_size=6, flush_every=100)
+        t = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
+                      default_root_dir="lightning")
+        t.predict(m, return_predictions=False)
+    unlearn(d, 3, "q3.safetensors", lr=1e-4)
+    r = cli(attribute_args("q3.safetensors", "attr_ref"), d)
+    (d / "attr_ref.log").write_text(r.stdout + r.stderr)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ref(pipe):
+    return pd.read_parquet(pipe / "attr_ref" / "scores.parquet")
+
+
+def losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
+    """L(z_i, theta) for every item, computed here with item_loss (theta0, or theta0 with the unlearned tensors)."""
+    m = load_diffusion_module(str(d / "theta0.ckpt"))
+    if unlearned is not None:
+        named = dict(m.net.named_parameters())
+        with torch.no_grad():
+            for k, v in load_unlearned(str(d / unlearned))[0].items():
+                named[k].copy_(v)
+    store = LatentStore(d / "store")
+    b = collate_items([store[p] for p in range(len(store))])
+    with torch.no_grad():
+        out = item_loss(m.net, b["latents"], m.conditioning_inputs(b), b["item_id"], seed, num_draws,
+                        m.frame_mask(b) if mask else None, draws_per_forward=num_draws)
+    return dict(zip(b["index"].tolist(), out.numpy()))
+
+
+# ---------------------------------------------------------------- (a) the table of `musicattr attribute`
+
+
+def test_attribute_table(pipe, ref):
+    store = LatentStore(pipe / "store")
+    assert len(ref) == N_ITEMS
+    assert set(COLUMNS) <= set(ref.columns)
+    assert sorted(ref["item_id"]) == sorted(store.items["item_id"]) and ref["item_id"].is_unique
+    items = store.items.set_index("item_id")
+    for r in ref.itertuples():
+        assert r.caption == items.loc[r.item_id, "caption"] and r.file_name == items.loc[r.item_id, "file_name"]
+        assert r.duration_s == pytest.approx(items.loc[r.item_id, "duration_s"])
+    np.testing.assert_array_equal(ref["score"].to_numpy(), (ref["unlearned_loss"] - ref["baseline_loss"]).to_numpy())
+    assert ref["rank"].tolist() == list(range(1, N_ITEMS + 1))
+    assert (np.diff(ref["score"].to_numpy()) <= 0).all()  # rank 1 = largest tau
+    assert (ref["query_id"] == "audio/track003.wav").all()
+    assert "Top-10 training tracks" in (pipe / "attr_ref.log").read_text()
+
+
+def test_attribute_losses_equal_in_test_losses(pipe, ref):
+    """baseline = L(z_i, theta0), unlearned = L(z_i, theta_unlearned), seed 0, T draws, M_L off (mixed)."""
+    base = losses_in_test(pipe)
+    unl = losses_in_test(pipe, "q3.safetensors")
+    r = by_index(ref)
+    np.testing.assert_allclose(r["baseline_loss"], [base[i] for i in r["index"]], rtol=1e-6)
+    np.testing.assert_allclose(r["unlearned_loss"], [unl[i] for i in r["index"]], rtol=1e-6)
+    # the masked loss differs on padded items: the table is not the M_L-on loss
+    masked = losses_in_test(pipe, mask=True)
+    assert max(abs(masked[i] - base[i]) / base[i] for i in base) > 1e-3
+
+
+def test_mask_loss_follows_strategy_and_can_be_overridden(pipe, tmp_path):
+    unlearn(pipe, 3, str(tmp_path / "both.safetensors"), lr=1e-4, strategy="both")
+    with chdir(pipe):
+        assert ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "a")).mask_loss is False
+        assert ScoringModule("theta0.ckpt", "store", str(tmp_path / "both.safetensors"), str(tmp_path / "b")).mask_loss
+        assert ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "c"), mask_loss=True).mask_loss
+    df = by_index(score_inprocess(pipe, str(tmp_path / "both.safetensors"), str(tmp_path / "b"),
+                                  use_baseline_cache=False))
+    masked = losses_in_test(pipe, mask=True)
+    np.testing.assert_allclose(df["baseline_loss"], [masked[i] for i in df["index"]], rtol=1e-6)
+
+
+def test_refuses_unlearned_file_of_another_checkpoint(pipe, tmp_path):
+    save_checkpoint(make_module(seed=9), tmp_path / "other.ckpt")
+    with pytest.raises(RunMismatchError, match="another checkpoint"):
+        ScoringModule(str(tmp_path / "other.ckpt"), str(pipe / "store"), str(pipe / "q3.safetensors"),
+                      str(tmp_path / "o"))
+
+
+def test_refuses_out_dir_of_another_run(pipe, tmp_path):
+    d = tmp_path / "w"
+    d.mkdir()
+    for f in ("store", "theta0.ckpt", "q3.safetensors"):
+        os.symlink(pipe / f, d / f)
+    shutil.copytree(pipe / "attr_ref", d / "attr_ref")
+    with pytest.raises(RunMismatchError, match="another run"):
+        score_inprocess(d, "q3.safetensors", "attr_ref", num_draws=T_SCORE + 1)
+    assert len(read_parts(d / "attr_ref" / "parts")) == N_ITEMS  # nothing was deleted
+    df = score_inprocess(d, "q3.safetensors", "attr_ref", num_draws=T_SCORE + 1, overwrite=True,
+                         use_baseline_cache=False)
+    assert len(df) == N_ITEMS and len(read_parts(d / "attr_ref" / "parts")) == N_ITEMS
+
+
+# ---------------------------------------------------------------- (b) batching and world size
+
+
+@pytest.mark.parametrize("batch_size,dpf", [(5, 4), (1, 6), (12, 1)])
+def test_batch_size_does_not_change_scores(pipe, ref, tmp_path, batch_size, dpf):
+    df = score_inprocess(pipe, "q3.safetensors", str(tmp_path / "a"), batch_size=batch_size, draws_per_forward=dpf,
+                         use_baseline_cache=False)
+    a, b = by_index(df), by_index(ref)
+    for col in ("baseline_loss", "unlearned_loss"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-6)
+    scale = float(np.abs(b["score"]).max())
+    np.testing.assert_allclose(a["score"], b["score"], rtol=0, atol=1e-4 * scale)
+    assert df["item_id"].tolist() == ref["item_id"].tolist()  # identical ranking
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one(pipe, ref):
+    trainer = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
+    r = cli(attribute_args("q3.safetensors", "attr_ddp", batch_size=3, cache=False, trainer=trainer), pipe)
+    parts = list((pipe / "attr_ddp" / "parts").glob("part-*.parquet"))
+    assert {p.name[:7] for p in parts} == {"part-r0", "part-r1"}, r.stdout[-2000:]  # both ranks scored
+    got = read_parts(pipe / "attr_ddp" / "parts")
+    assert sorted(got["index"].astype(int)) == list(range(N_ITEMS))  # each item on exactly one rank
+    df = pd.read_parquet(pipe / "attr_ddp" / "scores.parquet")
+    a, b = by_index(df), by_index(ref)
+    for col in ("baseline_loss", "unlearned_loss"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-5)
+        print(f"DDP vs 1 process: max rel diff of {col}: {float(np.max(np.abs(a[col] / b[col] - 1))):.2e}")
+    np.testing.assert_allclose(a["score"], b["score"], rtol=0, atol=1e-4 * float(np.abs(b["score"]).max()))
+    assert df["item_id"].tolist() == ref["item_id"].tolist()
+
+
+# ---------------------------------------------------------------- (c) baseline cache
+
+
+def test_baseline_cache_written_and_reused(pipe, ref, tmp_path):
+    fp = file_fingerprint(str(pipe / "theta0.ckpt"))
+    cache = baseline_cache_path(str(pipe / "store"), fp, T_SCORE, 0, False)
+    assert cache.exists() and cache.parent == pipe / "store" / "baselines"
+    c = pd.read_parquet(cache).sort_values("index")
+    np.testing.assert_array_equal(c["baseline_loss"].to_numpy(), by_index(ref)["baseline_loss"].to_numpy())
+    # a second query: identical scores with and without the cache
+    unlearn(pipe, 7, str(tmp_path / "q7.safetensors"), lr=1e-4)
+    with_cache = by_index(score_inprocess(pipe, str(tmp_path / "q7.safetensors"), str(tmp_path / "c1")))
+    without = by_index(score_inprocess(pipe, str(tmp_path / "q7.safetensors"), str(tmp_path / "c0"),
+                                       use_baseline_cache=False))
+    for col in ("baseline_loss", "unlearned_loss", "score", "rank"):
+        np.testing.assert_allclose(with_cache[col], without[col], rtol=1e-12, atol=0)
+    assert not np.allclose(with_cache["score"], by_index(ref)["score"])  # another query, other scores
+
+
+def test_baseline_cache_is_what_the_second_run_reads(pipe, tmp_path):
+    """Proof of reuse: a doctored cache shows up in the table; with the cache off it is ignored."""
+    d = tmp_path / "w"
+    d.mkdir()
+    shutil.copytree(pipe / "store", d / "store")
+    for f in ("theta0.ckpt", "q3.safetensors"):
+        os.symlink(pipe / f, d / f)
+    cache = baseline_cache_path("store", file_fingerprint(str(pipe / "theta0.ckpt")), T_SCORE, 0, False)
+    true_base = pd.read_parquet(d / cache).sort_values("index").reset_index(drop=True)
+    doctored = true_base.assign(baseline_loss=true_base["baseline_loss"] + 1.0)
+    doctored.to_parquet(d / cache, index=False)
+    df = by_index(score_inprocess(d, "q3.safetensors", "a1"))
+    np.testing.assert_array_equal(df["baseline_loss"].to_numpy(), doctored["baseline_loss"].to_numpy())
+    off = by_index(score_inprocess(d, "q3.safetensors", "a0", use_baseline_cache=False))
+    np.testing.assert_allclose(off["baseline_loss"], true_base["baseline_loss"], rtol=1e-12)
+    np.testing.assert_allclose(df["score"], off["score"] - 1.0, rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------- (d) resume after SIGKILL
+
+
+@pytest.mark.slow
+def test_killed_attribute_run_resumes_to_the_same_table(pipe, tmp_path):
+    d = tmp_path / "w"
+    d.mkdir()
+    for f in ("store", "theta0.ckpt", "q3.safetensors"):
+        os.symlink(pipe / f, d / f)
+    T = 384  # slow enough (one item a batch) to be killed between parts
+    args = attribute_args("q3.safetensors", "attr", num_draws=T, batch_size=1, flush_every=1, draws_per_forward=32,
+                          cache=False)
+    proc = cli(args, d, start_new_session=True)
+    parts = d / "attr" / "parts"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if parts.exists() and list(parts.glob("part-*.parquet")):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before any part appeared:\n" + proc.stdout.read().decode()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (d / "attr" / "scores.parquet").exists()
+    before = read_parts(parts)
+    assert 0 < len(before) < N_ITEMS
+    cli(args, d)  # rerun: scores only the missing items
+    after = read_parts(parts)
+    assert sorted(after["index"].astype(int)) == list(range(N_ITEMS))  # each item exactly once
+    resumed = pd.read_parquet(d / "attr" / "scores.parquet")
+    full = score_inprocess(d, "q3.safetensors", str(tmp_path / "full"), num_draws=T, batch_size=1,
+                           draws_per_forward=32, use_baseline_cache=False)
+    assert resumed["item_id"].tolist() == full["item_id"].tolist()
+    assert resumed["rank"].tolist() == full["rank"].tolist()
+    for col in ("baseline_loss", "unlearned_loss", "score"):
+        np.testing.assert_allclose(resumed[col], full[col], rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- (e) first-order check
+
+
+def test_scores_match_first_order_approximation(pipe, tmp_path):
+    """tau_i ~ <grad L(z_i, theta0), theta_unlearned - theta0> for a small step (same draws as scoring)."""
+    unlearn(pipe, 3, str(tmp_path / "small.safetensors"), lr=1e-6)
+    df = by_index(score_inprocess(pipe, str(tmp_path / "small.safetensors"), str(tmp_path / "a"), num_draws=4,
+                                  use_baseline_cache=False))
+    m = load_diffusion_module(str(pipe / "theta0.ckpt"))
+    named = dict(m.net.named_parameters())
+    changed, _ = load_unlearned(str(tmp_path / "small.safetensors"))
+    delta = {k: v.double() - named[k].detach().double() for k, v in changed.items()}
+    store = LatentStore(pipe / "store")
+    pred = []
+    for pos in range(N_ITEMS):
+        b = collate_items([store[pos]])
+        with torch.no_grad():
+            cond = m.conditioning_inputs(b)
+        loss = item_loss(m.net, b["latents"], cond, b["item_id"], 0, 4, None, draws_per_forward=4)
+        grads = torch.autograd.grad(loss.sum(), [named[k] for k in delta])
+        pred.append(sum(float((g.double() * delta[k]).sum()) for g, k in zip(grads, delta)))
+    tau, pred = df["score"].to_numpy(), np.array(pred)
+    corr = float(np.corrcoef(tau, pred)[0, 1])
+    rel = float(np.abs(tau - pred).max() / np.abs(pred).max())
+    print(f"first-order: corr {corr:.6f}, max |tau - pred| / max |pred| {rel:.2e}")
+    assert corr > 0.999  # measured 0.999998
+    assert rel < 0.05    # measured ~3e-3
+    assert (pred > 0).sum() > 0
+
+
+# ---------------------------------------------------------------- (f) self-influence
+
+
+def test_self_influence_ranks_unlearned_training_item_first(pipe, tmp_path):
+    ranks = []
+    for k in range(N_ITEMS):
+        unlearn(pipe, k, str(tmp_path / f"u{k}.safetensors"), lr=1e-5, num_draws=64)
+        df = score_inprocess(pipe, str(tmp_path / f"u{k}.safetensors"), str(tmp_path / f"a{k}"), num_draws=16,
+                             batch_size=12, draws_per_forward=16)
+        ranks.append(int(df.loc[df["index"] == k, "rank"].iloc[0]))
+    print("self-influence ranks:", ranks)
+    assert sum(r == 1 for r in ranks) >= 10, ranks
+    assert max(ranks) <= 3, ranks
