@@ -75,3 +75,9 @@ bench: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 
 clean-demo:
 	rm -rf $(D)
+
+table1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
+	$(MA) evaluate --config $(CFG)/evaluate.yaml
+
+figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
+	$(MA) compare --config $(CFG)/compare.yaml

@@ -33,16 +33,20 @@ TINY_DIT = {
                                  "transformer_type": "continuous_transformer"}}}}
 
 
-def tiny_config() -> dict:
-    return copy.deepcopy(TINY_DIT)
+def tiny_config(text_dim: int = 32) -> dict:
+    cfg = copy.deepcopy(TINY_DIT)
+    cfg["model"]["conditioning"]["cond_dim"] = text_dim
+    cfg["model"]["diffusion"]["config"]["cond_token_dim"] = text_dim
+    cfg["model"]["diffusion"]["config"]["global_cond_dim"] = 2 * text_dim
+    return cfg
 
 
-def make_module(seed: int = 0, perturb: float = 0.05):
+def make_module(seed: int = 0, perturb: float = 0.05, text_dim: int = 32):
     """A tiny DiffusionModule with non-zero weights everywhere (SAT zero-inits some convs)."""
     from musicattr.models.diffusion_module import DiffusionModule
 
     torch.manual_seed(seed)
-    m = DiffusionModule(tiny_config())
+    m = DiffusionModule(tiny_config(text_dim))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(perturb * torch.randn_like(p))

@@ -111,7 +111,9 @@ class ScoringModule(L.LightningModule):
     def predict_dataloader(self):
         todo = [pos for pos, idx in enumerate(self.store.items["index"]) if int(idx) not in self.done]
         if not todo and self.trainer.is_global_zero:  # every item scored earlier: the loop will not run
-            print_top(merge_scores(self), self.hparams.top_k)
+            table = merge_scores(self)
+            if self.hparams.top_k:
+                print_top(table, self.hparams.top_k)
         return predict_loader(Subset(self.store, todo), self.hparams.batch_size, self.hparams.num_workers,
                               self.trainer)
 
@@ -166,7 +168,8 @@ class ScoreWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             table = merge_scores(pl_module)
-            print_top(table, pl_module.hparams.top_k)
+            if pl_module.hparams.top_k:
+                print_top(table, pl_module.hparams.top_k)
         trainer.strategy.barrier()
 
 

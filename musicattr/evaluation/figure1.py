@@ -21,7 +21,11 @@ __all__ = ["figure1_curves", "plot_figure1"]
 
 def figure1_curves(unlearning: Tensor, others: dict[str, Tensor]) -> dict[str, dict[str, np.ndarray]]:
     """Per method (``"unlearning"`` first) and normalisation (``"minmax"``, ``"softmax"``): mean and
-    std over queries of the normalised scores, in the unlearning order. Arrays of length N."""
+    std over queries of the normalised scores, in the unlearning order. Arrays of length N.
+
+    Softmax is taken of the per-query standardised scores, softmax((s - mean) / std): raw unlearning
+    scores (tiny loss differences) and cosine similarities (all near 1) would otherwise both give a
+    flat 1/N, hiding the concentration the figure is about."""
     u = torch.as_tensor(unlearning).detach().cpu().double()
     if u.dim() == 1:
         u = u[None]
@@ -37,8 +41,8 @@ def figure1_curves(unlearning: Tensor, others: dict[str, Tensor]) -> dict[str, d
     for name, s in methods.items():
         s = torch.gather(s, 1, order)
         out[name] = {}
-        for norm, fn in (("minmax", minmax_normalize), ("softmax", softmax_normalize)):
-            v = fn(s, dim=1)
+        z = (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-30)
+        for norm, v in (("minmax", minmax_normalize(s, dim=1)), ("softmax", softmax_normalize(z, dim=1))):
             out[name][norm] = np.stack([v.mean(0).numpy(), v.std(0, unbiased=False).numpy()])
     return out
 

@@ -68,6 +68,10 @@ def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str]
     if len(durations) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(durations)} durations; fix: give one duration per prompt")
     text = build_text_encoder(text_encoder, text_encoder_checkpoint, device=device).encode(prompts).to(device)
+    model_dim = int(module.model_config["model"]["diffusion"]["config"].get("cond_token_dim", 0))
+    if model_dim and text.shape[-1] != model_dim:
+        raise ValueError(f"text encoder {text_encoder!r} gives {text.shape[-1]}-d embeddings but the DiT in {checkpoint} "
+                         f"expects {model_dim}-d; fix: use the text encoder the latent store was encoded with")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []

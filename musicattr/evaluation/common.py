@@ -1,0 +1,88 @@
+"""Shared steps of the evaluations: training-set audio embeddings, in-process scoring, wandb runs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from musicattr.data.latent_store import LatentStore
+
+
+def store_folder(store: LatentStore) -> Path:
+    return Path(store.manifest["folder"])
+
+
+def max_seconds(store: LatentStore) -> float:
+    m = store.manifest
+    return m["max_frames"] * m["downsampling_ratio"] / m["sample_rate"]
+
+
+def planted_groups(store: LatentStore) -> dict[str, str]:
+    """file_name -> planted group (the original's file_name) for tracks planted by the corpus builder."""
+    meta = store_folder(store) / "metadata.jsonl"
+    if not meta.exists():
+        return {}
+    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    return {r["file_name"]: r["planted_group"] for r in rows if r.get("planted_group")}
+
+
+def train_audio_embeddings(store: LatentStore, encoder):
+    """Segment embeddings of every training track (cropped to the model's length), computed once
+    and stored in ``<store>/audio_embeddings/<encoder>``."""
+    from musicattr.attribution.similarity import compute_train_embeddings
+    from musicattr.embeddings.audio import load_audio
+
+    folder, limit = store_folder(store), max_seconds(store)
+
+    def items():
+        for r in store.items.itertuples():
+            audio, sr = load_audio(str(folder / r.file_name))
+            yield r.item_id, audio, sr, min(audio.shape[-1], int(limit * sr))
+
+    path = store.root / "audio_embeddings" / encoder.name
+    return compute_train_embeddings(items(), encoder, str(path), item_ids=list(store.items["item_id"]), progress=True)
+
+
+def score_store(checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int, seed: int,
+                batch_size: int = 16, accelerator: str = "cpu", devices: int = 1, mask_loss: bool | None = None
+                ) -> pd.DataFrame:
+    """Eq. 1 for every training item with the Lightning prediction loop (ScoringModule + ScoreWriter)."""
+    import lightning as L
+
+    from musicattr.attribution.score import ScoringModule
+
+    module = ScoringModule(checkpoint, store, unlearned, out_dir, num_draws=num_draws, seed=seed,
+                           mask_loss=mask_loss, batch_size=batch_size, overwrite=True, top_k=0)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, use_distributed_sampler=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(module)
+    return pd.read_parquet(Path(out_dir) / "scores.parquet")
+
+
+def open_wandb(name: str, config: dict[str, Any], enabled: bool = True, save_dir: str = "runs"):
+    """An offline wandb run (WANDB_MODE respected), or None when disabled."""
+    if not enabled or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    import wandb
+
+    os.makedirs(save_dir, exist_ok=True)
+    mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
+    return wandb.init(project="musicattr", name=name, config=config, dir=save_dir, mode=mode, reinit=True)
+
+
+def generate_audio(module, ae, text_emb: torch.Tensor, seconds: list[float], max_frames: int,
+                   steps: int, seed: int) -> list[torch.Tensor]:
+    """Decoded generations [C, T] of ``module`` for (caption embedding, duration) pairs."""
+    import math
+
+    from musicattr.models.generate import sample_latents
+
+    out = []
+    for i, (emb, sec) in enumerate(zip(text_emb, seconds)):
+        z = sample_latents(module, emb[None], math.ceil(sec), max_frames, steps, 5.0, seed + i)
+        out.append(ae.decode(z)[0, :, : int(sec * module.sample_rate)].cpu())
+    return out
