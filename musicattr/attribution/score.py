@@ -70,6 +70,7 @@ class ScoringModule(L.LightningModule):
         self.store = LatentStore(store)
         self.cache_path = baseline_cache_path(store, self.checkpoint_fp, num_draws, seed, self.mask_loss)
         self.cached_baseline: dict[int, float] = {}
+        self.float_error: float | None = None
         if use_baseline_cache and self.cache_path.exists():
             df = pd.read_parquet(self.cache_path)
             self.cached_baseline = dict(zip(df["index"].astype(int), df["baseline_loss"].astype(float)))
@@ -117,6 +118,16 @@ class ScoringModule(L.LightningModule):
         return predict_loader(Subset(self.store, todo), self.hparams.batch_size, self.hparams.num_workers,
                               self.trainer)
 
+    def _float_error_probe(self, batch, baseline: torch.Tensor, n: int = 4) -> float:
+        """Float error of a loss: L(z_i, theta0) recomputed item by item (other reductions than in the
+        batch) against the batched / cached value. Scores far below it are not measurable."""
+        self._set(self.original)
+        diffs = []
+        for j in range(min(n, len(batch["index"]))):
+            one = {k: (v[j:j + 1] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+            diffs.append(abs(float(self._loss(one)[0]) - float(baseline[j])))
+        return max(max(diffs), float(torch.finfo(torch.float32).eps) * float(baseline.abs().max()))
+
     def _set(self, values: dict[str, torch.Tensor]) -> None:
         for k, p in self.params.items():
             p.data = values[k]
@@ -137,6 +148,8 @@ class ScoringModule(L.LightningModule):
         else:
             self._set(self.original)
             baseline = self._loss(batch)
+        if batch_idx == 0 and self.float_error is None:
+            self.float_error = self._float_error_probe(batch, baseline)
         return {"index": idx, "baseline_loss": baseline.cpu().numpy(), "unlearned_loss": unlearned.cpu().numpy()}
 
 
@@ -191,10 +204,26 @@ def merge_scores(m: ScoringModule) -> pd.DataFrame:
     tmp = m.out_dir / "scores.parquet.tmp"
     df.to_parquet(tmp, index=False)
     os.replace(tmp, m.out_dir / "scores.parquet")
-    if not m.cache_path.exists() and not m.cached_baseline:
+    if not m.cache_path.exists() and not m.cached_baseline and m.hparams.use_baseline_cache:
         m.cache_path.parent.mkdir(parents=True, exist_ok=True)
         df[["index", "baseline_loss"]].to_parquet(m.cache_path, index=False)
+    write_noise_report(df, m.float_error, m.out_dir / "noise.json")
     return df
+
+
+def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) -> dict:
+    """How large the scores are against the float error of the two losses (the noise floor)."""
+    tau = df["score"].abs()
+    report = {"float_error": float_error, "median_abs_score": float(tau.median()), "max_abs_score": float(tau.max()),
+              "baseline_loss_mean": float(df["baseline_loss"].mean())}
+    if float_error:
+        report["median_score_over_float_error"] = report["median_abs_score"] / float_error
+        report["top_score_over_float_error"] = report["max_abs_score"] / float_error
+        if report["max_abs_score"] < 100 * float_error:
+            print(f"warning: the largest |tau| ({report['max_abs_score']:.2e}) is within 100x of the float error of "
+                  f"the losses ({float_error:.2e}); fix: raise the unlearning lr or steps", flush=True)
+    path.write_text(json.dumps(report, indent=2))
+    return report
 
 
 def print_top(df: pd.DataFrame, k: int) -> None:
