@@ -47,7 +47,10 @@ def _pairs(z, cond, item_ids, seed, draws, frame_mask):
 
 def squared_grads_vmap(net, params: Mapping[str, torch.Tensor], z, cond, item_ids, seed, draws,
                        frame_mask=None, chunk_size: int | None = 16) -> dict[str, torch.Tensor]:
-    """sum over items and draws of (dL_t(z_i)/dtheta)^2, per-sample gradients by vmap(grad)."""
+    """sum over items and draws of (dL_t(z_i)/dtheta)^2, per-sample gradients by vmap(grad).
+
+    Examples are processed ``chunk_size`` at a time and squared-summed at once, so memory holds at most
+    ``chunk_size`` per-sample gradients."""
     x_t, t, target, c, m = _pairs(z, cond, item_ids, seed, draws, frame_mask)
     detached = {k: v.detach() for k, v in params.items()}
 
@@ -56,9 +59,16 @@ def squared_grads_vmap(net, params: Mapping[str, torch.Tensor], z, cond, item_id
         pred = functional_call(net, p, (x1[None], t1[None]), {**kw, "use_checkpointing": False})
         return masked_mse(pred, y1[None], None if m1 is None else m1[None])[0]
 
-    g = vmap(grad(single), in_dims=(None, 0, 0, 0, 0, None if m is None else 0), chunk_size=chunk_size)(
-        detached, x_t, t, target, c, m)
-    return {k: v.double().pow(2).sum(0) for k, v in g.items()}
+    per_sample = vmap(grad(single), in_dims=(None, 0, 0, 0, 0, None if m is None else 0))
+    out = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in detached.items()}
+    step = chunk_size or x_t.shape[0]
+    for a in range(0, x_t.shape[0], step):
+        sl = slice(a, a + step)
+        g = per_sample(detached, x_t[sl], t[sl], target[sl], {k: v[sl] for k, v in c.items()},
+                       None if m is None else m[sl])
+        for k, v in g.items():
+            out[k] += v.double().pow(2).sum(0)
+    return out
 
 
 def squared_grads_loop(net, params: Mapping[str, torch.Tensor], z, cond, item_ids, seed, draws,

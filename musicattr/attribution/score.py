@@ -227,6 +227,9 @@ def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) 
 
 
 def print_top(df: pd.DataFrame, k: int) -> None:
+    if df.empty:
+        print("no training items were scored")
+        return
     print(f"\nTop-{k} training tracks by attribution score tau (query {df['query_id'].iloc[0]!r}):")
     for r in df.head(k).itertuples():
         print(f"  {r.rank:>4}  tau={r.score:+.3e}  {r.item_id}  |  {r.caption}")
