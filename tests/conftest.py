@@ -33,6 +33,53 @@ TINY_DIT = {
                                  "transformer_type": "continuous_transformer"}}}}
 
 
+def tiny_autoencoder_config(latent_dim: int = 16, sample_rate: int = 16000) -> dict:
+    """A tiny Oobleck VAE (SAT AudioAutoencoder) at the demo's 2048x downsampling."""
+    def coder(kind, channels_key, latent):
+        return {"type": "oobleck", "config": {channels_key: 1, "channels": 4, "c_mults": [1, 2, 4, 8],
+                                              "strides": [4, 4, 8, 16], "latent_dim": latent, "use_snake": False,
+                                              **({"final_tanh": False} if kind == "decoder" else {})}}
+    return {"model_type": "autoencoder", "sample_rate": sample_rate, "audio_channels": 1, "model": {
+        "encoder": coder("encoder", "in_channels", 2 * latent_dim),
+        "decoder": coder("decoder", "out_channels", latent_dim),
+        "bottleneck": {"type": "vae"}, "latent_dim": latent_dim, "downsampling_ratio": 2048, "io_channels": 1}}
+
+
+def cli(args, cwd, check=True, timeout=400, **popen):
+    """Run ``python -m musicattr.cli ARGS`` in ``cwd`` with one thread per process (Popen if popen kwargs)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "musicattr.cli", *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"musicattr {args[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def kill_when_parts_appear(proc, parts, pattern: str, timeout: float) -> None:
+    """SIGKILL a running stage as soon as its first part file exists (a crash mid-run)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if parts.exists() and list(parts.glob(pattern)):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before any part appeared:\n" + proc.stdout.read().decode()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def tiny_config(text_dim: int = 32) -> dict:
     cfg = copy.deepcopy(TINY_DIT)
     cfg["model"]["conditioning"]["cond_dim"] = text_dim

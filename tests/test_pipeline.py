@@ -9,15 +9,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import tiny_autoencoder_config
+
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
-TINY_AE = {"model_type": "autoencoder", "sample_rate": SR, "audio_channels": 1, "model": {
-    "encoder": {"type": "oobleck", "config": {"in_channels": 1, "channels": 4, "c_mults": [1, 2, 4, 8],
-                                              "strides": [4, 4, 8, 16], "latent_dim": 32, "use_snake": False}},
-    "decoder": {"type": "oobleck", "config": {"out_channels": 1, "channels": 4, "c_mults": [1, 2, 4, 8],
-                                              "strides": [4, 4, 8, 16], "latent_dim": 16, "use_snake": False,
-                                              "final_tanh": False}},
-    "bottleneck": {"type": "vae"}, "latent_dim": 16, "downsampling_ratio": 2048, "io_channels": 1}}
+TINY_AE = tiny_autoencoder_config(latent_dim=16)
 
 
 def run(*args):

@@ -45,26 +45,43 @@ class MiniLMTextEncoder(TextEncoder):
 
 
 class ClapTextEncoder(TextEncoder):
-    """laion-clap text branch with a local checkpoint (the paper's conditioning)."""
+    """laion-clap text branch with a local checkpoint (the paper's conditioning).
+
+    The model is built offline (``musicattr.embeddings.audio.build_clap_model``) and loaded from
+    ``checkpoint``; the RoBERTa tokenizer is read from ``tokenizer`` (a local folder) or from the local
+    Hugging Face cache ('roberta-base'), never downloaded.
+    """
 
     name = "clap"
     dim = 512
 
-    def __init__(self, checkpoint: str, amodel: str = "HTSAT-base", device: str = "cpu"):
+    def __init__(self, checkpoint: str, amodel: str = "HTSAT-base", tokenizer: str = "roberta-base",
+                 device: str = "cpu"):
         if not checkpoint or not os.path.exists(checkpoint):
             raise FileNotFoundError(
                 f"CLAP checkpoint not found: {checkpoint!r}. fix: download a laion-clap checkpoint "
                 "(e.g. music_audioset_epoch_15_esc_90.14.pt) on a machine with network and pass its path "
-                "as text_encoder_checkpoint; the RoBERTa tokenizer must also be in the local HF cache.")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import laion_clap
+                "as text_encoder_checkpoint")
+        from transformers import RobertaTokenizer
 
-        self.model = laion_clap.CLAP_Module(enable_fusion=False, amodel=amodel, device=device)
-        self.model.load_ckpt(checkpoint)
+        from musicattr.embeddings.audio import ClapAudioEncoder, build_clap_model
+
+        try:
+            self.tokenizer = RobertaTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"RoBERTa tokenizer {tokenizer!r} is not available offline. fix: on a machine with network run "
+                "`python -c \"from transformers import RobertaTokenizer as T; T.from_pretrained('roberta-base')"
+                ".save_pretrained('roberta-base-tok')\"` and pass that folder as the tokenizer") from e
+        self.model, _ = build_clap_model(amodel, device=device)
+        ClapAudioEncoder._load_checkpoint(self.model, checkpoint)
+        self.model.eval()
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str]) -> torch.Tensor:
-        emb = self.model.get_text_embedding(list(captions), use_tensor=True)
+        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=77,
+                                return_tensors="pt")
+        emb = self.model.get_text_embedding(dict(tokens))
         return emb.float().cpu()[:, None, :]
 
 

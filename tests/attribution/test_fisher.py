@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import make_module, make_store, save_checkpoint
+from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
 from musicattr.attribution.fisher import (FisherCallback, FisherMismatchError, FisherPassModule, load_fisher,
                                           squared_grads_loop, squared_grads_vmap)
 from musicattr.attribution.loss import make_draws, v_objective
@@ -32,17 +32,6 @@ torch.set_num_threads(1)
 
 N_ITEMS, T_DRAWS = 12, 3
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(args, cwd, check=True, **popen):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "musicattr.cli", *map(str, args)]
-    if popen:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"musicattr {args[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
-    return r
 
 
 def fisher_args(out, num_draws=T_DRAWS, batch_size=4, flush_every=1, **extra):
@@ -314,17 +303,7 @@ def test_kill9_mid_run_then_rerun_equals_uninterrupted(work, tmp_path):
     args = fisher_args("fisher.safetensors", num_draws=draws, batch_size=1, flush_every=1, vectorize="false")
     proc = cli(args, d, start_new_session=True)
     parts = d / "fisher.safetensors.parts"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if parts.exists() and list(parts.glob("part-*.safetensors")):
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before any part appeared:\n" + proc.stdout.read().decode()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_parts_appear(proc, parts, "part-*.safetensors", 120)
     assert not (d / "fisher.safetensors").exists()
     done_before = {i for v in part_indices(parts).values() for i in v}
     assert 0 < len(done_before) < N_ITEMS

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_module, make_store, save_checkpoint
+from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
 from musicattr.attribution.fisher import FisherPassModule
 from musicattr.attribution.loss import item_loss
 from musicattr.attribution.score import RunMismatchError, ScoringModule, baseline_cache_path, read_parts
@@ -36,17 +36,6 @@ COLUMNS = ["item_id", "caption", "file_name", "score", "rank", "baseline_loss", 
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def cli(args, cwd, check=True, **popen):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "musicattr.cli", *map(str, args)]
-    if popen:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
-    if check and r.returncode != 0:
-        raise AssertionError(f"musicattr {args[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
-    return r
 
 
 def attribute_args(unlearned, out_dir, num_draws=T_SCORE, batch_size=4, flush_every=1, draws_per_forward=4,
@@ -277,17 +266,7 @@ def test_killed_attribute_run_resumes_to_the_same_table(pipe, tmp_path):
                           cache=False)
     proc = cli(args, d, start_new_session=True)
     parts = d / "attr" / "parts"
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if parts.exists() and list(parts.glob("part-*.parquet")):
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before any part appeared:\n" + proc.stdout.read().decode()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_parts_appear(proc, parts, "part-*.parquet", 180)
     assert not (d / "attr" / "scores.parquet").exists()
     before = read_parts(parts)
     assert 0 < len(before) < N_ITEMS

@@ -7,16 +7,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import make_module, make_store, save_checkpoint
+from conftest import tiny_autoencoder_config, make_module, make_store, save_checkpoint
 
 SR = 16000
-TINY_AE = {"model_type": "autoencoder", "sample_rate": SR, "audio_channels": 1, "model": {
-    "encoder": {"type": "oobleck", "config": {"in_channels": 1, "channels": 4, "c_mults": [1, 2, 4, 8],
-                                              "strides": [4, 4, 8, 16], "latent_dim": 8, "use_snake": False}},
-    "decoder": {"type": "oobleck", "config": {"out_channels": 1, "channels": 4, "c_mults": [1, 2, 4, 8],
-                                              "strides": [4, 4, 8, 16], "latent_dim": 4, "use_snake": False,
-                                              "final_tanh": False}},
-    "bottleneck": {"type": "vae"}, "latent_dim": 4, "downsampling_ratio": 2048, "io_channels": 1}}
+TINY_AE = tiny_autoencoder_config(latent_dim=4)
 
 
 @pytest.fixture(scope="module")
