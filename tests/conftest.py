@@ -85,6 +85,7 @@ def tiny_config(text_dim: int = 32) -> dict:
     cfg["model"]["conditioning"]["cond_dim"] = text_dim
     cfg["model"]["diffusion"]["config"]["cond_token_dim"] = text_dim
     cfg["model"]["diffusion"]["config"]["global_cond_dim"] = 2 * text_dim
+    cfg["model"]["diffusion"]["config"]["project_cond_tokens"] = text_dim != 32
     return cfg
 
 

@@ -206,7 +206,9 @@ def merge_scores(m: ScoringModule) -> pd.DataFrame:
     os.replace(tmp, m.out_dir / "scores.parquet")
     if not m.cache_path.exists() and not m.cached_baseline and m.hparams.use_baseline_cache:
         m.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        df[["index", "baseline_loss"]].to_parquet(m.cache_path, index=False)
+        tmp = m.cache_path.with_name(f"{m.cache_path.name}.{os.getpid()}.tmp")
+        df[["index", "baseline_loss"]].to_parquet(tmp, index=False)
+        os.replace(tmp, m.cache_path)
     write_noise_report(df, m.float_error, m.out_dir / "noise.json")
     return df
 

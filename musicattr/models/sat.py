@@ -32,8 +32,32 @@ def build_diffusion(config: dict[str, Any]):
 
     if config.get("model_type") != "diffusion_cond":
         raise ValueError(f"model_type must be 'diffusion_cond', got {config.get('model_type')!r}")
+    check_heads(config)
     cfg = copy.deepcopy(config)
     return create_model_from_config(cfg)
+
+
+def check_heads(config: dict[str, Any]) -> None:
+    """Refuse DiT configs whose cross-attention silently outputs zeros.
+
+    SAT's Attention uses dim // dim_heads query heads and dim_context // dim_heads key/value heads and
+    repeats the key/value heads heads // kv_heads times: with more key/value heads than query heads
+    (e.g. 384-d unprojected text tokens in a 128-wide DiT) the repeat count is 0 and the text is ignored.
+    """
+    d = config["model"]["diffusion"]["config"]
+    cond = int(d.get("cond_token_dim", 0))
+    if cond <= 0:
+        return
+    width, heads = int(d.get("embed_dim", 768)), int(d.get("num_heads", 8))
+    dim_heads = width // heads
+    context = width if d.get("project_cond_tokens", True) else cond
+    kv_heads = context // dim_heads
+    if kv_heads == 0 or kv_heads > heads or heads % kv_heads or context % dim_heads:
+        raise ValueError(
+            f"DiT config: {kv_heads} key/value heads for {heads} query heads (cond_token_dim {cond}, embed_dim {width}, "
+            f"num_heads {heads}, project_cond_tokens {d.get('project_cond_tokens', True)}): SAT's cross-attention would "
+            "ignore the text. fix: set project_cond_tokens: true, or make cond_token_dim a divisor-compatible multiple "
+            "of embed_dim / num_heads no larger than embed_dim")
 
 
 def build_autoencoder(config: dict[str, Any]):
