@@ -47,6 +47,10 @@ def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tenso
     total = sum(float(fisher[k].double().sum()) for k in grad)
     count = sum(fisher[k].numel() for k in grad)
     lam = damping * total / max(count, 1)
+    if total <= 0:
+        raise ValueError("the Fisher is zero on every target tensor: these parameters do not affect the loss "
+                         "(e.g. a cross-attention that ignores its context); fix: check the model config or "
+                         "choose another target group")
     return {k: (theta[k].double() + lr / num_items * grad[k] / (fisher[k].double().to(grad[k].device) + lam)
                 ).to(theta[k].dtype) for k in grad}
 
