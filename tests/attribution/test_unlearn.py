@@ -276,3 +276,10 @@ def test_masking_strategies():
     assert set(STRATEGIES) == {"none", "both", "mixed"}
     with pytest.raises(ValueError, match="unknown masking strategy"):
         resolve_masks("half")
+
+
+def test_all_zero_fisher_is_refused_not_nan():
+    theta = {"w": torch.ones(3)}
+    grad = {"w": torch.ones(3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="Fisher is zero on every target tensor"):
+        eq2_update(theta, grad, {"w": torch.zeros(3)}, lr=1.0, num_items=2, damping=1e-3)
