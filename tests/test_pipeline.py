@@ -53,7 +53,7 @@ def test_autoencoder_encode_fit_generate(folder, tmp_path):
     assert ae_ckpt.exists()
 
     store = tmp_path / "store"
-    r = run("encode", "--config", "configs/demo/encode.yaml", "--model.folder", str(folder), "--model.store",
+    run("encode", "--config", "configs/demo/encode.yaml", "--model.folder", str(folder), "--model.store",
             str(store), "--model.autoencoder", str(ae_ckpt), "--model.max_frames", "16", "--model.shard_size", "2")
     skipped = json.loads((store / "skipped.json").read_text())
     assert skipped["n_skipped"] == 3  # all-silent, duplicate file_name, missing file

@@ -1,7 +1,7 @@
 """Lightning data modules over the latent store, and a padding-free distributed sampler."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator
 
 import lightning as L
 import torch

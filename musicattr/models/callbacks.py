@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import lightning as L
-import torch
 
 
 class AudioSamplesCallback(L.Callback):

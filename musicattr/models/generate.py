@@ -13,7 +13,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 import torch
 from safetensors import safe_open

@@ -5,14 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
