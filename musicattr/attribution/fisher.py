@@ -162,11 +162,15 @@ class FisherCallback(L.Callback):
         os.replace(tmp, name)
         self._sum, self._indices = {}, []
 
+    def merge(self) -> None:
+        """Write the final Fisher from all parts (rank 0)."""
+        merge_fisher_parts(self.parts, self.out, self.run_key(), list(self.params))
+
     def on_predict_end(self, trainer, pl_module) -> None:
         self._flush(trainer.global_rank)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            merge_fisher_parts(self.parts, self.out, self.run_key(), list(self.params))
+            self.merge()
         trainer.strategy.barrier()
 
 
@@ -244,8 +248,7 @@ class FisherPassModule(L.LightningModule):
         done = self.callback.done_indices()
         todo = [p for p, i in enumerate(self.store.items["index"]) if int(i) not in done]
         if not todo and self.trainer.is_global_zero:  # every item summed earlier: the loop will not run
-            merge_fisher_parts(self.callback.parts, self.callback.out, self.callback.run_key(),
-                               list(select_parameters(self.net, self.hparams.target)))
+            self.callback.merge()
         return predict_loader(Subset(self.store, todo), self.hparams.batch_size, self.hparams.num_workers,
                               self.trainer)
 

@@ -112,9 +112,7 @@ class ScoringModule(L.LightningModule):
     def predict_dataloader(self):
         todo = [pos for pos, idx in enumerate(self.store.items["index"]) if int(idx) not in self.done]
         if not todo and self.trainer.is_global_zero:  # every item scored earlier: the loop will not run
-            table = merge_scores(self)
-            if self.hparams.top_k:
-                print_top(table, self.hparams.top_k)
+            print_top(merge_scores(self), self.hparams.top_k)
         return predict_loader(Subset(self.store, todo), self.hparams.batch_size, self.hparams.num_workers,
                               self.trainer)
 
@@ -180,9 +178,7 @@ class ScoreWriter(BasePredictionWriter):
         self._flush(pl_module, trainer.global_rank)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            table = merge_scores(pl_module)
-            if pl_module.hparams.top_k:
-                print_top(table, pl_module.hparams.top_k)
+            print_top(merge_scores(pl_module), pl_module.hparams.top_k)
         trainer.strategy.barrier()
 
 
@@ -229,6 +225,9 @@ def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) 
 
 
 def print_top(df: pd.DataFrame, k: int) -> None:
+    """Print the k best-scored training items (nothing for k = 0)."""
+    if k <= 0:
+        return
     if df.empty:
         print("no training items were scored")
         return
