@@ -108,8 +108,7 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
                                                 "score_draws": score_draws}, indent=2))
     runs_csv = out / "runs.csv"
     done = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
-    fd_ref = track_emb
-    fd_original = None
+    fd_ref = track_emb  # the reference set of the Frechet distance: every training track
     total = len(grid) * len(targets)
     for ci, cfg in enumerate(grid):
         for ti, t in enumerate(targets):
