@@ -72,7 +72,7 @@ def run(stage: str, argv: list[str]) -> None:
         _function(stage, run_unlearn, argv)
     elif stage == "attribute":
         from musicattr.attribution.score import ScoringModule
-        _lightning(stage, ScoringModule, None, argv, PREDICT_DEFAULTS, "predict")
+        _lightning(stage, ScoringModule, None, argv, {**PREDICT_DEFAULTS, "inference_mode": False}, "predict")
     elif stage == "evaluate":
         from musicattr.evaluation.self_influence import run_grid
         _function(stage, run_grid, argv)

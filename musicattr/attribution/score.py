@@ -10,6 +10,9 @@ L(z_i, theta0) depend on (checkpoint, T, seed, M_L) only, so they are cached in
 ``<store>/baselines/`` and reused by every later query. ``ScoreWriter`` (a Lightning prediction
 writer) writes parts as they come; a killed run resumes from them, and rank 0 merges them into
 ``scores.parquet``: item_id, caption, file_name, score, rank, baseline_loss, unlearned_loss, ...
+
+With ``relative``, the table also holds the relative score tau_i / s_i and its rank (see
+``musicattr.attribution.sensitivity``); s_i is cached in ``<store>/sensitivity/`` like the baselines.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from torch.utils.data import Subset
 
 from musicattr.attribution.loss import item_loss
 from musicattr.attribution.masks import resolve_masks
-from musicattr.attribution.unlearn import load_unlearned
+from musicattr.attribution.sensitivity import item_sensitivity, sensitivity_cache_path
+from musicattr.attribution.unlearn import damped_inverse, load_unlearned
 from musicattr.data.datamodules import predict_loader
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
@@ -45,7 +49,7 @@ def baseline_cache_path(store: str, checkpoint_fp: str, num_draws: int, seed: in
 
 def read_parts(parts: Path) -> pd.DataFrame:
     frames = [pd.read_parquet(p) for p in sorted(parts.glob("part-*.parquet"))]
-    cols = ["index", "baseline_loss", "unlearned_loss"]
+    cols = ["index", "baseline_loss", "unlearned_loss", "sensitivity"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
@@ -55,7 +59,9 @@ class ScoringModule(L.LightningModule):
     def __init__(self, checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int = 16,
                  seed: int = 0, mask_loss: bool | None = None, batch_size: int = 16, num_workers: int = 0,
                  draws_per_forward: int = 16, use_baseline_cache: bool = True, flush_every: int = 10,
-                 top_k: int = 10, overwrite: bool = False):
+                 top_k: int = 10, overwrite: bool = False, relative: bool = False, fisher: str | None = None):
+        """Args (beyond the obvious): ``relative`` adds tau_i / s_i (RelatIF) and its rank; it needs the
+        Fisher of the unlearning run (``fisher``, default: the path recorded in the unlearned file)."""
         super().__init__()
         self.save_hyperparameters()
         self.theta0 = load_diffusion_module(checkpoint)
@@ -74,6 +80,30 @@ class ScoringModule(L.LightningModule):
         if use_baseline_cache and self.cache_path.exists():
             df = pd.read_parquet(self.cache_path)
             self.cached_baseline = dict(zip(df["index"].astype(int), df["baseline_loss"].astype(float)))
+        self.cached_sensitivity: dict[int, float] = {}
+        self.sensitivity_path: Path | None = None
+        if relative:
+            self._init_relative(fisher or self.unlearn_meta.get("fisher"))
+
+    def _init_relative(self, fisher: str | None) -> None:
+        from musicattr.attribution.fisher import load_fisher
+
+        if not fisher:
+            raise ValueError(f"relative scores need the Fisher of the unlearning run, and {self.hparams.unlearned} "
+                             "records none; fix: pass --model.fisher PATH")
+        fisher_fp = file_fingerprint(fisher)
+        if self.unlearn_meta.get("fisher_fingerprint") not in (None, fisher_fp):
+            raise RunMismatchError(f"{fisher} is not the Fisher {self.hparams.unlearned} was unlearned with; "
+                                   "fix: pass that Fisher with --model.fisher")
+        tensors, _ = load_fisher(fisher, self.checkpoint_fp)
+        damping = float(self.unlearn_meta.get("damping", 1e-3))
+        self.inverse = {k: v.float() for k, v in damped_inverse(tensors, self.changed, damping).items()}
+        self.sensitivity_path = sensitivity_cache_path(self.hparams.store, self.checkpoint_fp, fisher_fp,
+                                                       self.changed, damping, self.hparams.num_draws,
+                                                       self.hparams.seed, self.mask_loss)
+        if self.hparams.use_baseline_cache and self.sensitivity_path.exists():
+            df = pd.read_parquet(self.sensitivity_path)
+            self.cached_sensitivity = dict(zip(df["index"].astype(int), df["sensitivity"].astype(float)))
 
     def configure_callbacks(self):
         return [ScoreWriter(self.hparams.flush_every)]
@@ -82,7 +112,7 @@ class ScoringModule(L.LightningModule):
         return {"checkpoint_fingerprint": self.checkpoint_fp, "unlearned": self.unlearn_meta,
                 "unlearned_fingerprint": file_fingerprint(self.hparams.unlearned),
                 "num_draws": self.hparams.num_draws, "seed": self.hparams.seed, "mask_loss": self.mask_loss,
-                "store": str(self.store.root.resolve())}
+                "store": str(self.store.root.resolve()), "relative": self.hparams.relative}
 
     def setup(self, stage: str) -> None:
         self.theta0.to(self.device)
@@ -93,6 +123,8 @@ class ScoringModule(L.LightningModule):
         self.params = {k: named[k] for k in self.changed}
         self.original = {k: p.detach().clone() for k, p in self.params.items()}
         self.unlearned_values = {k: v.to(self.device, self.params[k].dtype) for k, v in self.changed.items()}
+        if self.hparams.relative:
+            self.inverse = {k: v.to(self.device) for k, v in self.inverse.items()}
         parts = self.out_dir / "parts"
         if self.trainer.is_global_zero:
             parts.mkdir(parents=True, exist_ok=True)
@@ -136,19 +168,32 @@ class ScoringModule(L.LightningModule):
         return item_loss(m.net, batch["latents"], m.conditioning_inputs(batch), batch["item_id"],
                          self.hparams.seed, self.hparams.num_draws, mask, self.hparams.draws_per_forward)
 
-    @torch.no_grad()
+    def _sensitivity(self, batch, idx: list[int]) -> np.ndarray:
+        """s_i at theta0 (cached, or one backward pass per item)."""
+        if all(i in self.cached_sensitivity for i in idx):
+            return np.array([self.cached_sensitivity[i] for i in idx], dtype=np.float64)
+        self._set(self.original)
+        m = self.theta0
+        return item_sensitivity(m.net, self.params, self.inverse, batch, m.conditioning_inputs,
+                                m.frame_mask if self.mask_loss else None, self.hparams.seed,
+                                self.hparams.num_draws, self.hparams.draws_per_forward).numpy()
+
     def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:
         idx = [int(i) for i in batch["index"]]
-        self._set(self.unlearned_values)
-        unlearned = self._loss(batch)
-        if all(i in self.cached_baseline for i in idx):
-            baseline = torch.tensor([self.cached_baseline[i] for i in idx], dtype=torch.float64)
-        else:
-            self._set(self.original)
-            baseline = self._loss(batch)
-        if batch_idx == 0 and self.float_error is None:
-            self.float_error = self._float_error_probe(batch, baseline)
-        return {"index": idx, "baseline_loss": baseline.cpu().numpy(), "unlearned_loss": unlearned.cpu().numpy()}
+        with torch.no_grad():
+            self._set(self.unlearned_values)
+            unlearned = self._loss(batch)
+            if all(i in self.cached_baseline for i in idx):
+                baseline = torch.tensor([self.cached_baseline[i] for i in idx], dtype=torch.float64)
+            else:
+                self._set(self.original)
+                baseline = self._loss(batch)
+            if batch_idx == 0 and self.float_error is None:
+                self.float_error = self._float_error_probe(batch, baseline)
+        out = {"index": idx, "baseline_loss": baseline.cpu().numpy(), "unlearned_loss": unlearned.cpu().numpy()}
+        if self.hparams.relative:
+            out["sensitivity"] = self._sensitivity(batch, idx)
+        return out
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -190,9 +235,19 @@ def merge_scores(m: ScoringModule) -> pd.DataFrame:
     missing = set(items["index"].astype(int)) - set(parts["index"])
     if missing:
         raise RuntimeError(f"{len(missing)} items have no score in {m.out_dir}/parts; fix: rerun to resume")
+    relative = m.hparams.relative
+    if relative and ("sensitivity" not in parts or parts["sensitivity"].isna().any()):
+        raise RuntimeError(f"{m.out_dir}/parts holds scores without sensitivities (written by a run without "
+                           "relative); fix: rerun with --model.overwrite true")
+    extra = ["sensitivity"] if relative else []
     df = items[["index", "item_id", "caption", "file_name", "duration_s", "valid_frames"]].merge(
-        parts[["index", "baseline_loss", "unlearned_loss"]], on="index")
+        parts[["index", "baseline_loss", "unlearned_loss", *extra]], on="index")
     df["score"] = df["unlearned_loss"].astype(np.float64) - df["baseline_loss"]
+    if relative:
+        df["relative_score"] = df["score"] / df["sensitivity"].astype(np.float64)
+        order = df.sort_values(["relative_score", "index"], ascending=[False, True]).index
+        df.loc[order, "relative_rank"] = np.arange(1, len(df) + 1)
+        df["relative_rank"] = df["relative_rank"].astype(np.int64)
     df = df.sort_values(["score", "index"], ascending=[False, True]).reset_index(drop=True)
     df["rank"] = np.arange(1, len(df) + 1)
     df["method"] = "unlearning"
@@ -205,6 +260,12 @@ def merge_scores(m: ScoringModule) -> pd.DataFrame:
         tmp = m.cache_path.with_name(f"{m.cache_path.name}.{os.getpid()}.tmp")
         df[["index", "baseline_loss"]].to_parquet(tmp, index=False)
         os.replace(tmp, m.cache_path)
+    path = m.sensitivity_path
+    if relative and m.hparams.use_baseline_cache and not path.exists() and not m.cached_sensitivity:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        df[["index", "sensitivity"]].to_parquet(tmp, index=False)
+        os.replace(tmp, path)
     write_noise_report(df, m.float_error, m.out_dir / "noise.json")
     return df
 
@@ -232,5 +293,9 @@ def print_top(df: pd.DataFrame, k: int) -> None:
         print("no training items were scored")
         return
     print(f"\nTop-{k} training tracks by attribution score tau (query {df['query_id'].iloc[0]!r}):")
+    relative = "relative_rank" in df
+    if relative:
+        print("  (rel: rank by the relative score tau / s, RelatIF)")
     for r in df.head(k).itertuples():
-        print(f"  {r.rank:>4}  tau={r.score:+.3e}  {r.item_id}  |  {r.caption}")
+        rel = f"  rel={r.relative_rank:>4}" if relative else ""
+        print(f"  {r.rank:>4}  tau={r.score:+.3e}{rel}  {r.item_id}  |  {r.caption}")

@@ -37,22 +37,29 @@ def query_gradient(net, params: Mapping[str, torch.nn.Parameter], z, cond, query
     return total
 
 
-def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor],
-               fisher: Mapping[str, torch.Tensor], lr: float, num_items: int, damping: float) -> dict[str, torch.Tensor]:
-    """theta + lr / N * grad / (F + lambda), lambda = damping * mean(F) over the given tensors (float64 math)."""
-    missing = [k for k in grad if k not in fisher]
+def damped_inverse(fisher: Mapping[str, torch.Tensor], names, damping: float) -> dict[str, torch.Tensor]:
+    """(F + lambda)^-1 on the tensors ``names`` (float64), lambda = damping * mean(F) over those tensors."""
+    names = list(names)
+    missing = [k for k in names if k not in fisher]
     if missing:
         raise KeyError(f"the Fisher has no entry for {missing[:3]}...; fix: compute the Fisher with a target "
                        "group that covers the unlearning target (e.g. fisher target 'all')")
-    total = sum(float(fisher[k].double().sum()) for k in grad)
-    count = sum(fisher[k].numel() for k in grad)
-    lam = damping * total / max(count, 1)
+    total = sum(float(fisher[k].double().sum()) for k in names)
+    count = sum(fisher[k].numel() for k in names)
     if total <= 0:
         raise ValueError("the Fisher is zero on every target tensor: these parameters do not affect the loss "
                          "(e.g. a cross-attention that ignores its context); fix: check the model config or "
                          "choose another target group")
-    return {k: (theta[k].double() + lr / num_items * grad[k] / (fisher[k].double().to(grad[k].device) + lam)
-                ).to(theta[k].dtype) for k in grad}
+    lam = damping * total / max(count, 1)
+    return {k: 1.0 / (fisher[k].double() + lam) for k in names}
+
+
+def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor],
+               fisher: Mapping[str, torch.Tensor], lr: float, num_items: int, damping: float) -> dict[str, torch.Tensor]:
+    """theta + lr / N * grad / (F + lambda), lambda = damping * mean(F) over the given tensors (float64 math)."""
+    inv = damped_inverse(fisher, grad, damping)
+    return {k: (theta[k].double() + lr / num_items * grad[k] * inv[k].to(grad[k].device)).to(theta[k].dtype)
+            for k in grad}
 
 
 def unlearn_query(net, z, cond, query_id: str, fisher: Mapping[str, torch.Tensor], num_items: int,

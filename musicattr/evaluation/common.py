@@ -48,17 +48,18 @@ def train_audio_embeddings(store: LatentStore, encoder):
 
 
 def score_store(checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int, seed: int,
-                batch_size: int = 16, accelerator: str = "cpu", devices: int = 1, mask_loss: bool | None = None
-                ) -> pd.DataFrame:
-    """Eq. 1 for every training item with the Lightning prediction loop (ScoringModule + ScoreWriter)."""
+                batch_size: int = 16, accelerator: str = "cpu", devices: int = 1, mask_loss: bool | None = None,
+                relative: bool = False) -> pd.DataFrame:
+    """Eq. 1 for every training item with the Lightning prediction loop (ScoringModule + ScoreWriter);
+    with ``relative`` also tau_i / s_i and its rank (RelatIF)."""
     import lightning as L
 
     from musicattr.attribution.score import ScoringModule
 
     module = ScoringModule(checkpoint, store, unlearned, out_dir, num_draws=num_draws, seed=seed,
-                           mask_loss=mask_loss, batch_size=batch_size, overwrite=True, top_k=0)
+                           mask_loss=mask_loss, batch_size=batch_size, overwrite=True, top_k=0, relative=relative)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, use_distributed_sampler=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, inference_mode=not relative)
     trainer.predict(module)
     return pd.read_parquet(Path(out_dir) / "scores.parquet")
 

@@ -7,7 +7,9 @@ theta0 (Eq. 2), score every training item (Eq. 1), and measure
   sim_topk   mean embedding cosine similarity between z_tar and the k highest-scored items,
   sim_botk   the same for the k lowest-scored items (the target itself excluded),
   FD         Frechet distance between generations of the unlearned model and the training audio,
-             next to theta0's.
+             next to theta0's,
+  R_rel      with ``relative``, the target's rank by the relative score tau_i / s_i (RelatIF, see
+             ``musicattr.attribution.sensitivity``), reported next to the paper's R(z_tar).
 Rows are appended to ``runs.csv`` as they finish, so an interrupted grid resumes.
 """
 from __future__ import annotations
@@ -71,7 +73,7 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
              strategies: list[str] = ("mixed",), num_draws: int = 256, score_draws: int = 8, damping: float = 1e-3,
              top_k: int | None = None, audio_encoder: str = "aisfx", audio_encoder_checkpoint: str | None = None,
              fd_samples: int = 8, fd_steps: int = 25, fd_targets: int = 1, seed: int = 0, batch_size: int = 16,
-             accelerator: str = "cpu", devices: int = 1, use_wandb: bool = True) -> pd.DataFrame:
+             accelerator: str = "cpu", devices: int = 1, use_wandb: bool = True, relative: bool = True) -> pd.DataFrame:
     """Run the self-influence grid and write table1.md / table1.csv / runs.csv under ``out_dir``.
 
     Args:
@@ -83,6 +85,7 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
         top_k: k of sim_topk / sim_botk (the paper: 100 of 115k); default max(5, N // 32).
         audio_encoder: embeddings for target selection, similarities and FD ('aisfx' offline; 'clap' with a checkpoint).
         fd_samples / fd_steps / fd_targets: generations per FD, sampler steps, and how many targets get an FD.
+        relative: also rank by tau_i / s_i (one extra gradient pass per target group and mask, cached).
     """
     from musicattr.embeddings.audio import build_audio_encoder
 
@@ -121,17 +124,19 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
                         steps=cfg["steps"], num_draws=num_draws, target=cfg["target"], strategy=cfg["strategy"],
                         damping=damping, seed=seed, device="cpu" if accelerator == "cpu" else "cuda")
             table = score_store(checkpoint, store, unlearned, str(run_dir), score_draws, seed, batch_size,
-                                accelerator, devices, mask_loss=resolve_masks(cfg["strategy"])[1])
+                                accelerator, devices, mask_loss=resolve_masks(cfg["strategy"])[1], relative=relative)
             scores = torch.tensor(table.sort_values("index")["score"].to_numpy())
             top, bot = topk_bottomk_similarity(scores, track_emb, track_emb[t], k, exclude_index=t)
             row = {"config": key[0], **cfg, "target_item": ids[t], "target_duration_s": float(s.items["duration_s"][t]),
                    "rank": target_rank(scores, t), "sim_topk": top, "sim_botk": bot,
-                   "score_target": float(scores[t]), "score_median": float(scores.median()), "fd": math.nan}
+                   "score_target": float(scores[t]), "score_median": float(scores.median()), "fd": math.nan,
+                   "rank_rel": (int(table.loc[table["index"] == int(s.items["index"][t]), "relative_rank"].iloc[0])
+                                if relative else math.nan)}
             if ti < fd_targets:
                 row["fd"] = frechet_of_model(checkpoint, unlearned, s, encoder, fd_ref, fd_samples, fd_steps, seed)
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
             done.to_csv(runs_csv, index=False)
-            print(f"[grid {len(done)}/{total}] {key[0]} target={ids[t]} rank={row['rank']} "
+            print(f"[grid {len(done)}/{total}] {key[0]} target={ids[t]} rank={row['rank']} rank_rel={row['rank_rel']} "
                   f"top{k}={top:.3f} bot{k}={bot:.3f} fd={row['fd']:.2f}", flush=True)
     fd_original = frechet_of_model(checkpoint, None, s, encoder, fd_ref, fd_samples, fd_steps, seed)
     table = summarize(done, grid, encoder.name, k, fd_original, n)
@@ -151,10 +156,13 @@ def summarize(runs: pd.DataFrame, grid: list[dict], encoder: str, k: int, fd_ori
     for cfg in grid:
         r = runs[runs["config"] == config_name(cfg)]
         mu, ml = resolve_masks(cfg["strategy"])
+        rel = r["rank_rel"] if "rank_rel" in r else pd.Series([math.nan] * len(r), dtype=float)
         rows.append({"target": cfg["target"], "M_U": mu, "M_L": ml, "strategy": cfg["strategy"], "lr": cfg["lr"],
                      "steps": cfg["steps"], "R(z_tar)": r["rank"].mean(), "rank1_rate": (r["rank"] == 1).mean(),
                      f"sim_top{k}[{encoder}]": r["sim_topk"].mean(), f"sim_bot{k}[{encoder}]": r["sim_botk"].mean(),
-                     f"FD[{encoder}]": r["fd"].mean(), "targets": len(r), "items": n})
+                     f"FD[{encoder}]": r["fd"].mean(), "R_rel": rel.mean(),
+                     "rank1_rate_rel": (rel == 1).mean() if rel.notna().any() else math.nan,
+                     "targets": len(r), "items": n})
     return pd.DataFrame(rows)
 
 
@@ -162,11 +170,14 @@ def write_table(table: pd.DataFrame, out: Path, encoder: str, k: int, fd_origina
     table.to_csv(out / "table1.csv", index=False)
     lines = [f"Self-influence grid (Table 1). Similarities and FD use the `{encoder}` audio encoder "
              f"(the paper: CLAP and openl3); k = {k}; FD of the original checkpoint: {fd_original:.2f}.", "",
-             "| Target | M_U | M_L | lr | steps | R(z_tar) | rank-1 rate | sim top-k | sim bottom-k | FD |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "R rel / rank-1 rel: the same runs ranked by the relative score tau / s (RelatIF; not in the paper).", "",
+             "| Target | M_U | M_L | lr | steps | R(z_tar) | rank-1 rate | R rel | rank-1 rel | sim top-k | sim bottom-k "
+             "| FD |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in table.to_dict("records"):
         lines.append(f"| {d['target']} | {'✓' if d['M_U'] else ''} | {'✓' if d['M_L'] else ''} | {d['lr']:g} | "
-                     f"{d['steps']} | {d['R(z_tar)']:.1f} | {d['rank1_rate']:.2f} | {d[f'sim_top{k}[{encoder}]']:.3f} | "
+                     f"{d['steps']} | {d['R(z_tar)']:.1f} | {d['rank1_rate']:.2f} | {d['R_rel']:.1f} | "
+                     f"{d['rank1_rate_rel']:.2f} | {d[f'sim_top{k}[{encoder}]']:.3f} | "
                      f"{d[f'sim_bot{k}[{encoder}]']:.3f} | {d[f'FD[{encoder}]']:.2f} |")
     (out / "table1.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,9 +5,14 @@ Wraps SAT's ConditionedDiffusionModelWrapper. Training uses the v-objective
 over all latent frames (the paper's assumption: trained without the padding mask) or, with
 ``use_padding_mask``, over the non-padded frames only. Classifier-free guidance dropout zeroes
 the text embedding with probability ``cfg_dropout_prob``.
+
+Learning rate: linear warm-up over ``warmup_steps``, then constant (``lr_schedule: constant``) or a
+cosine decay to ``min_lr_ratio * lr`` at the trainer's ``max_steps`` (``lr_schedule: cosine``), which
+ends training near a minimum, as influence-style attribution assumes of theta0.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -20,8 +25,11 @@ from musicattr.models.sat import TEXT_KEY, build_diffusion
 class DiffusionModule(L.LightningModule):
     def __init__(self, model_config: dict[str, Any], lr: float = 1e-4, weight_decay: float = 1e-3,
                  warmup_steps: int = 100, cfg_dropout_prob: float = 0.1, use_padding_mask: bool = False,
-                 val_draws: int = 4, val_seed: int = 1234):
+                 val_draws: int = 4, val_seed: int = 1234, lr_schedule: str = "constant",
+                 min_lr_ratio: float = 0.0):
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule {lr_schedule!r}: choose 'constant' or 'cosine'")
         self.save_hyperparameters()
         self.model_config = model_config
         self.diffusion = build_diffusion(model_config)
@@ -67,9 +75,23 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.diffusion.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay, betas=(0.9, 0.999))
-        warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step``: warm-up, then constant or cosine decay."""
+        warm = max(1, self.hparams.warmup_steps)
+        if step < warm:
+            return (step + 1) / warm
+        if self.hparams.lr_schedule == "constant":
+            return 1.0
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        if total is None or total <= warm:
+            raise ValueError("lr_schedule 'cosine' needs trainer.max_steps larger than warmup_steps")
+        floor = self.hparams.min_lr_ratio
+        progress = min(1.0, (step - warm) / (total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def load_diffusion_module(path: str, map_location: str = "cpu") -> DiffusionModule:

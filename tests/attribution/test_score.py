@@ -17,6 +17,7 @@ import torch
 from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
 from musicattr.attribution.fisher import FisherPassModule
 from musicattr.attribution.loss import item_loss
+from musicattr.attribution.fisher import load_fisher
 from musicattr.attribution.score import RunMismatchError, ScoringModule, baseline_cache_path, read_parts
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn
 from musicattr.data.datamodules import collate_items
@@ -53,16 +54,17 @@ def chdir(d):
         os.chdir(old)
 
 
-def _trainer():
+def _trainer(inference_mode=True):
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, use_distributed_sampler=False, default_root_dir="lightning")
+                     enable_model_summary=False, use_distributed_sampler=False, default_root_dir="lightning",
+                     inference_mode=inference_mode)
 
 
 def score_inprocess(d, unlearned, out_dir, num_draws=T_SCORE, batch_size=4, store="store", **kw) -> pd.DataFrame:
     """`musicattr attribute` in this process (same module and writer, no interpreter start-up)."""
     with chdir(d):
         m = ScoringModule("theta0.ckpt", store, unlearned, out_dir, num_draws=num_draws, batch_size=batch_size, **kw)
-        _trainer().predict(m, return_predictions=False)
+        _trainer(inference_mode=not kw.get("relative", False)).predict(m, return_predictions=False)
         return pd.read_parquet(Path(out_dir) / "scores.parquet")
 
 
@@ -308,7 +310,71 @@ def test_scores_match_first_order_approximation(pipe, tmp_path):
     assert (pred > 0).sum() > 0
 
 
-# ---------------------------------------------------------------- (f) self-influence
+# ---------------------------------------------------------------- (f) relative scores (RelatIF)
+
+
+def hand_sensitivity(d, unlearned, num_draws=T_SCORE, damping=1e-3):
+    """s_i = sqrt(sum_j g_ij^2 / (F_j + damping * mean F)) over the unlearned tensors, by hand."""
+    m = load_diffusion_module(str(d / "theta0.ckpt"))
+    named = dict(m.net.named_parameters())
+    names = sorted(load_unlearned(str(d / unlearned))[0])
+    fisher, _ = load_fisher(str(d / "fisher.safetensors"))
+    flat = torch.cat([fisher[k].double().flatten() for k in names])
+    inv = 1.0 / (flat + damping * flat.mean())
+    store = LatentStore(d / "store")
+    out = {}
+    for pos in range(len(store)):
+        b = collate_items([store[pos]])
+        loss = item_loss(m.net, b["latents"], m.conditioning_inputs(b), b["item_id"], 0, num_draws, None,
+                         draws_per_forward=num_draws)
+        g = torch.cat([x.double().flatten() for x in torch.autograd.grad(loss.sum(), [named[k] for k in names])])
+        out[int(b["index"][0])] = float((g.pow(2) * inv).sum().sqrt())
+    return out
+
+
+def test_relative_scores_equal_hand_computation_and_are_cached(pipe, ref, tmp_path):
+    df = by_index(score_inprocess(pipe, "q3.safetensors", str(tmp_path / "r"), relative=True))
+    hand = hand_sensitivity(pipe, "q3.safetensors")
+    np.testing.assert_allclose(df["sensitivity"], [hand[i] for i in df["index"]], rtol=1e-5)
+    np.testing.assert_allclose(df["score"], by_index(ref)["score"], rtol=1e-12)  # Eq. 1 unchanged
+    np.testing.assert_allclose(df["relative_score"], df["score"] / df["sensitivity"], rtol=1e-12)
+    order = df.sort_values("relative_score", ascending=False)["relative_rank"].tolist()
+    assert order == list(range(1, N_ITEMS + 1))
+    cached = list((pipe / "store" / "sensitivity").glob("*.parquet"))
+    assert len(cached) == 1
+    # the second run reads the cache: a doctored cache shows up in its table
+    doctored = pd.read_parquet(cached[0]).assign(sensitivity=lambda x: x["sensitivity"] * 2.0)
+    doctored.to_parquet(cached[0], index=False)
+    try:
+        again = by_index(score_inprocess(pipe, "q3.safetensors", str(tmp_path / "r2"), relative=True))
+        np.testing.assert_allclose(again["sensitivity"], df["sensitivity"] * 2.0, rtol=1e-12)
+    finally:
+        cached[0].unlink()
+
+
+def test_relative_refuses_another_fisher_and_inference_mode(pipe, tmp_path):
+    other = tmp_path / "fisher.safetensors"
+    shutil.copy(pipe / "fisher.safetensors", other)
+    with open(other, "ab") as f:
+        f.write(b" ")
+    with chdir(pipe), pytest.raises(RunMismatchError, match="not the Fisher"):
+        ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "x"), relative=True, fisher=str(other))
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        with chdir(pipe):
+            m = ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "y"), num_draws=T_SCORE,
+                              relative=True, use_baseline_cache=False)
+            _trainer(inference_mode=True).predict(m, return_predictions=False)
+
+
+def test_attribute_cli_relative(pipe, tmp_path):
+    r = cli(attribute_args("q3.safetensors", str(tmp_path / "c"), cache=False) + ["--model.relative", "true"], pipe)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "c" / "scores.parquet")
+    assert {"sensitivity", "relative_score", "relative_rank"} <= set(df.columns)
+    assert "rel=" in r.stdout
+
+
+# ---------------------------------------------------------------- (g) self-influence
 
 
 def test_self_influence_ranks_unlearned_training_item_first(pipe, tmp_path):

@@ -61,6 +61,7 @@ def test_tiny_grid_writes_table1_and_resumes(setup, monkeypatch):
     table = self_influence.run_grid(setup["ckpt"], setup["store"], setup["fisher"], str(out), **kw)
     assert len(table) == 2 and set(table["target"]) == {"all", "to_kv"}
     assert table["R(z_tar)"].between(1, setup["n"]).all()
+    assert table["R_rel"].between(1, setup["n"]).all()  # the relative score ranks the same runs
     assert {"sim_top3[aisfx]", "sim_bot3[aisfx]", "FD[aisfx]"} <= set(table.columns)
     assert np.isfinite(table["FD[aisfx]"]).all()
     runs = pd.read_csv(out / "runs.csv")
@@ -68,7 +69,7 @@ def test_tiny_grid_writes_table1_and_resumes(setup, monkeypatch):
     targets = json.loads((out / "setup.json").read_text())["targets"]
     assert not set(targets) & {"audio/track010.wav", "audio/track011.wav"}  # planted copies are never targets
     md = (out / "table1.md").read_text()
-    assert "| all | ✓ |  |" in md and "aisfx" in md
+    assert "| all | ✓ |  |" in md and "aisfx" in md and "R rel" in md
     # resume: a rerun recomputes no (target, config) pair
     calls = []
     monkeypatch.setattr(self_influence, "run_unlearn", lambda *a, **k: calls.append(a))

@@ -103,3 +103,18 @@ def test_config_whose_cross_attention_ignores_text_is_refused():
     bad["model"]["diffusion"]["config"]["project_cond_tokens"] = False
     with pytest.raises(ValueError, match="ignore the text"):
         check_heads(bad)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    from types import SimpleNamespace
+
+    m = DiffusionModule(tiny_config(), warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    m._trainer = SimpleNamespace(max_steps=110)
+    assert m.lr_factor(0) == pytest.approx(0.1) and m.lr_factor(9) == pytest.approx(1.0)
+    assert m.lr_factor(10) == pytest.approx(1.0)
+    assert m.lr_factor(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert m.lr_factor(110) == pytest.approx(0.1) and m.lr_factor(500) == pytest.approx(0.1)
+    const = DiffusionModule(tiny_config(), warmup_steps=10)
+    assert const.lr_factor(5) == pytest.approx(0.6) and const.lr_factor(10_000) == 1.0
+    with pytest.raises(ValueError, match="constant' or 'cosine"):
+        DiffusionModule(tiny_config(), lr_schedule="linear")

@@ -1,0 +1,57 @@
+"""Relative influence: Eq. 1 scores divided by each item's sensitivity (RelatIF, Barshan et al., 2020).
+
+    s_i = sqrt( g_i^T (F + lambda)^-1 g_i ),   g_i = grad_theta L(z_i, theta0; M_L)  (unlearned tensors only)
+    tau_rel_i = tau_i / s_i
+
+To first order tau_i = lr/N * g_i^T (F + lambda)^-1 g_q, so tau_rel_i is proportional to the cosine
+of g_i and g_q in the (F + lambda)^-1 metric: a track whose loss moves under any update (a "hub"
+with a large ||g_i||) no longer outranks the tracks the query specifically shares directions with.
+g_i uses the scoring draws of item i (the same T draws, seed and mask M_L as tau_i), and lambda the
+unlearning run's damping, so s_i depends on (checkpoint, Fisher, unlearned tensors, damping, T,
+seed, M_L) only: it is computed once and cached in ``<store>/sensitivity/`` for every later query.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from musicattr.attribution.loss import item_loss
+
+
+def sensitivity_cache_path(store: str, checkpoint_fp: str, fisher_fp: str, names, damping: float,
+                           num_draws: int, seed: int, mask_loss: bool) -> Path:
+    """Cache file of s_i, keyed by everything s_i depends on (tensor names and Fisher hashed)."""
+    key = json.dumps({"fisher": fisher_fp, "names": sorted(names), "damping": float(damping)}, sort_keys=True)
+    digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+    return (Path(store) / "sensitivity"
+            / f"{checkpoint_fp}-{digest}-T{num_draws}-seed{seed}-mask{int(mask_loss)}.parquet")
+
+
+def item_sensitivity(net, params: Mapping[str, torch.nn.Parameter], inverse: Mapping[str, torch.Tensor],
+                     batch: Mapping[str, Any], conditioning: Callable[[Mapping[str, Any]], dict],
+                     frame_mask: Callable[[Mapping[str, Any]], torch.Tensor] | None, seed: int, num_draws: int,
+                     draws_per_forward: int = 16) -> torch.Tensor:
+    """s_i for each item of ``batch`` as float64 [B]: one backward pass per item (per-sample gradients).
+
+    ``conditioning(batch)`` / ``frame_mask(batch)`` build the DiT inputs of a one-item batch (the
+    DiffusionModule's methods); ``frame_mask`` None scores over all frames (M_L off).
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("relative scores need gradients, but this runs under torch.inference_mode; "
+                           "fix: run the prediction loop with Trainer(inference_mode=False)")
+    names = list(params)
+    out = []
+    with torch.enable_grad():
+        for j in range(len(batch["item_id"])):
+            one = {k: (v[j:j + 1] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+            mask = frame_mask(one) if frame_mask is not None else None
+            loss = item_loss(net, one["latents"], conditioning(one), one["item_id"], seed, num_draws, mask,
+                             draws_per_forward)
+            grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
+            sq = sum(float((g.double().pow(2) * inverse[k].to(g.device)).sum()) for k, g in zip(names, grads))
+            out.append(sq ** 0.5)
+    return torch.tensor(out, dtype=torch.float64)
