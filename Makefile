@@ -13,13 +13,14 @@ export PYTHONWARNINGS := ignore::UserWarning,ignore::DeprecationWarning,ignore::
 D := runs/demo
 CFG := configs/demo
 
-.PHONY: all venv demo test test-fast bench table1 figure1 clean-demo help
+.PHONY: all venv demo test test-fast bench table1 self-influence figure1 clean-demo help
 
 help:
 	@echo "make demo     - set up, then run corpus -> autoencoder -> encode -> fit -> fisher -> generate -> unlearn -> attribute"
 	@echo "make test     - set up, then run the test suite"
 	@echo "make bench    - attribution benchmark (prints figures, writes runs/bench/attribution.json)"
 	@echo "make table1   - self-influence grid search on the demo model (Table 1)"
+	@echo "make self-influence - the best Table 1 row (mixed, all blocks) on SI_TARGETS k-means targets (default 16)"
 	@echo "make figure1  - test-to-train comparison with similarity baselines (Figure 1)"
 
 venv: $(VENV)/.installed
@@ -78,6 +79,11 @@ clean-demo:
 
 table1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(MA) evaluate --config $(CFG)/evaluate.yaml
+
+SI_TARGETS ?= 16
+self-influence: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
+	$(MA) evaluate --config $(CFG)/evaluate.yaml --out_dir $(D)/self_influence --num_targets $(SI_TARGETS) \
+		--configs '[{target: all, strategy: mixed, lr: 1.0e-6, steps: 1}]'
 
 figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(MA) compare --config $(CFG)/compare.yaml

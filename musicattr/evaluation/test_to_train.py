@@ -6,6 +6,8 @@ and by the two similarity baselines on audio embeddings of 10 s segments with a 
 embeddings). Reports the Pearson and Spearman correlations between unlearning scores and each
 baseline (mean over queries), draws Figure 1, and, for queries generated from the captions of
 planted (duplicated) training tracks, recall@1 / recall@10 of the planted group per method.
+With ``relative``, the unlearning scores are also ranked by tau_i / s_i (RelatIF, method
+"unlearning-relative"), with their own correlations and recall; Figure 1 shows Eq. 1 as in the paper.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                    damping: float = 1e-3, score_draws: int = 8, audio_encoder: str = "aisfx",
                    audio_encoder_checkpoint: str | None = None, gen_steps: int = 50, seed: int = 0,
                    batch_size: int = 16, accelerator: str = "cpu", devices: int = 1, listen_top_k: int = 3,
-                   use_wandb: bool = True) -> dict:
+                   use_wandb: bool = True, relative: bool = True) -> dict:
     """Attribute generated queries by unlearning and by similarity; write comparison.json, figure1.png.
 
     Args:
@@ -61,6 +63,7 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
             all blocks, mixed masking, 1 step).
         audio_encoder: embeddings for the similarity baselines ('aisfx' offline; 'clap' with a checkpoint).
         listen_top_k: training tracks logged next to each query's audio in the dashboard.
+        relative: also rank by the relative score tau_i / s_i (method "unlearning-relative").
     """
     from musicattr.embeddings.audio import build_audio_encoder, load_audio
     from musicattr.models.generate import generate
@@ -83,7 +86,9 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     infos = json.loads((gen_dir / "queries.json").read_text())
     items = s.items.to_dict("records")
     groups = planted_groups(s)
-    methods = {"unlearning": [], f"all-against-all[{encoder.name}]": [], f"average[{encoder.name}]": []}
+    sims = [f"all-against-all[{encoder.name}]", f"average[{encoder.name}]"]
+    sources = ["unlearning", "unlearning-relative"] if relative else ["unlearning"]
+    methods = {m: [] for m in sources + sims}
     rows = []
     for q, info in zip(queries, infos):
         qid = info["query_id"]
@@ -94,7 +99,11 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                         lr=lr, steps=steps, num_draws=num_draws, target=target, strategy=strategy, damping=damping,
                         seed=seed)
         tables = {"unlearning": score_store(checkpoint, store, str(unlearned), str(qdir / "unlearning"), score_draws,
-                                            seed, batch_size, accelerator, devices)}
+                                            seed, batch_size, accelerator, devices, relative=relative)}
+        if relative:
+            t = tables["unlearning"]
+            tables["unlearning-relative"] = (t.assign(score=t["relative_score"], rank=t["relative_rank"],
+                                                      method="unlearning-relative").sort_values("rank"))
         audio, sr = load_audio(str(gen_dir / info["audio"]))
         qseg = encoder.embed_segments(audio, sr)
         for name, fn in ((f"all-against-all[{encoder.name}]", all_against_all), (f"average[{encoder.name}]", average)):
@@ -104,9 +113,11 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         for m in methods:
             methods[m].append(by_index[m])
         row = {"query_id": qid, "prompt": q["prompt"], "planted_group": q["planted_group"]}
-        for m in list(methods)[1:]:
-            c = correlations(by_index["unlearning"], by_index[m])
-            row[f"pearson[{m}]"], row[f"spearman[{m}]"] = c["pearson"], c["spearman"]
+        for src in sources:
+            for m in sims:
+                c = correlations(by_index[src], by_index[m])
+                key = m if src == "unlearning" else f"{src}~{m}"
+                row[f"pearson[{key}]"], row[f"spearman[{key}]"] = c["pearson"], c["spearman"]
         if q["planted_group"]:
             row.update(recall_at(tables, q["planted_group"], groups))
         row["top1_unlearning"] = tables["unlearning"].iloc[0]["item_id"]
@@ -117,7 +128,7 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     per_query = pd.DataFrame(rows)
     per_query.to_csv(out / "queries.csv", index=False)
     stacked = {m: torch.stack(v) for m, v in methods.items()}
-    plot_figure1(stacked["unlearning"], {m: v for m, v in stacked.items() if m != "unlearning"},
+    plot_figure1(stacked["unlearning"], {m: stacked[m] for m in sims},
                  str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(rows)} queries)")
     summary = {"queries": len(rows), "audio_encoder": encoder.name, "items": len(s),
                **{c: float(per_query[c].mean()) for c in per_query.columns if c.startswith(("pearson", "spearman"))}}

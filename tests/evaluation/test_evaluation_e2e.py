@@ -86,7 +86,8 @@ def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
                              durations=[1.0], lr=1e-5, num_draws=8, score_draws=2, gen_steps=2, use_wandb=False)
     assert summary["queries"] == 2 and summary["planted_queries"] == 1
     for key in ("pearson[all-against-all[aisfx]]", "spearman[average[aisfx]]", "recall_unlearning@1",
-                "recall_all-against-all[aisfx]@10"):
+                "recall_all-against-all[aisfx]@10", "recall_unlearning-relative@1",
+                "pearson[unlearning-relative~all-against-all[aisfx]]"):
         assert key in summary, key
     assert -1 <= summary["pearson[all-against-all[aisfx]]"] <= 1
     assert (out / "figure1.png").stat().st_size > 10_000
