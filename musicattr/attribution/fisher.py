@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, vmap
 
 from musicattr.attribution.loss import make_draws, masked_mse, repeat_conditioning, v_objective
 from musicattr.attribution.targets import select_parameters
+from musicattr.run_dir import claim_run_dir
 
 
 class FisherMismatchError(RuntimeError):
@@ -113,17 +114,10 @@ class FisherCallback(L.Callback):
 
     def check_parts(self) -> None:
         """Refuse (or, with overwrite, clear) partial sums left by a different Fisher run."""
-        key_file = self.parts / "run.json"
-        key = json.loads(json.dumps(self.run_key()))
-        if key_file.exists() and json.loads(key_file.read_text()) != key:
-            if not self.overwrite:
-                raise FisherMismatchError(f"{self.parts} holds partial sums of another Fisher run (other checkpoint, "
-                                          "draws, seed, target or mask); fix: delete that folder, choose another "
-                                          "output path, or pass --model.overwrite true")
-            for p in self.parts.glob("part-*.safetensors"):
-                p.unlink()
-        self.parts.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(json.dumps(key))
+        claim_run_dir(self.parts, self.parts / "run.json", self.run_key(), self.overwrite, "part-*.safetensors",
+                      FisherMismatchError(f"{self.parts} holds partial sums of another Fisher run (other "
+                                          "checkpoint, draws, seed, target or mask); fix: delete that folder, "
+                                          "choose another output path, or pass --model.overwrite true"))
 
     def done_indices(self) -> set[int]:
         """Items already summed in earlier (interrupted) runs of the same Fisher run."""

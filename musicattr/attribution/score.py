@@ -37,6 +37,7 @@ from musicattr.data.datamodules import predict_loader
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
+from musicattr.run_dir import claim_run_dir
 
 
 class RunMismatchError(RuntimeError):
@@ -127,17 +128,10 @@ class ScoringModule(L.LightningModule):
             self.inverse = {k: v.to(self.device) for k, v in self.inverse.items()}
         parts = self.out_dir / "parts"
         if self.trainer.is_global_zero:
-            parts.mkdir(parents=True, exist_ok=True)
-            key_file = self.out_dir / "run.json"
-            key = json.loads(json.dumps(self.run_key()))
-            if key_file.exists() and json.loads(key_file.read_text()) != key:
-                if not self.hparams.overwrite:
-                    raise RunMismatchError(f"{self.out_dir} holds scores of another run (other unlearned weights, "
+            claim_run_dir(parts, self.out_dir / "run.json", self.run_key(), self.hparams.overwrite, "part-*.parquet",
+                          RunMismatchError(f"{self.out_dir} holds scores of another run (other unlearned weights, "
                                            "draws, seed or mask); fix: choose another out_dir, or pass "
-                                           "--model.overwrite true to replace them")
-                for p in parts.glob("part-*.parquet"):
-                    p.unlink()
-            key_file.write_text(json.dumps(key, indent=2))
+                                           "--model.overwrite true to replace them"))
         self.trainer.strategy.barrier()
         self.done = set(read_parts(parts)["index"].astype(int))
 
