@@ -20,7 +20,8 @@ help:
 	@echo "make test     - set up, then run the test suite"
 	@echo "make bench    - attribution benchmark (prints figures, writes runs/bench/attribution.json)"
 	@echo "make table1   - self-influence grid search on the demo model (Table 1)"
-	@echo "make self-influence - the best Table 1 row (mixed, all blocks) on SI_TARGETS k-means targets (default 16)"
+	@echo "make self-influence - the best Table 1 row (mixed, all blocks, lr 1e-6) on SI_TARGETS k-means targets"
+	@echo "                      (default 16) with SI_DRAWS scoring draws (default 64)"
 	@echo "make figure1  - test-to-train comparison with similarity baselines (Figure 1)"
 
 venv: $(VENV)/.installed
@@ -81,8 +82,10 @@ table1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(MA) evaluate --config $(CFG)/evaluate.yaml
 
 SI_TARGETS ?= 16
+SI_DRAWS ?= 64
 self-influence: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(MA) evaluate --config $(CFG)/evaluate.yaml --out_dir $(D)/self_influence --num_targets $(SI_TARGETS) \
+		--score_draws $(SI_DRAWS) \
 		--configs '[{target: all, strategy: mixed, lr: 1.0e-6, steps: 1}]'
 
 figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
