@@ -434,7 +434,7 @@ def run_attribute(procs: int, checkpoint: str, store: str, unlearned: str, work:
            "--model.checkpoint", checkpoint, "--model.store", store, "--model.unlearned", unlearned,
            "--model.out_dir", str(out_dir), "--model.num_draws", str(draws), "--model.batch_size", str(batch_size),
            "--model.draws_per_forward", str(draws_per_forward), "--model.use_baseline_cache", "false",
-           "--model.overwrite", "true", "--model.top_k", "3",
+           "--model.overwrite", "true", "--model.top_k", "3", "--model.relative", "false",
            "--trainer.accelerator", "cpu", "--trainer.devices", str(procs), "--trainer.strategy", "ddp",
            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(work / f"root-{tag}"),
            f"--trainer.callbacks+={cb}"]
