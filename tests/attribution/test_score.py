@@ -199,7 +199,8 @@ def test_batch_size_does_not_change_scores(pipe, ref, tmp_path, batch_size, dpf)
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one(pipe, ref):
     trainer = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
-    r = cli(attribute_args("q3.safetensors", "attr_ddp", batch_size=3, cache=False, trainer=trainer), pipe)
+    r = cli(attribute_args("q3.safetensors", "attr_ddp", batch_size=3, cache=False, trainer=trainer)
+            + ["--model.relative", "true"], pipe)
     parts = list((pipe / "attr_ddp" / "parts").glob("part-*.parquet"))
     assert {p.name[:7] for p in parts} == {"part-r0", "part-r1"}, r.stdout[-2000:]  # both ranks scored
     got = read_parts(pipe / "attr_ddp" / "parts")
@@ -211,6 +212,8 @@ def test_ddp_two_cpu_processes_match_one(pipe, ref):
         print(f"DDP vs 1 process: max rel diff of {col}: {float(np.max(np.abs(a[col] / b[col] - 1))):.2e}")
     np.testing.assert_allclose(a["score"], b["score"], rtol=0, atol=1e-4 * float(np.abs(b["score"]).max()))
     assert df["item_id"].tolist() == ref["item_id"].tolist()
+    hand = hand_sensitivity(pipe, "q3.safetensors")  # relative scores: per-item gradients on each rank
+    np.testing.assert_allclose(a["sensitivity"], [hand[i] for i in a["index"]], rtol=1e-5)
 
 
 # ---------------------------------------------------------------- (c) baseline cache
