@@ -33,7 +33,7 @@ from musicattr.attribution.loss import item_loss
 from musicattr.attribution.masks import resolve_masks
 from musicattr.attribution.sensitivity import item_sensitivity, sensitivity_cache_path
 from musicattr.attribution.unlearn import damped_inverse, load_unlearned
-from musicattr.data.datamodules import predict_loader
+from musicattr.data.datamodules import item_slice, predict_loader
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
@@ -148,8 +148,7 @@ class ScoringModule(L.LightningModule):
         self._set(self.original)
         diffs = []
         for j in range(min(n, len(batch["index"]))):
-            one = {k: (v[j:j + 1] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
-            diffs.append(abs(float(self._loss(one)[0]) - float(baseline[j])))
+            diffs.append(abs(float(self._loss(item_slice(batch, j))[0]) - float(baseline[j])))
         return max(max(diffs), float(torch.finfo(torch.float32).eps) * float(baseline.abs().max()))
 
     def _set(self, values: dict[str, torch.Tensor]) -> None:
@@ -249,19 +248,23 @@ def merge_scores(m: ScoringModule) -> pd.DataFrame:
     tmp = m.out_dir / "scores.parquet.tmp"
     df.to_parquet(tmp, index=False)
     os.replace(tmp, m.out_dir / "scores.parquet")
-    if not m.cache_path.exists() and not m.cached_baseline and m.hparams.use_baseline_cache:
-        m.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = m.cache_path.with_name(f"{m.cache_path.name}.{os.getpid()}.tmp")
-        df[["index", "baseline_loss"]].to_parquet(tmp, index=False)
-        os.replace(tmp, m.cache_path)
-    path = m.sensitivity_path
-    if relative and m.hparams.use_baseline_cache and not path.exists() and not m.cached_sensitivity:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        df[["index", "sensitivity"]].to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+    if m.hparams.use_baseline_cache:
+        if not m.cached_baseline:
+            write_cache(df[["index", "baseline_loss"]], m.cache_path)
+        if relative and not m.cached_sensitivity:
+            write_cache(df[["index", "sensitivity"]], m.sensitivity_path)
     write_noise_report(df, m.float_error, m.out_dir / "noise.json")
     return df
+
+
+def write_cache(frame: pd.DataFrame, path: Path) -> None:
+    """Write a per-item cache (baseline losses, sensitivities) atomically, unless it exists already."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) -> dict:

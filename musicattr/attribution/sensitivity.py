@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from musicattr.attribution.loss import item_loss
+from musicattr.data.datamodules import item_slice
 
 
 def sensitivity_cache_path(store: str, checkpoint_fp: str, fisher_fp: str, names, damping: float,
@@ -47,7 +48,7 @@ def item_sensitivity(net, params: Mapping[str, torch.nn.Parameter], inverse: Map
     out = []
     with torch.enable_grad():
         for j in range(len(batch["item_id"])):
-            one = {k: (v[j:j + 1] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+            one = item_slice(batch, j)
             mask = frame_mask(one) if frame_mask is not None else None
             loss = item_loss(net, one["latents"], conditioning(one), one["item_id"], seed, num_draws, mask,
                              draws_per_forward)

@@ -24,6 +24,11 @@ def collate_items(items: list[dict]) -> dict:
     return out
 
 
+def item_slice(batch: dict, j: int) -> dict:
+    """Item ``j`` of a collated batch, as a batch of one (tensors and lists sliced, the rest kept)."""
+    return {k: (v[j:j + 1] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+
+
 class ShardSampler(Sampler[int]):
     """Rank r takes positions r, r+W, r+2W, ... of the dataset: each item on exactly one rank,
     with no padding duplicates (unlike DistributedSampler). Fine for prediction loops, which need

@@ -78,7 +78,6 @@ class DiffusionModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step``: warm-up, then constant or cosine decay."""
         warm = max(1, self.hparams.warmup_steps)
