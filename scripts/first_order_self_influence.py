@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from musicattr.attribution.fisher import load_fisher
-from musicattr.attribution.loss import item_loss
 from musicattr.attribution.targets import select_parameters
-from musicattr.attribution.unlearn import damped_inverse, query_batch, query_gradient
+from musicattr.attribution.unlearn import damped_inverse, query_gradient
+from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
+from musicattr.evaluation.metrics import target_rank
 from musicattr.models.diffusion_module import load_diffusion_module
 
 
@@ -60,19 +61,16 @@ def main() -> None:
     t0 = time.time()
     grads = torch.empty(len(ids), inv.numel())
     for pos, item in enumerate(ids):
-        b = query_batch(query_item=item, store=a.store)
-        grads[pos] = flat_gradient(module, params, b, item, a.score_draws, None, a.seed)
+        grads[pos] = flat_gradient(module, params, collate_items([store[pos]]), item, a.score_draws, None, a.seed)
     print(f"per-item gradients: {len(ids)} items x T={a.score_draws} in {time.time() - t0:.0f} s", flush=True)
     norms = (grads.pow(2) * inv).sum(1).double().sqrt()
     rows = []
     for item in targets:
-        b = query_batch(query_item=item, store=a.store)
+        t = ids.index(item)
+        b = collate_items([store[t]])
         gq = flat_gradient(module, params, b, "unlearn/" + item, a.num_draws, module.frame_mask(b), a.seed)
         tau = (grads @ (gq * inv)).double()
-        t = ids.index(item)
-        rank = int((tau > tau[t]).sum()) + 1
-        rel = tau / norms
-        rank_rel = int((rel > rel[t]).sum()) + 1
+        rank, rank_rel = target_rank(tau, t), target_rank(tau / norms, t)
         rows.append({"target": item, "rank": rank, "rank_rel": rank_rel})
         print(f"{item}: rank {rank}, relative rank {rank_rel}", flush=True)
     r = np.array([x["rank"] for x in rows])

@@ -125,12 +125,13 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
                         damping=damping, seed=seed, device="cpu" if accelerator == "cpu" else "cuda")
             table = score_store(checkpoint, store, unlearned, str(run_dir), score_draws, seed, batch_size,
                                 accelerator, devices, mask_loss=resolve_masks(cfg["strategy"])[1], relative=relative)
-            scores = torch.tensor(table.sort_values("index")["score"].to_numpy())
+            by_index = table.sort_values("index")
+            scores = torch.tensor(by_index["score"].to_numpy())
             top, bot = topk_bottomk_similarity(scores, track_emb, track_emb[t], k, exclude_index=t)
             row = {"config": key[0], **cfg, "target_item": ids[t], "target_duration_s": float(s.items["duration_s"][t]),
                    "rank": target_rank(scores, t), "sim_topk": top, "sim_botk": bot,
                    "score_target": float(scores[t]), "score_median": float(scores.median()), "fd": math.nan,
-                   "rank_rel": (int(table.loc[table["index"] == int(s.items["index"][t]), "relative_rank"].iloc[0])
+                   "rank_rel": (target_rank(torch.tensor(by_index["relative_score"].to_numpy()), t)
                                 if relative else math.nan)}
             if ti < fd_targets:
                 row["fd"] = frechet_of_model(checkpoint, unlearned, s, encoder, fd_ref, fd_samples, fd_steps, seed)
