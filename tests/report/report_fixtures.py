@@ -84,6 +84,20 @@ def tiny_run(tmp_path_factory) -> dict:
     return _RUN
 
 
+def copy_run(run: dict, dst) -> dict:
+    """A private copy of the run's files (store, audio folder, scores, generated query) to modify."""
+    for name in ("store", "corpus", "attribution", "generated"):
+        shutil.copytree(run["root"] / name, dst / name)
+    manifest = json.loads((dst / "store" / "manifest.json").read_text())
+    (dst / "store" / "manifest.json").write_text(json.dumps({**manifest, "folder": str(dst / "corpus")}))
+    key = json.loads((dst / "attribution" / "q000" / "run.json").read_text())
+    key["store"] = str(dst / "store")
+    key["unlearned"]["query"] = str(dst / "generated" / "q000.query.safetensors")
+    (dst / "attribution" / "q000" / "run.json").write_text(json.dumps(key))
+    return {**run, "root": dst, "store": str(dst / "store"), "folder": dst / "corpus",
+            "scores": dst / "attribution" / "q000", "query_audio": dst / "generated" / "q000.wav"}
+
+
 # ------------------------------------------------------------------------------------------ Chromium
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from report_fixtures import ARTIFACTS, chromium, chromium_or_skip, tiny_run  # noqa: F401  (fixture)
+from report_fixtures import ARTIFACTS, chromium, chromium_or_skip, copy_run, tiny_run  # noqa: F401  (fixture)
 
 from musicattr.report.stage import run_report
 
@@ -27,8 +27,9 @@ def browser() -> str:
 
 @pytest.mark.slow
 def test_report_page_plays_in_headless_chromium(browser, tiny_run, tmp_path):  # browser first: skip before the run
+    run = copy_run(tiny_run, tmp_path / "run")  # similarity "compute" caches the training embeddings in the store
     out = tmp_path / "report"
-    run_report(str(out), scores=str(tiny_run["scores"]), top_k=5, group_by=["composer"], similarity="compute")
+    run_report(str(out), scores=str(run["scores"]), top_k=5, group_by=["composer"], similarity="compute")
     dom = chromium(browser, out / "index.html", "--dump-dom")
     assert audio_counts(dom) == {"total": 6, "loaded": 6, "failed": 0}  # the query and the 5 tracks
     assert len(re.findall(r'<tr class="track">', dom)) == 5

@@ -8,23 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from report_fixtures import tiny_run  # noqa: F401  (fixture)
+from report_fixtures import copy_run, tiny_run  # noqa: F401  (fixture)
 
 from musicattr.report.stage import run_report
-
-
-def copy_run(run: dict, dst) -> dict:
-    """A private copy of the run's files (store, audio folder, scores, generated query) to modify."""
-    for name in ("store", "corpus", "attribution", "generated"):
-        shutil.copytree(run["root"] / name, dst / name)
-    manifest = json.loads((dst / "store" / "manifest.json").read_text())
-    (dst / "store" / "manifest.json").write_text(json.dumps({**manifest, "folder": str(dst / "corpus")}))
-    key = json.loads((dst / "attribution" / "q000" / "run.json").read_text())
-    key["store"] = str(dst / "store")
-    key["unlearned"]["query"] = str(dst / "generated" / "q000.query.safetensors")
-    (dst / "attribution" / "q000" / "run.json").write_text(json.dumps(key))
-    return {**run, "root": dst, "store": str(dst / "store"), "folder": dst / "corpus",
-            "scores": dst / "attribution" / "q000", "query_audio": dst / "generated" / "q000.wav"}
 
 
 def tracks_in(page: str) -> list[str]:
@@ -198,3 +184,29 @@ def test_index_over_a_compare_run_puts_methods_side_by_side(tiny_run, tmp_path):
     q1 = (out / "q001" / "index.html").read_text()
     assert "audio file not found" in q1 and "a high tone" in q1
     assert (out / "q000" / "credits.csv").exists() and (out / "q001" / "credits.csv").exists()
+
+
+@pytest.mark.slow
+def test_report_of_a_real_compare_run(tiny_run, tmp_path):
+    from conftest import cli
+
+    run = copy_run(tiny_run, tmp_path / "run")  # compare caches embeddings and baselines in the store
+    compare, out = tmp_path / "compare", tmp_path / "report"
+    cli(["compare", "--checkpoint", run["ckpt"], "--store", run["store"], "--fisher", run["fisher"], "--out_dir", compare,
+         "--prompts", '["a low tone"]', "--durations", "[1.0]", "--include_planted", "false", "--lr", "1e-5",
+         "--num_draws", "8", "--score_draws", "2", "--gen_steps", "2", "--use_wandb", "false"], cwd=tmp_path)
+    r = cli(["report", "--compare", compare, "--out_dir", out, "--top_k", "3", "--group_by", "[composer]"], cwd=tmp_path)
+    assert r.stdout.strip().splitlines()[-1] == str(out / "index.html")
+    index = (out / "index.html").read_text()
+    assert len(re.findall(r'<tr class="query">', index)) == 1 and (out / "figure1.png").exists()
+    for m in ("unlearning (Eq. 1)", "unlearning (relative)", "all-against-all[aisfx]", "average[aisfx]"):
+        assert f"<th>{m}</th>" in index
+    pearson = pd.read_csv(compare / "queries.csv")["pearson[all-against-all[aisfx]]"].iloc[0]
+    assert f"{pearson:.3f}" in index
+    page = (out / "q000" / "index.html").read_text()
+    assert "a low tone" in page and (out / "q000" / "audio" / "query.wav").exists()
+    sim = pd.read_parquet(compare / "queries" / "q000" / "average.parquet")
+    top = pd.read_parquet(compare / "queries" / "q000" / "unlearning" / "scores.parquet").iloc[0]
+    numbers = re.findall(r'<td class="num">([^<]*)</td>', re.search(r'<tr class="track">(.*?)</tr>', page, re.S)[1])
+    assert numbers[5] == str(int(sim.loc[sim["index"] == top["index"], "rank"].iloc[0]))
+    assert pd.read_csv(out / "q000" / "credits.csv")["share"].sum() == pytest.approx(1.0, abs=1e-12)
