@@ -154,5 +154,6 @@ def load_query_inputs(scores: str | Path, query_audio: str | None = None, prompt
     extra = [c for c in meta.columns if c not in table.columns]
     table = table.merge(meta[["file_name", *extra]], on="file_name", how="left")
     fallback = table["query_id"].iloc[0] if "query_id" in table and len(table) else None
+    fallback = str(fallback) if fallback is not None and pd.notna(fallback) else None
     qid, prompt, audio = resolve_query(run, s, query_audio, prompt, fallback)
     return QueryInputs(scores_dir, table, run, _json(scores_dir / "noise.json"), s, extra, str(qid), prompt, audio)

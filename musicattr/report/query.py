@@ -77,8 +77,8 @@ def _copy_audio(src: Path | None, unknown: str, stem: Path, fmt: str, out: Path,
 def write_credits(table: pd.DataFrame, out: Path, group_by: list[str], shown: list[str]) -> list[CreditTable]:
     """``credits.csv`` (every credited track) and ``credits_by_<column>.csv`` per aggregation column."""
     credited = table[table["share"] > 0]
-    cols = ["rank", "relative_rank", "item_id", "file_name", "caption", "score", "relative_score", "share",
-            *group_by, *[c for c in shown if c not in group_by]]
+    cols = dict.fromkeys(["rank", "relative_rank", "item_id", "file_name", "caption", "score", "relative_score",
+                          "share", *group_by, *shown])
     credited[[c for c in cols if c in credited]].to_csv(out / "credits.csv", index=False)
     tables = []
     for col in group_by:

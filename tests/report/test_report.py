@@ -210,3 +210,29 @@ def test_report_of_a_real_compare_run(tiny_run, tmp_path):
     numbers = re.findall(r'<td class="num">([^<]*)</td>', re.search(r'<tr class="track">(.*?)</tr>', page, re.S)[1])
     assert numbers[5] == str(int(sim.loc[sim["index"] == top["index"], "rank"].iloc[0]))
     assert pd.read_csv(out / "q000" / "credits.csv")["share"].sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_nothing_above_the_noise_floor_means_no_credit(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    noise = json.loads((run["scores"] / "noise.json").read_text())
+    (run["scores"] / "noise.json").write_text(json.dumps({**noise, "float_error": 1.0}))  # above every score
+    out = tmp_path / "report"
+    run_report(str(out), scores=str(run["scores"]), top_k=2, group_by=["composer"], similarity="none")
+    page = (out / "index.html").read_text()
+    assert "No track is positively attributed above the noise floor" in page and "credits.csv" not in page
+    assert pd.read_csv(out / "credits.csv").empty and pd.read_csv(out / "credits_by_composer.csv").empty
+    assert len(tracks_in(page)) == 2  # the tracks are still listed, with no share
+
+
+def test_a_training_item_query_plays_its_own_track(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    key = json.loads((run["scores"] / "run.json").read_text())
+    key["unlearned"].update(query=None, query_item="audio/track003.wav", query_id="audio/track003.wav")
+    (run["scores"] / "run.json").write_text(json.dumps(key))
+    out = tmp_path / "report"
+    run_report(str(out), scores=str(run["scores"]), top_k=1, similarity="none")
+    page = (out / "index.html").read_text()
+    assert "caption 3" in page.split('id="top"')[0] and "training item audio/track003.wav" in page
+    import soundfile as sf
+
+    assert sf.info(str(out / "audio" / "query.wav")).frames == sf.info(str(run["folder"] / "audio/track003.wav")).frames
