@@ -13,16 +13,17 @@ export PYTHONWARNINGS := ignore::UserWarning,ignore::DeprecationWarning,ignore::
 D := runs/demo
 CFG := configs/demo
 
-.PHONY: all venv demo test test-fast bench table1 self-influence figure1 clean-demo help
+.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report clean-demo help
 
 help:
-	@echo "make demo     - set up, then run corpus -> autoencoder -> encode -> fit -> fisher -> generate -> unlearn -> attribute"
+	@echo "make demo     - set up, then run corpus -> autoencoder -> encode -> fit -> fisher -> generate -> unlearn -> attribute -> report"
 	@echo "make test     - set up, then run the test suite"
 	@echo "make bench    - attribution benchmark (prints figures, writes runs/bench/attribution.json)"
 	@echo "make table1   - self-influence grid search on the demo model (Table 1)"
 	@echo "make self-influence - the best Table 1 row (mixed, all blocks, lr 1e-6) on SI_TARGETS k-means targets"
 	@echo "                      (default 16) with SI_DRAWS scoring draws (default 64)"
 	@echo "make figure1  - test-to-train comparison with similarity baselines (Figure 1)"
+	@echo "make report   - the demo query's listening page with credit shares (runs/demo/report/q000/index.html)"
 
 venv: $(VENV)/.installed
 
@@ -42,8 +43,9 @@ test-fast: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
 
 # ---- the demo flow; each stage reruns only when its inputs changed ----
-demo: venv $(D)/attribution/q000/scores.parquet
+demo: venv $(D)/report/q000/index.html
 	@echo "demo done: audio in $(D)/generated, attribution table $(D)/attribution/q000/scores.parquet"
+	@echo "report: $(D)/report/q000/index.html"
 
 $(D)/corpus/metadata.jsonl: $(CFG)/corpus.yaml
 	$(MA) corpus --config $(CFG)/corpus.yaml
@@ -71,6 +73,11 @@ $(D)/unlearned/q000.safetensors: $(D)/fisher.safetensors $(D)/generated/queries.
 
 $(D)/attribution/q000/scores.parquet: $(D)/unlearned/q000.safetensors $(CFG)/attribute.yaml
 	$(MA) attribute --config $(CFG)/attribute.yaml --model.overwrite true
+
+$(D)/report/q000/index.html: $(D)/attribution/q000/scores.parquet $(CFG)/report.yaml
+	$(MA) report --config $(CFG)/report.yaml
+
+report: venv $(D)/report/q000/index.html
 
 bench: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(PY) scripts/bench_attribution.py --checkpoint $(D)/fit/last.ckpt --store $(D)/store --fisher $(D)/fisher.safetensors --out runs/bench/attribution.json

@@ -20,6 +20,7 @@ STAGES = {
     "attribute": "score every training item: tau_i = L(z_i, theta_unlearned) - L(z_i, theta0) (Eq. 1)",
     "evaluate": "self-influence grid search (Table 1) on train-to-train attribution",
     "compare": "test-to-train comparison with similarity baselines (Figure 1)",
+    "report": "an HTML page to listen to a query beside its attributed tracks, with credit shares",
 }
 
 PREDICT_DEFAULTS = {"use_distributed_sampler": False, "logger": False, "enable_progress_bar": True}
@@ -79,6 +80,9 @@ def run(stage: str, argv: list[str]) -> None:
     elif stage == "compare":
         from musicattr.evaluation.test_to_train import run_comparison
         _function(stage, run_comparison, argv)
+    elif stage == "report":
+        from musicattr.report.stage import run_report
+        _function(stage, run_report, argv)
     else:
         raise KeyError(stage)
 
