@@ -3,7 +3,8 @@
     F_jj = 1/N sum_i 1/T sum_t ( dL_t(z_i, theta) / dtheta_j )^2
 
 with L_t the single-draw loss of the shared contract (attribution/loss.py): per-item,
-per-timestep squared gradients, never the square of a batch-mean gradient. Per-sample
+per-timestep squared gradients, never the square of a batch-mean gradient. The draws of item i
+are keyed ``fisher/<id>``: the Fisher never reuses the scoring draws of the same item. Per-sample
 gradients come from torch.func (vmap over grad) or, as the reference, a loop.
 
 The callback runs inside a prediction pass over the latent store (``musicattr fisher``).
@@ -26,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.func import functional_call, grad, vmap
 
-from musicattr.attribution.loss import make_draws, masked_mse, repeat_conditioning, v_objective
+from musicattr.attribution.loss import FISHER, draw_keys, make_draws, masked_mse, repeat_conditioning, v_objective
 from musicattr.attribution.targets import select_parameters
 from musicattr.run_dir import claim_run_dir
 
@@ -136,7 +137,7 @@ class FisherCallback(L.Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         cond = pl_module.conditioning_inputs(batch)
         mask = pl_module.frame_mask(batch) if self.use_mask else None
-        args = (pl_module.net, self.params, batch["latents"], cond, batch["item_id"], self.seed,
+        args = (pl_module.net, self.params, batch["latents"], cond, draw_keys(FISHER, batch["item_id"]), self.seed,
                 range(self.num_draws), mask)
         sq = squared_grads_vmap(*args, chunk_size=self.chunk_size) if self.vectorize else squared_grads_loop(*args)
         for k, v in sq.items():

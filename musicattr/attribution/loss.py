@@ -8,7 +8,9 @@ z_t = alpha z + sigma eps,  v = alpha eps - sigma z,  t ~ U(0, 1), eps ~ N(0, I)
 
 Draw j of item ``item_id`` is a pure function of (seed, item_id, j): it is generated on the
 CPU from its own generator, so L(z_i, theta_unlearned) - L(z_i, theta0) compares the same
-draws (common random numbers) whatever the batch, order, device or world size.
+draws (common random numbers) whatever the batch, order, device or world size. Each purpose
+draws from its own namespace: scoring keys draws by the bare item id, the Fisher by
+``fisher/<id>`` and unlearning by ``unlearn/<id>``, so no estimate reuses another's noise.
 """
 from __future__ import annotations
 
@@ -17,6 +19,14 @@ import math
 from typing import Mapping, Sequence
 
 import torch
+
+FISHER = "fisher/"    # draw namespace of the Fisher accumulation
+UNLEARN = "unlearn/"  # draw namespace of the query loss that unlearning ascends
+
+
+def draw_keys(namespace: str, item_ids: Sequence[str]) -> list[str]:
+    """The keys ``namespace + id`` under which the draws of ``item_ids`` are made for one purpose."""
+    return [namespace + str(i) for i in item_ids]
 
 
 def draw_seed(seed: int, item_id: str, draw: int) -> int:

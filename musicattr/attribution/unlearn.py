@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from musicattr.attribution.loss import item_loss
+from musicattr.attribution.loss import UNLEARN, item_loss
 from musicattr.attribution.targets import select_parameters
 
 
@@ -152,7 +152,7 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
         cond = module.conditioning_inputs(batch)
     mask = module.frame_mask(batch) if mu else None
     qid = batch["item_id"][0]
-    new = unlearn_query(module.net, batch["latents"], cond, "unlearn/" + qid,
+    new = unlearn_query(module.net, batch["latents"], cond, UNLEARN + qid,
                         {k: v.to(device) for k, v in fisher_t.items()}, int(fisher_meta["num_items"]), target, lr,
                         steps, num_draws, seed, mask, damping, draws_per_forward)
     meta = {"query_id": qid, "query": query, "query_item": query_item, "checkpoint": checkpoint,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
 from musicattr.attribution.fisher import (FisherCallback, FisherMismatchError, FisherPassModule, load_fisher,
                                           squared_grads_loop, squared_grads_vmap)
-from musicattr.attribution.loss import make_draws, v_objective
+from musicattr.attribution.loss import FISHER, draw_keys, make_draws, v_objective
 from musicattr.attribution.targets import select_parameters
 from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
@@ -61,8 +61,9 @@ def part_indices(parts: Path) -> dict[str, list[int]]:
     return out
 
 
-def brute_force_sq_grads(module, store, positions, seed, draws, names, use_mask=False):
-    """sum over items and draws of (dL_t/dtheta)^2 with one plain autograd.grad per (item, draw)."""
+def brute_force_sq_grads(module, store, positions, seed, draws, names, use_mask=False, namespace=""):
+    """sum over items and draws of (dL_t/dtheta)^2 with one plain autograd.grad per (item, draw);
+    draw j of item i keyed ``namespace + id``."""
     params = dict(module.net.named_parameters())
     out = {k: torch.zeros_like(params[k], dtype=torch.float64) for k in names}
     for pos in positions:
@@ -71,7 +72,7 @@ def brute_force_sq_grads(module, store, positions, seed, draws, names, use_mask=
             cond = module.conditioning_inputs(b)
         z, valid = b["latents"], int(b["valid_frames"][0])
         for j in draws:
-            t, eps = make_draws(seed, b["item_id"], [j], tuple(z.shape[1:]))
+            t, eps = make_draws(seed, [namespace + b["item_id"][0]], [j], tuple(z.shape[1:]))
             x_t, v = v_objective(z, t[:, 0], eps[:, 0])
             pred = module.net(x_t, t[:, 0], **cond, use_checkpointing=False)
             se = (pred - v).pow(2)  # [1, C, L]
@@ -156,18 +157,32 @@ def test_squared_grads_of_subsets_add_up(work, theta0):
 
 
 def test_cli_fisher_equals_in_test_mean_of_squared_grads(work, theta0):
+    """F = 1/(N T) sum_i sum_t (dL_t(z_i)/dtheta)^2, with draw t of item i keyed 'fisher/<id>'."""
     fisher, meta = load_fisher(str(work / "fisher.safetensors"))
     names = list(select_parameters(theta0.net, "all"))
     assert set(fisher) == set(names)
     store = LatentStore(work / "store")
-    ref = brute_force_sq_grads(theta0, store, range(N_ITEMS), 0, range(T_DRAWS), names)
-    ref = {k: v / (N_ITEMS * T_DRAWS) for k, v in ref.items()}
+    total = brute_force_sq_grads(theta0, store, range(N_ITEMS), 0, range(T_DRAWS), names, namespace="fisher/")
+    ref = {k: v / (N_ITEMS * T_DRAWS) for k, v in total.items()}
     for k in names:
         assert fisher[k].dtype == torch.float32 and fisher[k].shape == ref[k].shape
         assert (fisher[k] >= 0).all()
     assert_close_rel(fisher, ref, 1e-5)
-    # the normalisation is N*T: a wrong divisor (N only, or the batch count) would be off by >= 3x
-    assert_close_rel({k: fisher[k] * T_DRAWS for k in names}, {k: ref[k] * T_DRAWS for k in names}, 1e-5)
+    # the comparison can tell a wrong divisor: sum / N alone is T = 3 times the file
+    with pytest.raises(AssertionError):
+        assert_close_rel(fisher, {k: v / N_ITEMS for k, v in total.items()}, 1e-2)
+
+
+def test_fisher_draws_are_not_the_scoring_draws(work, theta0):
+    """The Fisher has its own draw namespace: summed over the scoring draws (bare ids) it would differ."""
+    fisher, _ = load_fisher(str(work / "fisher.safetensors"))
+    names = list(select_parameters(theta0.net, "to_kv"))
+    store = LatentStore(work / "store")
+    scoring = brute_force_sq_grads(theta0, store, range(N_ITEMS), 0, range(T_DRAWS), names)
+    scoring = {k: v / (N_ITEMS * T_DRAWS) for k, v in scoring.items()}
+    for k in names:  # other (t, eps) draws: the estimates differ by far more than float error
+        rel = float((fisher[k].double() - scoring[k]).abs().max() / scoring[k].abs().max())
+        assert rel > 1e-2, (k, rel)
 
 
 def test_cli_fisher_metadata(work, theta0):
@@ -315,7 +330,8 @@ def test_kill9_mid_run_then_rerun_equals_uninterrupted(work, tmp_path):
         b = collate_items([store[pos]])
         with torch.no_grad():
             cond = theta0.conditioning_inputs(b)
-        sq = squared_grads_loop(theta0.net, params, b["latents"], cond, b["item_id"], 0, range(draws))
+        sq = squared_grads_loop(theta0.net, params, b["latents"], cond, draw_keys(FISHER, b["item_id"]), 0,
+                                range(draws))
         for k in ref:
             ref[k] += sq[k]
     ref = {k: (v / (N_ITEMS * draws)).float() for k, v in ref.items()}
