@@ -6,10 +6,15 @@ applied ``steps`` times on the target parameters only, where L is the shared per
 averaged over K draws of (t, eps) of the query, F the diagonal Fisher over N training items,
 and lambda = damping * mean(F over the target parameters) keeps near-zero Fisher entries from
 blowing the step up. The update ascends the query's loss: the model forgets z_hat.
+
+The update is computed in float64 and cast back to the parameters' dtype: an element whose step is
+below that dtype's resolution (|step| < ~eps |theta| / 2) does not move. ``run_unlearn`` counts the
+elements that actually changed and warns when they are few.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from musicattr.attribution.loss import UNLEARN, item_loss
 from musicattr.attribution.targets import select_parameters
+
+log = logging.getLogger(__name__)
+MIN_CHANGED_FRACTION = 0.5  # warn when fewer target elements than this moved
 
 
 def query_gradient(net, params: Mapping[str, torch.nn.Parameter], z, cond, query_id: str, seed: int,
@@ -77,6 +85,12 @@ def unlearn_query(net, z, cond, query_id: str, fisher: Mapping[str, torch.Tensor
             for k, p in params.items():
                 p.copy_(new[k])
     return {k: p.detach().clone().cpu() for k, p in params.items()}
+
+
+def count_changed(theta0: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(elements of ``theta`` that differ from ``theta0``, elements in all) over the tensors of ``theta``."""
+    changed = sum(int((theta[k] != theta0[k].to(theta[k].device)).sum()) for k in theta)
+    return changed, sum(theta[k].numel() for k in theta)
 
 
 def save_unlearned(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
@@ -152,15 +166,21 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
         cond = module.conditioning_inputs(batch)
     mask = module.frame_mask(batch) if mu else None
     qid = batch["item_id"][0]
+    theta0 = {k: p.detach().to("cpu", copy=True) for k, p in select_parameters(module.net, target).items()}
     new = unlearn_query(module.net, batch["latents"], cond, UNLEARN + qid,
                         {k: v.to(device) for k, v in fisher_t.items()}, int(fisher_meta["num_items"]), target, lr,
                         steps, num_draws, seed, mask, damping, draws_per_forward)
+    changed, total = count_changed(theta0, new)
     meta = {"query_id": qid, "query": query, "query_item": query_item, "checkpoint": checkpoint,
             "checkpoint_fingerprint": ckpt_fp, "fisher": fisher, "fisher_fingerprint": file_fingerprint(fisher),
             "num_items": int(fisher_meta["num_items"]), "lr": lr, "steps": steps, "num_draws": num_draws,
             "target": target, "strategy": strategy, "mask_unlearn": mu, "mask_loss": ml, "damping": damping,
-            "seed": seed}
+            "seed": seed, "changed_elements": changed, "target_elements": total}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_unlearned(out, new, meta)
-    print(f"unlearn: {qid} -> {out} ({len(new)} tensors, {sum(v.numel() for v in new.values())} weights changed)")
+    log.info("unlearn: %s -> %s (%d tensors; %d of %d elements changed)", qid, out, len(new), changed, total)
+    if changed < MIN_CHANGED_FRACTION * total:
+        log.warning("unlearn: only %d of %d target elements (%.1f%%) changed: the other updates are below the "
+                    "resolution of %s and vanished when cast back; fix: raise lr or steps",
+                    changed, total, 100.0 * changed / max(total, 1), next(iter(new.values())).dtype)
     return meta

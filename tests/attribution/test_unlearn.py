@@ -283,3 +283,30 @@ def test_all_zero_fisher_is_refused_not_nan():
     grad = {"w": torch.ones(3, dtype=torch.float64)}
     with pytest.raises(ValueError, match="Fisher is zero on every target tensor"):
         eq2_update(theta, grad, {"w": torch.zeros(3)}, lr=1.0, num_items=2, damping=1e-3)
+
+
+# ---------------------------------------------------------------- updates below float32 resolution
+
+
+def test_vanished_updates_are_counted_and_warned(work, tmp_path, caplog):
+    """An update below float32 resolution leaves theta unchanged: the file says how many elements moved."""
+    kw = dict(query_item="audio/track004.wav", store=str(work / "store"), num_draws=4, target="cross",
+              draws_per_forward=4)
+    module = load_diffusion_module(str(work / "theta0.ckpt"))
+    theta0 = {k: p.detach() for k, p in select_parameters(module.net, "cross").items()}
+    total = sum(v.numel() for v in theta0.values())
+    with caplog.at_level("INFO", logger="musicattr"):
+        meta = run_unlearn(str(work / "theta0.ckpt"), str(work / "fisher.safetensors"), str(tmp_path / "tiny.st"),
+                           lr=1e-14, **kw)
+    tensors, saved = load_unlearned(str(tmp_path / "tiny.st"))
+    moved = sum(int((tensors[k] != theta0[k]).sum()) for k in theta0)
+    assert saved["changed_elements"] == meta["changed_elements"] == moved < 0.5 * total
+    assert saved["target_elements"] == total
+    assert any(r.levelname == "WARNING" and "below the resolution" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="musicattr"):
+        meta = run_unlearn(str(work / "theta0.ckpt"), str(work / "fisher.safetensors"), str(tmp_path / "big.st"),
+                           lr=1e-3, **kw)
+    tensors, _ = load_unlearned(str(tmp_path / "big.st"))
+    assert meta["changed_elements"] == sum(int((tensors[k] != theta0[k]).sum()) for k in theta0) > 0.5 * total
+    assert not any(r.levelname == "WARNING" for r in caplog.records)
