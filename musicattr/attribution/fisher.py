@@ -195,7 +195,10 @@ def load_fisher(path: str, checkpoint_fingerprint: str | None = None) -> tuple[d
         raise FileNotFoundError(f"Fisher file not found: {path}; fix: run `musicattr fisher` first")
     with safe_open(path, "pt") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
-    if checkpoint_fingerprint and meta.get("checkpoint_fingerprint") not in (None, checkpoint_fingerprint):
+    if checkpoint_fingerprint and "checkpoint_fingerprint" not in meta:
+        raise FisherMismatchError(f"{path} records no checkpoint fingerprint, so nothing says it is the Fisher of "
+                                  f"the checkpoint given now; fix: rerun `musicattr fisher` with this checkpoint")
+    if checkpoint_fingerprint and meta["checkpoint_fingerprint"] != checkpoint_fingerprint:
         raise FisherMismatchError(
             f"{path} was computed from checkpoint {meta.get('checkpoint')} (fingerprint "
             f"{meta.get('checkpoint_fingerprint')}), not from the checkpoint given now ({checkpoint_fingerprint}); "

@@ -70,7 +70,10 @@ class ScoringModule(L.LightningModule):
         strategy = self.unlearn_meta.get("strategy")
         self.mask_loss = resolve_masks(strategy, mask_loss=mask_loss)[1]
         self.checkpoint_fp = file_fingerprint(checkpoint)
-        if self.unlearn_meta.get("checkpoint_fingerprint") not in (None, self.checkpoint_fp):
+        if "checkpoint_fingerprint" not in self.unlearn_meta:
+            raise RunMismatchError(f"{unlearned} records no checkpoint fingerprint, so nothing ties it to "
+                                   f"{checkpoint}; fix: rerun `musicattr unlearn` to rewrite it")
+        if self.unlearn_meta["checkpoint_fingerprint"] != self.checkpoint_fp:
             raise RunMismatchError(f"{unlearned} was unlearned from another checkpoint than {checkpoint}; "
                                    "fix: pass the checkpoint it was made from")
         self.out_dir = Path(out_dir)
@@ -93,7 +96,10 @@ class ScoringModule(L.LightningModule):
             raise ValueError(f"relative scores need the Fisher of the unlearning run, and {self.hparams.unlearned} "
                              "records none; fix: pass --model.fisher PATH")
         fisher_fp = file_fingerprint(fisher)
-        if self.unlearn_meta.get("fisher_fingerprint") not in (None, fisher_fp):
+        if "fisher_fingerprint" not in self.unlearn_meta:
+            raise RunMismatchError(f"{self.hparams.unlearned} records no Fisher fingerprint, so the relative score "
+                                   "cannot check it uses the unlearning run's Fisher; fix: rerun `musicattr unlearn`")
+        if self.unlearn_meta["fisher_fingerprint"] != fisher_fp:
             raise RunMismatchError(f"{fisher} is not the Fisher {self.hparams.unlearned} was unlearned with; "
                                    "fix: pass that Fisher with --model.fisher")
         tensors, _ = load_fisher(fisher, self.checkpoint_fp)

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
 from musicattr.attribution.fisher import (FisherCallback, FisherMismatchError, FisherPassModule, load_fisher,
@@ -211,6 +211,17 @@ def test_load_fisher_refuses_other_checkpoint(work):
     assert fp in msg and file_fingerprint(str(other)) in msg and "musicattr fisher" in msg
     with pytest.raises(FileNotFoundError, match="musicattr fisher"):
         load_fisher(str(work / "missing.safetensors"))
+
+
+def test_load_fisher_refuses_a_file_without_fingerprint(work, tmp_path):
+    tensors, meta = load_fisher(str(work / "fisher.safetensors"))
+    del meta["checkpoint_fingerprint"]
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, str(bare), metadata={k: json.dumps(v) for k, v in meta.items()})
+    with pytest.raises(FisherMismatchError, match="no checkpoint fingerprint") as e:
+        load_fisher(str(bare), file_fingerprint(str(work / "theta0.ckpt")))
+    assert str(bare) in str(e.value) and "musicattr fisher" in str(e.value)
+    assert load_fisher(str(bare))[0].keys() == tensors.keys()  # no checkpoint to check against: readable
 
 
 def test_parts_of_another_run_are_refused(work, tmp_path):

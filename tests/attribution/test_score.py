@@ -19,7 +19,7 @@ from musicattr.attribution.fisher import FisherPassModule
 from musicattr.attribution.loss import item_loss
 from musicattr.attribution.fisher import load_fisher
 from musicattr.attribution.score import RunMismatchError, ScoringModule, baseline_cache_path, read_parts
-from musicattr.attribution.unlearn import load_unlearned, run_unlearn
+from musicattr.attribution.unlearn import load_unlearned, run_unlearn, save_unlearned
 from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
@@ -165,6 +165,16 @@ def test_refuses_unlearned_file_of_another_checkpoint(pipe, tmp_path):
     with pytest.raises(RunMismatchError, match="another checkpoint"):
         ScoringModule(str(tmp_path / "other.ckpt"), str(pipe / "store"), str(pipe / "q3.safetensors"),
                       str(tmp_path / "o"))
+
+
+def test_refuses_unlearned_file_without_fingerprints(pipe, tmp_path):
+    tensors, meta = load_unlearned(str(pipe / "q3.safetensors"))
+    for missing, kw in (("checkpoint_fingerprint", {}), ("fisher_fingerprint", {"relative": True})):
+        bare = tmp_path / f"no-{missing}.safetensors"
+        save_unlearned(str(bare), tensors, {k: v for k, v in meta.items() if k != missing})
+        with chdir(pipe), pytest.raises(RunMismatchError, match="records no") as e:
+            ScoringModule("theta0.ckpt", "store", str(bare), str(tmp_path / "o"), **kw)
+        assert str(bare) in str(e.value) and "musicattr unlearn" in str(e.value)
 
 
 def test_refuses_out_dir_of_another_run(pipe, tmp_path):
