@@ -110,7 +110,8 @@ def load_unlearned(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def query_batch(query: str | None = None, query_item: str | None = None, store: str | None = None) -> dict[str, Any]:
-    """A batch of one: a generated query file, or a training item (id or index) of the latent store."""
+    """A batch of one: a generated query file, or a training item of the latent store (its item_id, or
+    ``index:N`` / N for its index; see ``LatentStore.resolve``)."""
     if (query is None) == (query_item is None):
         raise ValueError("give exactly one of query (a .query.safetensors from `musicattr generate`) "
                          "or query_item (a training item id, with store)")
@@ -125,8 +126,7 @@ def query_batch(query: str | None = None, query_item: str | None = None, store: 
         if store is None:
             raise ValueError("query_item needs store (the latent store holding the item)")
         s = LatentStore(store)
-        key = int(query_item) if str(query_item).isdigit() else query_item
-        item = s[s.position_of(key)]
+        item = s[s.resolve(query_item)]
     return {"latents": item["latents"][None].float(), "text_emb": item["text_emb"][None].float(),
             "seconds_start": torch.tensor([float(item["seconds_start"])]),
             "seconds_total": torch.tensor([float(item["seconds_total"])]),

@@ -134,6 +134,25 @@ class LatentStore(torch.utils.data.Dataset):
             raise KeyError(f"item {item!r} is not in the store {self.root}")
         return int(hit[0])
 
+    def resolve(self, key: str) -> int:
+        """Position of the item named by ``key``: its item_id, or ``index:N`` / a bare number N for its index.
+
+        An item_id always wins over a number; a digit-only key that is the item_id of one item and the
+        index of another is refused as ambiguous."""
+        key = str(key)
+        if key.startswith("index:") and key[6:].isdigit():
+            return self.position_of(int(key[6:]))
+        by_id = np.flatnonzero(self.items["item_id"].astype(str).to_numpy() == key)
+        by_index = np.flatnonzero(self.items["index"].to_numpy() == int(key)) if key.isdigit() else []
+        if len(by_id) and len(by_index) and by_id[0] != by_index[0]:
+            raise ValueError(f"{key!r} is the item_id of one item and the index of another in {self.root}; fix: "
+                             f"pass the item_id, or 'index:{key}' for the item with that index")
+        if len(by_id):
+            return int(by_id[0])
+        if len(by_index):
+            return int(by_index[0])
+        raise KeyError(f"no item with item_id or index {key!r} in the store {self.root}")
+
     def __getitem__(self, pos: int) -> dict[str, Any]:
         r = self.items.iloc[pos]
         lat, txt = self._shard(r["shard"])

@@ -240,6 +240,14 @@ def test_query_batch_arguments(work):
         query_batch(query_item="nope", store=str(work / "store"))
 
 
+def test_query_item_with_a_digit_only_id_is_that_item(tmp_path):
+    ids = [f"{1000 + i}" for i in range(5)]
+    make_store(tmp_path / "s", n=5, item_ids=ids)
+    b = query_batch(query_item="1003", store=str(tmp_path / "s"))
+    assert b["item_id"] == ["1003"]
+    assert query_batch(query_item="3", store=str(tmp_path / "s"))["item_id"] == ["1003"]  # index 3
+
+
 @pytest.mark.slow
 def test_unlearn_cli_matches_function(work, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
