@@ -6,8 +6,9 @@
 processes on the CPU); each rank takes a disjoint slice of the items (no padding duplicates).
 theta0 and theta_unlearned differ only in the tensors of the unlearned file: both versions are
 kept and swapped in by assignment (no add/subtract round-off). The baseline losses
-L(z_i, theta0) depend on (checkpoint, T, seed, M_L) only, so they are cached in
-``<store>/baselines/`` and reused by every later query. ``ScoreWriter`` (a Lightning prediction
+L(z_i, theta0) do not depend on the query, so they are cached in ``<store>/baselines/``, keyed by
+everything they depend on (``baseline_key``; see ``musicattr.attribution.cache``), and reused by every
+later query. ``ScoreWriter`` (a Lightning prediction
 writer) writes parts as they come; a killed run resumes from them, and rank 0 merges them into
 ``scores.parquet``: item_id, caption, file_name, score, rank, baseline_loss, unlearned_loss, ...
 
@@ -31,7 +32,8 @@ from torch.utils.data import Subset
 
 from musicattr.attribution.loss import item_loss
 from musicattr.attribution.masks import resolve_masks
-from musicattr.attribution.sensitivity import item_sensitivity, sensitivity_cache_path
+from musicattr.attribution.cache import cache_path, read_cache, write_cache
+from musicattr.attribution.sensitivity import item_sensitivity
 from musicattr.attribution.unlearn import damped_inverse, load_unlearned
 from musicattr.data.datamodules import item_slice, predict_loader
 from musicattr.data.latent_store import LatentStore
@@ -42,10 +44,6 @@ from musicattr.run_dir import claim_run_dir
 
 class RunMismatchError(RuntimeError):
     pass
-
-
-def baseline_cache_path(store: str, checkpoint_fp: str, num_draws: int, seed: int, mask_loss: bool) -> Path:
-    return Path(store) / "baselines" / f"{checkpoint_fp}-T{num_draws}-seed{seed}-mask{int(mask_loss)}.parquet"
 
 
 def read_parts(parts: Path) -> pd.DataFrame:
@@ -78,14 +76,9 @@ class ScoringModule(L.LightningModule):
                                    "fix: pass the checkpoint it was made from")
         self.out_dir = Path(out_dir)
         self.store = LatentStore(store)
-        self.cache_path = baseline_cache_path(store, self.checkpoint_fp, num_draws, seed, self.mask_loss)
         self.cached_baseline: dict[int, float] = {}
-        self.float_error: float | None = None
-        if use_baseline_cache and self.cache_path.exists():
-            df = pd.read_parquet(self.cache_path)
-            self.cached_baseline = dict(zip(df["index"].astype(int), df["baseline_loss"].astype(float)))
         self.cached_sensitivity: dict[int, float] = {}
-        self.sensitivity_path: Path | None = None
+        self.float_error: float | None = None
         if relative:
             self._init_relative(fisher or self.unlearn_meta.get("fisher"))
 
@@ -105,12 +98,19 @@ class ScoringModule(L.LightningModule):
         tensors, _ = load_fisher(fisher, self.checkpoint_fp)
         damping = float(self.unlearn_meta.get("damping", 1e-3))
         self.inverse = {k: v.float() for k, v in damped_inverse(tensors, self.changed, damping).items()}
-        self.sensitivity_path = sensitivity_cache_path(self.hparams.store, self.checkpoint_fp, fisher_fp,
-                                                       self.changed, damping, self.hparams.num_draws,
-                                                       self.hparams.seed, self.mask_loss)
-        if self.hparams.use_baseline_cache and self.sensitivity_path.exists():
-            df = pd.read_parquet(self.sensitivity_path)
-            self.cached_sensitivity = dict(zip(df["index"].astype(int), df["sensitivity"].astype(float)))
+        self.fisher_fp, self.damping = fisher_fp, damping
+
+    def baseline_key(self) -> dict[str, Any]:
+        """What L(z_i, theta0) depends on, beyond reduction order: the key of the baseline cache."""
+        dtype = next(iter(self.theta0.net.parameters())).dtype
+        return {"checkpoint_fingerprint": self.checkpoint_fp, "store_fingerprint": self.store.fingerprint,
+                "num_draws": self.hparams.num_draws, "seed": self.hparams.seed, "mask_loss": self.mask_loss,
+                "dtype": str(dtype), "device": self.device.type}
+
+    def sensitivity_key(self) -> dict[str, Any]:
+        """What s_i depends on: the baseline key, the Fisher, the unlearned tensors and the damping."""
+        return {**self.baseline_key(), "fisher_fingerprint": self.fisher_fp, "tensors": sorted(self.changed),
+                "damping": self.damping}
 
     def configure_callbacks(self):
         return [ScoreWriter(self.hparams.flush_every)]
@@ -140,6 +140,13 @@ class ScoringModule(L.LightningModule):
                                            "--model.overwrite true to replace them"))
         self.trainer.strategy.barrier()
         self.done = set(read_parts(parts)["index"].astype(int))
+        self.cache_path = cache_path(self.store.root, "baselines", self.baseline_key())
+        if self.hparams.use_baseline_cache:
+            self.cached_baseline = read_cache(self.cache_path, "baseline_loss")
+        if self.hparams.relative:
+            self.sensitivity_path = cache_path(self.store.root, "sensitivity", self.sensitivity_key())
+            if self.hparams.use_baseline_cache:
+                self.cached_sensitivity = read_cache(self.sensitivity_path, "sensitivity")
 
     def predict_dataloader(self):
         todo = [pos for pos, idx in enumerate(self.store.items["index"]) if int(idx) not in self.done]
@@ -256,21 +263,11 @@ def merge_scores(m: ScoringModule) -> pd.DataFrame:
     os.replace(tmp, m.out_dir / "scores.parquet")
     if m.hparams.use_baseline_cache:
         if not m.cached_baseline:
-            write_cache(df[["index", "baseline_loss"]], m.cache_path)
+            write_cache(df[["index", "baseline_loss"]], m.cache_path, m.baseline_key())
         if relative and not m.cached_sensitivity:
-            write_cache(df[["index", "sensitivity"]], m.sensitivity_path)
+            write_cache(df[["index", "sensitivity"]], m.sensitivity_path, m.sensitivity_key())
     write_noise_report(df, m.float_error, m.out_dir / "noise.json")
     return df
-
-
-def write_cache(frame: pd.DataFrame, path: Path) -> None:
-    """Write a per-item cache (baseline losses, sensitivities) atomically, unless it exists already."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) -> dict:

@@ -8,28 +8,17 @@ of g_i and g_q in the (F + lambda)^-1 metric: a track whose loss moves under any
 with a large ||g_i||) no longer outranks the tracks the query specifically shares directions with.
 g_i uses the scoring draws of item i (the same T draws, seed and mask M_L as tau_i), and lambda the
 unlearning run's damping, so s_i depends on (checkpoint, Fisher, unlearned tensors, damping, T,
-seed, M_L) only: it is computed once and cached in ``<store>/sensitivity/`` for every later query.
+seed, M_L) only: it is computed once and cached in ``<store>/sensitivity/`` for every later query
+(``ScoringModule.sensitivity_key``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from musicattr.attribution.loss import item_loss
 from musicattr.data.datamodules import item_slice
-
-
-def sensitivity_cache_path(store: str, checkpoint_fp: str, fisher_fp: str, names, damping: float,
-                           num_draws: int, seed: int, mask_loss: bool) -> Path:
-    """Cache file of s_i, keyed by everything s_i depends on (tensor names and Fisher hashed)."""
-    key = json.dumps({"fisher": fisher_fp, "names": sorted(names), "damping": float(damping)}, sort_keys=True)
-    digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
-    return (Path(store) / "sensitivity"
-            / f"{checkpoint_fp}-{digest}-T{num_draws}-seed{seed}-mask{int(mask_loss)}.parquet")
 
 
 def item_sensitivity(net, params: Mapping[str, torch.nn.Parameter], inverse: Mapping[str, torch.Tensor],

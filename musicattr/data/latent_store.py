@@ -15,6 +15,7 @@ shard's arrays with ``np.load(mmap_mode="r")``: 100k+ items never sit in memory 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -66,9 +67,11 @@ class LatentStoreWriter:
         if not (len(latents) == len(text) == len(items)):
             raise ValueError("latents, text and items must have the same length")
         base = self.root / "shards" / name
-        _atomic_save_npy(base.with_name(name + ".latents.npy"), latents.astype(np.float16))
-        _atomic_save_npy(base.with_name(name + ".text.npy"), text.astype(np.float32))
-        atomic_write_text(base.with_name(name + ".json"), json.dumps({"items": list(items)}))
+        latents, text = latents.astype(np.float16), text.astype(np.float32)
+        _atomic_save_npy(base.with_name(name + ".latents.npy"), latents)
+        _atomic_save_npy(base.with_name(name + ".text.npy"), text)
+        content = hashlib.blake2b(latents.tobytes() + text.tobytes(), digest_size=8).hexdigest()
+        atomic_write_text(base.with_name(name + ".json"), json.dumps({"items": list(items), "content": content}))
 
     def shard_metas(self) -> dict[str, list[dict]]:
         return {p.name[:-5]: json.loads(p.read_text())["items"]
@@ -114,6 +117,18 @@ class LatentStore(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of what the store holds: its manifest, index and shard records (items and a hash of
+        each shard's arrays), so a store re-encoded at the same path gets another fingerprint."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.blake2b(digest_size=8)
+            for p in [self.root / "manifest.json", self.root / "index.parquet",
+                      *sorted((self.root / "shards").glob("*.json"))]:
+                h.update(p.name.encode() + b"\0" + p.read_bytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     @property
     def latent_shape(self) -> tuple[int, int]:

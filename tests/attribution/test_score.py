@@ -4,6 +4,7 @@ the first-order (influence) approximation and self-influence on the synthetic st
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +19,8 @@ from conftest import cli, kill_when_parts_appear, make_module, make_store, save_
 from musicattr.attribution.fisher import FisherPassModule
 from musicattr.attribution.loss import item_loss
 from musicattr.attribution.fisher import load_fisher
-from musicattr.attribution.score import RunMismatchError, ScoringModule, baseline_cache_path, read_parts
+from musicattr.attribution.cache import cache_path
+from musicattr.attribution.score import RunMismatchError, ScoringModule, read_parts
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn, save_unlearned
 from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
@@ -229,10 +231,21 @@ def test_ddp_two_cpu_processes_match_one(pipe, ref):
 # ---------------------------------------------------------------- (c) baseline cache
 
 
+def baseline_cache(d, store="store", **kw) -> Path:
+    """The baseline cache file a scoring run in ``d`` reads and writes (its key from ScoringModule)."""
+    with chdir(d):
+        m = ScoringModule("theta0.ckpt", store, "q3.safetensors", "unused", num_draws=T_SCORE, **kw)
+        return d / cache_path(store, "baselines", m.baseline_key())
+
+
 def test_baseline_cache_written_and_reused(pipe, ref, tmp_path):
-    fp = file_fingerprint(str(pipe / "theta0.ckpt"))
-    cache = baseline_cache_path(str(pipe / "store"), fp, T_SCORE, 0, False)
+    cache = baseline_cache(pipe)
     assert cache.exists() and cache.parent == pipe / "store" / "baselines"
+    key = json.loads(cache.with_suffix(".json").read_text())
+    assert key["checkpoint_fingerprint"] == file_fingerprint(str(pipe / "theta0.ckpt"))
+    assert key["store_fingerprint"] == LatentStore(pipe / "store").fingerprint
+    assert (key["num_draws"], key["seed"], key["mask_loss"], key["dtype"], key["device"]) == (
+        T_SCORE, 0, False, "torch.float32", "cpu")
     c = pd.read_parquet(cache).sort_values("index")
     np.testing.assert_array_equal(c["baseline_loss"].to_numpy(), by_index(ref)["baseline_loss"].to_numpy())
     # a second query: identical scores with and without the cache
@@ -252,15 +265,48 @@ def test_baseline_cache_is_what_the_second_run_reads(pipe, tmp_path):
     shutil.copytree(pipe / "store", d / "store")
     for f in ("theta0.ckpt", "q3.safetensors"):
         os.symlink(pipe / f, d / f)
-    cache = baseline_cache_path("store", file_fingerprint(str(pipe / "theta0.ckpt")), T_SCORE, 0, False)
-    true_base = pd.read_parquet(d / cache).sort_values("index").reset_index(drop=True)
+    cache = baseline_cache(d)
+    true_base = pd.read_parquet(cache).sort_values("index").reset_index(drop=True)
     doctored = true_base.assign(baseline_loss=true_base["baseline_loss"] + 1.0)
-    doctored.to_parquet(d / cache, index=False)
+    doctored.to_parquet(cache, index=False)
     df = by_index(score_inprocess(d, "q3.safetensors", "a1"))
     np.testing.assert_array_equal(df["baseline_loss"].to_numpy(), doctored["baseline_loss"].to_numpy())
     off = by_index(score_inprocess(d, "q3.safetensors", "a0", use_baseline_cache=False))
     np.testing.assert_allclose(off["baseline_loss"], true_base["baseline_loss"], rtol=1e-12)
     np.testing.assert_allclose(df["score"], off["score"] - 1.0, rtol=0, atol=1e-9)
+
+
+def test_baseline_cache_follows_the_store_content(pipe, tmp_path):
+    """A store re-encoded at the same path (same ids, other latents) must not reuse the old baselines."""
+    d = tmp_path / "w"
+    d.mkdir()
+    shutil.copytree(pipe / "store", d / "store")
+    for f in ("theta0.ckpt", "q3.safetensors"):
+        os.symlink(pipe / f, d / f)
+    score_inprocess(d, "q3.safetensors", "a1")
+    old_caches = d / "store" / "baselines"
+    shutil.move(old_caches, tmp_path / "kept")
+    shutil.rmtree(d / "store")
+    make_store(d / "store", n=N_ITEMS, seed=1)  # the same items, re-encoded: other latents
+    shutil.move(tmp_path / "kept", old_caches)  # the old cache survived next to the new shards
+    df = by_index(score_inprocess(d, "q3.safetensors", "a2"))
+    fresh = losses_in_test(d)
+    np.testing.assert_allclose(df["baseline_loss"], [fresh[i] for i in df["index"]], rtol=1e-6)
+    assert len(list(old_caches.glob("*.parquet"))) == 2  # one per store content
+
+
+def test_cached_and_fresh_baselines_agree_within_the_reported_noise_floor(pipe, ref, tmp_path):
+    """The key leaves out batch composition and draws_per_forward: they change the baselines by less
+    than the float error the run reports in noise.json (which is what the scores are read against)."""
+    kw = dict(batch_size=5, draws_per_forward=3)
+    cached = by_index(score_inprocess(pipe, "q3.safetensors", str(tmp_path / "c"), **kw))
+    fresh = by_index(score_inprocess(pipe, "q3.safetensors", str(tmp_path / "f"), use_baseline_cache=False, **kw))
+    np.testing.assert_array_equal(cached["baseline_loss"], by_index(ref)["baseline_loss"])  # read from the cache
+    floor = json.loads((tmp_path / "c" / "noise.json").read_text())["float_error"]
+    gap = float(np.abs(cached["baseline_loss"] - fresh["baseline_loss"]).max())
+    print(f"cached vs fresh baselines: max |diff| {gap:.2e}, reported float error {floor:.2e}")
+    assert gap <= floor
+    assert floor < 1e-5 * float(fresh["baseline_loss"].abs().max())
 
 
 # ---------------------------------------------------------------- (d) resume after SIGKILL
