@@ -168,8 +168,13 @@ def average(query_segments: Tensor, train_segments, lengths=None, chunk_rows: in
 # ------------------------------------------------------------------------------------------
 
 def _encoder_config(encoder) -> dict:
+    """What the stored embeddings depend on: the encoder, its weights (checkpoint fingerprint) and segmenting."""
+    from musicattr.models.sat import file_fingerprint
+
+    checkpoint = getattr(encoder, "checkpoint", None)
     return {"encoder": encoder.name, "dim": int(encoder.dim), "sample_rate": int(encoder.sample_rate),
-            "segment_seconds": float(encoder.segment_seconds), "hop_seconds": float(encoder.hop_seconds)}
+            "segment_seconds": float(encoder.segment_seconds), "hop_seconds": float(encoder.hop_seconds),
+            "checkpoint_fingerprint": file_fingerprint(checkpoint) if checkpoint else None}
 
 
 def load_train_embeddings(path: str, mmap: bool = True) -> TrainEmbeddings:
@@ -192,7 +197,8 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
 
     ``items`` yields ``(item_id, audio Tensor[C, T], sample_rate, valid_samples or None)``;
     ``encoder`` is an :class:`~musicattr.embeddings.audio.AudioEncoder`. An existing store is reused
-    (without touching ``items``) when its encoder name and segmenting match and, if ``item_ids`` is
+    (without touching ``items``) when its encoder name, checkpoint (``encoder.checkpoint``, by content
+    fingerprint) and segmenting match and, if ``item_ids`` is
     given, it holds exactly those ids in that order; otherwise it is recomputed. Files:
     ``segments.bin`` (raw ``dtype`` matrix [total_segments, D]), ``offsets.npy`` (int64 [N+1]),
     ``meta.json`` (encoder config, item ids, shape, dtype). Written to ``path + '.tmp'`` then renamed."""
