@@ -1,6 +1,6 @@
 import torch
 
-from musicattr.evaluation.targets import kmeans, select_targets
+from musicattr.evaluation.targets import kmeans, lloyd_step, select_targets
 
 torch.set_num_threads(1)
 
@@ -17,7 +17,7 @@ def _blobs(seed=0):
 
 def test_one_target_per_cluster_nearest_centroid():
     x, labels, centers = _blobs()
-    t = select_targets(x, k=4, seed=0)
+    t = select_targets(x, k=4, seed=0, normalize=False)  # nearest to the centroid in Euclidean geometry
     assert len(t) == 4 and len(set(t)) == 4
     assert sorted(labels[t].tolist()) == [0, 1, 2, 3]
     for i in t:
@@ -41,3 +41,26 @@ def test_kmeans_k_equals_n_and_distinct():
     assert sorted(t) == list(range(6))
     c, lab, inertia = kmeans(x, 6, seed=0)
     assert inertia < 1e-9
+
+
+def test_lloyd_step_reseeds_an_empty_cluster_without_corrupting_the_others():
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0]], dtype=torch.float64)
+    c = torch.tensor([[1.0], [10.0], [100.0]], dtype=torch.float64)  # nothing is nearest to 100: empty
+    new, labels = lloyd_step(x, c)
+    assert torch.bincount(labels, minlength=3).min() >= 1
+    for j in range(3):  # every centroid is the mean of its members
+        assert torch.allclose(new[j], x[labels == j].mean(0)), (j, new[j], x[labels == j])
+    assert labels.tolist() == [2, 0, 0, 1]  # the farthest point of the only cluster with two or more moved
+
+
+def test_targets_follow_directions_not_norms():
+    """Embeddings are L2-normalised: a direction with a few items is found even beside loud items."""
+    g = torch.Generator().manual_seed(0)
+    near_a = torch.tensor([1.0, 0.0]) + 0.02 * torch.randn(10, 2, generator=g)
+    far_a = 100.0 * (torch.tensor([1.0, 0.0]) + 0.02 * torch.randn(10, 2, generator=g))
+    b = torch.tensor([0.0, 1.0]) + 0.02 * torch.randn(3, 2, generator=g)
+    x = torch.cat([near_a, far_a, b])
+    direction = [0] * 20 + [1] * 3
+    assert sorted(direction[i] for i in select_targets(x, 2, seed=0)) == [0, 1]
+    # by Euclidean distance the norms dominate: both targets would lie along a
+    assert sorted(direction[i] for i in select_targets(x, 2, seed=0, normalize=False)) == [0, 0]
