@@ -133,10 +133,27 @@ def query_batch(query: str | None = None, query_item: str | None = None, store: 
             "valid_frames": torch.tensor([int(item["valid_frames"])]), "item_id": [str(item["item_id"])]}
 
 
+# the metadata that identifies an unlearning run: same values, same unlearned weights (up to float order)
+RUN_KEYS = ("query_id", "query_fingerprint", "checkpoint_fingerprint", "fisher_fingerprint", "num_items", "lr",
+            "steps", "num_draws", "target", "strategy", "mask_unlearn", "mask_loss", "damping", "seed")
+
+
+def query_fingerprint(query: str | None, query_item: str | None, store: str | None) -> str:
+    """Content fingerprint of the query: its file, or the store's fingerprint and the item's id."""
+    from musicattr.data.latent_store import LatentStore
+    from musicattr.models.sat import file_fingerprint
+
+    if query is not None:
+        return file_fingerprint(query)
+    s = LatentStore(store)
+    return f"{s.fingerprint}:{s.items['item_id'].iloc[s.resolve(query_item)]}"
+
+
 def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None, query_item: str | None = None,
                 store: str | None = None, lr: float = 1e-6, steps: int = 1, num_draws: int = 256,
                 target: str = "all", strategy: str = "mixed", mask_unlearn: bool | None = None,
-                damping: float = 1e-3, seed: int = 0, draws_per_forward: int = 16, device: str = "cpu") -> dict:
+                damping: float = 1e-3, seed: int = 0, draws_per_forward: int = 16, device: str = "cpu",
+                reuse: bool = False) -> dict:
     """Unlearn one query from theta0 (Eq. 2) and write the changed tensors to ``out``.
 
     Args:
@@ -150,6 +167,8 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
         strategy: 'mixed' (M_U on, M_L off; the paper's choice), 'both' or 'none'; mask_unlearn overrides M_U.
         damping: lambda = damping * mean(F) added to the Fisher before inverting it.
         seed: draws of the query are keyed by (seed, 'unlearn/' + query id, j), distinct from scoring draws.
+        reuse: keep an existing ``out`` whose metadata matches this run on every ``RUN_KEYS`` entry
+            (fingerprints of checkpoint, Fisher and query included); otherwise it is recomputed.
     """
     from musicattr.attribution.fisher import load_fisher
     from musicattr.attribution.masks import resolve_masks
@@ -161,21 +180,28 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
     mu, ml = resolve_masks(strategy, mask_unlearn=mask_unlearn)
     module = load_diffusion_module(checkpoint).to(device)
     batch = query_batch(query, query_item, store)
+    qid = batch["item_id"][0]
+    meta = {"query_id": qid, "query": query, "query_item": query_item,
+            "query_fingerprint": query_fingerprint(query, query_item, store), "checkpoint": checkpoint,
+            "checkpoint_fingerprint": ckpt_fp, "fisher": fisher, "fisher_fingerprint": file_fingerprint(fisher),
+            "num_items": int(fisher_meta["num_items"]), "lr": lr, "steps": steps, "num_draws": num_draws,
+            "target": target, "strategy": strategy, "mask_unlearn": mu, "mask_loss": ml, "damping": damping,
+            "seed": seed}
+    if reuse and os.path.exists(out):
+        old = load_unlearned(out)[1]
+        if all(old.get(k) == json.loads(json.dumps(meta[k])) for k in RUN_KEYS):
+            log.info("unlearn: %s is up to date (same query, checkpoint, Fisher and settings): reused", out)
+            return old
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     with torch.no_grad():
         cond = module.conditioning_inputs(batch)
     mask = module.frame_mask(batch) if mu else None
-    qid = batch["item_id"][0]
     theta0 = {k: p.detach().to("cpu", copy=True) for k, p in select_parameters(module.net, target).items()}
     new = unlearn_query(module.net, batch["latents"], cond, UNLEARN + qid,
                         {k: v.to(device) for k, v in fisher_t.items()}, int(fisher_meta["num_items"]), target, lr,
                         steps, num_draws, seed, mask, damping, draws_per_forward)
     changed, total = count_changed(theta0, new)
-    meta = {"query_id": qid, "query": query, "query_item": query_item, "checkpoint": checkpoint,
-            "checkpoint_fingerprint": ckpt_fp, "fisher": fisher, "fisher_fingerprint": file_fingerprint(fisher),
-            "num_items": int(fisher_meta["num_items"]), "lr": lr, "steps": steps, "num_draws": num_draws,
-            "target": target, "strategy": strategy, "mask_unlearn": mu, "mask_loss": ml, "damping": damping,
-            "seed": seed, "changed_elements": changed, "target_elements": total}
+    meta.update(changed_elements=changed, target_elements=total)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_unlearned(out, new, meta)
     log.info("unlearn: %s -> %s (%d tensors; %d of %d elements changed)", qid, out, len(new), changed, total)

@@ -318,3 +318,32 @@ def test_vanished_updates_are_counted_and_warned(work, tmp_path, caplog):
     tensors, _ = load_unlearned(str(tmp_path / "big.st"))
     assert meta["changed_elements"] == sum(int((tensors[k] != theta0[k]).sum()) for k in theta0) > 0.5 * total
     assert not any(r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_reuse_keeps_only_a_file_made_with_the_same_settings(work, tmp_path):
+    """reuse=True: the same settings keep the file; any other setting, checkpoint or Fisher recomputes it."""
+    out = str(tmp_path / "q.safetensors")
+    kw = dict(query_item="audio/track004.wav", store=str(work / "store"), lr=1e-3, num_draws=4, target="to_kv",
+              draws_per_forward=4, reuse=True)
+    ckpt, fisher = str(work / "theta0.ckpt"), str(work / "fisher.safetensors")
+    first = run_unlearn(ckpt, fisher, out, **kw)
+    mtime = os.stat(out).st_mtime_ns
+    assert run_unlearn(ckpt, fisher, out, **kw) == first and os.stat(out).st_mtime_ns == mtime  # reused
+    for change in ({"lr": 2e-3}, {"steps": 2}, {"num_draws": 5}, {"target": "self"}, {"strategy": "none"},
+                   {"damping": 1e-2}, {"seed": 1}, {"query_item": "audio/track005.wav"}):
+        meta = run_unlearn(ckpt, fisher, out, **{**kw, **change})
+        key = next(iter(change))
+        saved = load_unlearned(out)[1]
+        assert saved[key if key != "query_item" else "query_id"] == change[key], change
+        assert meta == saved
+    other = save_checkpoint(make_module(seed=7), tmp_path / "other.ckpt")
+    fisher_other = tmp_path / "fisher-other.safetensors"
+    tensors, fmeta = load_file(fisher), json.loads(json.dumps(load_unlearned(fisher)[1]))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(fisher_other), metadata={k: json.dumps(v) for k, v in
+                                                                                     fmeta.items()})
+    run_unlearn(ckpt, fisher, out, **kw)
+    assert load_unlearned(out)[1]["fisher_fingerprint"] == file_fingerprint(fisher)
+    run_unlearn(ckpt, str(fisher_other), out, **kw)
+    assert load_unlearned(out)[1]["fisher_fingerprint"] == file_fingerprint(str(fisher_other))
+    with pytest.raises(FisherMismatchError):  # another checkpoint: its Fisher is refused, the file kept
+        run_unlearn(other, fisher, out, **kw)
