@@ -10,12 +10,17 @@ theta0 (Eq. 2), score every training item (Eq. 1), and measure
              next to theta0's,
   R_rel      with ``relative``, the target's rank by the relative score tau_i / s_i (RelatIF, see
              ``musicattr.attribution.sensitivity``), reported next to the paper's R(z_tar).
-Rows are appended to ``runs.csv`` as they finish, so an interrupted grid resumes.
+Rows are appended to ``runs.csv`` as they finish, so an interrupted grid resumes. Each row carries the
+settings it was made with and their hash (``run_key``: the configuration, the target, K, T, damping,
+seed, k, the checkpoint, Fisher and store fingerprints, the audio encoder, the FD settings); a rerun
+reuses and reports only rows of its own key, so a row is never relabelled with other settings.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -29,8 +34,10 @@ from musicattr.evaluation.common import (generate_audio, open_wandb, planted_gro
                                          train_audio_embeddings)
 from musicattr.evaluation.metrics import frechet_distance, target_rank, topk_bottomk_similarity
 from musicattr.evaluation.targets import select_targets
+from musicattr.models.sat import file_fingerprint
 
 CONFIG_KEYS = ["target", "strategy", "lr", "steps"]
+log = logging.getLogger(__name__)
 
 
 def grid_configs(configs: list[dict] | None, lrs: list[float], steps: list[int], groups: list[str],
@@ -45,6 +52,12 @@ def grid_configs(configs: list[dict] | None, lrs: list[float], steps: list[int],
 
 def config_name(c: dict) -> str:
     return f"{c['target']}-{c['strategy']}-lr{c['lr']:g}-s{c['steps']}"
+
+
+def run_key(settings: dict, cfg: dict, target_item: str) -> str:
+    """Hash of everything a grid row depends on: the grid's settings, the configuration and the target."""
+    text = json.dumps({**settings, **cfg, "target_item": target_item}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def frechet_of_model(checkpoint: str, unlearned: str | None, store: LatentStore, encoder, reference: torch.Tensor,
@@ -106,29 +119,37 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
         chosen = select_targets(track_emb[eligible], min(num_targets, len(eligible)), seed=seed)
         targets = [eligible[c] for c in chosen]
     grid = grid_configs(configs, list(lrs), list(steps), list(groups), list(strategies))
-    (out / "setup.json").write_text(json.dumps({"targets": [ids[t] for t in targets], "configs": grid, "top_k": k,
-                                                "audio_encoder": encoder.name, "num_draws": num_draws,
-                                                "score_draws": score_draws}, indent=2))
+    settings = {"num_draws": num_draws, "score_draws": score_draws, "damping": damping, "seed": seed, "top_k": k,
+                "checkpoint_fingerprint": file_fingerprint(checkpoint), "fisher_fingerprint": file_fingerprint(fisher),
+                "store_fingerprint": s.fingerprint, "audio_encoder": encoder.name,
+                "audio_encoder_fingerprint": emb.meta.get("checkpoint_fingerprint"), "fd_samples": fd_samples,
+                "fd_steps": fd_steps, "fd_targets": fd_targets, "relative": relative}
+    (out / "setup.json").write_text(json.dumps({"targets": [ids[t] for t in targets], "configs": grid, **settings},
+                                               indent=2))
     runs_csv = out / "runs.csv"
     done = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
+    if len(done) and "run_key" not in done:
+        done["run_key"] = ""  # rows written before rows were keyed: never reused
+    keys = {(ci, ti): run_key(settings, cfg, ids[t]) for ci, cfg in enumerate(grid) for ti, t in enumerate(targets)}
     fd_ref = track_emb  # the reference set of the Frechet distance: every training track
     total = len(grid) * len(targets)
     for ci, cfg in enumerate(grid):
         for ti, t in enumerate(targets):
             key = (config_name(cfg), ids[t])
-            if len(done) and ((done["config"] == key[0]) & (done["target_item"] == key[1])).any():
+            if len(done) and (done["run_key"] == keys[ci, ti]).any():
                 continue
             run_dir = out / "runs" / key[0] / f"target{ti:03d}"
             unlearned = str(run_dir / "unlearned.safetensors")
             run_unlearn(checkpoint, fisher, unlearned, query_item=ids[t], store=store, lr=cfg["lr"],
                         steps=cfg["steps"], num_draws=num_draws, target=cfg["target"], strategy=cfg["strategy"],
-                        damping=damping, seed=seed, device="cpu" if accelerator == "cpu" else "cuda")
+                        damping=damping, seed=seed, device="cpu" if accelerator == "cpu" else "cuda", reuse=True)
             table = score_store(checkpoint, store, unlearned, str(run_dir), score_draws, seed, batch_size,
                                 accelerator, devices, mask_loss=resolve_masks(cfg["strategy"])[1], relative=relative)
             by_index = table.sort_values("index")
             scores = torch.tensor(by_index["score"].to_numpy())
             top, bot = topk_bottomk_similarity(scores, track_emb, track_emb[t], k, exclude_index=t)
-            row = {"config": key[0], **cfg, "target_item": ids[t], "target_duration_s": float(s.items["duration_s"][t]),
+            row = {"run_key": keys[ci, ti], "config": key[0], **cfg, **settings, "target_item": ids[t],
+                   "target_duration_s": float(s.items["duration_s"][t]),
                    "rank": target_rank(scores, t), "sim_topk": top, "sim_botk": bot,
                    "score_target": float(scores[t]), "score_median": float(scores.median()), "fd": math.nan,
                    "rank_rel": (target_rank(torch.tensor(by_index["relative_score"].to_numpy()), t)
@@ -137,16 +158,18 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
                 row["fd"] = frechet_of_model(checkpoint, unlearned, s, encoder, fd_ref, fd_samples, fd_steps, seed)
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
             done.to_csv(runs_csv, index=False)
-            print(f"[grid {len(done)}/{total}] {key[0]} target={ids[t]} rank={row['rank']} rank_rel={row['rank_rel']} "
-                  f"top{k}={top:.3f} bot{k}={bot:.3f} fd={row['fd']:.2f}", flush=True)
+            log.info("[grid %d/%d] %s target=%s rank=%s rank_rel=%s top%d=%.3f bot%d=%.3f fd=%.2f",
+                     ci * len(targets) + ti + 1, total, key[0], ids[t], row["rank"], row["rank_rel"], k, top, k, bot,
+                     row["fd"])
+    current = done[done["run_key"].isin(set(keys.values()))]
     fd_original = frechet_of_model(checkpoint, None, s, encoder, fd_ref, fd_samples, fd_steps, seed)
-    table = summarize(done, grid, encoder.name, k, fd_original, n)
+    table = summarize(current, grid, encoder.name, k, fd_original, n)
     write_table(table, out, encoder.name, k, fd_original)
     run = open_wandb("table1", {"checkpoint": checkpoint, "targets": len(targets), "top_k": k}, use_wandb)
     if run is not None:
         import wandb
 
-        run.log({"table1": wandb.Table(dataframe=table), "runs": wandb.Table(dataframe=done)})
+        run.log({"table1": wandb.Table(dataframe=table), "runs": wandb.Table(dataframe=current)})
         run.finish()
     return table
 
@@ -181,4 +204,4 @@ def write_table(table: pd.DataFrame, out: Path, encoder: str, k: int, fd_origina
                      f"{d['rank1_rate_rel']:.2f} | {d[f'sim_top{k}[{encoder}]']:.3f} | "
                      f"{d[f'sim_bot{k}[{encoder}]']:.3f} | {d[f'FD[{encoder}]']:.2f} |")
     (out / "table1.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    log.info("\n".join(lines))

@@ -8,10 +8,15 @@ baseline (mean over queries), draws Figure 1, and, for queries generated from th
 planted (duplicated) training tracks, recall@1 / recall@10 of the planted group per method.
 With ``relative``, the unlearning scores are also ranked by tau_i / s_i (RelatIF, method
 "unlearning-relative"), with their own correlations and recall; Figure 1 shows Eq. 1 as in the paper.
+
+A rerun reuses only what was made with the same settings: the generated queries (``generated/
+settings.json``), each query's unlearned weights (their metadata, see ``run_unlearn(reuse=True)``) and
+scores (the run key of ``musicattr attribute``); anything else is recomputed.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -19,10 +24,12 @@ import torch
 
 from musicattr.attribution.similarity import all_against_all, average, similarity_table
 from musicattr.attribution.unlearn import run_unlearn
-from musicattr.data.latent_store import LatentStore
+from musicattr.data.latent_store import LatentStore, atomic_write_text
 from musicattr.evaluation.common import open_wandb, planted_groups, score_store, store_folder, train_audio_embeddings
 from musicattr.evaluation.figure1 import plot_figure1
 from musicattr.evaluation.metrics import correlations
+
+log = logging.getLogger(__name__)
 
 
 def planted_queries(store: LatentStore) -> list[dict]:
@@ -47,6 +54,33 @@ def recall_at(tables: dict[str, pd.DataFrame], group: str, groups: dict[str, str
     return out
 
 
+def generated_queries(gen_dir: Path, queries: list[dict], checkpoint: str, store: LatentStore, gen_steps: int,
+                      seed: int) -> list[dict]:
+    """The generated query of each prompt: reused from ``gen_dir`` if it was generated with the same prompts,
+    durations, checkpoint, autoencoder, store, sampler steps and seed (``settings.json``), else generated anew."""
+    import shutil
+
+    from musicattr.models.generate import generate
+    from musicattr.models.sat import file_fingerprint
+
+    autoencoder = store.manifest["autoencoder"]
+    settings = {"prompts": [q["prompt"] for q in queries], "durations": [q["duration"] for q in queries],
+                "checkpoint_fingerprint": file_fingerprint(checkpoint),
+                "autoencoder_fingerprint": file_fingerprint(autoencoder), "store_fingerprint": store.fingerprint,
+                "gen_steps": gen_steps, "seed": seed}
+    key_file = gen_dir / "settings.json"
+    if key_file.exists() and json.loads(key_file.read_text()) == settings and (gen_dir / "queries.json").exists():
+        infos = json.loads((gen_dir / "queries.json").read_text())
+        if len(infos) == len(queries):
+            log.info("compare: the %d generated queries in %s are up to date: reused", len(infos), gen_dir)
+            return infos
+    shutil.rmtree(gen_dir, ignore_errors=True)
+    infos = generate(checkpoint, autoencoder, str(gen_dir), settings["prompts"], settings["durations"],
+                     store=str(store.root), steps=gen_steps, seed=seed)
+    atomic_write_text(key_file, json.dumps(settings, indent=2))
+    return infos
+
+
 def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, prompts: list[str] | None = None,
                    durations: list[float] | None = None, include_planted: bool = True, lr: float = 1e-5,
                    steps: int = 1, num_draws: int = 256, target: str = "all", strategy: str = "mixed",
@@ -66,38 +100,36 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         relative: also rank by the relative score tau_i / s_i (method "unlearning-relative").
     """
     from musicattr.embeddings.audio import build_audio_encoder, load_audio
-    from musicattr.models.generate import generate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = LatentStore(store)
     encoder = build_audio_encoder(audio_encoder, audio_encoder_checkpoint)
     emb = train_audio_embeddings(s, encoder)
-    queries = [{"prompt": p, "duration": d, "planted_group": None}
-               for p, d in zip(prompts or [], durations or [None] * len(prompts or []))]
+    prompts = list(prompts or [])
+    durations = list(durations) if durations is not None else [None] * len(prompts)
+    if len(durations) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(durations)} durations; fix: give one duration per prompt")
+    queries = [{"prompt": p, "duration": d, "planted_group": None} for p, d in zip(prompts, durations)]
     if include_planted:
         queries += planted_queries(s)
     if not queries:
         raise ValueError("no queries: give prompts, or a corpus with planted tracks and include_planted")
     gen_dir = out / "generated"
-    if not (gen_dir / "queries.json").exists():
-        generate(checkpoint, s.manifest["autoencoder"], str(gen_dir), [q["prompt"] for q in queries],
-                 [q["duration"] for q in queries], store=store, steps=gen_steps, seed=seed)
-    infos = json.loads((gen_dir / "queries.json").read_text())
+    infos = generated_queries(gen_dir, queries, checkpoint, s, gen_steps, seed)
     items = s.items.to_dict("records")
     groups = planted_groups(s)
     sims = [f"all-against-all[{encoder.name}]", f"average[{encoder.name}]"]
     sources = ["unlearning", "unlearning-relative"] if relative else ["unlearning"]
     methods = {m: [] for m in sources + sims}
     rows = []
-    for q, info in zip(queries, infos):
+    for q, info in zip(queries, infos, strict=True):
         qid = info["query_id"]
         qdir = out / "queries" / qid
         unlearned = qdir / "unlearned.safetensors"
-        if not unlearned.exists():
-            run_unlearn(checkpoint, fisher, str(unlearned), query=str(gen_dir / f"{qid}.query.safetensors"),
-                        lr=lr, steps=steps, num_draws=num_draws, target=target, strategy=strategy, damping=damping,
-                        seed=seed)
+        run_unlearn(checkpoint, fisher, str(unlearned), query=str(gen_dir / f"{qid}.query.safetensors"),
+                    lr=lr, steps=steps, num_draws=num_draws, target=target, strategy=strategy, damping=damping,
+                    seed=seed, reuse=True)
         tables = {"unlearning": score_store(checkpoint, store, str(unlearned), str(qdir / "unlearning"), score_draws,
                                             seed, batch_size, accelerator, devices, relative=relative)}
         if relative:
