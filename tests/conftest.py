@@ -46,13 +46,15 @@ def tiny_autoencoder_config(latent_dim: int = 16, sample_rate: int = 16000) -> d
 
 
 def cli(args, cwd, check=True, timeout=400, **popen):
-    """Run ``python -m musicattr.cli ARGS`` in ``cwd`` with one thread per process (Popen if popen kwargs)."""
+    """Run ``python -m musicattr.cli ARGS`` in ``cwd`` with one thread per process (Popen if popen kwargs);
+    the repository and tests/ on its path."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    path = os.pathsep.join([str(root), str(root / "tests")])  # tests/ holds eps_task (the second task)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "musicattr.cli", *map(str, args)]
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)

@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from musicattr.atomic import atomic_path, atomic_write_json
+
 
 def cache_path(store_root: str | os.PathLike, kind: str, key: dict[str, Any]) -> Path:
     """``<store>/<kind>/<digest>.parquet``, the digest a hash of ``key`` (JSON, sorted keys)."""
@@ -35,8 +37,6 @@ def write_cache(frame: pd.DataFrame, path: Path, key: dict[str, Any]) -> None:
     """Write a cache atomically (and its key beside it, ``<digest>.json``), unless it exists already."""
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(key, indent=2, sort_keys=True))
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    atomic_write_json(path.with_suffix(".json"), key)

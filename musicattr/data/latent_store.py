@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from musicattr.atomic import atomic_path, atomic_write_text
+
 ITEM_COLUMNS = ["index", "item_id", "caption", "file_name", "valid_frames", "seconds_start",
                 "seconds_total", "duration_s"]
 
@@ -33,17 +35,8 @@ class StoreError(RuntimeError):
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class LatentStoreWriter:
@@ -94,10 +87,36 @@ class LatentStoreWriter:
         if expected is not None and len(rows) != expected:
             raise StoreError(f"{self.root}: {len(rows)} of {expected} items encoded; fix: rerun encode to resume")
         df = pd.DataFrame(rows, columns=ITEM_COLUMNS + ["shard", "row"]).sort_values("index")
-        tmp = self.root / "index.parquet.tmp"
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, self.root / "index.parquet")
+        with atomic_path(self.root / "index.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
         return LatentStore(self.root)
+
+
+class ShardFormat:
+    """Shards of the store as the parts of ``musicattr encode`` (``musicattr.parts``): a prediction holds
+    ``latents`` [B, C, L], ``text`` [B, S, D] and ``items`` (B dicts with ``index``); a part is a shard
+    ``r<rank>-<first index>``, complete once its .json is written."""
+
+    pattern = "*.json"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def add(self, buffer: list | None, prediction: dict) -> list:
+        return [*(buffer or []), prediction]
+
+    def size(self, buffer: list) -> int:
+        return sum(len(o["items"]) for o in buffer)
+
+    def write(self, folder: Path, rank: int, buffer: list) -> Path:
+        items = [it for o in buffer for it in o["items"]]
+        name = f"r{rank}-{items[0]['index']:09d}"
+        LatentStoreWriter(self.root).write_shard(name, np.concatenate([o["latents"] for o in buffer]),
+                                                 np.concatenate([o["text"] for o in buffer]), items)
+        return folder / f"{name}.json"
+
+    def indices(self, path: Path) -> list[int]:
+        return [int(it["index"]) for it in json.loads(path.read_text())["items"]]
 
 
 class LatentStore(torch.utils.data.Dataset):

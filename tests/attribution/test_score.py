@@ -16,16 +16,17 @@ import pytest
 import torch
 
 from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
-from musicattr.attribution.fisher import FisherPassModule
-from musicattr.attribution.loss import item_loss
+from musicattr.attribution.fisher import FisherModule
 from musicattr.attribution.fisher import load_fisher
 from musicattr.attribution.cache import cache_path
-from musicattr.attribution.score import RunMismatchError, ScoringModule, read_parts
+from musicattr.attribution.score import RunMismatchError, ScoringModule
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn, save_unlearned
-from musicattr.data.datamodules import collate_items
+from musicattr.data.datamodules import StorePredictDataModule, collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
+from musicattr.models.sat_task import SATDiffusionTask
+from musicattr.parts import TableFormat
 
 torch.set_num_threads(1)
 
@@ -39,8 +40,8 @@ COLUMNS = ["item_id", "caption", "file_name", "score", "rank", "baseline_loss", 
 
 def attribute_args(unlearned, out_dir, num_draws=T_SCORE, batch_size=4, flush_every=1, draws_per_forward=4,
                    cache=True, trainer=("--trainer.devices", "1")):
-    return ["attribute", "--model.checkpoint", "theta0.ckpt", "--model.store", "store", "--model.unlearned", unlearned,
-            "--model.out_dir", out_dir, "--model.num_draws", num_draws, "--model.batch_size", batch_size,
+    return ["attribute", "--model.checkpoint", "theta0.ckpt", "--data.store", "store", "--model.unlearned", unlearned,
+            "--model.out_dir", out_dir, "--model.num_draws", num_draws, "--data.batch_size", batch_size,
             "--model.flush_every", flush_every, "--model.draws_per_forward", draws_per_forward,
             "--model.use_baseline_cache", str(cache).lower(), "--trainer.accelerator", "cpu", *trainer,
             "--trainer.default_root_dir", "lightning"]
@@ -63,11 +64,16 @@ def _trainer(inference_mode=True):
 
 
 def score_inprocess(d, unlearned, out_dir, num_draws=T_SCORE, batch_size=4, store="store", **kw) -> pd.DataFrame:
-    """`musicattr attribute` in this process (same module and writer, no interpreter start-up)."""
+    """`musicattr attribute` in this process (same module, data module and writer, no interpreter start-up)."""
     with chdir(d):
-        m = ScoringModule("theta0.ckpt", store, unlearned, out_dir, num_draws=num_draws, batch_size=batch_size, **kw)
-        _trainer(inference_mode=not kw.get("relative", False)).predict(m, return_predictions=False)
+        m = ScoringModule("theta0.ckpt", unlearned, out_dir, num_draws=num_draws, **kw)
+        _trainer(inference_mode=not kw.get("relative", False)).predict(
+            m, datamodule=StorePredictDataModule(store, batch_size))
         return pd.read_parquet(Path(out_dir) / "scores.parquet")
+
+
+def read_parts(folder) -> pd.DataFrame:
+    return TableFormat().read(sorted(Path(folder).glob("part-*.parquet")))
 
 
 def unlearn(d, item, out, lr, num_draws=32, strategy="mixed", **kw):
@@ -87,11 +93,11 @@ def pipe(tmp_path_factory):
     make_store(d / "store", n=N_ITEMS)
     save_checkpoint(make_module(), d / "theta0.ckpt")
     with chdir(d):
-        m = FisherPassModule("theta0.ckpt", "store", "fisher.safetensors", num_draws=8, batch_size=6, flush_every=100)
+        m = FisherModule("theta0.ckpt", "fisher.safetensors", num_draws=8, flush_every=100)
         t = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
                       default_root_dir="lightning")
-        t.predict(m, return_predictions=False)
+        t.predict(m, datamodule=StorePredictDataModule("store", 6))
     unlearn(d, 3, "q3.safetensors", lr=1e-4)
     r = cli(attribute_args("q3.safetensors", "attr_ref"), d)
     (d / "attr_ref.log").write_text(r.stdout + r.stderr)
@@ -104,7 +110,8 @@ def ref(pipe):
 
 
 def losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
-    """L(z_i, theta) for every item, computed here with item_loss (theta0, or theta0 with the unlearned tensors)."""
+    """L(z_i, theta) for every item, computed here with the task's item_loss (theta0, or theta0 with the unlearned
+    tensors)."""
     m = load_diffusion_module(str(d / "theta0.ckpt"))
     if unlearned is not None:
         named = dict(m.net.named_parameters())
@@ -114,8 +121,7 @@ def losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
     store = LatentStore(d / "store")
     b = collate_items([store[p] for p in range(len(store))])
     with torch.no_grad():
-        out = item_loss(m.net, b["latents"], m.conditioning_inputs(b), b["item_id"], seed, num_draws,
-                        m.frame_mask(b) if mask else None, draws_per_forward=num_draws)
+        out = SATDiffusionTask.of(m).item_loss(b, seed, num_draws, mask=mask, draws_per_forward=num_draws)
     return dict(zip(b["index"].tolist(), out.numpy()))
 
 
@@ -157,9 +163,9 @@ def test_attribute_losses_equal_in_test_losses(pipe, ref):
 def test_mask_loss_follows_strategy_and_can_be_overridden(pipe, tmp_path):
     unlearn(pipe, 3, str(tmp_path / "both.safetensors"), lr=1e-4, strategy="both")
     with chdir(pipe):
-        assert ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "a")).mask_loss is False
-        assert ScoringModule("theta0.ckpt", "store", str(tmp_path / "both.safetensors"), str(tmp_path / "b")).mask_loss
-        assert ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "c"), mask_loss=True).mask_loss
+        assert ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "a")).mask_loss is False
+        assert ScoringModule("theta0.ckpt", str(tmp_path / "both.safetensors"), str(tmp_path / "b")).mask_loss
+        assert ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "c"), mask_loss=True).mask_loss
     df = by_index(score_inprocess(pipe, str(tmp_path / "both.safetensors"), str(tmp_path / "b"),
                                   use_baseline_cache=False))
     masked = losses_in_test(pipe, mask=True)
@@ -169,7 +175,7 @@ def test_mask_loss_follows_strategy_and_can_be_overridden(pipe, tmp_path):
 def test_refuses_unlearned_file_of_another_checkpoint(pipe, tmp_path):
     save_checkpoint(make_module(seed=9), tmp_path / "other.ckpt")
     with pytest.raises(RunMismatchError, match="another checkpoint"):
-        ScoringModule(str(tmp_path / "other.ckpt"), str(pipe / "store"), str(pipe / "q3.safetensors"),
+        ScoringModule(str(tmp_path / "other.ckpt"), str(pipe / "q3.safetensors"),
                       str(tmp_path / "o"))
 
 
@@ -179,7 +185,7 @@ def test_refuses_unlearned_file_without_fingerprints(pipe, tmp_path):
         bare = tmp_path / f"no-{missing}.safetensors"
         save_unlearned(str(bare), tensors, {k: v for k, v in meta.items() if k != missing})
         with chdir(pipe), pytest.raises(RunMismatchError, match="records no") as e:
-            ScoringModule("theta0.ckpt", "store", str(bare), str(tmp_path / "o"), **kw)
+            ScoringModule("theta0.ckpt", str(bare), str(tmp_path / "o"), **kw)
         assert str(bare) in str(e.value) and "musicattr unlearn" in str(e.value)
 
 
@@ -238,8 +244,8 @@ def test_ddp_two_cpu_processes_match_one(pipe, ref):
 def baseline_cache(d, store="store", **kw) -> Path:
     """The baseline cache file a scoring run in ``d`` reads and writes (its key from ScoringModule)."""
     with chdir(d):
-        m = ScoringModule("theta0.ckpt", store, "q3.safetensors", "unused", num_draws=T_SCORE, **kw)
-        return d / cache_path(store, "baselines", m.baseline_key())
+        m = ScoringModule("theta0.ckpt", "q3.safetensors", "unused", num_draws=T_SCORE, **kw)
+        return d / cache_path(store, "baselines", m.baseline_key(LatentStore(store)))
 
 
 def test_baseline_cache_written_and_reused(pipe, ref, tmp_path):
@@ -359,9 +365,7 @@ def test_scores_match_first_order_approximation(pipe, tmp_path):
     pred = []
     for pos in range(N_ITEMS):
         b = collate_items([store[pos]])
-        with torch.no_grad():
-            cond = m.conditioning_inputs(b)
-        loss = item_loss(m.net, b["latents"], cond, b["item_id"], 0, 4, None, draws_per_forward=4)
+        loss = SATDiffusionTask.of(m).item_loss(b, 0, 4, draws_per_forward=4)
         grads = torch.autograd.grad(loss.sum(), [named[k] for k in delta])
         pred.append(sum(float((g.double() * delta[k]).sum()) for g, k in zip(grads, delta)))
     tau, pred = df["score"].to_numpy(), np.array(pred)
@@ -388,8 +392,7 @@ def hand_sensitivity(d, unlearned, num_draws=T_SCORE, damping=1e-3):
     out = {}
     for pos in range(len(store)):
         b = collate_items([store[pos]])
-        loss = item_loss(m.net, b["latents"], m.conditioning_inputs(b), b["item_id"], 0, num_draws, None,
-                         draws_per_forward=num_draws)
+        loss = SATDiffusionTask.of(m).item_loss(b, 0, num_draws, draws_per_forward=num_draws)
         g = torch.cat([x.double().flatten() for x in torch.autograd.grad(loss.sum(), [named[k] for k in names])])
         out[int(b["index"][0])] = float((g.pow(2) * inv).sum().sqrt())
     return out
@@ -423,12 +426,12 @@ def test_relative_refuses_another_fisher_and_inference_mode(pipe, tmp_path):
     with open(other, "ab") as f:
         f.write(b" ")
     with chdir(pipe), pytest.raises(RunMismatchError, match="not the Fisher"):
-        ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "x"), relative=True, fisher=str(other))
+        ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "x"), relative=True, fisher=str(other))
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         with chdir(pipe):
-            m = ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "y"), num_draws=T_SCORE,
+            m = ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "y"), num_draws=T_SCORE,
                               relative=True, use_baseline_cache=False)
-            _trainer(inference_mode=True).predict(m, return_predictions=False)
+            _trainer(inference_mode=True).predict(m, datamodule=StorePredictDataModule("store", 4))
 
 
 def test_attribute_cli_relative(pipe, tmp_path):

@@ -15,7 +15,8 @@ TINY_AE = tiny_autoencoder_config(latent_dim=4)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from musicattr.attribution.fisher import FisherPassModule
+    from musicattr.attribution.fisher import FisherModule
+    from musicattr.data.datamodules import StorePredictDataModule
     from musicattr.models.autoencoder_module import AutoencoderModule
     import lightning as L
 
@@ -45,7 +46,8 @@ def setup(tmp_path_factory):
     ckpt = save_checkpoint(make_module(text_dim=384), root / "theta0.ckpt")
     fisher = root / "fisher.safetensors"
     L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
-              enable_progress_bar=False).predict(FisherPassModule(ckpt, str(root / "store"), str(fisher), num_draws=2))
+              enable_progress_bar=False).predict(FisherModule(ckpt, str(fisher), num_draws=2),
+                                                 datamodule=StorePredictDataModule(str(root / "store")))
     return {"root": root, "store": str(root / "store"), "ckpt": ckpt, "fisher": str(fisher), "n": n}
 
 
@@ -57,7 +59,7 @@ def rank_of(scores: pd.DataFrame, item_id: str, column: str = "score") -> int:
 
 def grid_runs(out, grid_table: pd.DataFrame, targets: list[str]) -> pd.DataFrame:
     """Per (configuration, target): the target's rank recomputed from that run's own scores.parquet."""
-    from musicattr.evaluation.self_influence import config_name
+    from musicattr.evaluation.evaluate import config_name
 
     rows = []
     for cfg in grid_table[["target", "strategy", "lr", "steps"]].to_dict("records"):
@@ -70,7 +72,7 @@ def grid_runs(out, grid_table: pd.DataFrame, targets: list[str]) -> pd.DataFrame
 
 @pytest.mark.slow
 def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup, monkeypatch):
-    from musicattr.evaluation import self_influence
+    from musicattr.evaluation import evaluate as self_influence
 
     out = setup["root"] / "grid"
     configs = [{"target": "all", "strategy": "mixed", "lr": 1e-5, "steps": 1},
@@ -119,7 +121,7 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
 
 @pytest.mark.slow
 def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
-    from musicattr.evaluation.test_to_train import run_comparison
+    from musicattr.evaluation.compare import run_comparison
 
     out = setup["root"] / "compare"
     kw = dict(prompts=["a low tone"], durations=[1.0], lr=1e-5, num_draws=8, score_draws=2, gen_steps=2,

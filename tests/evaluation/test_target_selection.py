@@ -1,6 +1,6 @@
 import torch
 
-from musicattr.evaluation.targets import kmeans, lloyd_step, select_targets
+from musicattr.evaluation.target_selection import kmeans, lloyd_step, select_targets
 
 torch.set_num_threads(1)
 

@@ -27,14 +27,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.attribution.masks import resolve_masks
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn
 from musicattr.data.latent_store import LatentStore
+from musicattr.attribution.task import AttributionTask
 from musicattr.evaluation.common import (generate_audio, open_wandb, planted_groups, score_store,
-                                         train_audio_embeddings)
+                                         train_audio_embeddings, unlearn_device)
 from musicattr.evaluation.metrics import frechet_distance, target_rank, topk_bottomk_similarity
-from musicattr.evaluation.targets import select_targets
+from musicattr.evaluation.target_selection import select_targets
 from musicattr.models.sat import file_fingerprint
+from musicattr.models.sat_task import SATDiffusionTask
 
 CONFIG_KEYS = ["target", "strategy", "lr", "steps"]
 log = logging.getLogger(__name__)
@@ -86,7 +89,8 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
              strategies: list[str] = ("mixed",), num_draws: int = 256, score_draws: int = 8, damping: float = 1e-3,
              top_k: int | None = None, audio_encoder: str = "aisfx", audio_encoder_checkpoint: str | None = None,
              fd_samples: int = 8, fd_steps: int = 25, fd_targets: int = 1, seed: int = 0, batch_size: int = 16,
-             accelerator: str = "cpu", devices: int = 1, use_wandb: bool = True, relative: bool = True) -> pd.DataFrame:
+             use_wandb: bool = True, relative: bool = True, task: AttributionTask | None = None,
+             trainer: dict | None = None) -> pd.DataFrame:
     """Run the self-influence grid and write table1.md / table1.csv / runs.csv under ``out_dir``.
 
     Args:
@@ -99,6 +103,9 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
         audio_encoder: embeddings for target selection, similarities and FD ('aisfx' offline; 'clap' with a checkpoint).
         fd_samples / fd_steps / fd_targets: generations per FD, sampler steps, and how many targets get an FD.
         relative: also rank by tau_i / s_i (one extra gradient pass per target group and mask, cached).
+        task: the attribution task (default: the SAT DiT of ``musicattr fit``); the FD generations use SAT's
+            sampler whatever the task.
+        trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
     """
     from musicattr.embeddings.audio import build_audio_encoder
 
@@ -123,9 +130,9 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
                 "checkpoint_fingerprint": file_fingerprint(checkpoint), "fisher_fingerprint": file_fingerprint(fisher),
                 "store_fingerprint": s.fingerprint, "audio_encoder": encoder.name,
                 "audio_encoder_fingerprint": emb.meta.get("checkpoint_fingerprint"), "fd_samples": fd_samples,
-                "fd_steps": fd_steps, "fd_targets": fd_targets, "relative": relative}
-    (out / "setup.json").write_text(json.dumps({"targets": [ids[t] for t in targets], "configs": grid, **settings},
-                                               indent=2))
+                "fd_steps": fd_steps, "fd_targets": fd_targets, "relative": relative,
+                **(task or SATDiffusionTask()).identity()}
+    atomic_write_json(out / "setup.json", {"targets": [ids[t] for t in targets], "configs": grid, **settings})
     runs_csv = out / "runs.csv"
     done = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
     if len(done) and "run_key" not in done:
@@ -142,9 +149,9 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
             unlearned = str(run_dir / "unlearned.safetensors")
             run_unlearn(checkpoint, fisher, unlearned, query_item=ids[t], store=store, lr=cfg["lr"],
                         steps=cfg["steps"], num_draws=num_draws, target=cfg["target"], strategy=cfg["strategy"],
-                        damping=damping, seed=seed, device="cpu" if accelerator == "cpu" else "cuda", reuse=True)
-            table = score_store(checkpoint, store, unlearned, str(run_dir), score_draws, seed, batch_size,
-                                accelerator, devices, mask_loss=resolve_masks(cfg["strategy"])[1], relative=relative)
+                        damping=damping, seed=seed, device=unlearn_device(trainer), reuse=True, task=task)
+            table = score_store(checkpoint, store, unlearned, str(run_dir), score_draws, seed, batch_size, trainer,
+                                mask_loss=resolve_masks(cfg["strategy"])[1], relative=relative, task=task)
             by_index = table.sort_values("index")
             scores = torch.tensor(by_index["score"].to_numpy())
             top, bot = topk_bottomk_similarity(scores, track_emb, track_emb[t], k, exclude_index=t)
@@ -157,7 +164,7 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
             if ti < fd_targets:
                 row["fd"] = frechet_of_model(checkpoint, unlearned, s, encoder, fd_ref, fd_samples, fd_steps, seed)
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
-            done.to_csv(runs_csv, index=False)
+            atomic_write_text(runs_csv, done.to_csv(index=False))
             log.info("[grid %d/%d] %s target=%s rank=%s rank_rel=%s top%d=%.3f bot%d=%.3f fd=%.2f",
                      ci * len(targets) + ti + 1, total, key[0], ids[t], row["rank"], row["rank_rel"], k, top, k, bot,
                      row["fd"])
@@ -191,7 +198,7 @@ def summarize(runs: pd.DataFrame, grid: list[dict], encoder: str, k: int, fd_ori
 
 
 def write_table(table: pd.DataFrame, out: Path, encoder: str, k: int, fd_original: float) -> None:
-    table.to_csv(out / "table1.csv", index=False)
+    atomic_write_text(out / "table1.csv", table.to_csv(index=False))
     lines = [f"Self-influence grid (Table 1). Similarities and FD use the `{encoder}` audio encoder "
              f"(the paper: CLAP and openl3); k = {k}; FD of the original checkpoint: {fd_original:.2f}.", "",
              "R rel / rank-1 rel: the same runs ranked by the relative score tau / s (RelatIF; not in the paper).", "",
@@ -203,5 +210,5 @@ def write_table(table: pd.DataFrame, out: Path, encoder: str, k: int, fd_origina
                      f"{d['steps']} | {d['R(z_tar)']:.1f} | {d['rank1_rate']:.2f} | {d['R_rel']:.1f} | "
                      f"{d['rank1_rate_rel']:.2f} | {d[f'sim_top{k}[{encoder}]']:.3f} | "
                      f"{d[f'sim_bot{k}[{encoder}]']:.3f} | {d[f'FD[{encoder}]']:.2f} |")
-    (out / "table1.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "table1.md", "\n".join(lines) + "\n")
     log.info("\n".join(lines))

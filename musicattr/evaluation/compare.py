@@ -24,8 +24,11 @@ import torch
 
 from musicattr.attribution.similarity import all_against_all, average, similarity_table
 from musicattr.attribution.unlearn import run_unlearn
-from musicattr.data.latent_store import LatentStore, atomic_write_text
-from musicattr.evaluation.common import open_wandb, planted_groups, score_store, store_folder, train_audio_embeddings
+from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
+from musicattr.data.latent_store import LatentStore
+from musicattr.attribution.task import AttributionTask
+from musicattr.evaluation.common import (open_wandb, planted_groups, score_store, store_folder,
+                                         train_audio_embeddings, unlearn_device)
 from musicattr.evaluation.figure1 import plot_figure1
 from musicattr.evaluation.metrics import correlations
 
@@ -77,7 +80,7 @@ def generated_queries(gen_dir: Path, queries: list[dict], checkpoint: str, store
     shutil.rmtree(gen_dir, ignore_errors=True)
     infos = generate(checkpoint, autoencoder, str(gen_dir), settings["prompts"], settings["durations"],
                      store=str(store.root), steps=gen_steps, seed=seed)
-    atomic_write_text(key_file, json.dumps(settings, indent=2))
+    atomic_write_json(key_file, settings)
     return infos
 
 
@@ -86,8 +89,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                    steps: int = 1, num_draws: int = 256, target: str = "all", strategy: str = "mixed",
                    damping: float = 1e-3, score_draws: int = 8, audio_encoder: str = "aisfx",
                    audio_encoder_checkpoint: str | None = None, gen_steps: int = 50, seed: int = 0,
-                   batch_size: int = 16, accelerator: str = "cpu", devices: int = 1, listen_top_k: int = 3,
-                   use_wandb: bool = True, relative: bool = True) -> dict:
+                   batch_size: int = 16, listen_top_k: int = 3, use_wandb: bool = True, relative: bool = True,
+                   task: AttributionTask | None = None, trainer: dict | None = None) -> dict:
     """Attribute generated queries by unlearning and by similarity; write comparison.json, figure1.png.
 
     Args:
@@ -98,6 +101,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         audio_encoder: embeddings for the similarity baselines ('aisfx' offline; 'clap' with a checkpoint).
         listen_top_k: training tracks logged next to each query's audio in the dashboard.
         relative: also rank by the relative score tau_i / s_i (method "unlearning-relative").
+        task: the attribution task (default: the SAT DiT of ``musicattr fit``; generation uses SAT's sampler).
+        trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
     """
     from musicattr.embeddings.audio import build_audio_encoder, load_audio
 
@@ -129,9 +134,9 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         unlearned = qdir / "unlearned.safetensors"
         run_unlearn(checkpoint, fisher, str(unlearned), query=str(gen_dir / f"{qid}.query.safetensors"),
                     lr=lr, steps=steps, num_draws=num_draws, target=target, strategy=strategy, damping=damping,
-                    seed=seed, reuse=True)
+                    seed=seed, reuse=True, task=task, device=unlearn_device(trainer))
         tables = {"unlearning": score_store(checkpoint, store, str(unlearned), str(qdir / "unlearning"), score_draws,
-                                            seed, batch_size, accelerator, devices, relative=relative)}
+                                            seed, batch_size, trainer, relative=relative, task=task)}
         if relative:
             t = tables["unlearning"]
             tables["unlearning-relative"] = (t.assign(score=t["relative_score"], rank=t["relative_rank"],
@@ -140,7 +145,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         qseg = encoder.embed_segments(audio, sr)
         for name, fn in ((f"all-against-all[{encoder.name}]", all_against_all), (f"average[{encoder.name}]", average)):
             tables[name] = similarity_table(fn(qseg, emb), items, method=f"similarity/{name}", query_id=qid)
-            tables[name].to_parquet(qdir / f"{name.split('[')[0]}.parquet", index=False)
+            with atomic_path(qdir / f"{name.split('[')[0]}.parquet") as tmp:
+                tables[name].to_parquet(tmp, index=False)
         by_index = {m: torch.tensor(t.sort_values("index")["score"].to_numpy()) for m, t in tables.items()}
         for m in methods:
             methods[m].append(by_index[m])
@@ -154,11 +160,10 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
             row.update(recall_at(tables, q["planted_group"], groups))
         row["top1_unlearning"] = tables["unlearning"].iloc[0]["item_id"]
         rows.append(row)
-        print(f"[compare] {qid}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)),
-              flush=True)
+        log.info("[compare] %s: %s", qid, ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
         _listen(out, qid, gen_dir / info["audio"], q["prompt"], tables["unlearning"], store_folder(s), listen_top_k)
     per_query = pd.DataFrame(rows)
-    per_query.to_csv(out / "queries.csv", index=False)
+    atomic_write_text(out / "queries.csv", per_query.to_csv(index=False))
     stacked = {m: torch.stack(v) for m, v in methods.items()}
     plot_figure1(stacked["unlearning"], {m: stacked[m] for m in sims},
                  str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(rows)} queries)")
@@ -168,8 +173,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     if len(planted):
         summary.update({f"recall_{c}": float(planted[c].mean()) for c in planted.columns if "@" in c})
         summary["planted_queries"] = len(planted)
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    atomic_write_json(out / "comparison.json", summary)
+    log.info(json.dumps(summary, indent=2))
     _dashboard(out, summary, per_query, use_wandb)
     return summary
 
@@ -179,8 +184,8 @@ def _listen(out: Path, qid: str, query_audio: Path, prompt: str, table: pd.DataF
     top = table.head(k)[["rank", "item_id", "caption", "file_name", "score"]].to_dict("records")
     for t in top:
         t["path"] = str(folder / t["file_name"])
-    (out / "queries" / qid / "listen.json").write_text(json.dumps({"query_audio": str(query_audio), "prompt": prompt,
-                                                                     "top": top}, indent=2))
+    atomic_write_json(out / "queries" / qid / "listen.json", {"query_audio": str(query_audio), "prompt": prompt,
+                                                              "top": top})
 
 
 def _dashboard(out: Path, summary: dict, per_query: pd.DataFrame, enabled: bool) -> None:
