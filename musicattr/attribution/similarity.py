@@ -16,9 +16,9 @@ so scoring runs in chunks over segments and scales to ~100k tracks.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from musicattr.atomic import atomic_dir
+
 if TYPE_CHECKING:
     import pandas
 
+log = logging.getLogger(__name__)
 __all__ = [
     "TrainEmbeddings",
     "all_against_all",
@@ -201,7 +204,7 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
     fingerprint) and segmenting match and, if ``item_ids`` is
     given, it holds exactly those ids in that order; otherwise it is recomputed. Files:
     ``segments.bin`` (raw ``dtype`` matrix [total_segments, D]), ``offsets.npy`` (int64 [N+1]),
-    ``meta.json`` (encoder config, item ids, shape, dtype). Written to ``path + '.tmp'`` then renamed."""
+    ``meta.json`` (encoder config, item ids, shape, dtype). Written to a temporary folder, then renamed."""
     cfg = _encoder_config(encoder)
     if not overwrite and os.path.isfile(os.path.join(path, _META_FILE)):
         try:
@@ -211,9 +214,12 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
                 return old
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             pass
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    with atomic_dir(path) as tmp:
+        _write_train_embeddings(items, encoder, tmp, item_ids, dtype, progress, cfg)
+    return load_train_embeddings(path)
+
+
+def _write_train_embeddings(items, encoder, tmp, item_ids, dtype: str, progress: bool, cfg: dict) -> None:
     ids: list[str] = []
     offsets = [0]
     np_dtype = np.dtype(dtype)
@@ -224,7 +230,7 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
             ids.append(str(item_id))
             offsets.append(offsets[-1] + e.shape[0])
             if progress and (k + 1) % 100 == 0:
-                print(f"[similarity] embedded {k + 1} tracks ({offsets[-1]} segments)", flush=True)
+                log.info("[similarity] embedded %d tracks (%d segments)", k + 1, offsets[-1])
     if not ids:
         raise ValueError("no training items to embed")
     if item_ids is not None and list(map(str, item_ids)) != ids:
@@ -233,9 +239,6 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
     meta = dict(cfg, item_ids=ids, shape=[offsets[-1], int(encoder.dim)], dtype=np_dtype.name)
     with open(os.path.join(tmp, _META_FILE), "w") as f:
         json.dump(meta, f)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return load_train_embeddings(path)
 
 
 # ------------------------------------------------------------------------------------------
