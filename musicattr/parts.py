@@ -130,11 +130,11 @@ class Parts:
     ``mismatch`` is the error raised when the folder holds parts of a run with another key."""
 
     def __init__(self, folder: str | Path, format, key: dict | Callable[[], dict] | None = None,
-                 mismatch: Callable[[], Exception] | None = None):
+                 mismatch: Exception | None = None):
         self.folder, self.format, self._key = Path(folder), format, key
-        self.mismatch = mismatch or (lambda: RunMismatchError(
+        self.mismatch = mismatch or RunMismatchError(
             f"{self.folder} holds results of a run with other settings; fix: choose another output, or pass "
-            "--model.overwrite true to replace them"))
+            "--model.overwrite true to replace them")
 
     def key(self) -> dict | None:
         key = self._key() if callable(self._key) else self._key
@@ -149,7 +149,7 @@ class Parts:
             return
         if key_file.exists() and json.loads(key_file.read_text()) != key:
             if not overwrite:
-                raise self.mismatch()
+                raise self.mismatch
             for p in self.files():
                 p.unlink()
         atomic_write_json(key_file, key)

@@ -151,7 +151,7 @@ class FisherModule(L.LightningModule):
         self.params = self.task.select_parameters(target)
         self.checkpoint_fp = file_fingerprint(checkpoint)
         self.out = Path(out)
-        self.parts = Parts(Path(f"{out}.parts"), TensorFormat("sum"), self.run_key, lambda: FisherMismatchError(
+        self.parts = Parts(Path(f"{out}.parts"), TensorFormat("sum"), self.run_key, FisherMismatchError(
             f"{out}.parts holds partial sums of another Fisher run (other checkpoint, store, task, draws, seed, "
             "target or mask); fix: delete that folder, choose another output path, or pass --model.overwrite true"))
 

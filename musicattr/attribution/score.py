@@ -76,7 +76,7 @@ class ScoringModule(L.LightningModule):
         self.float_error: float | None = None
         if relative:
             self._init_relative(fisher or self.unlearn_meta.get("fisher"))
-        self.parts = Parts(self.out_dir / "parts", TableFormat(), self.run_key, lambda: RunMismatchError(
+        self.parts = Parts(self.out_dir / "parts", TableFormat(), self.run_key, RunMismatchError(
             f"{self.out_dir} holds scores of another run (other unlearned weights, store, task, draws, seed or mask); "
             "fix: choose another out_dir, or pass --model.overwrite true to replace them"))
 

@@ -52,11 +52,18 @@ PREDICT_TRAINER = {"logger": False, "use_distributed_sampler": False, "enable_pr
 
 
 def predict_trainer(trainer: dict | None = None, **forced):
-    """A Lightning Trainer for a prediction pass: the stage's ``trainer`` options over the prediction defaults
-    (no logger, no distributed sampler: the data module shards the items itself), then ``forced``."""
+    """A Lightning Trainer for a prediction pass of a function stage: the stage's ``trainer`` options over the
+    prediction defaults (no logger, no distributed sampler: the data module shards the items itself), then
+    ``forced``. Several processes: ``strategy: ddp_spawn`` (each pass spawns its ranks; the rest of the stage
+    runs once); ``ddp`` is refused, as it would rerun the whole command in every process."""
     import lightning as L
 
-    return L.Trainer(**{**PREDICT_TRAINER, **(trainer or {}), "use_distributed_sampler": False, **forced})
+    options = {**PREDICT_TRAINER, **(trainer or {}), "use_distributed_sampler": False, **forced}
+    if options.get("strategy") == "ddp":
+        raise ValueError("--trainer.strategy ddp relaunches the whole command in every process, which would repeat "
+                         "this stage's unlearning and generation; fix: use --trainer.strategy ddp_spawn for evaluate "
+                         "and compare (or run `musicattr attribute` with ddp)")
+    return L.Trainer(**options)
 
 
 def score_store(checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int, seed: int,
