@@ -108,8 +108,6 @@ def with_run_root(argv: list[str]) -> tuple[list[str], str | None]:
     if root is None and any(PLACEHOLDER in t for t in texts):
         raise SystemExit(f"musicattr: the config uses {PLACEHOLDER} but no run root is set; fix: pass --run_root DIR, "
                          f"set {RUN_ROOT_ENV}, or put 'run_root: DIR' in run.yaml beside the config file")
-    if root is not None:
-        os.environ[RUN_ROOT_ENV] = root  # DDP ranks relaunched from argv resolve the same root
     yaml_loader = get_loader("yaml")
     set_loader(PARSER_MODE, lambda text: yaml_loader(text.replace(PLACEHOLDER, root) if root else text))
     return ([a.replace(PLACEHOLDER, root) for a in argv] if root else argv), root

@@ -4,7 +4,8 @@ with the epsilon-prediction objective under a variance-preserving linear schedul
     z_t = sqrt(1 - t) z + sqrt(t) eps,   target eps,   loss || eps_theta(z_t, t, text) - eps ||^2
 
 Configs choose it by class path: ``--model.task eps_task.EpsilonTask`` (``tests/`` is on the path of the
-tests and of the ``musicattr`` processes they start, see conftest.cli). The Fisher, unlearning and scoring run on it unchanged (tests/attribution/test_second_task.py).
+tests and of the ``musicattr`` processes they start, see conftest.cli). The Fisher, unlearning and
+scoring run on it unchanged (tests/attribution/test_second_task.py).
 """
 from __future__ import annotations
 

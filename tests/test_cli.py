@@ -74,8 +74,8 @@ def test_demo_configs_name_the_run_root_once():
 
 
 def test_run_root_option_and_environment_move_every_path(capsys, monkeypatch):
-    printed = print_config("fit", "--config", "configs/demo/fit.yaml", "--run_root", "runs/mine", monkeypatch=monkeypatch,
-                           capsys=capsys)
+    printed = print_config("fit", "--config", "configs/demo/fit.yaml", "--run_root", "runs/mine",
+                           monkeypatch=monkeypatch, capsys=capsys)
     assert printed["data"]["store"] == "runs/mine/store" and printed["trainer"]["default_root_dir"] == "runs/mine/fit"
     dirs = [c["init_args"].get("dirpath") for c in printed["trainer"]["callbacks"]]
     assert "runs/mine/fit" in dirs
@@ -100,8 +100,8 @@ def test_placeholder_without_run_root_fails_clearly(tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("stage", ["evaluate", "compare"])
 def test_function_stages_take_the_trainer_options(stage, capsys, monkeypatch):
     printed = print_config(stage, "--config", f"configs/demo/{stage}.yaml", "--trainer.devices", "2",
-                           "--trainer.strategy", "ddp_spawn", "--trainer.precision", "bf16-mixed", monkeypatch=monkeypatch,
-                           capsys=capsys)
+                           "--trainer.strategy", "ddp_spawn", "--trainer.precision", "bf16-mixed",
+                           monkeypatch=monkeypatch, capsys=capsys)
     t = printed["trainer"]
     assert (str(t["devices"]), t["strategy"], t["precision"]) == ("2", "ddp_spawn", "bf16-mixed")
     assert t["logger"] is False and t["use_distributed_sampler"] is False  # the prediction defaults

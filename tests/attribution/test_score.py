@@ -72,6 +72,19 @@ def score_inprocess(d, unlearned, out_dir, num_draws=T_SCORE, batch_size=4, stor
         return pd.read_parquet(Path(out_dir) / "scores.parquet")
 
 
+def workdir(pipe, tmp_path, copy_store: bool = False) -> Path:
+    """A folder with the module's theta0 and unlearned query linked, and its store linked or copied."""
+    d = tmp_path / "w"
+    d.mkdir()
+    for f in ("theta0.ckpt", "q3.safetensors"):
+        os.symlink(pipe / f, d / f)
+    if copy_store:
+        shutil.copytree(pipe / "store", d / "store")
+    else:
+        os.symlink(pipe / "store", d / "store")
+    return d
+
+
 def read_parts(folder) -> pd.DataFrame:
     return TableFormat().read(sorted(Path(folder).glob("part-*.parquet")))
 
@@ -190,10 +203,7 @@ def test_refuses_unlearned_file_without_fingerprints(pipe, tmp_path):
 
 
 def test_refuses_out_dir_of_another_run(pipe, tmp_path):
-    d = tmp_path / "w"
-    d.mkdir()
-    for f in ("store", "theta0.ckpt", "q3.safetensors"):
-        os.symlink(pipe / f, d / f)
+    d = workdir(pipe, tmp_path)
     shutil.copytree(pipe / "attr_ref", d / "attr_ref")
     with pytest.raises(RunMismatchError, match="another run"):
         score_inprocess(d, "q3.safetensors", "attr_ref", num_draws=T_SCORE + 1)
@@ -270,11 +280,7 @@ def test_baseline_cache_written_and_reused(pipe, ref, tmp_path):
 
 def test_baseline_cache_is_what_the_second_run_reads(pipe, tmp_path):
     """Proof of reuse: a doctored cache shows up in the table; with the cache off it is ignored."""
-    d = tmp_path / "w"
-    d.mkdir()
-    shutil.copytree(pipe / "store", d / "store")
-    for f in ("theta0.ckpt", "q3.safetensors"):
-        os.symlink(pipe / f, d / f)
+    d = workdir(pipe, tmp_path, copy_store=True)
     cache = baseline_cache(d)
     true_base = pd.read_parquet(cache).sort_values("index").reset_index(drop=True)
     doctored = true_base.assign(baseline_loss=true_base["baseline_loss"] + 1.0)
@@ -288,11 +294,7 @@ def test_baseline_cache_is_what_the_second_run_reads(pipe, tmp_path):
 
 def test_baseline_cache_follows_the_store_content(pipe, tmp_path):
     """A store re-encoded at the same path (same ids, other latents) must not reuse the old baselines."""
-    d = tmp_path / "w"
-    d.mkdir()
-    shutil.copytree(pipe / "store", d / "store")
-    for f in ("theta0.ckpt", "q3.safetensors"):
-        os.symlink(pipe / f, d / f)
+    d = workdir(pipe, tmp_path, copy_store=True)
     score_inprocess(d, "q3.safetensors", "a1")
     old_caches = d / "store" / "baselines"
     shutil.move(old_caches, tmp_path / "kept")
@@ -324,10 +326,7 @@ def test_cached_and_fresh_baselines_agree_within_the_reported_noise_floor(pipe, 
 
 @pytest.mark.slow
 def test_killed_attribute_run_resumes_to_the_same_table(pipe, tmp_path):
-    d = tmp_path / "w"
-    d.mkdir()
-    for f in ("store", "theta0.ckpt", "q3.safetensors"):
-        os.symlink(pipe / f, d / f)
+    d = workdir(pipe, tmp_path)
     T = 384  # slow enough (one item a batch) to be killed between parts
     args = attribute_args("q3.safetensors", "attr", num_draws=T, batch_size=1, flush_every=1, draws_per_forward=32,
                           cache=False)
