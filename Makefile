@@ -4,14 +4,18 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-MA := $(VENV)/bin/musicattr
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONWARNINGS := ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning
 
-D := runs/demo
 CFG := configs/demo
+# The run root: configs/demo/run.yaml names it once (runs/demo); `make demo RUN_ROOT=runs/other` moves every
+# output of the flow there. Each stage config writes its paths as ${run_root}/...
+RUN_ROOT ?= $(shell sed -n 's/^run_root: *//p' $(CFG)/run.yaml)
+D := $(RUN_ROOT)
+MA := $(VENV)/bin/musicattr
+RUN := --run_root $(D)
 
 .PHONY: all venv demo test test-fast bench table1 self-influence figure1 report clean-demo help
 
@@ -48,34 +52,34 @@ demo: venv $(D)/report/q000/index.html
 	@echo "report: $(D)/report/q000/index.html"
 
 $(D)/corpus/metadata.jsonl: $(CFG)/corpus.yaml
-	$(MA) corpus --config $(CFG)/corpus.yaml
+	$(MA) corpus --config $(CFG)/corpus.yaml $(RUN)
 
 $(D)/autoencoder/last.ckpt: $(D)/corpus/metadata.jsonl $(CFG)/autoencoder.yaml
 	rm -f $(D)/autoencoder/*.ckpt
-	$(MA) autoencoder --config $(CFG)/autoencoder.yaml
+	$(MA) autoencoder --config $(CFG)/autoencoder.yaml $(RUN)
 
 $(D)/store/index.parquet: $(D)/autoencoder/last.ckpt $(CFG)/encode.yaml
 	rm -rf $(D)/store
-	$(MA) encode --config $(CFG)/encode.yaml
+	$(MA) encode --config $(CFG)/encode.yaml $(RUN)
 
 $(D)/fit/last.ckpt: $(D)/store/index.parquet $(CFG)/fit.yaml
 	rm -f $(D)/fit/*.ckpt
-	$(MA) fit --config $(CFG)/fit.yaml
+	$(MA) fit --config $(CFG)/fit.yaml $(RUN)
 
 $(D)/fisher.safetensors: $(D)/fit/last.ckpt $(CFG)/fisher.yaml
-	$(MA) fisher --config $(CFG)/fisher.yaml --model.overwrite true
+	$(MA) fisher --config $(CFG)/fisher.yaml $(RUN) --model.overwrite true
 
 $(D)/generated/queries.json: $(D)/fit/last.ckpt $(CFG)/generate.yaml
-	$(MA) generate --config $(CFG)/generate.yaml
+	$(MA) generate --config $(CFG)/generate.yaml $(RUN)
 
 $(D)/unlearned/q000.safetensors: $(D)/fisher.safetensors $(D)/generated/queries.json $(CFG)/unlearn.yaml
-	$(MA) unlearn --config $(CFG)/unlearn.yaml
+	$(MA) unlearn --config $(CFG)/unlearn.yaml $(RUN)
 
 $(D)/attribution/q000/scores.parquet: $(D)/unlearned/q000.safetensors $(CFG)/attribute.yaml
-	$(MA) attribute --config $(CFG)/attribute.yaml --model.overwrite true
+	$(MA) attribute --config $(CFG)/attribute.yaml $(RUN) --model.overwrite true
 
 $(D)/report/q000/index.html: $(D)/attribution/q000/scores.parquet $(CFG)/report.yaml
-	$(MA) report --config $(CFG)/report.yaml
+	$(MA) report --config $(CFG)/report.yaml $(RUN)
 
 report: venv $(D)/report/q000/index.html
 
@@ -86,14 +90,14 @@ clean-demo:
 	rm -rf $(D)
 
 table1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
-	$(MA) evaluate --config $(CFG)/evaluate.yaml
+	$(MA) evaluate --config $(CFG)/evaluate.yaml $(RUN)
 
 SI_TARGETS ?= 16
 SI_DRAWS ?= 64
 self-influence: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
-	$(MA) evaluate --config $(CFG)/evaluate.yaml --out_dir $(D)/self_influence --num_targets $(SI_TARGETS) \
+	$(MA) evaluate --config $(CFG)/evaluate.yaml $(RUN) --out_dir $(D)/self_influence --num_targets $(SI_TARGETS) \
 		--score_draws $(SI_DRAWS) \
 		--configs '[{target: all, strategy: mixed, lr: 1.0e-6, steps: 1}]'
 
 figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
-	$(MA) compare --config $(CFG)/compare.yaml
+	$(MA) compare --config $(CFG)/compare.yaml $(RUN)

@@ -1,98 +1,176 @@
-"""The ``musicattr`` command: one subcommand per stage of the flow (see README).
+"""The ``musicattr`` command: one subcommand per stage of the flow (see README), listed in ``STAGES``.
 
-Lightning stages are LightningCLI programs (``--config``, ``--print_config``, ``--trainer.*``);
-the others are jsonargparse programs over one function, with the same ``--config`` handling.
+Lightning stages are LightningCLI programs (``--config``, ``--print_config``, ``--model.*``, ``--data.*``,
+``--trainer.*``); function stages are jsonargparse programs over one function, with the same ``--config``
+handling and, where the function scores with Lightning, the same ``--trainer.*`` options.
+
+The run root: stage configs write the paths of a run as ``${run_root}/...``. Its value comes from
+``--run_root DIR`` (any stage), else the environment variable ``MUSICATTR_RUN_ROOT``, else the
+``run_root`` of ``run.yaml`` in the folder of the ``--config`` file (``configs/demo/run.yaml``: runs/demo).
+It is substituted into config files and command-line values before parsing, so ``--print_config`` shows
+the resolved paths.
 """
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUN_ROOT_ENV = "MUSICATTR_RUN_ROOT"
+PLACEHOLDER = "${run_root}"
+PARSER_MODE = "musicattr"
+
+FIT = {"logger": {"class_path": "musicattr.wandb_logger.OfflineWandbLogger"}}
+PREDICT = {"use_distributed_sampler": False, "logger": False, "enable_progress_bar": True}
+PREDICT_GRAD = {**PREDICT, "inference_mode": False}  # per-item gradients (Fisher, relative scores)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A subcommand: ``target`` ("module:attribute") is a LightningModule (``subcommand`` "fit" or "predict",
+    with the LightningDataModule ``data``) or a function. ``trainer``: Trainer defaults; a function stage
+    with them also takes ``--trainer.*`` and receives them as ``trainer=dict``."""
+
+    help: str
+    target: str
+    subcommand: str | None = None
+    data: str | None = None
+    trainer: dict | None = field(default=None, hash=False)
+
 
 STAGES = {
-    "corpus": "render the embedded music corpus (music21 -> MIDI -> synthesizer) into an audio folder",
-    "autoencoder": "train the Oobleck VAE (stable-audio-tools AudioAutoencoder) on an audio folder",
-    "encode": "encode an audio folder into the latent store (latents, padding, timing, text embeddings)",
-    "fit": "pretrain the latent DiT on the latent store -> checkpoint theta0",
-    "fisher": "accumulate the diagonal Fisher of theta0 over the latent store",
-    "generate": "generate audio and query latents from text prompts",
-    "unlearn": "unlearn a query (generated latent or training item) from theta0 (Eq. 2)",
-    "attribute": "score every training item: tau_i = L(z_i, theta_unlearned) - L(z_i, theta0) (Eq. 1)",
-    "evaluate": "self-influence grid search (Table 1) on train-to-train attribution",
-    "compare": "test-to-train comparison with similarity baselines (Figure 1)",
-    "report": "an HTML page to listen to a query beside its attributed tracks, with credit shares",
+    "corpus": Stage("render the embedded music corpus (music21 -> MIDI -> synthesizer) into an audio folder",
+                    "musicattr.data.corpus:render_corpus"),
+    "autoencoder": Stage("train the Oobleck VAE (stable-audio-tools AudioAutoencoder) on an audio folder",
+                         "musicattr.models.autoencoder_module:AutoencoderModule", "fit",
+                         "musicattr.data.audio_datamodule:AudioCropDataModule", FIT),
+    "encode": Stage("encode an audio folder into the latent store (latents, padding, timing, text embeddings)",
+                    "musicattr.data.encode:EncodeModule", "predict", None, PREDICT),
+    "fit": Stage("pretrain the latent DiT on the latent store -> checkpoint theta0",
+                 "musicattr.models.diffusion_module:DiffusionModule", "fit",
+                 "musicattr.data.datamodules:LatentDataModule", FIT),
+    "fisher": Stage("accumulate the diagonal Fisher of theta0 over the latent store",
+                    "musicattr.attribution.fisher:FisherModule", "predict",
+                    "musicattr.data.datamodules:StorePredictDataModule", PREDICT_GRAD),
+    "generate": Stage("generate audio and query latents from text prompts", "musicattr.models.generate:generate"),
+    "unlearn": Stage("unlearn a query (generated latent or training item) from theta0 (Eq. 2)",
+                     "musicattr.attribution.unlearn:run_unlearn"),
+    "attribute": Stage("score every training item: tau_i = L(z_i, theta_unlearned) - L(z_i, theta0) (Eq. 1)",
+                       "musicattr.attribution.score:ScoringModule", "predict",
+                       "musicattr.data.datamodules:StorePredictDataModule", PREDICT_GRAD),
+    "evaluate": Stage("self-influence grid search (Table 1) on train-to-train attribution",
+                      "musicattr.evaluation.evaluate:run_grid", trainer=PREDICT),
+    "compare": Stage("test-to-train comparison with similarity baselines (Figure 1)",
+                     "musicattr.evaluation.compare:run_comparison", trainer=PREDICT),
+    "report": Stage("an HTML page to listen to a query beside its attributed tracks, with credit shares",
+                    "musicattr.report.stage:run_report"),
 }
 
-PREDICT_DEFAULTS = {"use_distributed_sampler": False, "logger": False, "enable_progress_bar": True}
+
+def _load(target: str | None):
+    if target is None:
+        return None
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def _lightning(stage: str, model_class, datamodule_class, argv: list[str], trainer_defaults: dict,
-               subcommand: str) -> None:
+# ---------------------------------------------------------------------------------------------- run root
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` / ``--name=VALUE`` in argv (the first), or None."""
+    for i, a in enumerate(argv):
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def resolve_run_root(argv: list[str]) -> str | None:
+    """``--run_root``, else $MUSICATTR_RUN_ROOT, else ``run_root`` of ``run.yaml`` beside the ``--config`` file."""
+    root = _option(argv, "run_root") or os.environ.get(RUN_ROOT_ENV)
+    config = _option(argv, "config")
+    if not root and config and (Path(config).parent / "run.yaml").is_file():
+        import yaml
+
+        root = (yaml.safe_load((Path(config).parent / "run.yaml").read_text()) or {}).get("run_root")
+    return str(root) if root else None
+
+
+def with_run_root(argv: list[str]) -> tuple[list[str], str | None]:
+    """Install the ``${run_root}`` substitution for config files; return argv with it substituted, and the root."""
+    from jsonargparse import get_loader, set_loader
+
+    root = resolve_run_root(argv)
+    config = _option(argv, "config")
+    texts = [*argv, Path(config).read_text() if config and Path(config).is_file() else ""]
+    if root is None and any(PLACEHOLDER in t for t in texts):
+        raise SystemExit(f"musicattr: the config uses {PLACEHOLDER} but no run root is set; fix: pass --run_root DIR, "
+                         f"set {RUN_ROOT_ENV}, or put 'run_root: DIR' in run.yaml beside the config file")
+    yaml_loader = get_loader("yaml")
+    set_loader(PARSER_MODE, lambda text: yaml_loader(text.replace(PLACEHOLDER, root) if root else text))
+    return ([a.replace(PLACEHOLDER, root) for a in argv] if root else argv), root
+
+
+# ---------------------------------------------------------------------------------------------- stages
+RUN_ROOT_HELP = f"the run root, substituted for {PLACEHOLDER} in the config (default: ${RUN_ROOT_ENV}, or run.yaml)"
+
+
+def _lightning(name: str, stage: Stage, argv: list[str], root: str | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(model_class, datamodule_class, args=[subcommand, *argv], trainer_defaults=trainer_defaults,
-                 save_config_kwargs={"overwrite": True}, parser_kwargs={subcommand: {"prog": f"musicattr {stage}"}},
-                 auto_configure_optimizers=False)
+    class CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--run_root", default=root, help=RUN_ROOT_HELP)
+
+    CLI(_load(stage.target), _load(stage.data), args=[stage.subcommand, *argv], trainer_defaults=stage.trainer,
+        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": PARSER_MODE,
+                       stage.subcommand: {"prog": f"musicattr {name}", "parser_mode": PARSER_MODE}})
 
 
-def _function(stage: str, fn, argv: list[str]) -> None:
-    from jsonargparse import ArgumentParser, ActionConfigFile
+def _function(name: str, stage: Stage, argv: list[str], root: str | None) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=f"musicattr {stage}", description=STAGES[stage])
+    fn = _load(stage.target)
+    parser = ArgumentParser(prog=f"musicattr {name}", description=stage.help, parser_mode=PARSER_MODE)
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(fn)
-    cfg = parser.parse_args(argv)
-    kwargs = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "__path__")}
-    fn(**kwargs)
+    parser.add_argument("--run_root", default=root, help=RUN_ROOT_HELP)
+    parser.add_function_arguments(fn, skip={"trainer"} if stage.trainer is not None else None)
+    if stage.trainer is not None:
+        import lightning as L
+
+        parser.add_class_arguments(L.Trainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True)
+        parser.set_defaults({f"trainer.{k}": v for k, v in stage.trainer.items()})
+    cfg = parser.instantiate(parser.parse_args(argv)).as_dict()
+    fn(**{k: v for k, v in cfg.items() if k not in ("config", "__path__", "run_root")})
 
 
-def run(stage: str, argv: list[str]) -> None:
-    fit_defaults = {"logger": {"class_path": "musicattr.wandb_logger.OfflineWandbLogger"}}
-    if stage == "corpus":
-        from musicattr.data.corpus import render_corpus
-        _function(stage, render_corpus, argv)
-    elif stage == "autoencoder":
-        from musicattr.data.audio_datamodule import AudioCropDataModule
-        from musicattr.models.autoencoder_module import AutoencoderModule
-        _lightning(stage, AutoencoderModule, AudioCropDataModule, argv, fit_defaults, "fit")
-    elif stage == "encode":
-        from musicattr.data.encode import EncodeModule
-        _lightning(stage, EncodeModule, None, argv, PREDICT_DEFAULTS, "predict")
-    elif stage == "fit":
-        from musicattr.data.datamodules import LatentDataModule
-        from musicattr.models.diffusion_module import DiffusionModule
-        _lightning(stage, DiffusionModule, LatentDataModule, argv, fit_defaults, "fit")
-    elif stage == "fisher":
-        from musicattr.attribution.fisher import FisherPassModule
-        _lightning(stage, FisherPassModule, None, argv, {**PREDICT_DEFAULTS, "inference_mode": False}, "predict")
-    elif stage == "generate":
-        from musicattr.models.generate import generate
-        _function(stage, generate, argv)
-    elif stage == "unlearn":
-        from musicattr.attribution.unlearn import run_unlearn
-        _function(stage, run_unlearn, argv)
-    elif stage == "attribute":
-        from musicattr.attribution.score import ScoringModule
-        _lightning(stage, ScoringModule, None, argv, {**PREDICT_DEFAULTS, "inference_mode": False}, "predict")
-    elif stage == "evaluate":
-        from musicattr.evaluation.self_influence import run_grid
-        _function(stage, run_grid, argv)
-    elif stage == "compare":
-        from musicattr.evaluation.test_to_train import run_comparison
-        _function(stage, run_comparison, argv)
-    elif stage == "report":
-        from musicattr.report.stage import run_report
-        _function(stage, run_report, argv)
-    else:
-        raise KeyError(stage)
+def run(name: str, argv: list[str]) -> None:
+    stage = STAGES[name]
+    argv, root = with_run_root(argv)
+    (_lightning if stage.subcommand else _function)(name, stage, argv, root)
 
 
 def usage() -> str:
-    lines = ["usage: musicattr <subcommand> [--config FILE] [options] [--print_config] [--help]", "",
+    lines = ["usage: musicattr <subcommand> [--config FILE] [--run_root DIR] [options] [--print_config] [--help]", "",
              "Training data attribution by unlearning for text-to-music latent diffusion.", "", "subcommands:"]
-    lines += [f"  {k:<12} {v}" for k, v in STAGES.items()]
+    lines += [f"  {k:<12} {v.help}" for k, v in STAGES.items()]
     lines += ["", "Run `musicattr <subcommand> --help` for the options of one stage."]
     return "\n".join(lines)
+
+
+def install_log_handler() -> None:
+    """Show the library's log (progress, warnings, the top-10 table) on stdout."""
+    logger = logging.getLogger("musicattr")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,11 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
-    stage, rest = argv[0], argv[1:]
-    if stage not in STAGES:
-        print(f"musicattr: unknown subcommand {stage!r}\n\n{usage()}", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    if name not in STAGES:
+        print(f"musicattr: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    run(stage, rest)
+    install_log_handler()
+    run(name, rest)
 
 
 if __name__ == "__main__":

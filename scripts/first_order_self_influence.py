@@ -20,17 +20,17 @@ import numpy as np
 import torch
 
 from musicattr.attribution.fisher import load_fisher
-from musicattr.attribution.targets import select_parameters
-from musicattr.attribution.unlearn import damped_inverse, query_gradient
+from musicattr.attribution.loss import UNLEARN
+from musicattr.attribution.task import load_task
+from musicattr.attribution.unlearn import damped_inverse, loss_gradient
 from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.evaluation.metrics import target_rank
-from musicattr.models.diffusion_module import load_diffusion_module
 
 
-def flat_gradient(module, params, batch, item_id: str, num_draws: int, mask, seed: int) -> torch.Tensor:
-    cond = module.conditioning_inputs(batch)
-    g = query_gradient(module.net, params, batch["latents"], cond, item_id, seed, num_draws, mask)
+def flat_gradient(task, params, batch, num_draws: int, seed: int, namespace: str = "", mask: bool = False
+                  ) -> torch.Tensor:
+    g = loss_gradient(task, params, batch, seed, num_draws, namespace=namespace, mask=mask)
     return torch.cat([g[k].flatten() for k in params]).float()
 
 
@@ -51,8 +51,8 @@ def main() -> None:
     targets = json.load(open(a.setup))["targets"] if a.setup else a.targets
     if not targets:
         ap.error("give --setup or --targets")
-    module = load_diffusion_module(a.checkpoint).eval()
-    params = select_parameters(module.net, a.target_group)
+    task = load_task(None, a.checkpoint)  # the SAT DiT of `musicattr fit`
+    params = task.select_parameters(a.target_group)
     fisher, _ = load_fisher(a.fisher)
     inv = damped_inverse(fisher, params, a.damping)
     inv = torch.cat([inv[k].flatten() for k in params]).float()
@@ -60,15 +60,15 @@ def main() -> None:
     ids = [str(i) for i in store.items["item_id"]]
     t0 = time.time()
     grads = torch.empty(len(ids), inv.numel())
-    for pos, item in enumerate(ids):
-        grads[pos] = flat_gradient(module, params, collate_items([store[pos]]), item, a.score_draws, None, a.seed)
+    for pos in range(len(ids)):
+        grads[pos] = flat_gradient(task, params, collate_items([store[pos]]), a.score_draws, a.seed)
     print(f"per-item gradients: {len(ids)} items x T={a.score_draws} in {time.time() - t0:.0f} s", flush=True)
     norms = (grads.pow(2) * inv).sum(1).double().sqrt()
     rows = []
     for item in targets:
         t = ids.index(item)
         b = collate_items([store[t]])
-        gq = flat_gradient(module, params, b, "unlearn/" + item, a.num_draws, module.frame_mask(b), a.seed)
+        gq = flat_gradient(task, params, b, a.num_draws, a.seed, namespace=UNLEARN, mask=True)
         tau = (grads @ (gq * inv)).double()
         rank, rank_rel = target_rank(tau, t), target_rank(tau / norms, t)
         rows.append({"target": item, "rank": rank, "rank_rel": rank_rel})

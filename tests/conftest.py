@@ -46,13 +46,15 @@ def tiny_autoencoder_config(latent_dim: int = 16, sample_rate: int = 16000) -> d
 
 
 def cli(args, cwd, check=True, timeout=400, **popen):
-    """Run ``python -m musicattr.cli ARGS`` in ``cwd`` with one thread per process (Popen if popen kwargs)."""
+    """Run ``python -m musicattr.cli ARGS`` in ``cwd`` with one thread per process (Popen if popen kwargs);
+    the repository and tests/ on its path."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    path = os.pathsep.join([str(root), str(root / "tests")])  # tests/ holds eps_task (the second task)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "musicattr.cli", *map(str, args)]
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
@@ -107,8 +109,9 @@ def save_checkpoint(module, path) -> str:
 
 
 def make_store(root, n: int = 12, channels: int = 4, frames: int = 16, text_dim: int = 32, seed: int = 0,
-               shard_size: int = 5):
-    """A latent store of ``n`` synthetic items with varied valid lengths (zero padding matters)."""
+               shard_size: int = 5, item_ids=None):
+    """A latent store of ``n`` synthetic items with varied valid lengths (zero padding matters);
+    item i is ``item_ids[i]`` (default ``audio/trackNNN.wav``)."""
     from musicattr.data.latent_store import LatentStoreWriter
 
     g = np.random.default_rng(seed)
@@ -122,7 +125,8 @@ def make_store(root, n: int = 12, channels: int = 4, frames: int = 16, text_dim:
         for j, v in enumerate(valid):
             lat[j, :, v:] = 0.1  # the encoder's output on silence
         text = g.standard_normal((len(idx), 1, text_dim)).astype(np.float32)
-        items = [{"index": i, "item_id": f"audio/track{i:03d}.wav", "caption": f"caption {i}",
+        items = [{"index": i, "item_id": item_ids[i] if item_ids else f"audio/track{i:03d}.wav",
+                  "caption": f"caption {i}",
                   "file_name": f"audio/track{i:03d}.wav", "valid_frames": v, "seconds_start": 0,
                   "seconds_total": int(np.ceil(v * 2048 / 16000)), "duration_s": v * 2048 / 16000}
                  for i, v in zip(idx, valid)]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.name for p in (ROOT / "configs" / "demo").glob("*.yaml"))
+CONFIGS = sorted(p.name for p in (ROOT / "configs" / "demo").glob("*.yaml") if p.name != "run.yaml")
 
 
 def musicattr(*args, check=True):
@@ -27,7 +27,7 @@ def test_unknown_subcommand_fails_clearly():
 
 
 def test_demo_and_paper_configs_mirror_each_other():
-    paper = sorted(p.name for p in (ROOT / "configs" / "paper").glob("*.yaml"))
+    paper = sorted(p.name for p in (ROOT / "configs" / "paper").glob("*.yaml") if p.name != "run.yaml")
     assert CONFIGS == paper
     for name in CONFIGS:
         d = yaml.safe_load((ROOT / "configs/demo" / name).read_text())
@@ -38,21 +38,83 @@ def test_demo_and_paper_configs_mirror_each_other():
                 assert set(d[section]) == set(p[section]), (name, section)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("flavour", ["demo", "paper"])
-def test_print_config(name, flavour, capsys, monkeypatch):
+def print_config(*args, monkeypatch, capsys) -> dict:
     from musicattr.cli import main
 
     monkeypatch.chdir(ROOT)
-    stage = name.removesuffix(".yaml")
+    monkeypatch.delenv("MUSICATTR_RUN_ROOT", raising=False)
     with pytest.raises(SystemExit) as e:
-        main([stage, "--config", f"configs/{flavour}/{name}", "--print_config"])
+        main([*args, "--print_config"])
     assert e.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("flavour", ["demo", "paper"])
+def test_print_config(name, flavour, capsys, monkeypatch):
+    stage = name.removesuffix(".yaml")
+    printed = print_config(stage, "--config", f"configs/{flavour}/{name}", monkeypatch=monkeypatch, capsys=capsys)
     assert printed
-    model = printed.get("model", printed)
-    original = yaml.safe_load((ROOT / "configs" / flavour / name).read_text())
-    original_model = original.get("model", original)
-    for key in ("checkpoint", "store", "folder", "out_dir", "lr", "num_draws"):
-        if key in original_model:
-            assert model.get(key, model.get("init_args", {}).get(key)) == original_model[key], key
+    root = yaml.safe_load((ROOT / "configs" / flavour / "run.yaml").read_text())["run_root"]
+    assert printed["run_root"] == root == f"runs/{flavour}"
+    text = (ROOT / "configs" / flavour / name).read_text().replace("${run_root}", root)
+    original = yaml.safe_load(text)
+    for section in ("model", "data", None):
+        want = original.get(section, {}) if section else original
+        got = printed.get(section, {}) if section else printed
+        for key in ("checkpoint", "store", "folder", "out_dir", "out", "unlearned", "fisher", "lr", "num_draws"):
+            if key in want and not isinstance(want[key], dict):
+                assert got[key] == want[key], (section, key)
+    assert "${run_root}" not in yaml.safe_dump(printed)
+
+
+def test_demo_configs_name_the_run_root_once():
+    texts = {p.name: p.read_text() for p in (ROOT / "configs" / "demo").glob("*.yaml")}
+    assert sum(t.count("runs/demo") for t in texts.values()) == 1 and "runs/demo" in texts["run.yaml"]
+
+
+def test_run_root_option_and_environment_move_every_path(capsys, monkeypatch):
+    printed = print_config("fit", "--config", "configs/demo/fit.yaml", "--run_root", "runs/mine",
+                           monkeypatch=monkeypatch, capsys=capsys)
+    assert printed["data"]["store"] == "runs/mine/store" and printed["trainer"]["default_root_dir"] == "runs/mine/fit"
+    dirs = [c["init_args"].get("dirpath") for c in printed["trainer"]["callbacks"]]
+    assert "runs/mine/fit" in dirs
+    assert all("runs/demo" not in str(v) for v in printed["model"]["model_config"].values())
+    from musicattr.cli import main
+
+    monkeypatch.setenv("MUSICATTR_RUN_ROOT", "runs/env")
+    with pytest.raises(SystemExit):
+        main(["attribute", "--config", "configs/demo/attribute.yaml", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["store"] == "runs/env/store"
+
+
+def test_placeholder_without_run_root_fails_clearly(tmp_path, monkeypatch, capsys):
+    from musicattr.cli import main
+
+    (tmp_path / "unlearn.yaml").write_text("checkpoint: ${run_root}/fit/last.ckpt\n")
+    monkeypatch.delenv("MUSICATTR_RUN_ROOT", raising=False)
+    with pytest.raises(SystemExit, match="no run root is set; fix: pass --run_root"):
+        main(["unlearn", "--config", str(tmp_path / "unlearn.yaml"), "--print_config"])
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "compare"])
+def test_function_stages_take_the_trainer_options(stage, capsys, monkeypatch):
+    printed = print_config(stage, "--config", f"configs/demo/{stage}.yaml", "--trainer.devices", "2",
+                           "--trainer.strategy", "ddp_spawn", "--trainer.precision", "bf16-mixed",
+                           monkeypatch=monkeypatch, capsys=capsys)
+    t = printed["trainer"]
+    assert (str(t["devices"]), t["strategy"], t["precision"]) == ("2", "ddp_spawn", "bf16-mixed")
+    assert t["logger"] is False and t["use_distributed_sampler"] is False  # the prediction defaults
+    assert printed["task"]["class_path"] == "musicattr.models.sat_task.SATDiffusionTask"
+
+
+def test_stage_table_names_importable_targets():
+    import importlib
+
+    from musicattr.cli import STAGES
+
+    for name, stage in STAGES.items():
+        for target in filter(None, (stage.target, stage.data)):
+            module, attr = target.split(":")
+            assert callable(getattr(importlib.import_module(module), attr)), (name, target)
+        assert (stage.subcommand is None) or stage.subcommand in ("fit", "predict")

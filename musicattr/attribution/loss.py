@@ -1,14 +1,19 @@
-"""The per-item loss shared by Fisher accumulation, unlearning and scoring.
+"""The draws and the loss shared by Fisher accumulation, unlearning and scoring.
 
-    L(z, theta; M) = 1/T * sum_{j<T} || M * (v_theta(z_t_j, t_j, c) - v_j) ||^2 / |M|
+The per-item loss of the contract (built by the attribution task, ``attribution/task.py``):
 
-with the v-objective (Salimans & Ho, 2022): alpha = cos(pi t / 2), sigma = sin(pi t / 2),
-z_t = alpha z + sigma eps,  v = alpha eps - sigma z,  t ~ U(0, 1), eps ~ N(0, I).
-|M| counts latent frames x channels: all frames (no mask) or only non-padded ones (mask).
+    L(z, theta; M) = 1/T * sum_{j<T} || M * (f_theta(z_t_j, t_j, c) - y_j) ||^2 / |M|
+
+with (z_t, y) the task's forward process and target: for the paper's v-objective (Salimans & Ho,
+2022) alpha = cos(pi t / 2), sigma = sin(pi t / 2), z_t = alpha z + sigma eps, v = alpha eps - sigma z,
+t ~ U(0, 1), eps ~ N(0, I). |M| counts latent frames x channels: all frames (no mask) or only the
+non-padded ones (mask).
 
 Draw j of item ``item_id`` is a pure function of (seed, item_id, j): it is generated on the
 CPU from its own generator, so L(z_i, theta_unlearned) - L(z_i, theta0) compares the same
-draws (common random numbers) whatever the batch, order, device or world size.
+draws (common random numbers) whatever the batch, order, device or world size. Each purpose
+draws from its own namespace: scoring keys draws by the bare item id, the Fisher by
+``fisher/<id>`` and unlearning by ``unlearn/<id>``, so no estimate reuses another's noise.
 """
 from __future__ import annotations
 
@@ -17,6 +22,14 @@ import math
 from typing import Mapping, Sequence
 
 import torch
+
+FISHER = "fisher/"    # draw namespace of the Fisher accumulation
+UNLEARN = "unlearn/"  # draw namespace of the query loss that unlearning ascends
+
+
+def draw_keys(namespace: str, item_ids: Sequence[str]) -> list[str]:
+    """The keys ``namespace + id`` under which the draws of ``item_ids`` are made for one purpose."""
+    return [namespace + str(i) for i in item_ids]
 
 
 def draw_seed(seed: int, item_id: str, draw: int) -> int:
@@ -61,33 +74,6 @@ def repeat_conditioning(cond: Mapping[str, object], repeats: int) -> dict:
     return {k: (v.repeat_interleave(repeats, 0) if torch.is_tensor(v) else v) for k, v in cond.items()}
 
 
-def per_draw_losses(net, z: torch.Tensor, cond: Mapping[str, object], t: torch.Tensor, eps: torch.Tensor,
-                    frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Losses L_t(z_b) [B, D] of the DiT ``net`` (SAT DiTWrapper) for draws t [B, D], eps [B, D, C, L]."""
-    b, d = t.shape
-    x = z.repeat_interleave(d, 0)
-    x_t, target = v_objective(x, t.reshape(-1).to(z), eps.reshape(b * d, *z.shape[1:]).to(z))
-    pred = net(x_t, t.reshape(-1).to(z), **repeat_conditioning(cond, d), use_checkpointing=False)
-    m = frame_mask.repeat_interleave(d, 0) if frame_mask is not None else None
-    return masked_mse(pred, target, m).view(b, d)
-
-
 def frame_mask_from_lengths(valid_frames: torch.Tensor, length: int) -> torch.Tensor:
     """Padding mask [B, L]: true on the first ``valid_frames`` latent frames of each item."""
     return torch.arange(length, device=valid_frames.device)[None, :] < valid_frames[:, None]
-
-
-def item_loss(net, z: torch.Tensor, cond: Mapping[str, object], item_ids: Sequence[str], seed: int,
-              num_draws: int, frame_mask: torch.Tensor | None = None, draws_per_forward: int = 8,
-              draw_offset: int = 0) -> torch.Tensor:
-    """L(z_b, theta; M) for each item of the batch, averaged over ``num_draws`` draws, as float64 [B].
-
-    Differentiable (call under torch.no_grad() for scoring). Draws are processed
-    ``draws_per_forward`` at a time to bound memory.
-    """
-    total = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-    for start in range(0, num_draws, draws_per_forward):
-        idx = range(draw_offset + start, draw_offset + min(num_draws, start + draws_per_forward))
-        t, eps = make_draws(seed, item_ids, idx, tuple(z.shape[1:]))
-        total = total + per_draw_losses(net, z, cond, t, eps, frame_mask).double().sum(1)
-    return total / num_draws

@@ -2,23 +2,22 @@
 
     tau_i = L(z_i, theta_unlearned; M_L) - L(z_i, theta0; M_L)
 
-``ScoringModule`` runs in ``Trainer.predict`` over the latent store (DDP over GPUs, or gloo
-processes on the CPU); each rank takes a disjoint slice of the items (no padding duplicates).
-theta0 and theta_unlearned differ only in the tensors of the unlearned file: both versions are
-kept and swapped in by assignment (no add/subtract round-off). The baseline losses
-L(z_i, theta0) depend on (checkpoint, T, seed, M_L) only, so they are cached in
-``<store>/baselines/`` and reused by every later query. ``ScoreWriter`` (a Lightning prediction
-writer) writes parts as they come; a killed run resumes from them, and rank 0 merges them into
-``scores.parquet``: item_id, caption, file_name, score, rank, baseline_loss, unlearned_loss, ...
+``ScoringModule`` runs in ``Trainer.predict`` over the latent store (``StorePredictDataModule``;
+DDP over GPUs, or gloo processes on the CPU); each rank takes a disjoint slice of the items (no
+padding duplicates). theta0 and theta_unlearned differ only in the tensors of the unlearned file:
+both versions are kept and swapped in by assignment (no add/subtract round-off). L is the attribution
+task's per-item loss. The baseline losses L(z_i, theta0) do not depend on the query, so they are
+cached in ``<store>/baselines/``, keyed by everything they depend on (``baseline_key``; see
+``musicattr.attribution.cache``), and reused by every later query. A ``PartsWriter`` writes each
+rank's rows as they come (``<out_dir>/parts/``); a killed run resumes from them, and rank 0 merges
+them into ``scores.parquet``: item_id, caption, file_name, score, rank, baseline_loss, unlearned_loss, ...
 
 With ``relative``, the table also holds the relative score tau_i / s_i and its rank (see
 ``musicattr.attribution.sensitivity``); s_i is cached in ``<store>/sensitivity/`` like the baselines.
 """
 from __future__ import annotations
 
-import json
-import os
-import uuid
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,65 +25,60 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import Subset
 
-from musicattr.attribution.loss import item_loss
+from musicattr.atomic import atomic_path, atomic_write_json
+from musicattr.attribution.cache import cache_path, read_cache, write_cache
 from musicattr.attribution.masks import resolve_masks
-from musicattr.attribution.sensitivity import item_sensitivity, sensitivity_cache_path
+from musicattr.attribution.sensitivity import item_sensitivity
+from musicattr.attribution.task import AttributionTask, load_task
 from musicattr.attribution.unlearn import damped_inverse, load_unlearned
-from musicattr.data.datamodules import item_slice, predict_loader
-from musicattr.data.latent_store import LatentStore
-from musicattr.models.diffusion_module import load_diffusion_module
+from musicattr.data.datamodules import item_slice
 from musicattr.models.sat import file_fingerprint
-from musicattr.run_dir import claim_run_dir
+from musicattr.parts import Parts, PartsWriter, RunMismatchError, TableFormat
 
-
-class RunMismatchError(RuntimeError):
-    pass
-
-
-def baseline_cache_path(store: str, checkpoint_fp: str, num_draws: int, seed: int, mask_loss: bool) -> Path:
-    return Path(store) / "baselines" / f"{checkpoint_fp}-T{num_draws}-seed{seed}-mask{int(mask_loss)}.parquet"
-
-
-def read_parts(parts: Path) -> pd.DataFrame:
-    frames = [pd.read_parquet(p) for p in sorted(parts.glob("part-*.parquet"))]
-    cols = ["index", "baseline_loss", "unlearned_loss", "sensitivity"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+log = logging.getLogger(__name__)
+__all__ = ["ScoringModule", "RunMismatchError", "merge_scores", "write_noise_report", "log_top"]
 
 
 class ScoringModule(L.LightningModule):
-    """Scores the latent store against one unlearned model (use with ``ScoreWriter``)."""
+    """Scores the latent store against one unlearned model (with ``StorePredictDataModule``)."""
 
-    def __init__(self, checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int = 16,
-                 seed: int = 0, mask_loss: bool | None = None, batch_size: int = 16, num_workers: int = 0,
-                 draws_per_forward: int = 16, use_baseline_cache: bool = True, flush_every: int = 10,
-                 top_k: int = 10, overwrite: bool = False, relative: bool = False, fisher: str | None = None):
-        """Args (beyond the obvious): ``relative`` adds tau_i / s_i (RelatIF) and its rank; it needs the
-        Fisher of the unlearning run (``fisher``, default: the path recorded in the unlearned file)."""
+    def __init__(self, checkpoint: str, unlearned: str, out_dir: str, task: AttributionTask | None = None,
+                 num_draws: int = 16, seed: int = 0, mask_loss: bool | None = None, draws_per_forward: int = 16,
+                 use_baseline_cache: bool = True, flush_every: int = 10, top_k: int = 10, overwrite: bool = False,
+                 relative: bool = False, fisher: str | None = None):
+        """Args (beyond the obvious): ``task`` the attribution task (default: the SAT DiT of ``musicattr fit``);
+        ``mask_loss`` M_L (default: from the unlearned file's strategy); ``relative`` adds tau_i / s_i (RelatIF)
+        and its rank; it needs the Fisher of the unlearning run (``fisher``, default: the path recorded in the
+        unlearned file)."""
         super().__init__()
-        self.save_hyperparameters()
-        self.theta0 = load_diffusion_module(checkpoint)
+        self.save_hyperparameters(ignore=["task"])
+        self.task = load_task(task, checkpoint)
+        self.theta0 = self.task.model  # registered, so Lightning moves it to the device
         self.changed, self.unlearn_meta = load_unlearned(unlearned)
-        strategy = self.unlearn_meta.get("strategy")
-        self.mask_loss = resolve_masks(strategy, mask_loss=mask_loss)[1]
+        self.mask_loss = resolve_masks(self.unlearn_meta.get("strategy"), mask_loss=mask_loss)[1]
         self.checkpoint_fp = file_fingerprint(checkpoint)
-        if self.unlearn_meta.get("checkpoint_fingerprint") not in (None, self.checkpoint_fp):
+        if "checkpoint_fingerprint" not in self.unlearn_meta:
+            raise RunMismatchError(f"{unlearned} records no checkpoint fingerprint, so nothing ties it to "
+                                   f"{checkpoint}; fix: rerun `musicattr unlearn` to rewrite it")
+        if self.unlearn_meta["checkpoint_fingerprint"] != self.checkpoint_fp:
             raise RunMismatchError(f"{unlearned} was unlearned from another checkpoint than {checkpoint}; "
                                    "fix: pass the checkpoint it was made from")
+        named = dict(self.task.net.named_parameters())
+        unknown = [k for k in self.changed if k not in named]
+        if unknown:
+            raise RunMismatchError(f"{unlearned} names tensors absent from the model of {checkpoint}: {unknown[:3]}; "
+                                   "fix: unlearn with the same task and checkpoint")
+        self.params = {k: named[k] for k in self.changed}
         self.out_dir = Path(out_dir)
-        self.store = LatentStore(store)
-        self.cache_path = baseline_cache_path(store, self.checkpoint_fp, num_draws, seed, self.mask_loss)
-        self.cached_baseline: dict[int, float] = {}
+        self.baseline_cache: dict[int, float] = {}
+        self.sensitivity_cache: dict[int, float] = {}
         self.float_error: float | None = None
-        if use_baseline_cache and self.cache_path.exists():
-            df = pd.read_parquet(self.cache_path)
-            self.cached_baseline = dict(zip(df["index"].astype(int), df["baseline_loss"].astype(float)))
-        self.cached_sensitivity: dict[int, float] = {}
-        self.sensitivity_path: Path | None = None
         if relative:
             self._init_relative(fisher or self.unlearn_meta.get("fisher"))
+        self.parts = Parts(self.out_dir / "parts", TableFormat(), self.run_key, RunMismatchError(
+            f"{self.out_dir} holds scores of another run (other unlearned weights, store, task, draws, seed or mask); "
+            "fix: choose another out_dir, or pass --model.overwrite true to replace them"))
 
     def _init_relative(self, fisher: str | None) -> None:
         from musicattr.attribution.fisher import load_fisher
@@ -93,148 +87,139 @@ class ScoringModule(L.LightningModule):
             raise ValueError(f"relative scores need the Fisher of the unlearning run, and {self.hparams.unlearned} "
                              "records none; fix: pass --model.fisher PATH")
         fisher_fp = file_fingerprint(fisher)
-        if self.unlearn_meta.get("fisher_fingerprint") not in (None, fisher_fp):
+        if "fisher_fingerprint" not in self.unlearn_meta:
+            raise RunMismatchError(f"{self.hparams.unlearned} records no Fisher fingerprint, so the relative score "
+                                   "cannot check it uses the unlearning run's Fisher; fix: rerun `musicattr unlearn`")
+        if self.unlearn_meta["fisher_fingerprint"] != fisher_fp:
             raise RunMismatchError(f"{fisher} is not the Fisher {self.hparams.unlearned} was unlearned with; "
                                    "fix: pass that Fisher with --model.fisher")
         tensors, _ = load_fisher(fisher, self.checkpoint_fp)
         damping = float(self.unlearn_meta.get("damping", 1e-3))
         self.inverse = {k: v.float() for k, v in damped_inverse(tensors, self.changed, damping).items()}
-        self.sensitivity_path = sensitivity_cache_path(self.hparams.store, self.checkpoint_fp, fisher_fp,
-                                                       self.changed, damping, self.hparams.num_draws,
-                                                       self.hparams.seed, self.mask_loss)
-        if self.hparams.use_baseline_cache and self.sensitivity_path.exists():
-            df = pd.read_parquet(self.sensitivity_path)
-            self.cached_sensitivity = dict(zip(df["index"].astype(int), df["sensitivity"].astype(float)))
+        self.fisher_fp, self.damping = fisher_fp, damping
 
-    def configure_callbacks(self):
-        return [ScoreWriter(self.hparams.flush_every)]
+    # ---------------------------------------------------------------- keys
+    @property
+    def store(self):
+        return self.trainer.datamodule.store
+
+    def baseline_key(self, store=None) -> dict[str, Any]:
+        """What L(z_i, theta0) depends on, beyond reduction order: the key of the baseline cache
+        (``store``: default the pass's; the device is the one the pass runs on)."""
+        store = self.store if store is None else store
+        dtype = next(iter(self.task.net.parameters())).dtype
+        return {"checkpoint_fingerprint": self.checkpoint_fp, "store_fingerprint": store.fingerprint,
+                **self.task.identity(), "num_draws": self.hparams.num_draws, "seed": self.hparams.seed,
+                "mask_loss": self.mask_loss, "dtype": str(dtype), "device": self.device.type}
+
+    def sensitivity_key(self, store=None) -> dict[str, Any]:
+        """What s_i depends on: the baseline key, the Fisher, the unlearned tensors and the damping."""
+        return {**self.baseline_key(store), "fisher_fingerprint": self.fisher_fp, "tensors": sorted(self.changed),
+                "damping": self.damping}
 
     def run_key(self) -> dict[str, Any]:
-        return {"checkpoint_fingerprint": self.checkpoint_fp, "unlearned": self.unlearn_meta,
-                "unlearned_fingerprint": file_fingerprint(self.hparams.unlearned),
-                "num_draws": self.hparams.num_draws, "seed": self.hparams.seed, "mask_loss": self.mask_loss,
-                "store": str(self.store.root.resolve()), "relative": self.hparams.relative}
+        """What the rows of this run depend on (the key of its parts)."""
+        return {**self.baseline_key(), "unlearned": self.unlearn_meta,
+                "unlearned_fingerprint": file_fingerprint(self.hparams.unlearned), "relative": self.hparams.relative}
+
+    # ---------------------------------------------------------------- the pass
+    def configure_callbacks(self):
+        return [PartsWriter(self.parts, self.merge, self.hparams.flush_every, self.hparams.overwrite)]
 
     def setup(self, stage: str) -> None:
-        self.theta0.to(self.device)
-        named = dict(self.theta0.net.named_parameters())
-        unknown = [k for k in self.changed if k not in named]
-        if unknown:
-            raise RunMismatchError(f"{self.hparams.unlearned} names tensors absent from the model: {unknown[:3]}")
-        self.params = {k: named[k] for k in self.changed}
-        self.original = {k: p.detach().clone() for k, p in self.params.items()}
-        self.unlearned_values = {k: v.to(self.device, self.params[k].dtype) for k, v in self.changed.items()}
+        self.prepare(self.device)
+        root = self.store.root
+        self.keys = {"baselines": self.baseline_key()}  # kept: at merge time the model is back on the CPU
         if self.hparams.relative:
-            self.inverse = {k: v.to(self.device) for k, v in self.inverse.items()}
-        parts = self.out_dir / "parts"
-        if self.trainer.is_global_zero:
-            claim_run_dir(parts, self.out_dir / "run.json", self.run_key(), self.hparams.overwrite, "part-*.parquet",
-                          RunMismatchError(f"{self.out_dir} holds scores of another run (other unlearned weights, "
-                                           "draws, seed or mask); fix: choose another out_dir, or pass "
-                                           "--model.overwrite true to replace them"))
-        self.trainer.strategy.barrier()
-        self.done = set(read_parts(parts)["index"].astype(int))
+            self.keys["sensitivity"] = self.sensitivity_key()
+        self.cache_paths = {kind: cache_path(root, kind, key) for kind, key in self.keys.items()}
+        if self.hparams.use_baseline_cache:
+            self.baseline_cache = read_cache(self.cache_paths["baselines"], "baseline_loss")
+            if self.hparams.relative:
+                self.sensitivity_cache = read_cache(self.cache_paths["sensitivity"], "sensitivity")
 
-    def predict_dataloader(self):
-        todo = [pos for pos, idx in enumerate(self.store.items["index"]) if int(idx) not in self.done]
-        if not todo and self.trainer.is_global_zero:  # every item scored earlier: the loop will not run
-            print_top(merge_scores(self), self.hparams.top_k)
-        return predict_loader(Subset(self.store, todo), self.hparams.batch_size, self.hparams.num_workers,
-                              self.trainer)
+    def prepare(self, device: torch.device | str = "cpu") -> None:
+        """Move theta0 to ``device`` and keep both versions of the unlearned tensors there (no Trainer needed)."""
+        self.theta0.to(device)
+        self.original = {k: p.detach().clone() for k, p in self.params.items()}
+        self.unlearned_values = {k: v.to(device, self.params[k].dtype) for k, v in self.changed.items()}
+        if self.hparams.relative:
+            self.inverse = {k: v.to(device) for k, v in self.inverse.items()}
 
-    def _float_error_probe(self, batch, baseline: torch.Tensor, n: int = 4) -> float:
-        """Float error of a loss: L(z_i, theta0) recomputed item by item (other reductions than in the
-        batch) against the batched / cached value. Scores far below it are not measurable."""
-        self._set(self.original)
-        diffs = []
-        for j in range(min(n, len(batch["index"]))):
-            diffs.append(abs(float(self._loss(item_slice(batch, j))[0]) - float(baseline[j])))
-        return max(max(diffs), float(torch.finfo(torch.float32).eps) * float(baseline.abs().max()))
-
-    def _set(self, values: dict[str, torch.Tensor]) -> None:
+    def use(self, unlearned: bool) -> None:
+        """Swap theta_unlearned (or theta0) into the model's unlearned tensors, by assignment."""
+        values = self.unlearned_values if unlearned else self.original
         for k, p in self.params.items():
             p.data = values[k]
 
-    def _loss(self, batch) -> torch.Tensor:
-        m = self.theta0
-        mask = m.frame_mask(batch) if self.mask_loss else None
-        return item_loss(m.net, batch["latents"], m.conditioning_inputs(batch), batch["item_id"],
-                         self.hparams.seed, self.hparams.num_draws, mask, self.hparams.draws_per_forward)
+    def loss(self, batch) -> torch.Tensor:
+        """L(z_b, theta; M_L) at the tensors in place (see ``use``): float64 [B], the scoring draws."""
+        h = self.hparams
+        return self.task.item_loss(batch, h.seed, h.num_draws, mask=self.mask_loss,
+                                   draws_per_forward=h.draws_per_forward)
 
-    def _sensitivity(self, batch, idx: list[int]) -> np.ndarray:
+    def float_error_probe(self, batch, baseline: torch.Tensor, n: int = 4) -> float:
+        """Float error of a loss: L(z_i, theta0) recomputed item by item (other reductions than in the
+        batch) against the batched / cached value. Scores far below it are not measurable."""
+        self.use(unlearned=False)
+        diffs = [abs(float(self.loss(item_slice(batch, j))[0]) - float(baseline[j]))
+                 for j in range(min(n, len(batch["index"])))]
+        return max(max(diffs), float(torch.finfo(torch.float32).eps) * float(baseline.abs().max()))
+
+    def sensitivity(self, batch, idx: list[int]) -> np.ndarray:
         """s_i at theta0 (cached, or one backward pass per item)."""
-        if all(i in self.cached_sensitivity for i in idx):
-            return np.array([self.cached_sensitivity[i] for i in idx], dtype=np.float64)
-        self._set(self.original)
-        m = self.theta0
-        return item_sensitivity(m.net, self.params, self.inverse, batch, m.conditioning_inputs,
-                                m.frame_mask if self.mask_loss else None, self.hparams.seed,
-                                self.hparams.num_draws, self.hparams.draws_per_forward).numpy()
+        if all(i in self.sensitivity_cache for i in idx):
+            return np.array([self.sensitivity_cache[i] for i in idx], dtype=np.float64)
+        self.use(unlearned=False)
+        h = self.hparams
+        return item_sensitivity(self.task, self.params, self.inverse, batch, h.seed, h.num_draws,
+                                mask=self.mask_loss, draws_per_forward=h.draws_per_forward).numpy()
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:
         idx = [int(i) for i in batch["index"]]
         with torch.no_grad():
-            self._set(self.unlearned_values)
-            unlearned = self._loss(batch)
-            if all(i in self.cached_baseline for i in idx):
-                baseline = torch.tensor([self.cached_baseline[i] for i in idx], dtype=torch.float64)
+            self.use(unlearned=True)
+            unlearned = self.loss(batch)
+            if all(i in self.baseline_cache for i in idx):
+                baseline = torch.tensor([self.baseline_cache[i] for i in idx], dtype=torch.float64)
             else:
-                self._set(self.original)
-                baseline = self._loss(batch)
-            if batch_idx == 0 and self.float_error is None:
-                self.float_error = self._float_error_probe(batch, baseline)
+                self.use(unlearned=False)
+                baseline = self.loss(batch)
+            if self.float_error is None:
+                self.float_error = self.float_error_probe(batch, baseline)
         out = {"index": idx, "baseline_loss": baseline.cpu().numpy(), "unlearned_loss": unlearned.cpu().numpy()}
         if self.hparams.relative:
-            out["sensitivity"] = self._sensitivity(batch, idx)
+            out["sensitivity"] = self.sensitivity(batch, idx)
         return out
 
-
-class ScoreWriter(BasePredictionWriter):
-    """Writes each rank's scores as they come; rank 0 merges them at the end of the pass."""
-
-    def __init__(self, flush_every: int = 10):
-        super().__init__(write_interval="batch")
-        self.flush_every = flush_every
-        self._rows: list[pd.DataFrame] = []
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self._rows.append(pd.DataFrame(prediction))
-        if len(self._rows) >= self.flush_every:
-            self._flush(pl_module, trainer.global_rank)
-
-    def _flush(self, pl_module, rank: int) -> None:
-        if not self._rows:
-            return
-        df = pd.concat(self._rows, ignore_index=True)
-        parts = pl_module.out_dir / "parts"
-        name = parts / f"part-r{rank}-{uuid.uuid4().hex[:12]}.parquet"
-        df.to_parquet(name.with_suffix(".tmp"), index=False)
-        os.replace(name.with_suffix(".tmp"), name)
-        self._rows = []
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._flush(pl_module, trainer.global_rank)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            print_top(merge_scores(pl_module), pl_module.hparams.top_k)
-        trainer.strategy.barrier()
+    def merge(self, parts: Parts) -> pd.DataFrame:
+        df = merge_scores(parts, self.store, self.unlearn_meta.get("query_id"), self.hparams.relative)
+        with atomic_path(self.out_dir / "scores.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
+        if self.hparams.use_baseline_cache:
+            if not self.baseline_cache:
+                write_cache(df[["index", "baseline_loss"]], self.cache_paths["baselines"], self.keys["baselines"])
+            if self.hparams.relative and not self.sensitivity_cache:
+                write_cache(df[["index", "sensitivity"]], self.cache_paths["sensitivity"], self.keys["sensitivity"])
+        write_noise_report(df, self.float_error, self.out_dir / "noise.json")
+        log_top(df, self.hparams.top_k)
+        return df
 
 
-def merge_scores(m: ScoringModule) -> pd.DataFrame:
-    """One row per training item (duplicates dropped), ranked by tau (1 = most influenced)."""
-    parts = read_parts(m.out_dir / "parts").drop_duplicates("index", keep="first")
-    parts["index"] = parts["index"].astype(int)
-    items = m.store.items
-    missing = set(items["index"].astype(int)) - set(parts["index"])
+def merge_scores(parts: Parts, store, query_id: str | None, relative: bool) -> pd.DataFrame:
+    """One row per training item, ranked by tau (1 = most influenced); with ``relative`` also by tau / s."""
+    rows = parts.format.read(parts.files())
+    rows["index"] = rows["index"].astype(int)
+    items = store.items
+    missing = set(items["index"].astype(int)) - set(rows["index"])
     if missing:
-        raise RuntimeError(f"{len(missing)} items have no score in {m.out_dir}/parts; fix: rerun to resume")
-    relative = m.hparams.relative
-    if relative and ("sensitivity" not in parts or parts["sensitivity"].isna().any()):
-        raise RuntimeError(f"{m.out_dir}/parts holds scores without sensitivities (written by a run without "
+        raise RuntimeError(f"{len(missing)} items have no score in {parts.folder}; fix: rerun to resume")
+    if relative and ("sensitivity" not in rows or rows["sensitivity"].isna().any()):
+        raise RuntimeError(f"{parts.folder} holds scores without sensitivities (written by a run without "
                            "relative); fix: rerun with --model.overwrite true")
     extra = ["sensitivity"] if relative else []
     df = items[["index", "item_id", "caption", "file_name", "duration_s", "valid_frames"]].merge(
-        parts[["index", "baseline_loss", "unlearned_loss", *extra]], on="index")
+        rows[["index", "baseline_loss", "unlearned_loss", *extra]], on="index")
     df["score"] = df["unlearned_loss"].astype(np.float64) - df["baseline_loss"]
     if relative:
         df["relative_score"] = df["score"] / df["sensitivity"].astype(np.float64)
@@ -244,27 +229,8 @@ def merge_scores(m: ScoringModule) -> pd.DataFrame:
     df = df.sort_values(["score", "index"], ascending=[False, True]).reset_index(drop=True)
     df["rank"] = np.arange(1, len(df) + 1)
     df["method"] = "unlearning"
-    df["query_id"] = m.unlearn_meta.get("query_id")
-    tmp = m.out_dir / "scores.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, m.out_dir / "scores.parquet")
-    if m.hparams.use_baseline_cache:
-        if not m.cached_baseline:
-            write_cache(df[["index", "baseline_loss"]], m.cache_path)
-        if relative and not m.cached_sensitivity:
-            write_cache(df[["index", "sensitivity"]], m.sensitivity_path)
-    write_noise_report(df, m.float_error, m.out_dir / "noise.json")
+    df["query_id"] = query_id
     return df
-
-
-def write_cache(frame: pd.DataFrame, path: Path) -> None:
-    """Write a per-item cache (baseline losses, sensitivities) atomically, unless it exists already."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) -> dict:
@@ -276,23 +242,24 @@ def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) 
         report["median_score_over_float_error"] = report["median_abs_score"] / float_error
         report["top_score_over_float_error"] = report["max_abs_score"] / float_error
         if report["max_abs_score"] < 100 * float_error:
-            print(f"warning: the largest |tau| ({report['max_abs_score']:.2e}) is within 100x of the float error of "
-                  f"the losses ({float_error:.2e}); fix: raise the unlearning lr or steps", flush=True)
-    path.write_text(json.dumps(report, indent=2))
+            log.warning("the largest |tau| (%.2e) is within 100x of the float error of the losses (%.2e); "
+                        "fix: raise the unlearning lr or steps", report["max_abs_score"], float_error)
+    atomic_write_json(path, report)
     return report
 
 
-def print_top(df: pd.DataFrame, k: int) -> None:
-    """Print the k best-scored training items (nothing for k = 0)."""
+def log_top(df: pd.DataFrame, k: int) -> None:
+    """Log (the CLI shows it) the k best-scored training items; nothing for k = 0."""
     if k <= 0:
         return
     if df.empty:
-        print("no training items were scored")
+        log.info("no training items were scored")
         return
-    print(f"\nTop-{k} training tracks by attribution score tau (query {df['query_id'].iloc[0]!r}):")
+    lines = [f"\nTop-{k} training tracks by attribution score tau (query {df['query_id'].iloc[0]!r}):"]
     relative = "relative_rank" in df
     if relative:
-        print("  (rel: rank by the relative score tau / s, RelatIF)")
+        lines.append("  (rel: rank by the relative score tau / s, RelatIF)")
     for r in df.head(k).itertuples():
         rel = f"  rel={r.relative_rank:>4}" if relative else ""
-        print(f"  {r.rank:>4}  tau={r.score:+.3e}{rel}  {r.item_id}  |  {r.caption}")
+        lines.append(f"  {r.rank:>4}  tau={r.score:+.3e}{rel}  {r.item_id}  |  {r.caption}")
+    log.info("\n".join(lines))

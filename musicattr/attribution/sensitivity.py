@@ -8,39 +8,24 @@ of g_i and g_q in the (F + lambda)^-1 metric: a track whose loss moves under any
 with a large ||g_i||) no longer outranks the tracks the query specifically shares directions with.
 g_i uses the scoring draws of item i (the same T draws, seed and mask M_L as tau_i), and lambda the
 unlearning run's damping, so s_i depends on (checkpoint, Fisher, unlearned tensors, damping, T,
-seed, M_L) only: it is computed once and cached in ``<store>/sensitivity/`` for every later query.
+seed, M_L) only: it is computed once and cached in ``<store>/sensitivity/`` for every later query
+(``ScoringModule.sensitivity_key``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
-from musicattr.attribution.loss import item_loss
+from musicattr.attribution.task import AttributionTask
 from musicattr.data.datamodules import item_slice
 
 
-def sensitivity_cache_path(store: str, checkpoint_fp: str, fisher_fp: str, names, damping: float,
-                           num_draws: int, seed: int, mask_loss: bool) -> Path:
-    """Cache file of s_i, keyed by everything s_i depends on (tensor names and Fisher hashed)."""
-    key = json.dumps({"fisher": fisher_fp, "names": sorted(names), "damping": float(damping)}, sort_keys=True)
-    digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
-    return (Path(store) / "sensitivity"
-            / f"{checkpoint_fp}-{digest}-T{num_draws}-seed{seed}-mask{int(mask_loss)}.parquet")
-
-
-def item_sensitivity(net, params: Mapping[str, torch.nn.Parameter], inverse: Mapping[str, torch.Tensor],
-                     batch: Mapping[str, Any], conditioning: Callable[[Mapping[str, Any]], dict],
-                     frame_mask: Callable[[Mapping[str, Any]], torch.Tensor] | None, seed: int, num_draws: int,
-                     draws_per_forward: int = 16) -> torch.Tensor:
-    """s_i for each item of ``batch`` as float64 [B]: one backward pass per item (per-sample gradients).
-
-    ``conditioning(batch)`` / ``frame_mask(batch)`` build the DiT inputs of a one-item batch (the
-    DiffusionModule's methods); ``frame_mask`` None scores over all frames (M_L off).
-    """
+def item_sensitivity(task: AttributionTask, params: Mapping[str, torch.nn.Parameter],
+                     inverse: Mapping[str, torch.Tensor], batch: Mapping[str, Any], seed: int, num_draws: int, *,
+                     mask: bool = False, draws_per_forward: int = 16) -> torch.Tensor:
+    """s_i for each item of ``batch`` as float64 [B]: one backward pass per item (per-sample gradients)
+    of the task's scoring loss (bare-id draws; ``mask`` M_L)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("relative scores need gradients, but this runs under torch.inference_mode; "
                            "fix: run the prediction loop with Trainer(inference_mode=False)")
@@ -48,10 +33,7 @@ def item_sensitivity(net, params: Mapping[str, torch.nn.Parameter], inverse: Map
     out = []
     with torch.enable_grad():
         for j in range(len(batch["item_id"])):
-            one = item_slice(batch, j)
-            mask = frame_mask(one) if frame_mask is not None else None
-            loss = item_loss(net, one["latents"], conditioning(one), one["item_id"], seed, num_draws, mask,
-                             draws_per_forward)
+            loss = task.item_loss(item_slice(batch, j), seed, num_draws, mask=mask, draws_per_forward=draws_per_forward)
             grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
             sq = sum(float((g.double().pow(2) * inverse[k].to(g.device)).sum()) for k, g in zip(names, grads))
             out.append(sq ** 0.5)

@@ -16,9 +16,9 @@ so scoring runs in chunks over segments and scales to ~100k tracks.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from musicattr.atomic import atomic_dir
+
 if TYPE_CHECKING:
     import pandas
 
+log = logging.getLogger(__name__)
 __all__ = [
     "TrainEmbeddings",
     "all_against_all",
@@ -168,8 +171,13 @@ def average(query_segments: Tensor, train_segments, lengths=None, chunk_rows: in
 # ------------------------------------------------------------------------------------------
 
 def _encoder_config(encoder) -> dict:
+    """What the stored embeddings depend on: the encoder, its weights (checkpoint fingerprint) and segmenting."""
+    from musicattr.models.sat import file_fingerprint
+
+    checkpoint = getattr(encoder, "checkpoint", None)
     return {"encoder": encoder.name, "dim": int(encoder.dim), "sample_rate": int(encoder.sample_rate),
-            "segment_seconds": float(encoder.segment_seconds), "hop_seconds": float(encoder.hop_seconds)}
+            "segment_seconds": float(encoder.segment_seconds), "hop_seconds": float(encoder.hop_seconds),
+            "checkpoint_fingerprint": file_fingerprint(checkpoint) if checkpoint else None}
 
 
 def load_train_embeddings(path: str, mmap: bool = True) -> TrainEmbeddings:
@@ -192,10 +200,11 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
 
     ``items`` yields ``(item_id, audio Tensor[C, T], sample_rate, valid_samples or None)``;
     ``encoder`` is an :class:`~musicattr.embeddings.audio.AudioEncoder`. An existing store is reused
-    (without touching ``items``) when its encoder name and segmenting match and, if ``item_ids`` is
+    (without touching ``items``) when its encoder name, checkpoint (``encoder.checkpoint``, by content
+    fingerprint) and segmenting match and, if ``item_ids`` is
     given, it holds exactly those ids in that order; otherwise it is recomputed. Files:
     ``segments.bin`` (raw ``dtype`` matrix [total_segments, D]), ``offsets.npy`` (int64 [N+1]),
-    ``meta.json`` (encoder config, item ids, shape, dtype). Written to ``path + '.tmp'`` then renamed."""
+    ``meta.json`` (encoder config, item ids, shape, dtype). Written to a temporary folder, then renamed."""
     cfg = _encoder_config(encoder)
     if not overwrite and os.path.isfile(os.path.join(path, _META_FILE)):
         try:
@@ -205,9 +214,12 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
                 return old
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             pass
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    with atomic_dir(path) as tmp:
+        _write_train_embeddings(items, encoder, tmp, item_ids, dtype, progress, cfg)
+    return load_train_embeddings(path)
+
+
+def _write_train_embeddings(items, encoder, tmp, item_ids, dtype: str, progress: bool, cfg: dict) -> None:
     ids: list[str] = []
     offsets = [0]
     np_dtype = np.dtype(dtype)
@@ -218,7 +230,7 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
             ids.append(str(item_id))
             offsets.append(offsets[-1] + e.shape[0])
             if progress and (k + 1) % 100 == 0:
-                print(f"[similarity] embedded {k + 1} tracks ({offsets[-1]} segments)", flush=True)
+                log.info("[similarity] embedded %d tracks (%d segments)", k + 1, offsets[-1])
     if not ids:
         raise ValueError("no training items to embed")
     if item_ids is not None and list(map(str, item_ids)) != ids:
@@ -227,9 +239,6 @@ def compute_train_embeddings(items: Iterable[tuple[str, Tensor, int, int | None]
     meta = dict(cfg, item_ids=ids, shape=[offsets[-1], int(encoder.dim)], dtype=np_dtype.name)
     with open(os.path.join(tmp, _META_FILE), "w") as f:
         json.dump(meta, f)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return load_train_embeddings(path)
 
 
 # ------------------------------------------------------------------------------------------

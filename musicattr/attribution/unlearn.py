@@ -2,14 +2,20 @@
 
     theta <- theta + lr * (1/N) * (F + lambda)^-1 * grad_theta L(z_hat, theta; M_U)
 
-applied ``steps`` times on the target parameters only, where L is the shared per-item loss
-averaged over K draws of (t, eps) of the query, F the diagonal Fisher over N training items,
-and lambda = damping * mean(F over the target parameters) keeps near-zero Fisher entries from
-blowing the step up. The update ascends the query's loss: the model forgets z_hat.
+applied ``steps`` times on the target parameters only, where L is the attribution task's per-item
+loss averaged over K draws of (t, eps) of the query (keyed ``unlearn/<query id>``), F the diagonal
+Fisher over N training items, and lambda = damping * mean(F over the target parameters) keeps
+near-zero Fisher entries from blowing the step up. The update ascends the query's loss: the model
+forgets z_hat.
+
+The update is computed in float64 and cast back to the parameters' dtype: an element whose step is
+below that dtype's resolution (|step| < ~eps |theta| / 2) does not move. ``run_unlearn`` counts the
+elements that actually changed and warns when they are few.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,19 +24,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from musicattr.attribution.loss import item_loss
-from musicattr.attribution.targets import select_parameters
+from musicattr.atomic import atomic_path
+from musicattr.attribution.loss import UNLEARN
+from musicattr.attribution.task import AttributionTask, load_task
+
+log = logging.getLogger(__name__)
+MIN_CHANGED_FRACTION = 0.5  # warn when fewer target elements than this moved
 
 
-def query_gradient(net, params: Mapping[str, torch.nn.Parameter], z, cond, query_id: str, seed: int,
-                   num_draws: int, frame_mask=None, draws_per_forward: int = 16) -> dict[str, torch.Tensor]:
-    """grad_theta L(z_hat, theta; M) averaged over ``num_draws`` draws (accumulated chunk by chunk)."""
+def loss_gradient(task: AttributionTask, params: Mapping[str, torch.nn.Parameter], batch, seed: int,
+                  num_draws: int, *, namespace: str = "", mask: bool = False, draws_per_forward: int = 16,
+                  cond=None) -> dict[str, torch.Tensor]:
+    """grad_theta of the summed per-item loss L(z_b, theta; M) of ``batch`` over ``num_draws`` draws keyed
+    ``namespace + id`` (float64, accumulated ``draws_per_forward`` draws at a time). For a one-item batch
+    with ``namespace=UNLEARN`` and M = M_U this is the query gradient of Eq. 2."""
     names = list(params)
     total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    if cond is None:
+        with torch.no_grad():
+            cond = task.conditioning(batch)
     with torch.enable_grad():
         for start in range(0, num_draws, draws_per_forward):
             n = min(draws_per_forward, num_draws - start)
-            loss = item_loss(net, z, cond, [query_id], seed, n, frame_mask, draws_per_forward, draw_offset=start)
+            loss = task.item_loss(batch, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
+                                  draw_offset=start, cond=cond)
             grads = torch.autograd.grad(loss.sum() * (n / num_draws), [params[k] for k in names])
             for k, g in zip(names, grads):
                 total[k] += g.double()
@@ -62,16 +79,20 @@ def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tenso
             for k in grad}
 
 
-def unlearn_query(net, z, cond, query_id: str, fisher: Mapping[str, torch.Tensor], num_items: int,
+def unlearn_query(task: AttributionTask, batch, fisher: Mapping[str, torch.Tensor], num_items: int,
                   target: str = "all", lr: float = 1e-6, steps: int = 1, num_draws: int = 256, seed: int = 0,
-                  frame_mask=None, damping: float = 1e-3, draws_per_forward: int = 16) -> dict[str, torch.Tensor]:
-    """Apply Eq. 2 ``steps`` times in place on the target parameters of ``net``; return their new values.
+                  mask: bool = True, damping: float = 1e-3, draws_per_forward: int = 16) -> dict[str, torch.Tensor]:
+    """Apply Eq. 2 ``steps`` times in place on the target parameters of ``task.net`` for the one-item ``batch``
+    (draws keyed ``unlearn/<id>``, ``mask`` M_U); return their new values (CPU).
 
     The caller keeps theta0 (e.g. reload the checkpoint) if it needs it afterwards.
     """
-    params = select_parameters(net, target)
+    params = task.select_parameters(target)
+    with torch.no_grad():
+        cond = task.conditioning(batch)
     for _ in range(steps):
-        g = query_gradient(net, params, z, cond, query_id, seed, num_draws, frame_mask, draws_per_forward)
+        g = loss_gradient(task, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
+                          draws_per_forward=draws_per_forward, cond=cond)
         new = eq2_update({k: p.detach() for k, p in params.items()}, g, fisher, lr, num_items, damping)
         with torch.no_grad():
             for k, p in params.items():
@@ -79,12 +100,17 @@ def unlearn_query(net, z, cond, query_id: str, fisher: Mapping[str, torch.Tensor
     return {k: p.detach().clone().cpu() for k, p in params.items()}
 
 
+def count_changed(theta0: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(elements of ``theta`` that differ from ``theta0``, elements in all) over the tensors of ``theta``."""
+    changed = sum(int((theta[k] != theta0[k].to(theta[k].device)).sum()) for k in theta)
+    return changed, sum(theta[k].numel() for k in theta)
+
+
 def save_unlearned(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
     """Write only the changed tensors (their unlearned values) with the run's metadata."""
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-              metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
 def load_unlearned(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -96,7 +122,8 @@ def load_unlearned(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def query_batch(query: str | None = None, query_item: str | None = None, store: str | None = None) -> dict[str, Any]:
-    """A batch of one: a generated query file, or a training item (id or index) of the latent store."""
+    """A batch of one: a generated query file, or a training item of the latent store (its item_id, or
+    ``index:N`` / N for its index; see ``LatentStore.resolve``)."""
     if (query is None) == (query_item is None):
         raise ValueError("give exactly one of query (a .query.safetensors from `musicattr generate`) "
                          "or query_item (a training item id, with store)")
@@ -111,18 +138,34 @@ def query_batch(query: str | None = None, query_item: str | None = None, store: 
         if store is None:
             raise ValueError("query_item needs store (the latent store holding the item)")
         s = LatentStore(store)
-        key = int(query_item) if str(query_item).isdigit() else query_item
-        item = s[s.position_of(key)]
+        item = s[s.resolve(query_item)]
     return {"latents": item["latents"][None].float(), "text_emb": item["text_emb"][None].float(),
             "seconds_start": torch.tensor([float(item["seconds_start"])]),
             "seconds_total": torch.tensor([float(item["seconds_total"])]),
             "valid_frames": torch.tensor([int(item["valid_frames"])]), "item_id": [str(item["item_id"])]}
 
 
+# the metadata that identifies an unlearning run: same values, same unlearned weights (up to float order)
+RUN_KEYS = ("query_id", "query_fingerprint", "checkpoint_fingerprint", "fisher_fingerprint", "task", "num_items",
+            "lr", "steps", "num_draws", "target", "strategy", "mask_unlearn", "mask_loss", "damping", "seed")
+
+
+def query_fingerprint(query: str | None, query_item: str | None, store: str | None) -> str:
+    """Content fingerprint of the query: its file, or the store's fingerprint and the item's id."""
+    from musicattr.data.latent_store import LatentStore
+    from musicattr.models.sat import file_fingerprint
+
+    if query is not None:
+        return file_fingerprint(query)
+    s = LatentStore(store)
+    return f"{s.fingerprint}:{s.items['item_id'].iloc[s.resolve(query_item)]}"
+
+
 def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None, query_item: str | None = None,
                 store: str | None = None, lr: float = 1e-6, steps: int = 1, num_draws: int = 256,
                 target: str = "all", strategy: str = "mixed", mask_unlearn: bool | None = None,
-                damping: float = 1e-3, seed: int = 0, draws_per_forward: int = 16, device: str = "cpu") -> dict:
+                damping: float = 1e-3, seed: int = 0, draws_per_forward: int = 16, device: str = "cpu",
+                reuse: bool = False, task: AttributionTask | None = None) -> dict:
     """Unlearn one query from theta0 (Eq. 2) and write the changed tensors to ``out``.
 
     Args:
@@ -136,31 +179,47 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
         strategy: 'mixed' (M_U on, M_L off; the paper's choice), 'both' or 'none'; mask_unlearn overrides M_U.
         damping: lambda = damping * mean(F) added to the Fisher before inverting it.
         seed: draws of the query are keyed by (seed, 'unlearn/' + query id, j), distinct from scoring draws.
+        reuse: keep an existing ``out`` whose metadata matches this run on every ``RUN_KEYS`` entry
+            (fingerprints of checkpoint, Fisher and query included); otherwise it is recomputed.
+        task: the attribution task (default: the SAT DiT of ``musicattr fit``).
     """
     from musicattr.attribution.fisher import load_fisher
     from musicattr.attribution.masks import resolve_masks
-    from musicattr.models.diffusion_module import load_diffusion_module
     from musicattr.models.sat import file_fingerprint
 
     ckpt_fp = file_fingerprint(checkpoint)
     fisher_t, fisher_meta = load_fisher(fisher, ckpt_fp)
     mu, ml = resolve_masks(strategy, mask_unlearn=mask_unlearn)
-    module = load_diffusion_module(checkpoint).to(device)
     batch = query_batch(query, query_item, store)
-    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    with torch.no_grad():
-        cond = module.conditioning_inputs(batch)
-    mask = module.frame_mask(batch) if mu else None
     qid = batch["item_id"][0]
-    new = unlearn_query(module.net, batch["latents"], cond, "unlearn/" + qid,
-                        {k: v.to(device) for k, v in fisher_t.items()}, int(fisher_meta["num_items"]), target, lr,
-                        steps, num_draws, seed, mask, damping, draws_per_forward)
-    meta = {"query_id": qid, "query": query, "query_item": query_item, "checkpoint": checkpoint,
+    meta = {"query_id": qid, "query": query, "query_item": query_item,
+            "query_fingerprint": query_fingerprint(query, query_item, store), "checkpoint": checkpoint,
             "checkpoint_fingerprint": ckpt_fp, "fisher": fisher, "fisher_fingerprint": file_fingerprint(fisher),
-            "num_items": int(fisher_meta["num_items"]), "lr": lr, "steps": steps, "num_draws": num_draws,
-            "target": target, "strategy": strategy, "mask_unlearn": mu, "mask_loss": ml, "damping": damping,
-            "seed": seed}
+            "task": None, "num_items": int(fisher_meta["num_items"]), "lr": lr, "steps": steps,
+            "num_draws": num_draws, "target": target, "strategy": strategy, "mask_unlearn": mu, "mask_loss": ml,
+            "damping": damping, "seed": seed}
+    if task is None:
+        from musicattr.models.sat_task import SATDiffusionTask
+
+        task = SATDiffusionTask()
+    meta["task"] = task.identity()
+    if reuse and os.path.exists(out):
+        old = load_unlearned(out)[1]
+        if all(old.get(k) == json.loads(json.dumps(meta[k])) for k in RUN_KEYS):
+            log.info("unlearn: %s is up to date (same query, checkpoint, Fisher and settings): reused", out)
+            return old
+    load_task(task, checkpoint).model.to(device)
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    theta0 = {k: p.detach().to("cpu", copy=True) for k, p in task.select_parameters(target).items()}
+    new = unlearn_query(task, batch, {k: v.to(device) for k, v in fisher_t.items()}, int(fisher_meta["num_items"]),
+                        target, lr, steps, num_draws, seed, mu, damping, draws_per_forward)
+    changed, total = count_changed(theta0, new)
+    meta.update(changed_elements=changed, target_elements=total)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_unlearned(out, new, meta)
-    print(f"unlearn: {qid} -> {out} ({len(new)} tensors, {sum(v.numel() for v in new.values())} weights changed)")
+    log.info("unlearn: %s -> %s (%d tensors; %d of %d elements changed)", qid, out, len(new), changed, total)
+    if changed < MIN_CHANGED_FRACTION * total:
+        log.warning("unlearn: only %d of %d target elements (%.1f%%) changed: the other updates are below the "
+                    "resolution of %s and vanished when cast back; fix: raise lr or steps",
+                    changed, total, 100.0 * changed / max(total, 1), next(iter(new.values())).dtype)
     return meta

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +23,10 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+
+from musicattr.atomic import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
 SILENCE_PEAK = 1e-5
@@ -265,7 +269,7 @@ def scan_audio_folder(folder: str | Path, sample_rate: int, channels: int, max_s
     if bad and strict:
         raise BadInputError(bad)
     for b in bad:
-        print(f"skipping {b.file_name}: {b.problem}; fix: {b.fix}", file=sys.stderr)
+        log.warning("skipping %s: %s; fix: %s", b.file_name, b.problem, b.fix)
     return good, bad
 
 
@@ -275,7 +279,7 @@ def write_skip_report(path: str | Path, bad_items: list[BadItem]) -> dict:
     report = {"n_skipped": len(bad_items), "by_problem": dict(kinds),
               "items": [asdict(b) for b in bad_items]}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic_write_json(path, report)
     return report
 
 

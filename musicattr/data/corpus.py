@@ -12,6 +12,7 @@ explicitly so); every metadata row carries a ``licence`` note.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing as mp
 import multiprocessing.connection
@@ -27,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from musicattr.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 LICENCE = ("music21 corpus: non-commercial research/education use only "
            "(see music21/corpus/license.txt)")
@@ -323,9 +328,8 @@ def _job(conn, piece, plan, wav_path, opts):
     try:
         import soundfile as sf
         audio, meta = render_piece(piece, plan, **opts)
-        tmp = f"{wav_path}.{os.getpid()}.tmp.wav"
-        sf.write(tmp, audio, opts["sample_rate"], subtype="PCM_16")
-        os.replace(tmp, wav_path)
+        with atomic_path(wav_path) as tmp:  # <wav>.<pid>-<id>.tmp.wav, removed by the parent if killed
+            sf.write(tmp, audio, opts["sample_rate"], subtype="PCM_16")
         conn.send(("ok", meta))
     except BaseException as e:  # noqa: BLE001 - report any failure to the parent
         conn.send(("error", f"{type(e).__name__}: {str(e)[:300]}"))
@@ -374,13 +378,11 @@ def run_killable(jobs: list[tuple], workers: int, timeout_s: float):
 # --------------------------------------------------------------------------- main entry
 def _write_json(path: Path, obj, jsonl: bool = False) -> None:
     """Write JSON (or JSON lines for a list) atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         if jsonl:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in obj)
         else:
             json.dump(obj, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)
 
 
 def _dedupe_captions(rows: list[dict]) -> None:
@@ -493,8 +495,7 @@ def render_corpus(out_dir: str, n_tracks: int = 320, seed: int = 0, sample_rate:
                 _write_json(part, {"want": want, "status": status, "payload": payload})
             n_jobs_done += 1
             if n_jobs_done % every == 0:
-                print(f"[corpus] {n_jobs_done} pieces rendered/tried, "
-                      f"{time.time() - t0:.1f} s", flush=True)
+                log.info("[corpus] %d pieces rendered/tried, %.1f s", n_jobs_done, time.time() - t0)
         for i, (piece, name, part, want) in enumerate(batch):
             status, payload = results[i]
             if status != "ok":
@@ -507,12 +508,11 @@ def render_corpus(out_dir: str, n_tracks: int = 320, seed: int = 0, sample_rate:
             rows.append({"file_name": f"audio/{name}.wav", "caption": meta.pop("caption"),
                          **meta, "source": piece.piece_id, "source_group": piece.source,
                          "licence": licence})
-        print(f"[corpus] {len(rows)}/{n_tracks} tracks, {len(skipped)} skipped, "
-              f"{time.time() - t0:.1f} s", flush=True)
+        log.info("[corpus] %d/%d tracks, %d skipped, %.1f s", len(rows), n_tracks, len(skipped), time.time() - t0)
 
     if len(rows) < n_tracks:
-        print(f"[corpus] WARNING: only {len(rows)}/{n_tracks} tracks rendered "
-              f"({len(skipped)} skipped, see skipped.json)", flush=True)
+        log.warning("[corpus] only %d/%d tracks rendered (%d skipped, see skipped.json)", len(rows), n_tracks,
+                    len(skipped))
     _dedupe_captions(rows)
     groups, extra = _plant(out, rows, n_planted, planted_copies, seed) if n_planted > 0 \
         else ([], [])

@@ -1,4 +1,5 @@
-"""Lightning data modules over the latent store, and a padding-free distributed sampler."""
+"""Lightning data modules over the latent store (training, and prediction passes), and a padding-free
+distributed sampler."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -52,6 +53,33 @@ def predict_loader(dataset, batch_size: int, num_workers: int, trainer) -> DataL
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world, rank),
                       num_workers=num_workers, collate_fn=collate_items,
                       persistent_workers=False)
+
+
+def pending(indices, trainer) -> list[int]:
+    """Positions whose item index no PartsWriter of ``trainer`` has written yet (what a resumed pass does)."""
+    from musicattr.parts import written_indices
+
+    done = written_indices(trainer)
+    return [pos for pos, i in enumerate(indices) if int(i) not in done]
+
+
+class StorePredictDataModule(L.LightningDataModule):
+    """The latent store in a prediction pass (``fisher``, ``attribute``; the options under ``data:``).
+
+    Each rank takes a disjoint slice (``ShardSampler``) of the items that the pass's ``PartsWriter`` has
+    not written yet, so a killed pass resumes where it stopped. Run with ``use_distributed_sampler=False``."""
+
+    def __init__(self, store: str, batch_size: int = 16, num_workers: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.store = LatentStore(self.hparams.store)
+
+    def predict_dataloader(self) -> DataLoader:
+        todo = pending(self.store.items["index"], self.trainer)
+        return predict_loader(Subset(self.store, todo), self.hparams.batch_size, self.hparams.num_workers,
+                              self.trainer)
 
 
 class LatentDataModule(L.LightningDataModule):

@@ -3,24 +3,28 @@
 Each item: the zero-padded audio (as stable-audio-tools pads it) encoded to latents
 [C, max_frames] by the autoencoder (posterior mean), its valid length in latent frames
 ceil(valid_samples / downsampling_ratio), timing (seconds_start, seconds_total) and the text
-embedding of its caption. Ranks write shards as they fill; a rerun skips finished shards.
+embedding of its caption. The ``PartsWriter`` writes each rank's shards as they fill (about
+``shard_size`` items); a rerun skips the items of finished shards, and rank 0 writes the index.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import Subset
 
 from musicattr.data.audio_folder import AudioFolderDataset, scan_audio_folder, write_skip_report
-from musicattr.data.datamodules import predict_loader
-from musicattr.data.latent_store import LatentStoreWriter
+from musicattr.data.datamodules import pending, predict_loader
+from musicattr.data.latent_store import LatentStoreWriter, ShardFormat
 from musicattr.embeddings.text import build_text_encoder
 from musicattr.models.autoencoder_module import load_autoencoder
 from musicattr.models.sat import file_fingerprint
+from musicattr.parts import Parts, PartsWriter
+
+log = logging.getLogger(__name__)
 
 
 class EncodeModule(L.LightningModule):
@@ -48,17 +52,15 @@ class EncodeModule(L.LightningModule):
         self.writer = LatentStoreWriter(self.hparams.store, self.manifest if self.trainer.is_global_zero else None)
         if self.trainer.is_global_zero:
             report = write_skip_report(Path(self.hparams.store) / "skipped.json", bad)
-            print(f"encode: {len(self.rows)} items to encode, {report['n_skipped']} skipped "
-                  f"(see {Path(self.hparams.store) / 'skipped.json'})")
+            log.info("encode: %d items to encode, %d skipped (see %s)", len(self.rows), report["n_skipped"],
+                     Path(self.hparams.store) / "skipped.json")
         self.trainer.strategy.barrier()
 
     def predict_dataloader(self):
-        done = self.writer.done_indices()
         data = AudioFolderDataset(self.rows, self.sample_rate, self.channels, self.max_samples)
-        todo = [i for i in range(len(data)) if i not in done]
-        if not todo and self.trainer.is_global_zero:  # all shards written earlier: the loop will not run
-            self.writer.finalize(expected=len(self.rows))
-            print(f"encode: nothing left to encode; latent store {self.hparams.store} is complete")
+        todo = pending(range(len(data)), self.trainer)
+        if not todo:
+            log.info("encode: nothing left to encode; latent store %s is complete", self.hparams.store)
         return predict_loader(Subset(data, todo), self.hparams.batch_size, self.hparams.num_workers, self.trainer)
 
     @torch.no_grad()
@@ -77,34 +79,9 @@ class EncodeModule(L.LightningModule):
         return {"latents": latents.float().cpu().numpy(), "text": text.numpy(), "items": items}
 
     def configure_callbacks(self):
-        return [LatentStoreCallback(self.hparams.shard_size)]
+        parts = Parts(Path(self.hparams.store) / "shards", ShardFormat(self.hparams.store))
+        return [PartsWriter(parts, self.merge, max(1, self.hparams.shard_size // self.hparams.batch_size))]
 
-
-class LatentStoreCallback(L.Callback):
-    """Buffers encoded items and writes a shard every ``shard_size`` items; rank 0 finalizes."""
-
-    def __init__(self, shard_size: int = 256):
-        self.shard_size = shard_size
-        self._buf: list[dict] = []
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._buf.append(outputs)
-        if sum(len(o["items"]) for o in self._buf) >= self.shard_size:
-            self._write(pl_module, trainer.global_rank)
-
-    def _write(self, pl_module, rank: int) -> None:
-        if not self._buf:
-            return
-        items = [it for o in self._buf for it in o["items"]]
-        name = f"r{rank}-{items[0]['index']:09d}"
-        pl_module.writer.write_shard(name, np.concatenate([o["latents"] for o in self._buf]),
-                                     np.concatenate([o["text"] for o in self._buf]), items)
-        self._buf = []
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._write(pl_module, trainer.global_rank)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            store = pl_module.writer.finalize(expected=len(pl_module.rows))
-            print(f"encode: latent store {store.root} holds {len(store)} items")
-        trainer.strategy.barrier()
+    def merge(self, parts: Parts) -> None:
+        store = self.writer.finalize(expected=len(self.rows))
+        log.info("encode: latent store %s holds %d items", store.root, len(store))

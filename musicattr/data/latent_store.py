@@ -15,6 +15,7 @@ shard's arrays with ``np.load(mmap_mode="r")``: 100k+ items never sit in memory 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from musicattr.atomic import atomic_path, atomic_write_text
 
 ITEM_COLUMNS = ["index", "item_id", "caption", "file_name", "valid_frames", "seconds_start",
                 "seconds_total", "duration_s"]
@@ -32,17 +35,8 @@ class StoreError(RuntimeError):
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class LatentStoreWriter:
@@ -66,9 +60,11 @@ class LatentStoreWriter:
         if not (len(latents) == len(text) == len(items)):
             raise ValueError("latents, text and items must have the same length")
         base = self.root / "shards" / name
-        _atomic_save_npy(base.with_name(name + ".latents.npy"), latents.astype(np.float16))
-        _atomic_save_npy(base.with_name(name + ".text.npy"), text.astype(np.float32))
-        atomic_write_text(base.with_name(name + ".json"), json.dumps({"items": list(items)}))
+        latents, text = latents.astype(np.float16), text.astype(np.float32)
+        _atomic_save_npy(base.with_name(name + ".latents.npy"), latents)
+        _atomic_save_npy(base.with_name(name + ".text.npy"), text)
+        content = hashlib.blake2b(latents.tobytes() + text.tobytes(), digest_size=8).hexdigest()
+        atomic_write_text(base.with_name(name + ".json"), json.dumps({"items": list(items), "content": content}))
 
     def shard_metas(self) -> dict[str, list[dict]]:
         return {p.name[:-5]: json.loads(p.read_text())["items"]
@@ -91,10 +87,36 @@ class LatentStoreWriter:
         if expected is not None and len(rows) != expected:
             raise StoreError(f"{self.root}: {len(rows)} of {expected} items encoded; fix: rerun encode to resume")
         df = pd.DataFrame(rows, columns=ITEM_COLUMNS + ["shard", "row"]).sort_values("index")
-        tmp = self.root / "index.parquet.tmp"
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, self.root / "index.parquet")
+        with atomic_path(self.root / "index.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
         return LatentStore(self.root)
+
+
+class ShardFormat:
+    """Shards of the store as the parts of ``musicattr encode`` (``musicattr.parts``): a prediction holds
+    ``latents`` [B, C, L], ``text`` [B, S, D] and ``items`` (B dicts with ``index``); a part is a shard
+    ``r<rank>-<first index>``, complete once its .json is written."""
+
+    pattern = "*.json"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def add(self, buffer: list | None, prediction: dict) -> list:
+        return [*(buffer or []), prediction]
+
+    def size(self, buffer: list) -> int:
+        return sum(len(o["items"]) for o in buffer)
+
+    def write(self, folder: Path, rank: int, buffer: list) -> Path:
+        items = [it for o in buffer for it in o["items"]]
+        name = f"r{rank}-{items[0]['index']:09d}"
+        LatentStoreWriter(self.root).write_shard(name, np.concatenate([o["latents"] for o in buffer]),
+                                                 np.concatenate([o["text"] for o in buffer]), items)
+        return folder / f"{name}.json"
+
+    def indices(self, path: Path) -> list[int]:
+        return [int(it["index"]) for it in json.loads(path.read_text())["items"]]
 
 
 class LatentStore(torch.utils.data.Dataset):
@@ -116,6 +138,18 @@ class LatentStore(torch.utils.data.Dataset):
         return len(self.items)
 
     @property
+    def fingerprint(self) -> str:
+        """A short hash of what the store holds: its manifest, index and shard records (items and a hash of
+        each shard's arrays), so a store re-encoded at the same path gets another fingerprint."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.blake2b(digest_size=8)
+            for p in [self.root / "manifest.json", self.root / "index.parquet",
+                      *sorted((self.root / "shards").glob("*.json"))]:
+                h.update(p.name.encode() + b"\0" + p.read_bytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    @property
     def latent_shape(self) -> tuple[int, int]:
         return int(self.manifest["latent_channels"]), int(self.manifest["max_frames"])
 
@@ -133,6 +167,25 @@ class LatentStore(torch.utils.data.Dataset):
         if len(hit) == 0:
             raise KeyError(f"item {item!r} is not in the store {self.root}")
         return int(hit[0])
+
+    def resolve(self, key: str) -> int:
+        """Position of the item named by ``key``: its item_id, or ``index:N`` / a bare number N for its index.
+
+        An item_id always wins over a number; a digit-only key that is the item_id of one item and the
+        index of another is refused as ambiguous."""
+        key = str(key)
+        if key.startswith("index:") and key[6:].isdigit():
+            return self.position_of(int(key[6:]))
+        by_id = np.flatnonzero(self.items["item_id"].astype(str).to_numpy() == key)
+        by_index = np.flatnonzero(self.items["index"].to_numpy() == int(key)) if key.isdigit() else []
+        if len(by_id) and len(by_index) and by_id[0] != by_index[0]:
+            raise ValueError(f"{key!r} is the item_id of one item and the index of another in {self.root}; fix: "
+                             f"pass the item_id, or 'index:{key}' for the item with that index")
+        if len(by_id):
+            return int(by_id[0])
+        if len(by_index):
+            return int(by_index[0])
+        raise KeyError(f"no item with item_id or index {key!r} in the store {self.root}")
 
     def __getitem__(self, pos: int) -> dict[str, Any]:
         r = self.items.iloc[pos]

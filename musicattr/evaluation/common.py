@@ -47,21 +47,45 @@ def train_audio_embeddings(store: LatentStore, encoder):
     return compute_train_embeddings(items(), encoder, str(path), item_ids=list(store.items["item_id"]), progress=True)
 
 
-def score_store(checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int, seed: int,
-                batch_size: int = 16, accelerator: str = "cpu", devices: int = 1, mask_loss: bool | None = None,
-                relative: bool = False) -> pd.DataFrame:
-    """Eq. 1 for every training item with the Lightning prediction loop (ScoringModule + ScoreWriter);
-    with ``relative`` also tau_i / s_i and its rank (RelatIF)."""
+PREDICT_TRAINER = {"logger": False, "use_distributed_sampler": False, "enable_progress_bar": False,
+                   "enable_model_summary": False}
+
+
+def predict_trainer(trainer: dict | None = None, **forced):
+    """A Lightning Trainer for a prediction pass of a function stage: the stage's ``trainer`` options over the
+    prediction defaults (no logger, no distributed sampler: the data module shards the items itself), then
+    ``forced``. Several processes: ``strategy: ddp_spawn`` (each pass spawns its ranks; the rest of the stage
+    runs once); ``ddp`` is refused, as it would rerun the whole command in every process."""
     import lightning as L
 
-    from musicattr.attribution.score import ScoringModule
+    options = {**PREDICT_TRAINER, **(trainer or {}), "use_distributed_sampler": False, **forced}
+    if options.get("strategy") == "ddp":
+        raise ValueError("--trainer.strategy ddp relaunches the whole command in every process, which would repeat "
+                         "this stage's unlearning and generation; fix: use --trainer.strategy ddp_spawn for evaluate "
+                         "and compare (or run `musicattr attribute` with ddp)")
+    return L.Trainer(**options)
 
-    module = ScoringModule(checkpoint, store, unlearned, out_dir, num_draws=num_draws, seed=seed,
-                           mask_loss=mask_loss, batch_size=batch_size, overwrite=True, top_k=0, relative=relative)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, use_distributed_sampler=False,
-                        enable_progress_bar=False, enable_model_summary=False, inference_mode=not relative)
-    trainer.predict(module)
+
+def score_store(checkpoint: str, store: str, unlearned: str, out_dir: str, num_draws: int, seed: int,
+                batch_size: int = 16, trainer: dict | None = None, mask_loss: bool | None = None,
+                relative: bool = False, task=None) -> pd.DataFrame:
+    """Eq. 1 for every training item with the Lightning prediction loop (ScoringModule over the store's
+    StorePredictDataModule); with ``relative`` also tau_i / s_i and its rank (RelatIF). ``trainer``: the
+    Trainer options of the calling stage (accelerator, devices, strategy, ...)."""
+    from musicattr.attribution.score import ScoringModule
+    from musicattr.data.datamodules import StorePredictDataModule
+
+    module = ScoringModule(checkpoint, unlearned, out_dir, task=task, num_draws=num_draws, seed=seed,
+                           mask_loss=mask_loss, overwrite=True, top_k=0, relative=relative)
+    predict_trainer(trainer, inference_mode=False if relative else (trainer or {}).get("inference_mode", True)
+                    ).predict(module, datamodule=StorePredictDataModule(store, batch_size))
     return pd.read_parquet(Path(out_dir) / "scores.parquet")
+
+
+def unlearn_device(trainer: dict | None) -> str:
+    """The device ``run_unlearn`` uses in a function stage: the GPU when the trainer's accelerator is one."""
+    accelerator = str((trainer or {}).get("accelerator", "cpu"))
+    return "cuda" if accelerator in ("gpu", "cuda") else "cpu"
 
 
 def open_wandb(name: str, config: dict[str, Any], enabled: bool = True, save_dir: str = "runs"):

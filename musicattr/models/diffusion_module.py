@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from musicattr.attribution.loss import frame_mask_from_lengths, item_loss, masked_mse, v_objective
+from musicattr.attribution.loss import frame_mask_from_lengths, masked_mse, v_objective
 from musicattr.models.sat import TEXT_KEY, build_diffusion
 
 
@@ -67,9 +67,10 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        mask = self.frame_mask(batch) if self.hparams.use_padding_mask else None
-        loss = item_loss(self.net, batch["latents"], self.conditioning_inputs(batch), batch["item_id"],
-                         self.hparams.val_seed, self.hparams.val_draws, mask)
+        from musicattr.models.sat_task import SATDiffusionTask
+
+        loss = SATDiffusionTask.of(self).item_loss(batch, self.hparams.val_seed, self.hparams.val_draws,
+                                                    mask=self.hparams.use_padding_mask)
         self.log("val/loss", loss.float().mean(), prog_bar=True, sync_dist=True, batch_size=len(loss))
 
     def configure_optimizers(self):

@@ -9,6 +9,7 @@ autoencoder and cropped to the duration.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -18,7 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.models.sat import TEXT_KEY
+
+log = logging.getLogger(__name__)
 
 
 def sample_latents(module, text_emb: torch.Tensor, seconds_total: float, max_frames: int, steps: int = 50,
@@ -81,16 +85,18 @@ def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str]
                                  sampler_type)
         audio = ae.decode(latents)[0, :, : int(dur * sr)].cpu()
         peak = float(audio.abs().max())
-        sf.write(out / f"{name}.wav", (audio / max(peak, 1e-6) * 0.9).numpy().T, sr)
+        with atomic_path(out / f"{name}.wav") as tmp:
+            sf.write(tmp, (audio / max(peak, 1e-6) * 0.9).numpy().T, sr)
         valid = math.ceil(dur * sr / ratio)
         info = {"query_id": name, "caption": prompt, "duration_s": dur, "seconds_start": 0.0,
                 "seconds_total": float(math.ceil(dur)), "valid_frames": valid, "seed": seed + q,
                 "audio": f"{name}.wav", "checkpoint": checkpoint}
-        save_file({"latents": latents[0].float().cpu().contiguous(), "text_emb": text[q].cpu().contiguous()},
-                  str(out / f"{name}.query.safetensors"), metadata={"info": json.dumps(info)})
+        with atomic_path(out / f"{name}.query.safetensors") as tmp:
+            save_file({"latents": latents[0].float().cpu().contiguous(), "text_emb": text[q].cpu().contiguous()},
+                      str(tmp), metadata={"info": json.dumps(info)})
         results.append(info)
-        print(f"generate: {out / (name + '.wav')}  ({dur:.1f} s)  {prompt}")
-    (out / "queries.json").write_text(json.dumps(results, indent=2))
+        log.info("generate: %s  (%.1f s)  %s", out / (name + ".wav"), dur, prompt)
+    atomic_write_json(out / "queries.json", results)
     return results
 
 

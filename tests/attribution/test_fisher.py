@@ -1,5 +1,6 @@
 """Diagonal Fisher (attribution/fisher.py): per-sample squared gradients (vmap == loop == brute force),
-the file written by `musicattr fisher`, its metadata and checkpoint check, and resuming an interrupted run."""
+the file written by `musicattr fisher`, its metadata and checkpoint check, and resuming an interrupted run
+(the PartsWriter of musicattr/parts.py with the store's StorePredictDataModule)."""
 from __future__ import annotations
 
 import json
@@ -11,17 +12,17 @@ import lightning as L
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
-from musicattr.attribution.fisher import (FisherCallback, FisherMismatchError, FisherPassModule, load_fisher,
-                                          squared_grads_loop, squared_grads_vmap)
+from musicattr.attribution.fisher import (FisherMismatchError, FisherModule, load_fisher, squared_grads_loop,
+                                          squared_grads_vmap)
 from musicattr.attribution.loss import make_draws, v_objective
-from musicattr.attribution.targets import select_parameters
-from musicattr.data.datamodules import collate_items
+from musicattr.data.datamodules import StorePredictDataModule, collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
+from musicattr.models.sat_task import SATDiffusionTask
 
 torch.set_num_threads(1)
 
@@ -30,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def fisher_args(out, num_draws=T_DRAWS, batch_size=4, flush_every=1, **extra):
-    args = ["fisher", "--model.checkpoint", "theta0.ckpt", "--model.store", "store", "--model.out", out,
-            "--model.num_draws", num_draws, "--model.batch_size", batch_size, "--model.flush_every", flush_every,
+    args = ["fisher", "--model.checkpoint", "theta0.ckpt", "--data.store", "store", "--model.out", out,
+            "--model.num_draws", num_draws, "--data.batch_size", batch_size, "--model.flush_every", flush_every,
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.default_root_dir", "lightning"]
     for k, v in extra.items():
         args += [f"--model.{k}", v]
@@ -43,12 +44,11 @@ def run_fisher_inprocess(cwd, out, num_draws=T_DRAWS, batch_size=4, flush_every=
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        m = FisherPassModule("theta0.ckpt", "store", out, num_draws=num_draws, batch_size=batch_size,
-                             flush_every=flush_every, **kw)
+        m = FisherModule("theta0.ckpt", out, num_draws=num_draws, flush_every=flush_every, **kw)
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
                             default_root_dir="lightning")
-        trainer.predict(m, return_predictions=False)
+        trainer.predict(m, datamodule=StorePredictDataModule("store", batch_size))
     finally:
         os.chdir(old)
 
@@ -61,8 +61,9 @@ def part_indices(parts: Path) -> dict[str, list[int]]:
     return out
 
 
-def brute_force_sq_grads(module, store, positions, seed, draws, names, use_mask=False):
-    """sum over items and draws of (dL_t/dtheta)^2 with one plain autograd.grad per (item, draw)."""
+def brute_force_sq_grads(module, store, positions, seed, draws, names, use_mask=False, namespace=""):
+    """sum over items and draws of (dL_t/dtheta)^2 with one plain autograd.grad per (item, draw);
+    draw j of item i keyed ``namespace + id``."""
     params = dict(module.net.named_parameters())
     out = {k: torch.zeros_like(params[k], dtype=torch.float64) for k in names}
     for pos in positions:
@@ -71,7 +72,7 @@ def brute_force_sq_grads(module, store, positions, seed, draws, names, use_mask=
             cond = module.conditioning_inputs(b)
         z, valid = b["latents"], int(b["valid_frames"][0])
         for j in draws:
-            t, eps = make_draws(seed, b["item_id"], [j], tuple(z.shape[1:]))
+            t, eps = make_draws(seed, [namespace + b["item_id"][0]], [j], tuple(z.shape[1:]))
             x_t, v = v_objective(z, t[:, 0], eps[:, 0])
             pred = module.net(x_t, t[:, 0], **cond, use_checkpointing=False)
             se = (pred - v).pow(2)  # [1, C, L]
@@ -106,22 +107,24 @@ def theta0(work):
     return load_diffusion_module(str(work / "theta0.ckpt"))
 
 
+@pytest.fixture(scope="module")
+def task(theta0):
+    return SATDiffusionTask.of(theta0)
+
+
 # ---------------------------------------------------------------- per-sample squared gradients
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_vmap_equals_loop_equals_brute_force(work, theta0, use_mask):
+def test_vmap_equals_loop_equals_brute_force(work, theta0, task, use_mask):
     store = LatentStore(work / "store")
     positions = [0, 6, 10]
     b = collate_items([store[p] for p in positions])
-    with torch.no_grad():
-        cond = theta0.conditioning_inputs(b)
-    mask = theta0.frame_mask(b) if use_mask else None
-    params = select_parameters(theta0.net, "all")
-    args = (theta0.net, params, b["latents"], cond, b["item_id"], 5, range(3), mask)
-    vm = squared_grads_vmap(*args, chunk_size=4)
-    lp = squared_grads_loop(*args)
-    bf = brute_force_sq_grads(theta0, store, positions, 5, range(3), list(params), use_mask)
+    params = task.select_parameters("all")
+    args = (task, params, b, 5, range(3))
+    vm = squared_grads_vmap(*args, mask=use_mask, chunk_size=4)
+    lp = squared_grads_loop(*args, mask=use_mask)
+    bf = brute_force_sq_grads(theta0, store, positions, 5, range(3), list(params), use_mask, namespace="fisher/")
     assert all(v.dtype == torch.float64 for v in vm.values())
     assert_close_rel(vm, lp, 1e-5)
     assert_close_rel(lp, bf, 1e-5)
@@ -130,24 +133,20 @@ def test_vmap_equals_loop_equals_brute_force(work, theta0, use_mask):
     k0 = "model.transformer.layers.0.self_attn.to_qkv.weight"
     assert float(vm[k0].sum()) > 0
     # vmap without chunking agrees too
-    assert_close_rel(squared_grads_vmap(*args, chunk_size=None), lp, 1e-5)
+    assert_close_rel(squared_grads_vmap(*args, mask=use_mask, chunk_size=None), lp, 1e-5)
 
 
-def test_squared_grads_of_subsets_add_up(work, theta0):
+def test_squared_grads_of_subsets_add_up(work, task):
     store = LatentStore(work / "store")
     b = collate_items([store[p] for p in range(4)])
-    with torch.no_grad():
-        cond = theta0.conditioning_inputs(b)
-    params = select_parameters(theta0.net, "to_kv")
-    whole = squared_grads_vmap(theta0.net, params, b["latents"], cond, b["item_id"], 0, range(4))
+    params = task.select_parameters("to_kv")
+    whole = squared_grads_vmap(task, params, b, 0, range(4))
     b1 = collate_items([store[p] for p in range(2)])
     b2 = collate_items([store[p] for p in range(2, 4)])
     parts = []
     for bb in (b1, b2):
-        with torch.no_grad():
-            cc = theta0.conditioning_inputs(bb)
         for draws in (range(0, 1), range(1, 4)):
-            parts.append(squared_grads_vmap(theta0.net, params, bb["latents"], cc, bb["item_id"], 0, draws))
+            parts.append(squared_grads_vmap(task, params, bb, 0, draws))
     total = {k: sum(p[k] for p in parts) for k in whole}
     assert_close_rel(whole, total, 1e-5)
 
@@ -155,29 +154,45 @@ def test_squared_grads_of_subsets_add_up(work, theta0):
 # ---------------------------------------------------------------- the file written by `musicattr fisher`
 
 
-def test_cli_fisher_equals_in_test_mean_of_squared_grads(work, theta0):
+def test_cli_fisher_equals_in_test_mean_of_squared_grads(work, theta0, task):
+    """F = 1/(N T) sum_i sum_t (dL_t(z_i)/dtheta)^2, with draw t of item i keyed 'fisher/<id>'."""
     fisher, meta = load_fisher(str(work / "fisher.safetensors"))
-    names = list(select_parameters(theta0.net, "all"))
+    names = list(task.select_parameters("all"))
     assert set(fisher) == set(names)
     store = LatentStore(work / "store")
-    ref = brute_force_sq_grads(theta0, store, range(N_ITEMS), 0, range(T_DRAWS), names)
-    ref = {k: v / (N_ITEMS * T_DRAWS) for k, v in ref.items()}
+    total = brute_force_sq_grads(theta0, store, range(N_ITEMS), 0, range(T_DRAWS), names, namespace="fisher/")
+    ref = {k: v / (N_ITEMS * T_DRAWS) for k, v in total.items()}
     for k in names:
         assert fisher[k].dtype == torch.float32 and fisher[k].shape == ref[k].shape
         assert (fisher[k] >= 0).all()
     assert_close_rel(fisher, ref, 1e-5)
-    # the normalisation is N*T: a wrong divisor (N only, or the batch count) would be off by >= 3x
-    assert_close_rel({k: fisher[k] * T_DRAWS for k in names}, {k: ref[k] * T_DRAWS for k in names}, 1e-5)
+    # the comparison can tell a wrong divisor: sum / N alone is T = 3 times the file
+    with pytest.raises(AssertionError):
+        assert_close_rel(fisher, {k: v / N_ITEMS for k, v in total.items()}, 1e-2)
 
 
-def test_cli_fisher_metadata(work, theta0):
+def test_fisher_draws_are_not_the_scoring_draws(work, theta0, task):
+    """The Fisher has its own draw namespace: summed over the scoring draws (bare ids) it would differ."""
+    fisher, _ = load_fisher(str(work / "fisher.safetensors"))
+    names = list(task.select_parameters("to_kv"))
+    store = LatentStore(work / "store")
+    scoring = brute_force_sq_grads(theta0, store, range(N_ITEMS), 0, range(T_DRAWS), names)
+    scoring = {k: v / (N_ITEMS * T_DRAWS) for k, v in scoring.items()}
+    for k in names:  # other (t, eps) draws: the estimates differ by far more than float error
+        rel = float((fisher[k].double() - scoring[k]).abs().max() / scoring[k].abs().max())
+        assert rel > 1e-2, (k, rel)
+
+
+def test_cli_fisher_metadata(work, task):
     _, meta = load_fisher(str(work / "fisher.safetensors"))
     assert meta["num_items"] == N_ITEMS
     assert meta["num_draws"] == T_DRAWS
     assert meta["seed"] == 0 and meta["target"] == "all" and meta["use_mask"] is False
-    assert meta["parameters"] == list(select_parameters(theta0.net, "all"))
+    assert meta["parameters"] == list(task.select_parameters("all"))
     assert meta["checkpoint_fingerprint"] == file_fingerprint(str(work / "theta0.ckpt"))
     assert meta["checkpoint"] == "theta0.ckpt"
+    assert meta["store_fingerprint"] == LatentStore(work / "store").fingerprint
+    assert meta["task"] == "musicattr.models.sat_task.SATDiffusionTask"
     # every item summed exactly once across the parts
     idx = [i for v in part_indices(work / "fisher.safetensors.parts").values() for i in v]
     assert sorted(idx) == list(range(N_ITEMS))
@@ -198,19 +213,28 @@ def test_load_fisher_refuses_other_checkpoint(work):
         load_fisher(str(work / "missing.safetensors"))
 
 
-def test_parts_of_another_run_are_refused(work, tmp_path):
+def test_load_fisher_refuses_a_file_without_fingerprint(work, tmp_path):
+    tensors, meta = load_fisher(str(work / "fisher.safetensors"))
+    del meta["checkpoint_fingerprint"]
+    bare = tmp_path / "bare.safetensors"
+    save_file(tensors, str(bare), metadata={k: json.dumps(v) for k, v in meta.items()})
+    with pytest.raises(FisherMismatchError, match="no checkpoint fingerprint") as e:
+        load_fisher(str(bare), file_fingerprint(str(work / "theta0.ckpt")))
+    assert str(bare) in str(e.value) and "musicattr fisher" in str(e.value)
+    assert load_fisher(str(bare))[0].keys() == tensors.keys()  # no checkpoint to check against: readable
+
+
+@pytest.mark.parametrize("changed", [{"num_draws": T_DRAWS + 1}, {"seed": 1}, {"target": "self"},
+                                     {"use_mask": True}])
+def test_parts_of_another_run_are_refused(work, tmp_path, changed):
     """Rerunning into an output whose parts were made with other settings must not mix them."""
-    parts = tmp_path / "f.safetensors.parts"
-    shutil.copytree(work / "fisher.safetensors.parts", parts)
-    key = json.loads((parts / "run.json").read_text())
-    meta = {k: key[k] for k in ("checkpoint", "checkpoint_fingerprint", "store")}
-    same = FisherCallback(str(tmp_path / "f.safetensors"), num_draws=T_DRAWS, metadata=meta)
-    assert same.done_indices() == set(range(N_ITEMS))
-    for changed in ({"num_draws": T_DRAWS + 1}, {"seed": 1}, {"target": "self"}, {"use_mask": True}):
-        cb = FisherCallback(str(tmp_path / "f.safetensors"), **{"num_draws": T_DRAWS, **changed}, metadata=meta)
-        with pytest.raises(FisherMismatchError, match="another Fisher run"):
-            cb.check_parts()
-    assert len(list(parts.glob("part-*.safetensors"))) == len(list((work / "fisher.safetensors.parts").glob("part-*")))
+    d = tmp_path / "w"
+    _copy_inputs(work, d)
+    shutil.copytree(work / "fisher.safetensors.parts", d / "fisher.safetensors.parts")
+    before = part_indices(d / "fisher.safetensors.parts")
+    with pytest.raises(FisherMismatchError, match="another Fisher run"):
+        run_fisher_inprocess(d, "fisher.safetensors", **{"num_draws": T_DRAWS, **changed})
+    assert part_indices(d / "fisher.safetensors.parts") == before  # nothing deleted or added
 
 
 def test_rerun_with_other_draws_fails_clearly(work, tmp_path):
@@ -307,15 +331,13 @@ def test_kill9_mid_run_then_rerun_equals_uninterrupted(work, tmp_path):
     idx = [i for v in got.values() for i in v]
     assert sorted(idx) == list(range(N_ITEMS))
     # the uninterrupted reference, computed here with the same per-sample loop
-    theta0 = load_diffusion_module(str(d / "theta0.ckpt"))
+    task = SATDiffusionTask()
+    task.load(str(d / "theta0.ckpt"))
     store = LatentStore(d / "store")
-    params = select_parameters(theta0.net, "all")
+    params = task.select_parameters("all")
     ref = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     for pos in range(N_ITEMS):
-        b = collate_items([store[pos]])
-        with torch.no_grad():
-            cond = theta0.conditioning_inputs(b)
-        sq = squared_grads_loop(theta0.net, params, b["latents"], cond, b["item_id"], 0, range(draws))
+        sq = squared_grads_loop(task, params, collate_items([store[pos]]), 0, range(draws))
         for k in ref:
             ref[k] += sq[k]
     ref = {k: (v / (N_ITEMS * draws)).float() for k, v in ref.items()}

@@ -1,6 +1,6 @@
-"""The per-item loss contract (attribution/loss.py): draws are a pure function of (seed, item id, draw
-index), the loss of an item does not depend on its batch, masking averages valid frames only, and the
-v-objective formulas of Salimans & Ho (2022)."""
+"""The per-item loss contract (attribution/loss.py, built by AttributionTask in attribution/task.py): draws
+are a pure function of (seed, item id, draw index), the loss of an item does not depend on its batch, masking
+averages valid frames only, and the v-objective formulas of Salimans & Ho (2022)."""
 from __future__ import annotations
 
 import math
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import make_module, make_store
-from musicattr.attribution.loss import (draw_seed, frame_mask_from_lengths, item_loss, make_draws, masked_mse,
-                                        per_draw_losses, v_objective)
+from musicattr.attribution.loss import draw_seed, frame_mask_from_lengths, make_draws, masked_mse, v_objective
+from musicattr.attribution.task import AttributionTask
 from musicattr.data.datamodules import collate_items
+from musicattr.models.sat_task import SATDiffusionTask
 
 torch.set_num_threads(1)
 
@@ -20,14 +21,11 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     store = make_store(tmp_path_factory.mktemp("loss") / "store", n=6)
-    return make_module(), store
+    return SATDiffusionTask.of(make_module()), store
 
 
-def _batch(module, store, positions):
-    b = collate_items([store[p] for p in positions])
-    with torch.no_grad():
-        cond = module.conditioning_inputs(b)
-    return b, cond
+def _batch(store, positions):
+    return collate_items([store[p] for p in positions])
 
 
 # ---------------------------------------------------------------- draws
@@ -82,51 +80,47 @@ def test_draw_seed_is_not_item_id_collision_prone():
 
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_item_loss_same_alone_or_in_batch(setup, use_mask):
-    module, store = setup
-    net = module.net
+    task, store = setup
     positions = list(range(6))
-    b, cond = _batch(module, store, positions)
-    mask = module.frame_mask(b) if use_mask else None
+    b = _batch(store, positions)
     with torch.no_grad():
-        ref = item_loss(net, b["latents"], cond, b["item_id"], 3, 6, mask, draws_per_forward=6)
+        ref = task.item_loss(b, 3, 6, mask=use_mask, draws_per_forward=6)
         assert ref.dtype == torch.float64 and ref.shape == (6,)
         # other chunkings of the draws
         for dpf in (1, 4, 8):
-            other = item_loss(net, b["latents"], cond, b["item_id"], 3, 6, mask, draws_per_forward=dpf)
+            other = task.item_loss(b, 3, 6, mask=use_mask, draws_per_forward=dpf)
             np.testing.assert_allclose(other.numpy(), ref.numpy(), rtol=1e-6)
         # each item alone
         for p in positions:
-            b1, c1 = _batch(module, store, [p])
-            m1 = module.frame_mask(b1) if use_mask else None
-            alone = item_loss(net, b1["latents"], c1, b1["item_id"], 3, 6, m1, draws_per_forward=4)
+            alone = task.item_loss(_batch(store, [p]), 3, 6, mask=use_mask, draws_per_forward=4)
             np.testing.assert_allclose(alone.numpy(), ref[p:p + 1].numpy(), rtol=1e-6)
         # another batch composition and order
         perm = [4, 1, 5]
-        b2, c2 = _batch(module, store, perm)
-        m2 = module.frame_mask(b2) if use_mask else None
-        sub = item_loss(net, b2["latents"], c2, b2["item_id"], 3, 6, m2, draws_per_forward=2)
+        sub = task.item_loss(_batch(store, perm), 3, 6, mask=use_mask, draws_per_forward=2)
         np.testing.assert_allclose(sub.numpy(), ref[perm].numpy(), rtol=1e-6)
-        # another seed gives other losses
-        other_seed = item_loss(net, b["latents"], cond, b["item_id"], 4, 6, mask, draws_per_forward=6)
+        # another seed, or another draw namespace, gives other losses
+        other_seed = task.item_loss(b, 4, 6, mask=use_mask, draws_per_forward=6)
         assert not torch.allclose(other_seed, ref, rtol=1e-3)
+        other_namespace = task.item_loss(b, 3, 6, namespace="fisher/", mask=use_mask, draws_per_forward=6)
+        assert not torch.allclose(other_namespace, ref, rtol=1e-3)
 
 
-def test_item_loss_is_mean_of_per_draw_losses_and_draw_offset(setup):
-    module, store = setup
-    b, cond = _batch(module, store, [0, 2])
+def test_item_loss_is_mean_of_draw_losses_and_draw_offset(setup):
+    task, store = setup
+    b = _batch(store, [0, 2])
     with torch.no_grad():
+        cond = task.conditioning(b)
         t, eps = make_draws(5, b["item_id"], range(2, 6), (4, 16))
-        per = per_draw_losses(module.net, b["latents"], cond, t, eps)
+        per = torch.stack([task.draw_loss(b["latents"], t[:, j], eps[:, j], cond) for j in range(4)], 1)
         assert per.shape == (2, 4)
-        off = item_loss(module.net, b["latents"], cond, b["item_id"], 5, 4, None, draws_per_forward=3, draw_offset=2)
+        off = task.item_loss(b, 5, 4, draws_per_forward=3, draw_offset=2)
     np.testing.assert_allclose(off.numpy(), per.double().mean(1).numpy(), rtol=1e-6)
 
 
 def test_item_loss_is_differentiable(setup):
-    module, store = setup
-    b, cond = _batch(module, store, [1])
-    w = module.net.model.transformer.layers[0].self_attn.to_qkv.weight
-    loss = item_loss(module.net, b["latents"], cond, b["item_id"], 0, 3, None, draws_per_forward=2)
+    task, store = setup
+    w = task.net.model.transformer.layers[0].self_attn.to_qkv.weight
+    loss = task.item_loss(_batch(store, [1]), 0, 3, draws_per_forward=2)
     (g,) = torch.autograd.grad(loss.sum(), [w])
     assert g.abs().sum() > 0
 
@@ -134,9 +128,25 @@ def test_item_loss_is_differentiable(setup):
 # ---------------------------------------------------------------- masking, by hand on a toy net
 
 
-class ZeroNet(torch.nn.Module):
-    def forward(self, x, t, **kwargs):
-        return torch.zeros_like(x)
+class ZeroTask(AttributionTask):
+    """The v-objective with a network that predicts zeros: the loss is the mean of v^2 (checked by hand)."""
+
+    net = None
+
+    def load(self, checkpoint):
+        raise NotImplementedError
+
+    def conditioning(self, batch):
+        return {}
+
+    def frame_mask(self, batch):
+        return frame_mask_from_lengths(batch["valid_frames"], batch["latents"].shape[-1])
+
+    def noise(self, z, t, eps):
+        return v_objective(z, t, eps)
+
+    def predict(self, z_t, t, cond, params=None):
+        return torch.zeros_like(z_t)
 
 
 def _hand_loss(z, valid, item_id, seed, num_draws, use_mask):
@@ -160,15 +170,17 @@ def test_masked_loss_averages_valid_frames_only(use_mask):
     z = torch.randn(3, 4, 10, generator=g)
     valid = torch.tensor([3, 10, 6])
     ids = ["q0", "q1", "q2"]
-    mask = frame_mask_from_lengths(valid, 10) if use_mask else None
-    loss = item_loss(ZeroNet(), z, {}, ids, 11, 5, mask, draws_per_forward=2)
+    task = ZeroTask()
+    loss = task.item_loss({"latents": z, "valid_frames": valid, "item_id": ids}, 11, 5, mask=use_mask,
+                          draws_per_forward=2)
     hand = [_hand_loss(z[i], int(valid[i]), ids[i], 11, 5, use_mask) for i in range(3)]
     np.testing.assert_allclose(loss.numpy(), hand, rtol=1e-6)
     if use_mask:  # the padded frames of z do not count at all
         z2 = z.clone()
         z2[0, :, 3:] = 1e3
         z2[2, :, 6:] = -7.0
-        np.testing.assert_allclose(item_loss(ZeroNet(), z2, {}, ids, 11, 5, mask).numpy(), loss.numpy(), rtol=1e-6)
+        again = task.item_loss({"latents": z2, "valid_frames": valid, "item_id": ids}, 11, 5, mask=True)
+        np.testing.assert_allclose(again.numpy(), loss.numpy(), rtol=1e-6)
 
 
 def test_masked_mse_by_hand():

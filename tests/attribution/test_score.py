@@ -4,6 +4,7 @@ the first-order (influence) approximation and self-influence on the synthetic st
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,15 +16,17 @@ import pytest
 import torch
 
 from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
-from musicattr.attribution.fisher import FisherPassModule
-from musicattr.attribution.loss import item_loss
+from musicattr.attribution.fisher import FisherModule
 from musicattr.attribution.fisher import load_fisher
-from musicattr.attribution.score import RunMismatchError, ScoringModule, baseline_cache_path, read_parts
-from musicattr.attribution.unlearn import load_unlearned, run_unlearn
-from musicattr.data.datamodules import collate_items
+from musicattr.attribution.cache import cache_path
+from musicattr.attribution.score import RunMismatchError, ScoringModule
+from musicattr.attribution.unlearn import load_unlearned, run_unlearn, save_unlearned
+from musicattr.data.datamodules import StorePredictDataModule, collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
+from musicattr.models.sat_task import SATDiffusionTask
+from musicattr.parts import TableFormat
 
 torch.set_num_threads(1)
 
@@ -37,8 +40,8 @@ COLUMNS = ["item_id", "caption", "file_name", "score", "rank", "baseline_loss", 
 
 def attribute_args(unlearned, out_dir, num_draws=T_SCORE, batch_size=4, flush_every=1, draws_per_forward=4,
                    cache=True, trainer=("--trainer.devices", "1")):
-    return ["attribute", "--model.checkpoint", "theta0.ckpt", "--model.store", "store", "--model.unlearned", unlearned,
-            "--model.out_dir", out_dir, "--model.num_draws", num_draws, "--model.batch_size", batch_size,
+    return ["attribute", "--model.checkpoint", "theta0.ckpt", "--data.store", "store", "--model.unlearned", unlearned,
+            "--model.out_dir", out_dir, "--model.num_draws", num_draws, "--data.batch_size", batch_size,
             "--model.flush_every", flush_every, "--model.draws_per_forward", draws_per_forward,
             "--model.use_baseline_cache", str(cache).lower(), "--trainer.accelerator", "cpu", *trainer,
             "--trainer.default_root_dir", "lightning"]
@@ -61,11 +64,29 @@ def _trainer(inference_mode=True):
 
 
 def score_inprocess(d, unlearned, out_dir, num_draws=T_SCORE, batch_size=4, store="store", **kw) -> pd.DataFrame:
-    """`musicattr attribute` in this process (same module and writer, no interpreter start-up)."""
+    """`musicattr attribute` in this process (same module, data module and writer, no interpreter start-up)."""
     with chdir(d):
-        m = ScoringModule("theta0.ckpt", store, unlearned, out_dir, num_draws=num_draws, batch_size=batch_size, **kw)
-        _trainer(inference_mode=not kw.get("relative", False)).predict(m, return_predictions=False)
+        m = ScoringModule("theta0.ckpt", unlearned, out_dir, num_draws=num_draws, **kw)
+        _trainer(inference_mode=not kw.get("relative", False)).predict(
+            m, datamodule=StorePredictDataModule(store, batch_size))
         return pd.read_parquet(Path(out_dir) / "scores.parquet")
+
+
+def workdir(pipe, tmp_path, copy_store: bool = False) -> Path:
+    """A folder with the module's theta0 and unlearned query linked, and its store linked or copied."""
+    d = tmp_path / "w"
+    d.mkdir()
+    for f in ("theta0.ckpt", "q3.safetensors"):
+        os.symlink(pipe / f, d / f)
+    if copy_store:
+        shutil.copytree(pipe / "store", d / "store")
+    else:
+        os.symlink(pipe / "store", d / "store")
+    return d
+
+
+def read_parts(folder) -> pd.DataFrame:
+    return TableFormat().read(sorted(Path(folder).glob("part-*.parquet")))
 
 
 def unlearn(d, item, out, lr, num_draws=32, strategy="mixed", **kw):
@@ -85,11 +106,11 @@ def pipe(tmp_path_factory):
     make_store(d / "store", n=N_ITEMS)
     save_checkpoint(make_module(), d / "theta0.ckpt")
     with chdir(d):
-        m = FisherPassModule("theta0.ckpt", "store", "fisher.safetensors", num_draws=8, batch_size=6, flush_every=100)
+        m = FisherModule("theta0.ckpt", "fisher.safetensors", num_draws=8, flush_every=100)
         t = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
                       default_root_dir="lightning")
-        t.predict(m, return_predictions=False)
+        t.predict(m, datamodule=StorePredictDataModule("store", 6))
     unlearn(d, 3, "q3.safetensors", lr=1e-4)
     r = cli(attribute_args("q3.safetensors", "attr_ref"), d)
     (d / "attr_ref.log").write_text(r.stdout + r.stderr)
@@ -102,7 +123,8 @@ def ref(pipe):
 
 
 def losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
-    """L(z_i, theta) for every item, computed here with item_loss (theta0, or theta0 with the unlearned tensors)."""
+    """L(z_i, theta) for every item, computed here with the task's item_loss (theta0, or theta0 with the unlearned
+    tensors)."""
     m = load_diffusion_module(str(d / "theta0.ckpt"))
     if unlearned is not None:
         named = dict(m.net.named_parameters())
@@ -112,8 +134,7 @@ def losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
     store = LatentStore(d / "store")
     b = collate_items([store[p] for p in range(len(store))])
     with torch.no_grad():
-        out = item_loss(m.net, b["latents"], m.conditioning_inputs(b), b["item_id"], seed, num_draws,
-                        m.frame_mask(b) if mask else None, draws_per_forward=num_draws)
+        out = SATDiffusionTask.of(m).item_loss(b, seed, num_draws, mask=mask, draws_per_forward=num_draws)
     return dict(zip(b["index"].tolist(), out.numpy()))
 
 
@@ -129,7 +150,6 @@ def test_attribute_table(pipe, ref):
     for r in ref.itertuples():
         assert r.caption == items.loc[r.item_id, "caption"] and r.file_name == items.loc[r.item_id, "file_name"]
         assert r.duration_s == pytest.approx(items.loc[r.item_id, "duration_s"])
-    np.testing.assert_array_equal(ref["score"].to_numpy(), (ref["unlearned_loss"] - ref["baseline_loss"]).to_numpy())
     assert ref["rank"].tolist() == list(range(1, N_ITEMS + 1))
     assert (np.diff(ref["score"].to_numpy()) <= 0).all()  # rank 1 = largest tau
     assert (ref["query_id"] == "audio/track003.wav").all()
@@ -143,6 +163,11 @@ def test_attribute_losses_equal_in_test_losses(pipe, ref):
     r = by_index(ref)
     np.testing.assert_allclose(r["baseline_loss"], [base[i] for i in r["index"]], rtol=1e-6)
     np.testing.assert_allclose(r["unlearned_loss"], [unl[i] for i in r["index"]], rtol=1e-6)
+    # Eq. 1 against the test's own losses (not the table's columns): tau_i = L(z_i, theta_u) - L(z_i, theta0)
+    tau = np.array([unl[i] - base[i] for i in r["index"]])
+    assert np.abs(tau).max() > 1e-3 * max(base.values())  # scores well above the tolerance below
+    np.testing.assert_allclose(r["score"], tau, rtol=0, atol=2e-6 * max(base.values()))
+    assert r.sort_values("rank")["index"].tolist() == list(np.asarray(r["index"])[np.argsort(-tau, kind="stable")])
     # the masked loss differs on padded items: the table is not the M_L-on loss
     masked = losses_in_test(pipe, mask=True)
     assert max(abs(masked[i] - base[i]) / base[i] for i in base) > 1e-3
@@ -151,9 +176,9 @@ def test_attribute_losses_equal_in_test_losses(pipe, ref):
 def test_mask_loss_follows_strategy_and_can_be_overridden(pipe, tmp_path):
     unlearn(pipe, 3, str(tmp_path / "both.safetensors"), lr=1e-4, strategy="both")
     with chdir(pipe):
-        assert ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "a")).mask_loss is False
-        assert ScoringModule("theta0.ckpt", "store", str(tmp_path / "both.safetensors"), str(tmp_path / "b")).mask_loss
-        assert ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "c"), mask_loss=True).mask_loss
+        assert ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "a")).mask_loss is False
+        assert ScoringModule("theta0.ckpt", str(tmp_path / "both.safetensors"), str(tmp_path / "b")).mask_loss
+        assert ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "c"), mask_loss=True).mask_loss
     df = by_index(score_inprocess(pipe, str(tmp_path / "both.safetensors"), str(tmp_path / "b"),
                                   use_baseline_cache=False))
     masked = losses_in_test(pipe, mask=True)
@@ -163,15 +188,22 @@ def test_mask_loss_follows_strategy_and_can_be_overridden(pipe, tmp_path):
 def test_refuses_unlearned_file_of_another_checkpoint(pipe, tmp_path):
     save_checkpoint(make_module(seed=9), tmp_path / "other.ckpt")
     with pytest.raises(RunMismatchError, match="another checkpoint"):
-        ScoringModule(str(tmp_path / "other.ckpt"), str(pipe / "store"), str(pipe / "q3.safetensors"),
+        ScoringModule(str(tmp_path / "other.ckpt"), str(pipe / "q3.safetensors"),
                       str(tmp_path / "o"))
 
 
+def test_refuses_unlearned_file_without_fingerprints(pipe, tmp_path):
+    tensors, meta = load_unlearned(str(pipe / "q3.safetensors"))
+    for missing, kw in (("checkpoint_fingerprint", {}), ("fisher_fingerprint", {"relative": True})):
+        bare = tmp_path / f"no-{missing}.safetensors"
+        save_unlearned(str(bare), tensors, {k: v for k, v in meta.items() if k != missing})
+        with chdir(pipe), pytest.raises(RunMismatchError, match="records no") as e:
+            ScoringModule("theta0.ckpt", str(bare), str(tmp_path / "o"), **kw)
+        assert str(bare) in str(e.value) and "musicattr unlearn" in str(e.value)
+
+
 def test_refuses_out_dir_of_another_run(pipe, tmp_path):
-    d = tmp_path / "w"
-    d.mkdir()
-    for f in ("store", "theta0.ckpt", "q3.safetensors"):
-        os.symlink(pipe / f, d / f)
+    d = workdir(pipe, tmp_path)
     shutil.copytree(pipe / "attr_ref", d / "attr_ref")
     with pytest.raises(RunMismatchError, match="another run"):
         score_inprocess(d, "q3.safetensors", "attr_ref", num_draws=T_SCORE + 1)
@@ -219,10 +251,21 @@ def test_ddp_two_cpu_processes_match_one(pipe, ref):
 # ---------------------------------------------------------------- (c) baseline cache
 
 
+def baseline_cache(d, store="store", **kw) -> Path:
+    """The baseline cache file a scoring run in ``d`` reads and writes (its key from ScoringModule)."""
+    with chdir(d):
+        m = ScoringModule("theta0.ckpt", "q3.safetensors", "unused", num_draws=T_SCORE, **kw)
+        return d / cache_path(store, "baselines", m.baseline_key(LatentStore(store)))
+
+
 def test_baseline_cache_written_and_reused(pipe, ref, tmp_path):
-    fp = file_fingerprint(str(pipe / "theta0.ckpt"))
-    cache = baseline_cache_path(str(pipe / "store"), fp, T_SCORE, 0, False)
+    cache = baseline_cache(pipe)
     assert cache.exists() and cache.parent == pipe / "store" / "baselines"
+    key = json.loads(cache.with_suffix(".json").read_text())
+    assert key["checkpoint_fingerprint"] == file_fingerprint(str(pipe / "theta0.ckpt"))
+    assert key["store_fingerprint"] == LatentStore(pipe / "store").fingerprint
+    assert (key["num_draws"], key["seed"], key["mask_loss"], key["dtype"], key["device"]) == (
+        T_SCORE, 0, False, "torch.float32", "cpu")
     c = pd.read_parquet(cache).sort_values("index")
     np.testing.assert_array_equal(c["baseline_loss"].to_numpy(), by_index(ref)["baseline_loss"].to_numpy())
     # a second query: identical scores with and without the cache
@@ -237,15 +280,11 @@ def test_baseline_cache_written_and_reused(pipe, ref, tmp_path):
 
 def test_baseline_cache_is_what_the_second_run_reads(pipe, tmp_path):
     """Proof of reuse: a doctored cache shows up in the table; with the cache off it is ignored."""
-    d = tmp_path / "w"
-    d.mkdir()
-    shutil.copytree(pipe / "store", d / "store")
-    for f in ("theta0.ckpt", "q3.safetensors"):
-        os.symlink(pipe / f, d / f)
-    cache = baseline_cache_path("store", file_fingerprint(str(pipe / "theta0.ckpt")), T_SCORE, 0, False)
-    true_base = pd.read_parquet(d / cache).sort_values("index").reset_index(drop=True)
+    d = workdir(pipe, tmp_path, copy_store=True)
+    cache = baseline_cache(d)
+    true_base = pd.read_parquet(cache).sort_values("index").reset_index(drop=True)
     doctored = true_base.assign(baseline_loss=true_base["baseline_loss"] + 1.0)
-    doctored.to_parquet(d / cache, index=False)
+    doctored.to_parquet(cache, index=False)
     df = by_index(score_inprocess(d, "q3.safetensors", "a1"))
     np.testing.assert_array_equal(df["baseline_loss"].to_numpy(), doctored["baseline_loss"].to_numpy())
     off = by_index(score_inprocess(d, "q3.safetensors", "a0", use_baseline_cache=False))
@@ -253,15 +292,41 @@ def test_baseline_cache_is_what_the_second_run_reads(pipe, tmp_path):
     np.testing.assert_allclose(df["score"], off["score"] - 1.0, rtol=0, atol=1e-9)
 
 
+def test_baseline_cache_follows_the_store_content(pipe, tmp_path):
+    """A store re-encoded at the same path (same ids, other latents) must not reuse the old baselines."""
+    d = workdir(pipe, tmp_path, copy_store=True)
+    score_inprocess(d, "q3.safetensors", "a1")
+    old_caches = d / "store" / "baselines"
+    shutil.move(old_caches, tmp_path / "kept")
+    shutil.rmtree(d / "store")
+    make_store(d / "store", n=N_ITEMS, seed=1)  # the same items, re-encoded: other latents
+    shutil.move(tmp_path / "kept", old_caches)  # the old cache survived next to the new shards
+    df = by_index(score_inprocess(d, "q3.safetensors", "a2"))
+    fresh = losses_in_test(d)
+    np.testing.assert_allclose(df["baseline_loss"], [fresh[i] for i in df["index"]], rtol=1e-6)
+    assert len(list(old_caches.glob("*.parquet"))) == 2  # one per store content
+
+
+def test_cached_and_fresh_baselines_agree_within_the_reported_noise_floor(pipe, ref, tmp_path):
+    """The key leaves out batch composition and draws_per_forward: they change the baselines by less
+    than the float error the run reports in noise.json (which is what the scores are read against)."""
+    kw = dict(batch_size=5, draws_per_forward=3)
+    cached = by_index(score_inprocess(pipe, "q3.safetensors", str(tmp_path / "c"), **kw))
+    fresh = by_index(score_inprocess(pipe, "q3.safetensors", str(tmp_path / "f"), use_baseline_cache=False, **kw))
+    np.testing.assert_array_equal(cached["baseline_loss"], by_index(ref)["baseline_loss"])  # read from the cache
+    floor = json.loads((tmp_path / "c" / "noise.json").read_text())["float_error"]
+    gap = float(np.abs(cached["baseline_loss"] - fresh["baseline_loss"]).max())
+    print(f"cached vs fresh baselines: max |diff| {gap:.2e}, reported float error {floor:.2e}")
+    assert gap <= floor
+    assert floor < 1e-5 * float(fresh["baseline_loss"].abs().max())
+
+
 # ---------------------------------------------------------------- (d) resume after SIGKILL
 
 
 @pytest.mark.slow
 def test_killed_attribute_run_resumes_to_the_same_table(pipe, tmp_path):
-    d = tmp_path / "w"
-    d.mkdir()
-    for f in ("store", "theta0.ckpt", "q3.safetensors"):
-        os.symlink(pipe / f, d / f)
+    d = workdir(pipe, tmp_path)
     T = 384  # slow enough (one item a batch) to be killed between parts
     args = attribute_args("q3.safetensors", "attr", num_draws=T, batch_size=1, flush_every=1, draws_per_forward=32,
                           cache=False)
@@ -299,9 +364,7 @@ def test_scores_match_first_order_approximation(pipe, tmp_path):
     pred = []
     for pos in range(N_ITEMS):
         b = collate_items([store[pos]])
-        with torch.no_grad():
-            cond = m.conditioning_inputs(b)
-        loss = item_loss(m.net, b["latents"], cond, b["item_id"], 0, 4, None, draws_per_forward=4)
+        loss = SATDiffusionTask.of(m).item_loss(b, 0, 4, draws_per_forward=4)
         grads = torch.autograd.grad(loss.sum(), [named[k] for k in delta])
         pred.append(sum(float((g.double() * delta[k]).sum()) for g, k in zip(grads, delta)))
     tau, pred = df["score"].to_numpy(), np.array(pred)
@@ -328,8 +391,7 @@ def hand_sensitivity(d, unlearned, num_draws=T_SCORE, damping=1e-3):
     out = {}
     for pos in range(len(store)):
         b = collate_items([store[pos]])
-        loss = item_loss(m.net, b["latents"], m.conditioning_inputs(b), b["item_id"], 0, num_draws, None,
-                         draws_per_forward=num_draws)
+        loss = SATDiffusionTask.of(m).item_loss(b, 0, num_draws, draws_per_forward=num_draws)
         g = torch.cat([x.double().flatten() for x in torch.autograd.grad(loss.sum(), [named[k] for k in names])])
         out[int(b["index"][0])] = float((g.pow(2) * inv).sum().sqrt())
     return out
@@ -340,7 +402,9 @@ def test_relative_scores_equal_hand_computation_and_are_cached(pipe, ref, tmp_pa
     hand = hand_sensitivity(pipe, "q3.safetensors")
     np.testing.assert_allclose(df["sensitivity"], [hand[i] for i in df["index"]], rtol=1e-5)
     np.testing.assert_allclose(df["score"], by_index(ref)["score"], rtol=1e-12)  # Eq. 1 unchanged
-    np.testing.assert_allclose(df["relative_score"], df["score"] / df["sensitivity"], rtol=1e-12)
+    base, unl = losses_in_test(pipe), losses_in_test(pipe, "q3.safetensors")
+    hand_rel = np.array([(unl[i] - base[i]) / hand[i] for i in df["index"]])
+    np.testing.assert_allclose(df["relative_score"], hand_rel, rtol=1e-4)
     order = df.sort_values("relative_score", ascending=False)["relative_rank"].tolist()
     assert order == list(range(1, N_ITEMS + 1))
     cached = list((pipe / "store" / "sensitivity").glob("*.parquet"))
@@ -361,12 +425,12 @@ def test_relative_refuses_another_fisher_and_inference_mode(pipe, tmp_path):
     with open(other, "ab") as f:
         f.write(b" ")
     with chdir(pipe), pytest.raises(RunMismatchError, match="not the Fisher"):
-        ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "x"), relative=True, fisher=str(other))
+        ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "x"), relative=True, fisher=str(other))
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         with chdir(pipe):
-            m = ScoringModule("theta0.ckpt", "store", "q3.safetensors", str(tmp_path / "y"), num_draws=T_SCORE,
+            m = ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "y"), num_draws=T_SCORE,
                               relative=True, use_baseline_cache=False)
-            _trainer(inference_mode=True).predict(m, return_predictions=False)
+            _trainer(inference_mode=True).predict(m, datamodule=StorePredictDataModule("store", 4))
 
 
 def test_attribute_cli_relative(pipe, tmp_path):

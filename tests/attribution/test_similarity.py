@@ -73,6 +73,16 @@ def test_store_roundtrip_and_reuse(tmp_path):
     enc.name = "other"
     compute_train_embeddings(items, enc, path)
     assert enc.calls == 6 and load_train_embeddings(path).encoder_name == "other"
+    # the same encoder with other weights: recomputed, not reused
+    enc.checkpoint = str(tmp_path / "weights-a.pt")
+    (tmp_path / "weights-a.pt").write_bytes(b"a")
+    compute_train_embeddings(items, enc, path)
+    assert enc.calls == 9
+    compute_train_embeddings(items, enc, path)
+    assert enc.calls == 9  # same checkpoint content: reused
+    (tmp_path / "weights-a.pt").write_bytes(b"retrained")
+    compute_train_embeddings(items, enc, path)
+    assert enc.calls == 12
     q = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     assert torch.allclose(all_against_all(q, store), all_against_all(q, [store.item(i) for i in range(3)]))
     assert torch.allclose(average(q, store), average(q, [store.item(i) for i in range(3)]))

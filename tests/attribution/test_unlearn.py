@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_module, make_store, save_checkpoint
 from musicattr.attribution.fisher import FisherMismatchError
-from musicattr.attribution.loss import item_loss
+from musicattr.attribution.loss import UNLEARN
 from musicattr.attribution.masks import STRATEGIES, resolve_masks
-from musicattr.attribution.targets import select_parameters
-from musicattr.attribution.unlearn import (eq2_update, load_unlearned, query_batch, query_gradient, run_unlearn,
+from musicattr.attribution.unlearn import (eq2_update, load_unlearned, loss_gradient, query_batch, run_unlearn,
                                            unlearn_query)
 from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
+from musicattr.models.sat_task import SATDiffusionTask
 
 torch.set_num_threads(1)
 
@@ -35,7 +35,7 @@ def work(tmp_path_factory):
     make_store(d / "store", n=N_ITEMS)
     module = make_module()
     ckpt = save_checkpoint(module, d / "theta0.ckpt")
-    names = list(select_parameters(module.net, "all"))
+    names = list(SATDiffusionTask.of(module).select_parameters("all"))
     g = torch.Generator().manual_seed(3)
     fisher = {}
     for k in names:
@@ -50,11 +50,10 @@ def work(tmp_path_factory):
 
 
 def _query(work, item="audio/track004.wav"):
-    module = load_diffusion_module(str(work / "theta0.ckpt"))
-    batch = query_batch(query_item=item, store=str(work / "store"))
-    with torch.no_grad():
-        cond = module.conditioning_inputs(batch)
-    return module, batch, cond
+    """The task of a fresh theta0 and the one-item batch of a training item."""
+    task = SATDiffusionTask()
+    task.load(str(work / "theta0.ckpt"))
+    return task, query_batch(query_item=item, store=str(work / "store"))
 
 
 def hand_eq2(theta, grad, fisher, lr, n, damping):
@@ -68,7 +67,7 @@ def hand_eq2(theta, grad, fisher, lr, n, damping):
 
 def test_eq2_update_by_hand(work):
     module = make_module()
-    params = select_parameters(module.net, "cross")
+    params = SATDiffusionTask.of(module).select_parameters("cross")
     g = torch.Generator().manual_seed(0)
     theta = {k: p.detach().clone() for k, p in params.items()}
     grad = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
@@ -101,15 +100,13 @@ def test_eq2_update_with_zero_damping_and_missing_fisher_entry():
         eq2_update({"b": torch.ones(1)}, {"b": torch.ones(1, dtype=torch.float64)}, fisher, 1.0, 1, 0.0)
 
 
-def test_query_gradient_equals_autograd_of_item_loss(work):
-    module, batch, cond = _query(work)
-    params = select_parameters(module.net, "self")
-    mask = module.frame_mask(batch)
-    qid = "unlearn/" + batch["item_id"][0]
-    loss = item_loss(module.net, batch["latents"], cond, [qid], 2, 7, mask, draws_per_forward=7)
+def test_loss_gradient_equals_autograd_of_item_loss(work):
+    task, batch = _query(work)
+    params = task.select_parameters("self")
+    loss = task.item_loss(batch, 2, 7, namespace=UNLEARN, mask=True, draws_per_forward=7)
     ref = torch.autograd.grad(loss.sum(), list(params.values()))
     for dpf in (7, 3, 1):
-        g = query_gradient(module.net, params, batch["latents"], cond, qid, 2, 7, mask, dpf)
+        g = loss_gradient(task, params, batch, 2, 7, namespace=UNLEARN, mask=True, draws_per_forward=dpf)
         assert set(g) == set(params)
         for (k, v), r in zip(g.items(), ref):
             assert v.dtype == torch.float64
@@ -119,11 +116,12 @@ def test_query_gradient_equals_autograd_of_item_loss(work):
 def test_unlearn_query_changes_only_target_group(work):
     fisher = load_file(str(work / "fisher.safetensors"))
     for target in ("cross", "to_kv"):
-        module, batch, cond = _query(work)
+        task, batch = _query(work)
+        module = task.model
         before = {k: v.clone() for k, v in module.state_dict().items()}
-        chosen = set(select_parameters(module.net, target))
-        new = unlearn_query(module.net, batch["latents"], cond, "q", fisher, N_ITEMS, target, lr=1e-3, steps=1,
-                            num_draws=4, seed=0, frame_mask=None, damping=1e-3, draws_per_forward=4)
+        chosen = set(task.select_parameters(target))
+        new = unlearn_query(task, batch, fisher, N_ITEMS, target, lr=1e-3, steps=1, num_draws=4, seed=0, mask=False,
+                            damping=1e-3, draws_per_forward=4)
         assert set(new) == chosen
         after = module.state_dict()
         net_prefix = "diffusion.model."
@@ -136,24 +134,24 @@ def test_unlearn_query_changes_only_target_group(work):
 def test_unlearn_query_one_and_two_steps_by_hand(work):
     fisher = load_file(str(work / "fisher.safetensors"))
     kw = dict(target="self", lr=0.05, num_draws=4, seed=1, damping=1.0, draws_per_forward=2)
-    # by hand: two updates, the second at the updated weights
-    module, batch, cond = _query(work)
-    mask = module.frame_mask(batch)
-    params = select_parameters(module.net, "self")
+    # by hand: two updates, the second at the updated weights (draws keyed 'unlearn/<id>', M_U on)
+    task, batch = _query(work)
+    params = task.select_parameters("self")
     theta0 = {k: p.detach().clone() for k, p in params.items()}
-    g0 = query_gradient(module.net, params, batch["latents"], cond, "q", 1, 4, mask, 2)
+    grad = dict(namespace=UNLEARN, mask=True, draws_per_forward=2)
+    g0 = loss_gradient(task, params, batch, 1, 4, **grad)
     theta1 = hand_eq2(theta0, g0, fisher, kw["lr"], N_ITEMS, kw["damping"])
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(theta1[k])
-    g1 = query_gradient(module.net, params, batch["latents"], cond, "q", 1, 4, mask, 2)
+    g1 = loss_gradient(task, params, batch, 1, 4, **grad)
     theta2 = hand_eq2(theta1, g1, fisher, kw["lr"], N_ITEMS, kw["damping"])
     stale = hand_eq2(theta1, g0, fisher, kw["lr"], N_ITEMS, kw["damping"])  # wrong: reuses the first gradient
 
-    m1, b1, c1 = _query(work)
-    one = unlearn_query(m1.net, b1["latents"], c1, "q", fisher, N_ITEMS, steps=1, frame_mask=m1.frame_mask(b1), **kw)
-    m2, b2, c2 = _query(work)
-    two = unlearn_query(m2.net, b2["latents"], c2, "q", fisher, N_ITEMS, steps=2, frame_mask=m2.frame_mask(b2), **kw)
+    t1, b1 = _query(work)
+    one = unlearn_query(t1, b1, fisher, N_ITEMS, steps=1, mask=True, **kw)
+    t2, b2 = _query(work)
+    two = unlearn_query(t2, b2, fisher, N_ITEMS, steps=2, mask=True, **kw)
     for k in params:
         d1 = float((theta1[k] - theta0[k]).abs().max())
         torch.testing.assert_close(one[k], theta1[k], rtol=0, atol=1e-4 * d1)
@@ -163,19 +161,11 @@ def test_unlearn_query_one_and_two_steps_by_hand(work):
     step = max(float((theta1[k] - theta0[k]).abs().max()) for k in params)
     assert gap > 0.1 * step  # measured: gap ~ 1.9 x step (lr 0.05, damping 1)
     # and the unlearning ascends the query loss
+    t0, _ = _query(work)
     with torch.no_grad():
-        l0 = item_loss(make_unlearned(work, {}).net, b1["latents"], c1, ["s"], 9, 8)
-        l1 = item_loss(m1.net, b1["latents"], c1, ["s"], 9, 8)
+        l0 = t0.item_loss(b1, 9, 8, namespace="s/")
+        l1 = t1.item_loss(b1, 9, 8, namespace="s/")
     assert float(l1) > float(l0)
-
-
-def make_unlearned(work, tensors):
-    m = load_diffusion_module(str(work / "theta0.ckpt"))
-    named = dict(m.net.named_parameters())
-    with torch.no_grad():
-        for k, v in tensors.items():
-            named[k].copy_(v)
-    return m
 
 
 # ---------------------------------------------------------------- run_unlearn (the `musicattr unlearn` function)
@@ -187,8 +177,8 @@ def test_run_unlearn_writes_only_changed_tensors_with_metadata(work, tmp_path):
                        query_item="audio/track004.wav", store=str(work / "store"), lr=1e-3, steps=1, num_draws=6,
                        target="cross", strategy="mixed", damping=1e-3, seed=0, draws_per_forward=4)
     tensors, saved = load_unlearned(str(out))
-    module = load_diffusion_module(str(work / "theta0.ckpt"))
-    chosen = select_parameters(module.net, "cross")
+    task, batch = _query(work)
+    chosen = task.select_parameters("cross")
     assert set(tensors) == set(chosen)
     assert saved == json.loads(json.dumps(meta))
     assert saved["query_id"] == "audio/track004.wav" and saved["query_item"] == "audio/track004.wav"
@@ -198,9 +188,7 @@ def test_run_unlearn_writes_only_changed_tensors_with_metadata(work, tmp_path):
     assert saved["num_items"] == N_ITEMS and saved["num_draws"] == 6 and saved["damping"] == 1e-3
     assert saved["fisher_fingerprint"] == file_fingerprint(str(work / "fisher.safetensors"))
     # the values: Eq. 2 with the masked query loss over draws keyed 'unlearn/<id>'
-    _, batch, cond = _query(work)
-    g = query_gradient(module.net, chosen, batch["latents"], cond, "unlearn/audio/track004.wav", 0, 6,
-                       module.frame_mask(batch), 6)
+    g = loss_gradient(task, chosen, batch, 0, 6, namespace=UNLEARN, mask=True, draws_per_forward=6)
     exp = hand_eq2({k: p.detach() for k, p in chosen.items()}, g, load_file(str(work / "fisher.safetensors")),
                    1e-3, N_ITEMS, 1e-3)
     for k in chosen:
@@ -238,6 +226,14 @@ def test_query_batch_arguments(work):
     assert torch.equal(a["latents"], b["latents"]) and a["latents"].shape == (1, 4, 16)
     with pytest.raises(KeyError):
         query_batch(query_item="nope", store=str(work / "store"))
+
+
+def test_query_item_with_a_digit_only_id_is_that_item(tmp_path):
+    ids = [f"{1000 + i}" for i in range(5)]
+    make_store(tmp_path / "s", n=5, item_ids=ids)
+    b = query_batch(query_item="1003", store=str(tmp_path / "s"))
+    assert b["item_id"] == ["1003"]
+    assert query_batch(query_item="3", store=str(tmp_path / "s"))["item_id"] == ["1003"]  # index 3
 
 
 @pytest.mark.slow
@@ -283,3 +279,59 @@ def test_all_zero_fisher_is_refused_not_nan():
     grad = {"w": torch.ones(3, dtype=torch.float64)}
     with pytest.raises(ValueError, match="Fisher is zero on every target tensor"):
         eq2_update(theta, grad, {"w": torch.zeros(3)}, lr=1.0, num_items=2, damping=1e-3)
+
+
+# ---------------------------------------------------------------- updates below float32 resolution
+
+
+def test_vanished_updates_are_counted_and_warned(work, tmp_path, caplog):
+    """An update below float32 resolution leaves theta unchanged: the file says how many elements moved."""
+    kw = dict(query_item="audio/track004.wav", store=str(work / "store"), num_draws=4, target="cross",
+              draws_per_forward=4)
+    module = load_diffusion_module(str(work / "theta0.ckpt"))
+    theta0 = {k: p.detach() for k, p in SATDiffusionTask.of(module).select_parameters("cross").items()}
+    total = sum(v.numel() for v in theta0.values())
+    with caplog.at_level("INFO", logger="musicattr"):
+        meta = run_unlearn(str(work / "theta0.ckpt"), str(work / "fisher.safetensors"), str(tmp_path / "tiny.st"),
+                           lr=1e-14, **kw)
+    tensors, saved = load_unlearned(str(tmp_path / "tiny.st"))
+    moved = sum(int((tensors[k] != theta0[k]).sum()) for k in theta0)
+    assert saved["changed_elements"] == meta["changed_elements"] == moved < 0.5 * total
+    assert saved["target_elements"] == total
+    assert any(r.levelname == "WARNING" and "below the resolution" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="musicattr"):
+        meta = run_unlearn(str(work / "theta0.ckpt"), str(work / "fisher.safetensors"), str(tmp_path / "big.st"),
+                           lr=1e-3, **kw)
+    tensors, _ = load_unlearned(str(tmp_path / "big.st"))
+    assert meta["changed_elements"] == sum(int((tensors[k] != theta0[k]).sum()) for k in theta0) > 0.5 * total
+    assert not any(r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_reuse_keeps_only_a_file_made_with_the_same_settings(work, tmp_path):
+    """reuse=True: the same settings keep the file; any other setting, checkpoint or Fisher recomputes it."""
+    out = str(tmp_path / "q.safetensors")
+    kw = dict(query_item="audio/track004.wav", store=str(work / "store"), lr=1e-3, num_draws=4, target="to_kv",
+              draws_per_forward=4, reuse=True)
+    ckpt, fisher = str(work / "theta0.ckpt"), str(work / "fisher.safetensors")
+    first = run_unlearn(ckpt, fisher, out, **kw)
+    mtime = os.stat(out).st_mtime_ns
+    assert run_unlearn(ckpt, fisher, out, **kw) == first and os.stat(out).st_mtime_ns == mtime  # reused
+    for change in ({"lr": 2e-3}, {"steps": 2}, {"num_draws": 5}, {"target": "self"}, {"strategy": "none"},
+                   {"damping": 1e-2}, {"seed": 1}, {"query_item": "audio/track005.wav"}):
+        meta = run_unlearn(ckpt, fisher, out, **{**kw, **change})
+        key = next(iter(change))
+        saved = load_unlearned(out)[1]
+        assert saved[key if key != "query_item" else "query_id"] == change[key], change
+        assert meta == saved
+    other = save_checkpoint(make_module(seed=7), tmp_path / "other.ckpt")
+    fisher_other = tmp_path / "fisher-other.safetensors"
+    tensors, fmeta = load_file(fisher), json.loads(json.dumps(load_unlearned(fisher)[1]))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(fisher_other), metadata={k: json.dumps(v) for k, v in
+                                                                                     fmeta.items()})
+    run_unlearn(ckpt, fisher, out, **kw)
+    assert load_unlearned(out)[1]["fisher_fingerprint"] == file_fingerprint(fisher)
+    run_unlearn(ckpt, str(fisher_other), out, **kw)
+    assert load_unlearned(out)[1]["fisher_fingerprint"] == file_fingerprint(str(fisher_other))
+    with pytest.raises(FisherMismatchError):  # another checkpoint: its Fisher is refused, the file kept
+        run_unlearn(other, fisher, out, **kw)

@@ -76,16 +76,17 @@ EXPECTED = {
 }
 
 
-def test_scan_reports_every_bad_input(folder, capsys):
-    good, bad = af.scan_audio_folder(folder, SR, 1, SR)
+def test_scan_reports_every_bad_input(folder, caplog):
+    with caplog.at_level("WARNING", logger="musicattr"):
+        good, bad = af.scan_audio_folder(folder, SR, 1, SR)
     assert [r["file_name"] for r in good] == ["audio/good.wav", "audio/good.flac",
                                                 "audio/good.ogg", "audio/good.mp3"]
     assert {b.file_name: b.problem for b in bad}.keys() == EXPECTED.keys()
     assert len(bad) == len(EXPECTED)
     for b in bad:
         assert b.problem.startswith(EXPECTED[b.file_name]) and b.fix
-    err = capsys.readouterr().err
-    assert "skipping audio/nan.wav: NaN or infinite samples; fix: " in err
+    assert any("skipping audio/nan.wav: NaN or infinite samples; fix: " in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
     g = good[0]
     assert g["genre"] == "test" and g["path"] == str(folder.resolve() / "audio/good.wav")
     assert g["duration_s"] == 1.0 and g["seconds_total"] == 1 and g["valid_samples"] == SR

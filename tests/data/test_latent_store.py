@@ -54,3 +54,16 @@ def test_collate_keeps_strings(tmp_path):
     b = collate_items([store[0], store[1]])
     assert b["latents"].shape == (2, 4, 16) and b["item_id"] == ["audio/track000.wav", "audio/track001.wav"]
     assert b["valid_frames"].dtype == torch.int64
+
+
+def test_resolve_reads_a_digit_only_key_as_an_item_id_first(tmp_path):
+    ids = ["100", "101", "7", "audio/x.wav"] + [f"{200 + i}" for i in range(4, 9)]
+    store = make_store(tmp_path / "s", n=9, item_ids=ids)
+    assert store[store.resolve("100")]["item_id"] == "100"  # an item_id, not the (absent) index 100
+    assert store[store.resolve("audio/x.wav")]["index"] == 3
+    assert store[store.resolve("index:7")]["item_id"] == "207"
+    assert store[store.resolve("8")]["item_id"] == "208"  # no item has id '8': the index
+    with pytest.raises(ValueError, match="index:7"):  # '7' is the id of index 2 and the index of another item
+        store.resolve("7")
+    with pytest.raises(KeyError, match="no item"):
+        store.resolve("nope")

@@ -10,27 +10,37 @@ theta0 (Eq. 2), score every training item (Eq. 1), and measure
              next to theta0's,
   R_rel      with ``relative``, the target's rank by the relative score tau_i / s_i (RelatIF, see
              ``musicattr.attribution.sensitivity``), reported next to the paper's R(z_tar).
-Rows are appended to ``runs.csv`` as they finish, so an interrupted grid resumes.
+Rows are appended to ``runs.csv`` as they finish, so an interrupted grid resumes. Each row carries the
+settings it was made with and their hash (``run_key``: the configuration, the target, K, T, damping,
+seed, k, the checkpoint, Fisher and store fingerprints, the audio encoder, the FD settings); a rerun
+reuses and reports only rows of its own key, so a row is never relabelled with other settings.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import logging
 import math
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.attribution.masks import resolve_masks
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn
 from musicattr.data.latent_store import LatentStore
+from musicattr.attribution.task import AttributionTask
 from musicattr.evaluation.common import (generate_audio, open_wandb, planted_groups, score_store,
-                                         train_audio_embeddings)
+                                         train_audio_embeddings, unlearn_device)
 from musicattr.evaluation.metrics import frechet_distance, target_rank, topk_bottomk_similarity
-from musicattr.evaluation.targets import select_targets
+from musicattr.evaluation.target_selection import select_targets
+from musicattr.models.sat import file_fingerprint
+from musicattr.models.sat_task import SATDiffusionTask
 
 CONFIG_KEYS = ["target", "strategy", "lr", "steps"]
+log = logging.getLogger(__name__)
 
 
 def grid_configs(configs: list[dict] | None, lrs: list[float], steps: list[int], groups: list[str],
@@ -45,6 +55,12 @@ def grid_configs(configs: list[dict] | None, lrs: list[float], steps: list[int],
 
 def config_name(c: dict) -> str:
     return f"{c['target']}-{c['strategy']}-lr{c['lr']:g}-s{c['steps']}"
+
+
+def run_key(settings: dict, cfg: dict, target_item: str) -> str:
+    """Hash of everything a grid row depends on: the grid's settings, the configuration and the target."""
+    text = json.dumps({**settings, **cfg, "target_item": target_item}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def frechet_of_model(checkpoint: str, unlearned: str | None, store: LatentStore, encoder, reference: torch.Tensor,
@@ -73,7 +89,8 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
              strategies: list[str] = ("mixed",), num_draws: int = 256, score_draws: int = 8, damping: float = 1e-3,
              top_k: int | None = None, audio_encoder: str = "aisfx", audio_encoder_checkpoint: str | None = None,
              fd_samples: int = 8, fd_steps: int = 25, fd_targets: int = 1, seed: int = 0, batch_size: int = 16,
-             accelerator: str = "cpu", devices: int = 1, use_wandb: bool = True, relative: bool = True) -> pd.DataFrame:
+             use_wandb: bool = True, relative: bool = True, task: AttributionTask | None = None,
+             trainer: dict | None = None) -> pd.DataFrame:
     """Run the self-influence grid and write table1.md / table1.csv / runs.csv under ``out_dir``.
 
     Args:
@@ -86,6 +103,9 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
         audio_encoder: embeddings for target selection, similarities and FD ('aisfx' offline; 'clap' with a checkpoint).
         fd_samples / fd_steps / fd_targets: generations per FD, sampler steps, and how many targets get an FD.
         relative: also rank by tau_i / s_i (one extra gradient pass per target group and mask, cached).
+        task: the attribution task (default: the SAT DiT of ``musicattr fit``); the FD generations use SAT's
+            sampler whatever the task.
+        trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
     """
     from musicattr.embeddings.audio import build_audio_encoder
 
@@ -106,29 +126,37 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
         chosen = select_targets(track_emb[eligible], min(num_targets, len(eligible)), seed=seed)
         targets = [eligible[c] for c in chosen]
     grid = grid_configs(configs, list(lrs), list(steps), list(groups), list(strategies))
-    (out / "setup.json").write_text(json.dumps({"targets": [ids[t] for t in targets], "configs": grid, "top_k": k,
-                                                "audio_encoder": encoder.name, "num_draws": num_draws,
-                                                "score_draws": score_draws}, indent=2))
+    settings = {"num_draws": num_draws, "score_draws": score_draws, "damping": damping, "seed": seed, "top_k": k,
+                "checkpoint_fingerprint": file_fingerprint(checkpoint), "fisher_fingerprint": file_fingerprint(fisher),
+                "store_fingerprint": s.fingerprint, "audio_encoder": encoder.name,
+                "audio_encoder_fingerprint": emb.meta.get("checkpoint_fingerprint"), "fd_samples": fd_samples,
+                "fd_steps": fd_steps, "fd_targets": fd_targets, "relative": relative,
+                **(task or SATDiffusionTask()).identity()}
+    atomic_write_json(out / "setup.json", {"targets": [ids[t] for t in targets], "configs": grid, **settings})
     runs_csv = out / "runs.csv"
     done = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
+    if len(done) and "run_key" not in done:
+        done["run_key"] = ""  # rows written before rows were keyed: never reused
+    keys = {(ci, ti): run_key(settings, cfg, ids[t]) for ci, cfg in enumerate(grid) for ti, t in enumerate(targets)}
     fd_ref = track_emb  # the reference set of the Frechet distance: every training track
     total = len(grid) * len(targets)
     for ci, cfg in enumerate(grid):
         for ti, t in enumerate(targets):
             key = (config_name(cfg), ids[t])
-            if len(done) and ((done["config"] == key[0]) & (done["target_item"] == key[1])).any():
+            if len(done) and (done["run_key"] == keys[ci, ti]).any():
                 continue
             run_dir = out / "runs" / key[0] / f"target{ti:03d}"
             unlearned = str(run_dir / "unlearned.safetensors")
             run_unlearn(checkpoint, fisher, unlearned, query_item=ids[t], store=store, lr=cfg["lr"],
                         steps=cfg["steps"], num_draws=num_draws, target=cfg["target"], strategy=cfg["strategy"],
-                        damping=damping, seed=seed, device="cpu" if accelerator == "cpu" else "cuda")
-            table = score_store(checkpoint, store, unlearned, str(run_dir), score_draws, seed, batch_size,
-                                accelerator, devices, mask_loss=resolve_masks(cfg["strategy"])[1], relative=relative)
+                        damping=damping, seed=seed, device=unlearn_device(trainer), reuse=True, task=task)
+            table = score_store(checkpoint, store, unlearned, str(run_dir), score_draws, seed, batch_size, trainer,
+                                mask_loss=resolve_masks(cfg["strategy"])[1], relative=relative, task=task)
             by_index = table.sort_values("index")
             scores = torch.tensor(by_index["score"].to_numpy())
             top, bot = topk_bottomk_similarity(scores, track_emb, track_emb[t], k, exclude_index=t)
-            row = {"config": key[0], **cfg, "target_item": ids[t], "target_duration_s": float(s.items["duration_s"][t]),
+            row = {"run_key": keys[ci, ti], "config": key[0], **cfg, **settings, "target_item": ids[t],
+                   "target_duration_s": float(s.items["duration_s"][t]),
                    "rank": target_rank(scores, t), "sim_topk": top, "sim_botk": bot,
                    "score_target": float(scores[t]), "score_median": float(scores.median()), "fd": math.nan,
                    "rank_rel": (target_rank(torch.tensor(by_index["relative_score"].to_numpy()), t)
@@ -136,17 +164,19 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
             if ti < fd_targets:
                 row["fd"] = frechet_of_model(checkpoint, unlearned, s, encoder, fd_ref, fd_samples, fd_steps, seed)
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
-            done.to_csv(runs_csv, index=False)
-            print(f"[grid {len(done)}/{total}] {key[0]} target={ids[t]} rank={row['rank']} rank_rel={row['rank_rel']} "
-                  f"top{k}={top:.3f} bot{k}={bot:.3f} fd={row['fd']:.2f}", flush=True)
+            atomic_write_text(runs_csv, done.to_csv(index=False))
+            log.info("[grid %d/%d] %s target=%s rank=%s rank_rel=%s top%d=%.3f bot%d=%.3f fd=%.2f",
+                     ci * len(targets) + ti + 1, total, key[0], ids[t], row["rank"], row["rank_rel"], k, top, k, bot,
+                     row["fd"])
+    current = done[done["run_key"].isin(set(keys.values()))]
     fd_original = frechet_of_model(checkpoint, None, s, encoder, fd_ref, fd_samples, fd_steps, seed)
-    table = summarize(done, grid, encoder.name, k, fd_original, n)
+    table = summarize(current, grid, encoder.name, k, fd_original, n)
     write_table(table, out, encoder.name, k, fd_original)
     run = open_wandb("table1", {"checkpoint": checkpoint, "targets": len(targets), "top_k": k}, use_wandb)
     if run is not None:
         import wandb
 
-        run.log({"table1": wandb.Table(dataframe=table), "runs": wandb.Table(dataframe=done)})
+        run.log({"table1": wandb.Table(dataframe=table), "runs": wandb.Table(dataframe=current)})
         run.finish()
     return table
 
@@ -168,7 +198,7 @@ def summarize(runs: pd.DataFrame, grid: list[dict], encoder: str, k: int, fd_ori
 
 
 def write_table(table: pd.DataFrame, out: Path, encoder: str, k: int, fd_original: float) -> None:
-    table.to_csv(out / "table1.csv", index=False)
+    atomic_write_text(out / "table1.csv", table.to_csv(index=False))
     lines = [f"Self-influence grid (Table 1). Similarities and FD use the `{encoder}` audio encoder "
              f"(the paper: CLAP and openl3); k = {k}; FD of the original checkpoint: {fd_original:.2f}.", "",
              "R rel / rank-1 rel: the same runs ranked by the relative score tau / s (RelatIF; not in the paper).", "",
@@ -180,5 +210,5 @@ def write_table(table: pd.DataFrame, out: Path, encoder: str, k: int, fd_origina
                      f"{d['steps']} | {d['R(z_tar)']:.1f} | {d['rank1_rate']:.2f} | {d['R_rel']:.1f} | "
                      f"{d['rank1_rate_rel']:.2f} | {d[f'sim_top{k}[{encoder}]']:.3f} | "
                      f"{d[f'sim_bot{k}[{encoder}]']:.3f} | {d[f'FD[{encoder}]']:.2f} |")
-    (out / "table1.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    atomic_write_text(out / "table1.md", "\n".join(lines) + "\n")
+    log.info("\n".join(lines))

@@ -8,10 +8,15 @@ baseline (mean over queries), draws Figure 1, and, for queries generated from th
 planted (duplicated) training tracks, recall@1 / recall@10 of the planted group per method.
 With ``relative``, the unlearning scores are also ranked by tau_i / s_i (RelatIF, method
 "unlearning-relative"), with their own correlations and recall; Figure 1 shows Eq. 1 as in the paper.
+
+A rerun reuses only what was made with the same settings: the generated queries (``generated/
+settings.json``), each query's unlearned weights (their metadata, see ``run_unlearn(reuse=True)``) and
+scores (the run key of ``musicattr attribute``); anything else is recomputed.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -19,10 +24,15 @@ import torch
 
 from musicattr.attribution.similarity import all_against_all, average, similarity_table
 from musicattr.attribution.unlearn import run_unlearn
+from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from musicattr.data.latent_store import LatentStore
-from musicattr.evaluation.common import open_wandb, planted_groups, score_store, store_folder, train_audio_embeddings
+from musicattr.attribution.task import AttributionTask
+from musicattr.evaluation.common import (open_wandb, planted_groups, score_store, store_folder,
+                                         train_audio_embeddings, unlearn_device)
 from musicattr.evaluation.figure1 import plot_figure1
 from musicattr.evaluation.metrics import correlations
+
+log = logging.getLogger(__name__)
 
 
 def planted_queries(store: LatentStore) -> list[dict]:
@@ -47,13 +57,40 @@ def recall_at(tables: dict[str, pd.DataFrame], group: str, groups: dict[str, str
     return out
 
 
+def generated_queries(gen_dir: Path, queries: list[dict], checkpoint: str, store: LatentStore, gen_steps: int,
+                      seed: int) -> list[dict]:
+    """The generated query of each prompt: reused from ``gen_dir`` if it was generated with the same prompts,
+    durations, checkpoint, autoencoder, store, sampler steps and seed (``settings.json``), else generated anew."""
+    import shutil
+
+    from musicattr.models.generate import generate
+    from musicattr.models.sat import file_fingerprint
+
+    autoencoder = store.manifest["autoencoder"]
+    settings = {"prompts": [q["prompt"] for q in queries], "durations": [q["duration"] for q in queries],
+                "checkpoint_fingerprint": file_fingerprint(checkpoint),
+                "autoencoder_fingerprint": file_fingerprint(autoencoder), "store_fingerprint": store.fingerprint,
+                "gen_steps": gen_steps, "seed": seed}
+    key_file = gen_dir / "settings.json"
+    if key_file.exists() and json.loads(key_file.read_text()) == settings and (gen_dir / "queries.json").exists():
+        infos = json.loads((gen_dir / "queries.json").read_text())
+        if len(infos) == len(queries):
+            log.info("compare: the %d generated queries in %s are up to date: reused", len(infos), gen_dir)
+            return infos
+    shutil.rmtree(gen_dir, ignore_errors=True)
+    infos = generate(checkpoint, autoencoder, str(gen_dir), settings["prompts"], settings["durations"],
+                     store=str(store.root), steps=gen_steps, seed=seed)
+    atomic_write_json(key_file, settings)
+    return infos
+
+
 def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, prompts: list[str] | None = None,
                    durations: list[float] | None = None, include_planted: bool = True, lr: float = 1e-5,
                    steps: int = 1, num_draws: int = 256, target: str = "all", strategy: str = "mixed",
                    damping: float = 1e-3, score_draws: int = 8, audio_encoder: str = "aisfx",
                    audio_encoder_checkpoint: str | None = None, gen_steps: int = 50, seed: int = 0,
-                   batch_size: int = 16, accelerator: str = "cpu", devices: int = 1, listen_top_k: int = 3,
-                   use_wandb: bool = True, relative: bool = True) -> dict:
+                   batch_size: int = 16, listen_top_k: int = 3, use_wandb: bool = True, relative: bool = True,
+                   task: AttributionTask | None = None, trainer: dict | None = None) -> dict:
     """Attribute generated queries by unlearning and by similarity; write comparison.json, figure1.png.
 
     Args:
@@ -64,42 +101,42 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         audio_encoder: embeddings for the similarity baselines ('aisfx' offline; 'clap' with a checkpoint).
         listen_top_k: training tracks logged next to each query's audio in the dashboard.
         relative: also rank by the relative score tau_i / s_i (method "unlearning-relative").
+        task: the attribution task (default: the SAT DiT of ``musicattr fit``; generation uses SAT's sampler).
+        trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
     """
     from musicattr.embeddings.audio import build_audio_encoder, load_audio
-    from musicattr.models.generate import generate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = LatentStore(store)
     encoder = build_audio_encoder(audio_encoder, audio_encoder_checkpoint)
     emb = train_audio_embeddings(s, encoder)
-    queries = [{"prompt": p, "duration": d, "planted_group": None}
-               for p, d in zip(prompts or [], durations or [None] * len(prompts or []))]
+    prompts = list(prompts or [])
+    durations = list(durations) if durations is not None else [None] * len(prompts)
+    if len(durations) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(durations)} durations; fix: give one duration per prompt")
+    queries = [{"prompt": p, "duration": d, "planted_group": None} for p, d in zip(prompts, durations)]
     if include_planted:
         queries += planted_queries(s)
     if not queries:
         raise ValueError("no queries: give prompts, or a corpus with planted tracks and include_planted")
     gen_dir = out / "generated"
-    if not (gen_dir / "queries.json").exists():
-        generate(checkpoint, s.manifest["autoencoder"], str(gen_dir), [q["prompt"] for q in queries],
-                 [q["duration"] for q in queries], store=store, steps=gen_steps, seed=seed)
-    infos = json.loads((gen_dir / "queries.json").read_text())
+    infos = generated_queries(gen_dir, queries, checkpoint, s, gen_steps, seed)
     items = s.items.to_dict("records")
     groups = planted_groups(s)
     sims = [f"all-against-all[{encoder.name}]", f"average[{encoder.name}]"]
     sources = ["unlearning", "unlearning-relative"] if relative else ["unlearning"]
     methods = {m: [] for m in sources + sims}
     rows = []
-    for q, info in zip(queries, infos):
+    for q, info in zip(queries, infos, strict=True):
         qid = info["query_id"]
         qdir = out / "queries" / qid
         unlearned = qdir / "unlearned.safetensors"
-        if not unlearned.exists():
-            run_unlearn(checkpoint, fisher, str(unlearned), query=str(gen_dir / f"{qid}.query.safetensors"),
-                        lr=lr, steps=steps, num_draws=num_draws, target=target, strategy=strategy, damping=damping,
-                        seed=seed)
+        run_unlearn(checkpoint, fisher, str(unlearned), query=str(gen_dir / f"{qid}.query.safetensors"),
+                    lr=lr, steps=steps, num_draws=num_draws, target=target, strategy=strategy, damping=damping,
+                    seed=seed, reuse=True, task=task, device=unlearn_device(trainer))
         tables = {"unlearning": score_store(checkpoint, store, str(unlearned), str(qdir / "unlearning"), score_draws,
-                                            seed, batch_size, accelerator, devices, relative=relative)}
+                                            seed, batch_size, trainer, relative=relative, task=task)}
         if relative:
             t = tables["unlearning"]
             tables["unlearning-relative"] = (t.assign(score=t["relative_score"], rank=t["relative_rank"],
@@ -108,7 +145,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         qseg = encoder.embed_segments(audio, sr)
         for name, fn in ((f"all-against-all[{encoder.name}]", all_against_all), (f"average[{encoder.name}]", average)):
             tables[name] = similarity_table(fn(qseg, emb), items, method=f"similarity/{name}", query_id=qid)
-            tables[name].to_parquet(qdir / f"{name.split('[')[0]}.parquet", index=False)
+            with atomic_path(qdir / f"{name.split('[')[0]}.parquet") as tmp:
+                tables[name].to_parquet(tmp, index=False)
         by_index = {m: torch.tensor(t.sort_values("index")["score"].to_numpy()) for m, t in tables.items()}
         for m in methods:
             methods[m].append(by_index[m])
@@ -122,11 +160,10 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
             row.update(recall_at(tables, q["planted_group"], groups))
         row["top1_unlearning"] = tables["unlearning"].iloc[0]["item_id"]
         rows.append(row)
-        print(f"[compare] {qid}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)),
-              flush=True)
+        log.info("[compare] %s: %s", qid, ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
         _listen(out, qid, gen_dir / info["audio"], q["prompt"], tables["unlearning"], store_folder(s), listen_top_k)
     per_query = pd.DataFrame(rows)
-    per_query.to_csv(out / "queries.csv", index=False)
+    atomic_write_text(out / "queries.csv", per_query.to_csv(index=False))
     stacked = {m: torch.stack(v) for m, v in methods.items()}
     plot_figure1(stacked["unlearning"], {m: stacked[m] for m in sims},
                  str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(rows)} queries)")
@@ -136,8 +173,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     if len(planted):
         summary.update({f"recall_{c}": float(planted[c].mean()) for c in planted.columns if "@" in c})
         summary["planted_queries"] = len(planted)
-    (out / "comparison.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    atomic_write_json(out / "comparison.json", summary)
+    log.info(json.dumps(summary, indent=2))
     _dashboard(out, summary, per_query, use_wandb)
     return summary
 
@@ -147,8 +184,8 @@ def _listen(out: Path, qid: str, query_audio: Path, prompt: str, table: pd.DataF
     top = table.head(k)[["rank", "item_id", "caption", "file_name", "score"]].to_dict("records")
     for t in top:
         t["path"] = str(folder / t["file_name"])
-    (out / "queries" / qid / "listen.json").write_text(json.dumps({"query_audio": str(query_audio), "prompt": prompt,
-                                                                     "top": top}, indent=2))
+    atomic_write_json(out / "queries" / qid / "listen.json", {"query_audio": str(query_audio), "prompt": prompt,
+                                                              "top": top})
 
 
 def _dashboard(out: Path, summary: dict, per_query: pd.DataFrame, enabled: bool) -> None:

@@ -1,15 +1,18 @@
-"""Target layer groups (attribution/targets.py) on the tiny DiT: exact parameter names per group.
-
-(Named test_targets_groups.py, not test_targets.py: tests/evaluation/test_targets.py exists and pytest's
-default import mode refuses two test modules with the same basename.)
-"""
+"""Target layer groups (attribution/layer_groups.py, the SAT task's SAT_GROUPS) on the tiny DiT: exact
+parameter names per group."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import make_module
-from musicattr.attribution.targets import TARGET_GROUPS, select_parameters, target_pattern
+from musicattr.attribution import layer_groups
+from musicattr.attribution.layer_groups import target_pattern
+from musicattr.models.sat_task import SAT_GROUPS as TARGET_GROUPS
+
+
+def select_parameters(net, target):
+    return layer_groups.select_parameters(net, target, TARGET_GROUPS)
 
 torch.set_num_threads(1)
 
@@ -63,8 +66,8 @@ def test_groups_are_nested():
 def test_regex_target(net):
     chosen = select_parameters(net, r"layers\.1\.cross_attn\.to_q\.")
     assert set(chosen) == {"model.transformer.layers.1.cross_attn.to_q.weight"}
-    assert target_pattern("self") == TARGET_GROUPS["self"]
-    assert target_pattern("foo.*") == "foo.*"
+    assert target_pattern("self", TARGET_GROUPS) == TARGET_GROUPS["self"]
+    assert target_pattern("foo.*", TARGET_GROUPS) == "foo.*"
 
 
 def test_frozen_parameters_are_not_selected():

@@ -6,11 +6,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["kmeans", "select_targets"]
+__all__ = ["kmeans", "lloyd_step", "select_targets"]
 
 
 def _sqdist(x: Tensor, c: Tensor) -> Tensor:
     return (x.pow(2).sum(1, keepdim=True) - 2.0 * x @ c.T + c.pow(2).sum(1)[None, :]).clamp_min(0.0)
+
+
+def lloyd_step(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """One Lloyd iteration: (new centroids [k, D], labels [N]); each centroid is the mean of its members.
+
+    An empty cluster takes the point farthest from its centroid among clusters with more than one member;
+    the point leaves its old cluster (whose mean is then taken without it)."""
+    k = centroids.shape[0]
+    d = _sqdist(x, centroids)
+    labels = d.argmin(1)
+    dist = d.gather(1, labels[:, None]).squeeze(1)
+    for j in range(k):
+        counts = torch.bincount(labels, minlength=k)
+        if counts[j] > 0:
+            continue
+        movable = counts[labels] > 1
+        if not movable.any():
+            break
+        far = int(torch.where(movable, dist, torch.full_like(dist, -1.0)).argmax())
+        labels[far], dist[far] = j, 0.0
+    counts = torch.bincount(labels, minlength=k)
+    sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+    new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].to(x.dtype), centroids)
+    return new, labels
 
 
 def kmeans(x: Tensor, k: int, seed: int = 0, n_init: int = 4, max_iter: int = 100,
@@ -18,7 +42,7 @@ def kmeans(x: Tensor, k: int, seed: int = 0, n_init: int = 4, max_iter: int = 10
     """Deterministic k-means (Lloyd, k-means++ initialisation with a seeded torch.Generator).
 
     Returns (centroids Tensor[k, D], labels Tensor[N], inertia); the best of ``n_init`` runs.
-    Empty clusters are re-seeded with the point farthest from its centroid."""
+    Empty clusters are re-seeded as in :func:`lloyd_step`."""
     x = torch.as_tensor(x).detach().cpu().double()
     n = x.shape[0]
     if not 1 <= k <= n:
@@ -38,16 +62,7 @@ def kmeans(x: Tensor, k: int, seed: int = 0, n_init: int = 4, max_iter: int = 10
         c = torch.stack(cent)
         prev = None
         for _it in range(max_iter):
-            d = _sqdist(x, c)
-            labels = d.argmin(1)
-            new_c = torch.zeros_like(c).index_add_(0, labels, x)
-            counts = torch.bincount(labels, minlength=k)
-            for j in torch.nonzero(counts == 0).flatten().tolist():  # re-seed empty clusters
-                far = int(d.gather(1, labels[:, None]).squeeze(1).argmax())
-                new_c[j] = x[far]
-                counts[j] = 1
-                labels[far] = j
-            new_c = new_c / counts[:, None].to(x.dtype)
+            new_c, labels = lloyd_step(x, c)
             shift = (new_c - c).pow(2).sum().item()
             c = new_c
             inertia = _sqdist(x, c).gather(1, labels[:, None]).sum().item()
@@ -61,14 +76,17 @@ def kmeans(x: Tensor, k: int, seed: int = 0, n_init: int = 4, max_iter: int = 10
     return best[0], best[1], float(best[2])
 
 
-def select_targets(embeddings: Tensor, k: int, seed: int = 0, n_init: int = 4) -> list[int]:
-    """Indices of ``k`` diverse training items: k-means over ``embeddings`` (Tensor[N, D]; L2-normalise
-    beforehand for cosine geometry), then per cluster the item nearest its centroid.
+def select_targets(embeddings: Tensor, k: int, seed: int = 0, n_init: int = 4, normalize: bool = True) -> list[int]:
+    """Indices of ``k`` diverse training items: k-means over ``embeddings`` (Tensor[N, D]), L2-normalised
+    first (cosine geometry, as the similarities are cosines) unless ``normalize`` is false, then per
+    cluster the item nearest its centroid.
 
     Clusters are ordered by their smallest member index (deterministic, independent of the
     initialisation order); indices are distinct (if the nearest item was already taken by another
     cluster the next-nearest unused item is chosen)."""
     x = torch.as_tensor(embeddings).detach().cpu().double()
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=1)
     cent, labels, _ = kmeans(x, k, seed=seed, n_init=n_init)
     first_member = [int(torch.nonzero(labels == j).min()) if (labels == j).any() else x.shape[0] + j
                     for j in range(k)]

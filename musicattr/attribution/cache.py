@@ -1,0 +1,42 @@
+"""Per-item caches in the latent store (baseline losses L(z_i, theta0), sensitivities s_i).
+
+A cache file is named by a hash of its key: every setting that changes the cached floats (checkpoint,
+store content, draws, seed, mask, dtype, device type, and for s_i the Fisher, tensors and damping). A
+run under other settings reads another file, never a stale one. What the key leaves out (batch
+composition, ``draws_per_forward``) changes the floats by reduction order only; the scoring run
+measures that noise floor and reports it (``noise.json``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from musicattr.atomic import atomic_path, atomic_write_json
+
+
+def cache_path(store_root: str | os.PathLike, kind: str, key: dict[str, Any]) -> Path:
+    """``<store>/<kind>/<digest>.parquet``, the digest a hash of ``key`` (JSON, sorted keys)."""
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=10).hexdigest()
+    return Path(store_root) / kind / f"{digest}.parquet"
+
+
+def read_cache(path: Path, column: str) -> dict[int, float]:
+    """item index -> cached value, or {} when there is no cache file."""
+    if not path.exists():
+        return {}
+    df = pd.read_parquet(path)
+    return dict(zip(df["index"].astype(int), df[column].astype(float)))
+
+
+def write_cache(frame: pd.DataFrame, path: Path, key: dict[str, Any]) -> None:
+    """Write a cache atomically (and its key beside it, ``<digest>.json``), unless it exists already."""
+    if path.exists():
+        return
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    atomic_write_json(path.with_suffix(".json"), key)

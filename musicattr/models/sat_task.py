@@ -1,0 +1,63 @@
+"""The attribution task of the stable-audio-tools DiT trained by ``musicattr fit`` (the paper's model).
+
+    z_t = alpha z + sigma eps,  target v = alpha eps - sigma z,  alpha = cos(pi t / 2), sigma = sin(pi t / 2)
+
+(the v-objective, Salimans & Ho, 2022, with SAT's cosine schedule); the network is SAT's DiTWrapper
+(``DiffusionModule.net``) called without gradient checkpointing; the conditioning is the stored text
+embedding plus SAT's timing conditioners; the frame mask comes from each item's valid length.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from musicattr.attribution.loss import v_objective
+from musicattr.attribution.task import AttributionTask
+
+# parameter names relative to SAT's DiTWrapper, e.g. model.transformer.layers.3.cross_attn.to_kv.weight
+SAT_GROUPS = {
+    "all": r"transformer\.layers\.\d+\.",                      # every weight of every transformer block
+    "self": r"transformer\.layers\.\d+\.self_attn\.",          # self-attention (to_qkv, to_out)
+    "cross": r"transformer\.layers\.\d+\.cross_attn\.",        # cross-attention (to_q, to_kv, to_out)
+    "to_kv": r"transformer\.layers\.\d+\.cross_attn\.to_kv\.",  # cross-attention keys/values only
+}
+
+
+class SATDiffusionTask(AttributionTask):
+    """SAT ``diffusion_cond`` DiT with the v-objective (the model of ``musicattr fit``)."""
+
+    parameter_groups = SAT_GROUPS
+
+    def load(self, checkpoint: str) -> torch.nn.Module:
+        from musicattr.models.diffusion_module import load_diffusion_module
+
+        self.model = load_diffusion_module(checkpoint)
+        return self.model
+
+    @classmethod
+    def of(cls, module) -> "SATDiffusionTask":
+        """The task of an already built ``DiffusionModule`` (e.g. during training)."""
+        task = cls()
+        task.model = module
+        return task
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.model.net
+
+    def conditioning(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return self.model.conditioning_inputs(batch)
+
+    def frame_mask(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return self.model.frame_mask(batch)
+
+    def noise(self, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return v_objective(z, t, eps)
+
+    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],
+                params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        kwargs = {**cond, "use_checkpointing": False}
+        if params is None:
+            return self.net(z_t, t, **kwargs)
+        return torch.func.functional_call(self.net, dict(params), (z_t, t), kwargs)
