@@ -129,10 +129,10 @@ class ScoringModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.prepare(self.device)
         root = self.store.root
-        self.keys = {"baselines": self.baseline_key()}  # kept: at merge time the model is back on the CPU
+        self.keys = {"baselines": self.baseline_key(), "run": self.run_key()}  # kept: at merge time the model is on the CPU
         if self.hparams.relative:
             self.keys["sensitivity"] = self.sensitivity_key()
-        self.cache_paths = {kind: cache_path(root, kind, key) for kind, key in self.keys.items()}
+        self.cache_paths = {kind: cache_path(root, kind, key) for kind, key in self.keys.items() if kind != "run"}
         if self.hparams.use_baseline_cache:
             self.baseline_cache = read_cache(self.cache_paths["baselines"], "baseline_loss")
             if self.hparams.relative:
@@ -202,6 +202,8 @@ class ScoringModule(L.LightningModule):
             if self.hparams.relative and not self.sensitivity_cache:
                 write_cache(df[["index", "sensitivity"]], self.cache_paths["sensitivity"], self.keys["sensitivity"])
         write_noise_report(df, self.float_error, self.out_dir / "noise.json")
+        atomic_write_json(self.out_dir / "run.json", {**self.keys["run"], "store": str(self.store.root.resolve()),
+                                                      "checkpoint": self.hparams.checkpoint})
         log_top(df, self.hparams.top_k)
         return df
 

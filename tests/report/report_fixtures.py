@@ -38,7 +38,8 @@ def build_tiny_run(root: Path) -> dict:
     """store + audio folder + theta0 + Fisher -> generate q000 -> unlearn -> attribute (relative), all real."""
     import lightning as L
 
-    from musicattr.attribution.fisher import FisherPassModule
+    from musicattr.attribution.fisher import FisherModule
+    from musicattr.data.datamodules import StorePredictDataModule
     from musicattr.attribution.unlearn import run_unlearn
     from musicattr.evaluation.common import score_store
     from musicattr.models.autoencoder_module import AutoencoderModule
@@ -64,7 +65,8 @@ def build_tiny_run(root: Path) -> dict:
     ckpt = save_checkpoint(make_module(text_dim=384), root / "theta0.ckpt")
     fisher = str(root / "fisher.safetensors")
     L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
-              enable_progress_bar=False).predict(FisherPassModule(ckpt, str(root / "store"), fisher, num_draws=2))
+              enable_progress_bar=False).predict(FisherModule(ckpt, fisher, num_draws=2),
+                                                 datamodule=StorePredictDataModule(str(root / "store")))
     generate(ckpt, str(ae_path), str(root / "generated"), ["a low tone"], [1.0], store=str(root / "store"), steps=2)
     unlearned = str(root / "unlearned" / "q000.safetensors")
     run_unlearn(ckpt, fisher, unlearned, query=str(root / "generated" / "q000.query.safetensors"), lr=1e-5,
