@@ -9,6 +9,8 @@ the text embedding with probability ``cfg_dropout_prob``.
 Learning rate: linear warm-up over ``warmup_steps``, then constant (``lr_schedule: constant``) or a
 cosine decay to ``min_lr_ratio * lr`` at the trainer's ``max_steps`` (``lr_schedule: cosine``), which
 ends training near a minimum, as influence-style attribution assumes of theta0.
+``use_checkpointing`` (SAT gradient checkpointing of the transformer blocks) saves memory on large
+models; a small model trains about 1.4x faster without it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, model_config: dict[str, Any], lr: float = 1e-4, weight_decay: float = 1e-3,
                  warmup_steps: int = 100, cfg_dropout_prob: float = 0.1, use_padding_mask: bool = False,
                  val_draws: int = 4, val_seed: int = 1234, lr_schedule: str = "constant",
-                 min_lr_ratio: float = 0.0):
+                 min_lr_ratio: float = 0.0, use_checkpointing: bool = True):
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule {lr_schedule!r}: choose 'constant' or 'cosine'")
@@ -60,7 +62,8 @@ class DiffusionModule(L.LightningModule):
         cond = self.conditioning_inputs(batch)
         t = torch.rand(z.shape[0], device=z.device)
         x_t, target = v_objective(z, t, torch.randn_like(z))
-        pred = self.net(x_t, t, **cond, cfg_dropout_prob=self.hparams.cfg_dropout_prob)
+        pred = self.net(x_t, t, **cond, cfg_dropout_prob=self.hparams.cfg_dropout_prob,
+                        use_checkpointing=self.hparams.use_checkpointing)
         mask = self.frame_mask(batch) if self.hparams.use_padding_mask else None
         loss = masked_mse(pred, target, mask).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
