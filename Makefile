@@ -17,10 +17,12 @@ D := $(RUN_ROOT)
 MA := $(VENV)/bin/musicattr
 RUN := --run_root $(D)
 
-.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report clean-demo help
+AE := assets/demo_autoencoder
+
+.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report adherence autoencoder clean-demo help
 
 help:
-	@echo "make demo     - set up, then run corpus -> autoencoder -> encode -> fit -> fisher -> generate -> unlearn -> attribute -> report"
+	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
 	@echo "make test     - set up, then run the test suite"
 	@echo "make bench    - attribution benchmark (prints figures, writes runs/bench/attribution.json)"
 	@echo "make table1   - self-influence grid search on the demo model (Table 1)"
@@ -28,6 +30,8 @@ help:
 	@echo "                      (default 16) with SI_DRAWS scoring draws (default 64)"
 	@echo "make figure1  - test-to-train comparison with similarity baselines (Figure 1)"
 	@echo "make report   - the demo query's listening page with credit shares (runs/demo/report/q000/index.html)"
+	@echo "make adherence - does the demo model follow its prompts? planted regeneration and group accuracy"
+	@echo "make autoencoder - retrain the demo's log-mel VAE (about 45 min) and export it to $(AE)/"
 
 venv: $(VENV)/.installed
 
@@ -54,11 +58,14 @@ demo: venv $(D)/report/q000/index.html
 $(D)/corpus/metadata.jsonl: $(CFG)/corpus.yaml
 	$(MA) corpus --config $(CFG)/corpus.yaml $(RUN)
 
-$(D)/autoencoder/last.ckpt: $(D)/corpus/metadata.jsonl $(CFG)/autoencoder.yaml
+# The demo's autoencoder ships trained in $(AE)/ (weights, config, health, recipe with the corpus
+# fingerprint); `make autoencoder` retrains it from the corpus and exports it there.
+autoencoder: venv $(D)/corpus/metadata.jsonl
 	rm -f $(D)/autoencoder/*.ckpt
 	$(MA) autoencoder --config $(CFG)/autoencoder.yaml $(RUN)
+	$(PY) -m musicattr.models.autoencoder_export $(D)/autoencoder/last.ckpt $(AE) --folder $(D)/corpus
 
-$(D)/store/index.parquet: $(D)/autoencoder/last.ckpt $(CFG)/encode.yaml
+$(D)/store/index.parquet: $(D)/corpus/metadata.jsonl $(AE)/weights.safetensors $(CFG)/encode.yaml
 	rm -rf $(D)/store
 	$(MA) encode --config $(CFG)/encode.yaml $(RUN)
 
@@ -101,3 +108,6 @@ self-influence: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 
 figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(MA) compare --config $(CFG)/compare.yaml $(RUN)
+
+adherence: venv $(D)/fit/last.ckpt
+	$(MA) adherence --config $(CFG)/adherence.yaml $(RUN)

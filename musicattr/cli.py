@@ -66,6 +66,8 @@ STAGES = {
                       "musicattr.evaluation.evaluate:run_grid", trainer=PREDICT),
     "compare": Stage("test-to-train comparison with similarity baselines (Figure 1)",
                      "musicattr.evaluation.compare:run_comparison", trainer=PREDICT),
+    "adherence": Stage("does the model follow the prompt? planted regeneration (chroma) and group accuracy",
+                       "musicattr.evaluation.adherence:run_adherence"),
     "report": Stage("an HTML page to listen to a query beside its attributed tracks, with credit shares",
                     "musicattr.report.stage:run_report"),
 }

@@ -22,6 +22,7 @@ from musicattr.data.latent_store import LatentStoreWriter, ShardFormat
 from musicattr.embeddings.text import build_text_encoder
 from musicattr.models.autoencoder_module import load_autoencoder
 from musicattr.models.sat import file_fingerprint
+from musicattr.models.health import record_store_health
 from musicattr.parts import Parts, PartsWriter
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class EncodeModule(L.LightningModule):
                          "sample_rate": self.sample_rate, "audio_channels": self.channels,
                          "downsampling_ratio": self.ratio, "text_encoder": text_encoder, "text_dim": self.text.dim,
                          "autoencoder": str(autoencoder), "autoencoder_fingerprint": file_fingerprint(autoencoder),
-                         "folder": str(Path(folder).resolve())}
+                         "autoencoder_config": autoencoder_config, "folder": str(Path(folder).resolve())}
 
     def setup(self, stage: str) -> None:
         self.rows, bad = scan_audio_folder(self.hparams.folder, self.sample_rate, self.channels, self.max_samples,
@@ -85,3 +86,4 @@ class EncodeModule(L.LightningModule):
     def merge(self, parts: Parts) -> None:
         store = self.writer.finalize(expected=len(self.rows))
         log.info("encode: latent store %s holds %d items", store.root, len(store))
+        record_store_health(store.root, self.hparams.autoencoder)

@@ -30,6 +30,15 @@ def planted_groups(store: LatentStore) -> dict[str, str]:
     return {r["file_name"]: r["planted_group"] for r in rows if r.get("planted_group")}
 
 
+def read_metadata_rows(store: LatentStore) -> dict[str, dict]:
+    """file_name -> metadata row of the store's audio folder (metadata.jsonl), {} when there is none."""
+    path = store_folder(store) / "metadata.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["file_name"]: r for r in rows}
+
+
 def train_audio_embeddings(store: LatentStore, encoder):
     """Segment embeddings of every training track (cropped to the model's length), computed once
     and stored in ``<store>/audio_embeddings/<encoder>``."""

@@ -5,7 +5,9 @@ and by the two similarity baselines on audio embeddings of 10 s segments with a 
 "all-against-all" (max cosine over all segment pairs) and "average" (cosine of time-averaged
 embeddings). Reports the Pearson and Spearman correlations between unlearning scores and each
 baseline (mean over queries), draws Figure 1, and, for queries generated from the captions of
-planted (duplicated) training tracks, recall@1 / recall@10 of the planted group per method.
+planted (duplicated) training tracks, recall@1 / recall@10 of the planted group per method, and for
+every query and method the mean rank percentile of the training tracks that share the prompt's
+composer or collection and instrument (``attribute_match``; chance 50%).
 With ``relative``, the unlearning scores are also ranked by tau_i / s_i (RelatIF, method
 "unlearning-relative"), with their own correlations and recall; Figure 1 shows Eq. 1 as in the paper.
 
@@ -27,23 +29,26 @@ from musicattr.attribution.unlearn import run_unlearn
 from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from musicattr.data.latent_store import LatentStore
 from musicattr.attribution.task import AttributionTask
-from musicattr.evaluation.common import (open_wandb, planted_groups, score_store, store_folder,
-                                         train_audio_embeddings, unlearn_device)
+from musicattr.evaluation.common import (open_wandb, planted_groups, read_metadata_rows, score_store,
+                                         store_folder, train_audio_embeddings, unlearn_device)
+from musicattr.evaluation.attribute_match import match_markdown, query_percentiles
 from musicattr.evaluation.figure1 import plot_figure1
 from musicattr.evaluation.metrics import correlations
 
 log = logging.getLogger(__name__)
 
 
-def planted_queries(store: LatentStore) -> list[dict]:
-    """One query per planted group: the caption and duration of its original track."""
+def planted_queries(store: LatentStore, meta: dict[str, dict], columns: list[str]) -> list[dict]:
+    """One query per planted group: the caption and duration of its original track, and its ``columns``."""
     groups = planted_groups(store)
     items = store.items.set_index("file_name")
     out = []
     for original in sorted(set(groups.values())):
         if original in items.index:
             r = items.loc[original]
-            out.append({"prompt": r["caption"], "duration": float(r["duration_s"]), "planted_group": original})
+            attributes = {c: meta.get(original, {}).get(c) for c in columns}
+            out.append({"prompt": r["caption"], "duration": float(r["duration_s"]), "planted_group": original,
+                        "attributes": {c: v for c, v in attributes.items() if v is not None}})
     return out
 
 
@@ -79,7 +84,8 @@ def generated_queries(gen_dir: Path, queries: list[dict], checkpoint: str, store
             return infos
     shutil.rmtree(gen_dir, ignore_errors=True)
     infos = generate(checkpoint, autoencoder, str(gen_dir), settings["prompts"], settings["durations"],
-                     store=str(store.root), steps=gen_steps, seed=seed)
+                     store=str(store.root), steps=gen_steps, seed=seed,
+                     autoencoder_config=store.manifest.get("autoencoder_config"))
     atomic_write_json(key_file, settings)
     return infos
 
@@ -90,7 +96,9 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                    damping: float = 1e-3, score_draws: int = 8, audio_encoder: str = "aisfx",
                    audio_encoder_checkpoint: str | None = None, gen_steps: int = 50, seed: int = 0,
                    batch_size: int = 16, listen_top_k: int = 3, use_wandb: bool = True, relative: bool = True,
-                   task: AttributionTask | None = None, trainer: dict | None = None) -> dict:
+                   task: AttributionTask | None = None, trainer: dict | None = None,
+                   prompt_attributes: list[dict] | None = None,
+                   match_columns: list[str] = ("source_group", "instrument")) -> dict:
     """Attribute generated queries by unlearning and by similarity; write comparison.json, figure1.png.
 
     Args:
@@ -103,6 +111,9 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         relative: also rank by the relative score tau_i / s_i (method "unlearning-relative").
         task: the attribution task (default: the SAT DiT of ``musicattr fit``; generation uses SAT's sampler).
         trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
+        prompt_attributes: per prompt, the metadata values it names ({column: value}); planted queries take
+            their original track's values of ``match_columns``.
+        match_columns: metadata columns whose matching tracks' rank percentile is reported (chance 50%).
     """
     from musicattr.embeddings.audio import build_audio_encoder, load_audio
 
@@ -115,9 +126,14 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     durations = list(durations) if durations is not None else [None] * len(prompts)
     if len(durations) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(durations)} durations; fix: give one duration per prompt")
-    queries = [{"prompt": p, "duration": d, "planted_group": None} for p, d in zip(prompts, durations)]
+    attrs = list(prompt_attributes) if prompt_attributes is not None else [{}] * len(prompts)
+    if len(attrs) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(attrs)} prompt_attributes; fix: give one mapping per prompt")
+    meta = read_metadata_rows(s)
+    queries = [{"prompt": p, "duration": d, "planted_group": None, "attributes": dict(a or {})}
+               for p, d, a in zip(prompts, durations, attrs)]
     if include_planted:
-        queries += planted_queries(s)
+        queries += planted_queries(s, meta, list(match_columns))
     if not queries:
         raise ValueError("no queries: give prompts, or a corpus with planted tracks and include_planted")
     gen_dir = out / "generated"
@@ -158,6 +174,7 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                 row[f"pearson[{key}]"], row[f"spearman[{key}]"] = c["pearson"], c["spearman"]
         if q["planted_group"]:
             row.update(recall_at(tables, q["planted_group"], groups))
+        row.update(query_percentiles(tables, meta, q["attributes"]))
         row["top1_unlearning"] = tables["unlearning"].iloc[0]["item_id"]
         rows.append(row)
         log.info("[compare] %s: %s", qid, ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
@@ -173,6 +190,13 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     if len(planted):
         summary.update({f"recall_{c}": float(planted[c].mean()) for c in planted.columns if "@" in c})
         summary["planted_queries"] = len(planted)
+    columns = [c for c in match_columns if any(f"|{c}]" in k for k in per_query.columns)]
+    summary.update({k: float(per_query[k].mean()) for k in per_query.columns if k.startswith("pct[")})
+    match = match_markdown(per_query, list(methods), columns)
+    atomic_write_text(out / "attribute_match.md",
+                      "Rank percentile of the training tracks that share the prompt's attribute (0% = top, chance "
+                      "50%), and planted recall, per method:\n\n" + match)
+    print(match, flush=True)
     atomic_write_json(out / "comparison.json", summary)
     log.info(json.dumps(summary, indent=2))
     _dashboard(out, summary, per_query, use_wandb)

@@ -66,7 +66,7 @@ def run_key(settings: dict, cfg: dict, target_item: str) -> str:
 def frechet_of_model(checkpoint: str, unlearned: str | None, store: LatentStore, encoder, reference: torch.Tensor,
                      samples: int, steps: int, seed: int) -> float:
     """FD between embeddings of generations (captions of the first training items) and the reference set."""
-    from musicattr.models.autoencoder_module import load_autoencoder
+    from musicattr.models.autoencoder_module import store_autoencoder
     from musicattr.models.diffusion_module import load_diffusion_module
 
     module = load_diffusion_module(checkpoint)
@@ -75,7 +75,7 @@ def frechet_of_model(checkpoint: str, unlearned: str | None, store: LatentStore,
         with torch.no_grad():
             for k, v in load_unlearned(unlearned)[0].items():
                 named[k].copy_(v)
-    ae = load_autoencoder(store.manifest["autoencoder"])
+    ae = store_autoencoder(store.manifest)
     items = [store[i] for i in range(min(samples, len(store)))]
     audio = generate_audio(module, ae, torch.stack([it["text_emb"] for it in items]),
                            [max(1.0, it["seconds_total"]) for it in items], store.latent_shape[1], steps, seed)

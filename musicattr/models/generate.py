@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from musicattr.atomic import atomic_path, atomic_write_json
-from musicattr.models.sat import TEXT_KEY
+from musicattr.models.sat import TEXT_KEY, quiet
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def sample_latents(module, text_emb: torch.Tensor, seconds_total: float, max_fra
     from stable_audio_tools.inference.generation import generate_diffusion_cond
 
     device = module.device
-    with torch.no_grad():
+    with torch.no_grad(), quiet():
         tensors = module.diffusion.conditioner([{"seconds_start": 0.0, "seconds_total": float(seconds_total)}], device)
         tensors[TEXT_KEY] = [text_emb.to(device), torch.ones(text_emb.shape[:2], device=device)]
         return generate_diffusion_cond(module.diffusion, steps=steps, cfg_scale=cfg_scale, conditioning_tensors=tensors,

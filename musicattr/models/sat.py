@@ -10,16 +10,30 @@ Timing conditioning (``seconds_start``, ``seconds_total``) uses SAT's ``number``
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 TEXT_KEY = "prompt"
 TIMING_KEYS = ("seconds_start", "seconds_total")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Swallow what stable-audio-tools prints (the missing flash_attn notice at import, the seed and the
+    sampler's progress bar at generation): it is not the user's business and floods the demo's output."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+with quiet():  # SAT's transformer prints a flash_attn notice when it is first imported
+    import stable_audio_tools.models.transformer  # noqa: F401,E402
 
 
 class CheckpointMismatchError(RuntimeError):
