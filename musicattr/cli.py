@@ -27,6 +27,7 @@ PARSER_MODE = "musicattr"
 FIT = {"logger": {"class_path": "musicattr.wandb_logger.OfflineWandbLogger"}}
 PREDICT = {"use_distributed_sampler": False, "logger": False, "enable_progress_bar": True}
 PREDICT_GRAD = {**PREDICT, "inference_mode": False}  # per-item gradients (Fisher, relative scores)
+RETRAIN = {"accelerator": "cpu", "devices": 1}  # the hardware of each retrain; the recipe sets the rest
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ STAGES = {
                       "musicattr.evaluation.evaluate:run_grid", trainer=PREDICT),
     "compare": Stage("test-to-train comparison with similarity baselines (Figure 1)",
                      "musicattr.evaluation.compare:run_comparison", trainer=PREDICT),
+    "counterfactual": Stage("retrain on subsets of the store: LDS and leave-K-out for every attribution method",
+                            "musicattr.counterfactual.campaign:run_counterfactual", trainer=RETRAIN),
     "report": Stage("an HTML page to listen to a query beside its attributed tracks, with credit shares",
                     "musicattr.report.stage:run_report"),
 }

@@ -6,6 +6,10 @@ and by the two similarity baselines on audio embeddings of 10 s segments with a 
 embeddings). Reports the Pearson and Spearman correlations between unlearning scores and each
 baseline (mean over queries), draws Figure 1, and, for queries generated from the captions of
 planted (duplicated) training tracks, recall@1 / recall@10 of the planted group per method.
+Training items can be attributed as queries too (``query_items``, train-to-train: unlearned as in
+``evaluate``, their own audio for the similarity baselines); they get the same per-query tables, and
+``queries.csv`` says each query's kind (generated, planted, training), but Figure 1 and the summary's
+correlations stay over the generated queries, as in the paper.
 With ``relative``, the unlearning scores are also ranked by tau_i / s_i (RelatIF, method
 "unlearning-relative"), with their own correlations and recall; Figure 1 shows Eq. 1 as in the paper.
 
@@ -90,7 +94,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                    damping: float = 1e-3, score_draws: int = 8, audio_encoder: str = "aisfx",
                    audio_encoder_checkpoint: str | None = None, gen_steps: int = 50, seed: int = 0,
                    batch_size: int = 16, listen_top_k: int = 3, use_wandb: bool = True, relative: bool = True,
-                   task: AttributionTask | None = None, trainer: dict | None = None) -> dict:
+                   query_items: list[str] | None = None, task: AttributionTask | None = None,
+                   trainer: dict | None = None) -> dict:
     """Attribute generated queries by unlearning and by similarity; write comparison.json, figure1.png.
 
     Args:
@@ -101,6 +106,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         audio_encoder: embeddings for the similarity baselines ('aisfx' offline; 'clap' with a checkpoint).
         listen_top_k: training tracks logged next to each query's audio in the dashboard.
         relative: also rank by the relative score tau_i / s_i (method "unlearning-relative").
+        query_items: training items attributed as queries (item ids, or ``index:N``), ids ``t000``, ``t001``, ...;
+            not in Figure 1 nor in the summary's correlations (the counterfactual campaign uses them).
         task: the attribution task (default: the SAT DiT of ``musicattr fit``; generation uses SAT's sampler).
         trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
     """
@@ -123,34 +130,43 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     gen_dir = out / "generated"
     infos = generated_queries(gen_dir, queries, checkpoint, s, gen_steps, seed)
     items = s.items.to_dict("records")
+    for j, key in enumerate(query_items or []):
+        pos = s.resolve(key)
+        queries.append({"prompt": items[pos]["caption"], "duration": float(items[pos]["duration_s"]),
+                        "planted_group": None, "query_item": str(items[pos]["item_id"]), "position": pos})
+        infos.append({"query_id": f"t{j:03d}"})
     groups = planted_groups(s)
     sims = [f"all-against-all[{encoder.name}]", f"average[{encoder.name}]"]
     sources = ["unlearning", "unlearning-relative"] if relative else ["unlearning"]
     methods = {m: [] for m in sources + sims}
     rows = []
     for q, info in zip(queries, infos, strict=True):
-        qid = info["query_id"]
+        qid, item = info["query_id"], q.get("query_item")
         qdir = out / "queries" / qid
         unlearned = qdir / "unlearned.safetensors"
-        run_unlearn(checkpoint, fisher, str(unlearned), query=str(gen_dir / f"{qid}.query.safetensors"),
-                    lr=lr, steps=steps, num_draws=num_draws, target=target, strategy=strategy, damping=damping,
-                    seed=seed, reuse=True, task=task, device=unlearn_device(trainer))
+        source = {"query_item": item, "store": store} if item else {"query": str(gen_dir / f"{qid}.query.safetensors")}
+        run_unlearn(checkpoint, fisher, str(unlearned), **source, lr=lr, steps=steps, num_draws=num_draws,
+                    target=target, strategy=strategy, damping=damping, seed=seed, reuse=True, task=task,
+                    device=unlearn_device(trainer))
         tables = {"unlearning": score_store(checkpoint, store, str(unlearned), str(qdir / "unlearning"), score_draws,
                                             seed, batch_size, trainer, relative=relative, task=task)}
         if relative:
             t = tables["unlearning"]
             tables["unlearning-relative"] = (t.assign(score=t["relative_score"], rank=t["relative_rank"],
                                                       method="unlearning-relative").sort_values("rank"))
-        audio, sr = load_audio(str(gen_dir / info["audio"]))
-        qseg = encoder.embed_segments(audio, sr)
+        query_audio = store_folder(s) / items[q["position"]]["file_name"] if item else gen_dir / info["audio"]
+        qseg = emb.item(q["position"]) if item else encoder.embed_segments(*load_audio(str(query_audio)))
         for name, fn in ((f"all-against-all[{encoder.name}]", all_against_all), (f"average[{encoder.name}]", average)):
             tables[name] = similarity_table(fn(qseg, emb), items, method=f"similarity/{name}", query_id=qid)
             with atomic_path(qdir / f"{name.split('[')[0]}.parquet") as tmp:
                 tables[name].to_parquet(tmp, index=False)
         by_index = {m: torch.tensor(t.sort_values("index")["score"].to_numpy()) for m, t in tables.items()}
         for m in methods:
-            methods[m].append(by_index[m])
-        row = {"query_id": qid, "prompt": q["prompt"], "planted_group": q["planted_group"]}
+            if not item:
+                methods[m].append(by_index[m])
+        kind = "training" if item else "planted" if q["planted_group"] else "generated"
+        row = {"query_id": qid, "kind": kind, "prompt": q["prompt"], "planted_group": q["planted_group"],
+               "query_item": item}
         for src in sources:
             for m in sims:
                 c = correlations(by_index[src], by_index[m])
@@ -161,13 +177,15 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         row["top1_unlearning"] = tables["unlearning"].iloc[0]["item_id"]
         rows.append(row)
         log.info("[compare] %s: %s", qid, ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
-        _listen(out, qid, gen_dir / info["audio"], q["prompt"], tables["unlearning"], store_folder(s), listen_top_k)
-    per_query = pd.DataFrame(rows)
-    atomic_write_text(out / "queries.csv", per_query.to_csv(index=False))
+        _listen(out, qid, query_audio, q["prompt"], tables["unlearning"], store_folder(s), listen_top_k)
+    all_queries = pd.DataFrame(rows)
+    atomic_write_text(out / "queries.csv", all_queries.to_csv(index=False))
+    per_query = all_queries[all_queries["kind"] != "training"]
     stacked = {m: torch.stack(v) for m, v in methods.items()}
     plot_figure1(stacked["unlearning"], {m: stacked[m] for m in sims},
-                 str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(rows)} queries)")
-    summary = {"queries": len(rows), "audio_encoder": encoder.name, "items": len(s),
+                 str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(per_query)} queries)")
+    summary = {"queries": len(per_query), "training_queries": len(all_queries) - len(per_query),
+               "audio_encoder": encoder.name, "items": len(s),
                **{c: float(per_query[c].mean()) for c in per_query.columns if c.startswith(("pearson", "spearman"))}}
     planted = per_query[per_query["planted_group"].notna()]
     if len(planted):
