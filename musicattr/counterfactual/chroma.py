@@ -21,7 +21,7 @@ def chroma(audio, sr: int, hop_length: int = 512) -> np.ndarray:
     if x.ndim > 1:
         x = x.mean(axis=0)
     n_fft = min(2048, max(256, 1 << int(np.log2(max(len(x), 256)))))
-    return librosa.feature.chroma_stft(y=x, sr=sr, n_fft=n_fft, hop_length=hop_length)
+    return librosa.feature.chroma_stft(y=x, sr=sr, n_fft=n_fft, hop_length=hop_length, tuning=0.0)
 
 
 def chroma_similarity(a: np.ndarray, b: np.ndarray) -> float:

@@ -135,10 +135,11 @@ class LatentDataModule(L.LightningDataModule):
             train = [p for j, p in enumerate(kept) if j % k]
         else:
             train, val = kept, kept[:self.hparams.val_items]
-        if len(train) < self.hparams.batch_size:
-            raise ValueError(f"{len(train)} training items left in {self.store_path} (batch size "
-                             f"{self.hparams.batch_size}, last incomplete batch dropped); fix: exclude fewer items "
-                             "or lower data.batch_size")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(train) // world < self.hparams.batch_size:
+            raise ValueError(f"{len(train)} training items left in {self.store_path} for {world} process(es) with "
+                             f"batch size {self.hparams.batch_size} (incomplete batches are dropped): no training "
+                             "batch; fix: exclude fewer items, or lower data.batch_size or the number of devices")
         self.train_set, self.val_set = Subset(self.store, train), Subset(self.store, val)
 
     def train_dataloader(self) -> DataLoader:
