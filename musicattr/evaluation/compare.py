@@ -31,7 +31,7 @@ from musicattr.attribution.unlearn import run_unlearn
 from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from musicattr.data.latent_store import LatentStore
 from musicattr.attribution.task import AttributionTask
-from musicattr.evaluation.common import (open_wandb, planted_groups, score_store, store_folder,
+from musicattr.evaluation.common import (diverse_items, open_wandb, planted_groups, score_store, store_folder,
                                          train_audio_embeddings, unlearn_device)
 from musicattr.evaluation.figure1 import plot_figure1
 from musicattr.evaluation.metrics import correlations
@@ -94,7 +94,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                    damping: float = 1e-3, score_draws: int = 8, audio_encoder: str = "aisfx",
                    audio_encoder_checkpoint: str | None = None, gen_steps: int = 50, seed: int = 0,
                    batch_size: int = 16, listen_top_k: int = 3, use_wandb: bool = True, relative: bool = True,
-                   query_items: list[str] | None = None, task: AttributionTask | None = None,
+                   query_items: list[str] | None = None, training_queries: int = 0,
+                   task: AttributionTask | None = None,
                    trainer: dict | None = None) -> dict:
     """Attribute generated queries by unlearning and by similarity; write comparison.json, figure1.png.
 
@@ -108,6 +109,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         relative: also rank by the relative score tau_i / s_i (method "unlearning-relative").
         query_items: training items attributed as queries (item ids, or ``index:N``), ids ``t000``, ``t001``, ...;
             not in Figure 1 nor in the summary's correlations (the counterfactual campaign uses them).
+        training_queries: that many more training items as queries, chosen as ``evaluate`` chooses its targets
+            (k-means over the audio embeddings, no planted duplicate).
         task: the attribution task (default: the SAT DiT of ``musicattr fit``; generation uses SAT's sampler).
         trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
     """
@@ -130,8 +133,10 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     gen_dir = out / "generated"
     infos = generated_queries(gen_dir, queries, checkpoint, s, gen_steps, seed)
     items = s.items.to_dict("records")
-    for j, key in enumerate(query_items or []):
-        pos = s.resolve(key)
+    picks = [s.resolve(key) for key in query_items or []]
+    if training_queries:
+        picks += [i for i in diverse_items(s, emb.track_means().float(), training_queries, seed) if i not in picks]
+    for j, pos in enumerate(picks):
         queries.append({"prompt": items[pos]["caption"], "duration": float(items[pos]["duration_s"]),
                         "planted_group": None, "query_item": str(items[pos]["item_id"]), "position": pos})
         infos.append({"query_id": f"t{j:03d}"})

@@ -87,12 +87,14 @@ def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
 
     out = setup["root"] / "compare"
     kw = dict(prompts=["a low tone"], durations=[1.0], lr=1e-5, num_draws=8, score_draws=2, gen_steps=2,
-              use_wandb=False, query_items=["index:3"])
+              use_wandb=False, query_items=["index:3"], training_queries=1)
     summary = run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), **kw)
-    assert summary["queries"] == 2 and summary["planted_queries"] == 1 and summary["training_queries"] == 1
+    assert summary["queries"] == 2 and summary["planted_queries"] == 1 and summary["training_queries"] == 2
     listing = pd.read_csv(out / "queries.csv")
-    assert list(listing["kind"]) == ["generated", "planted", "training"]
+    assert list(listing["kind"]) == ["generated", "planted", "training", "training"]
     assert listing["query_item"].iloc[2] == "audio/track003.wav"
+    chosen = listing["query_item"].iloc[3]  # k-means: a diverse item, never a planted copy
+    assert chosen not in ("audio/track003.wav", "audio/track000.wav", "audio/track010.wav", "audio/track011.wav")
     # a training query is unlearned as in train-to-train, and its own audio is its most similar track
     from musicattr.attribution.unlearn import load_unlearned
 
