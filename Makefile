@@ -17,7 +17,7 @@ D := $(RUN_ROOT)
 MA := $(VENV)/bin/musicattr
 RUN := --run_root $(D)
 
-.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report clean-demo help
+.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report clean-demo help lds leave-k-out
 
 help:
 	@echo "make demo     - set up, then run corpus -> autoencoder -> encode -> fit -> fisher -> generate -> unlearn -> attribute -> report"
@@ -28,6 +28,9 @@ help:
 	@echo "                      (default 16) with SI_DRAWS scoring draws (default 64)"
 	@echo "make figure1  - test-to-train comparison with similarity baselines (Figure 1)"
 	@echo "make report   - the demo query's listening page with credit shares (runs/demo/report/q000/index.html)"
+	@echo "make lds      - retrain on M random half-subsets: the linear datamodeling score of every method (~20 min)"
+	@echo "make leave-k-out - retrain without each method's top-K vs K random tracks (~40 min)"
+	@echo "                CF_ARGS='--plan true' prints the plan and its time estimate instead"
 
 venv: $(VENV)/.installed
 
@@ -101,3 +104,15 @@ self-influence: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 
 figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(MA) compare --config $(CFG)/compare.yaml $(RUN)
+
+# ---- counterfactual validation: retrains on subsets of the store (configs/demo/counterfactual.yaml) ----
+# Both read the queries and every method's scores from the figure1 compare run; both resume where they stopped.
+CF_ARGS ?=
+$(D)/figure1/comparison.json: $(D)/fit/last.ckpt $(D)/fisher.safetensors $(CFG)/compare.yaml
+	$(MA) compare --config $(CFG)/compare.yaml $(RUN)
+
+lds: venv $(D)/figure1/comparison.json
+	$(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[lds]' $(CF_ARGS)
+
+leave-k-out: venv $(D)/figure1/comparison.json
+	$(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[leave-k-out]' $(CF_ARGS)

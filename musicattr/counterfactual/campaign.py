@@ -191,10 +191,6 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
         if model is not None:
             measure(c.run_dir(out, r), r)
         return {"retrain": r.name(c.context), "purposes": r.purposes}
-    if str((trainer or {}).get("strategy")) in ("ddp", "ddp_spawn", "ddp_find_unused_parameters_true"):
-        raise ValueError("a campaign runs its retrains one after another in this process; for several processes per "
-                         "retrain run each retrain as its own job with --only I --trainer.strategy ddp (I = 0.."
-                         f"{len(c.plan) - 1}, see {out / 'plan.csv'}), then once more without --only for the tables")
     run_all(out, c, rec, store, measure, trainer, checkpoint_every)
     from musicattr.counterfactual.report import write_report
 
@@ -262,6 +258,10 @@ def run_all(out: Path, c: Campaign, recipe: Recipe, store: str, measure: _Measur
         log.info("counterfactual: every retrain of the plan is finished and measured")
         return
     fits = sum(not finished(c.run_dir(out, r)) for _, r in todo)
+    if fits and str((trainer or {}).get("strategy")).startswith("ddp"):
+        raise ValueError(f"{fits} retrains to fit, and a campaign fits them one after another in this process; for "
+                         "several processes per retrain run each as its own job with --only I --trainer.strategy ddp "
+                         f"(I = 0..{len(c.plan) - 1}, see {out / 'plan.csv'}), then this command again for the tables")
     log.info("counterfactual: %d of %d retrains to run (%d to fit, %d steps each)", len(todo), len(c.plan), fits,
              recipe.steps)
     bar = tqdm(total=fits * recipe.steps, unit="step", desc="retrains", dynamic_ncols=True)
