@@ -15,6 +15,7 @@ stopped.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -107,7 +108,10 @@ def build_campaign(experiments, store: LatentStore, compare: str, methods: list[
         c.lds_queries = select_queries(everything, lds.queries)
         c.lds_scores = method_scores(methods, compare, c.lds_queries, ids, random_seed=seed)
         removed = lds_subsets(ids, lds.subsets, lds.alpha, lds.subset_seed)
-        c.lds_kept = np.array([[i not in set(r) for i in ids] for r in removed])
+        c.lds_kept = np.ones((len(removed), n), dtype=bool)
+        position = {item: i for i, item in enumerate(ids)}
+        for j, r in enumerate(removed):
+            c.lds_kept[j, [position[i] for i in r]] = False
         for j, r in enumerate(removed):
             for s in lds.seeds:
                 c.lds_runs[j, s] = c.plan.add(r, s, f"lds subset {j}")
@@ -221,11 +225,11 @@ class _Measure:
                     "autoencoder": file_fingerprint(store.manifest["autoencoder"]) if planted else None}
         self.planted_keys = planted_keys(planted, store_path, self.gen)
 
-    def _planted_for(self, r: PlannedRetrain) -> list[Query]:
+    def planted_for(self, r: PlannedRetrain) -> list[Query]:
         return self.planted if id(r) in self.lko_runs else []
 
     def done(self, run_dir: Path, r: PlannedRetrain) -> bool:
-        planted = self._planted_for(r)
+        planted = self.planted_for(r)
         return finished(run_dir) and cached(run_dir, "losses.json", self.keys, "loss") is not None and \
             cached(run_dir, "planted.json", {q.query_id: self.planted_keys[q.query_id] for q in planted},
                    "chroma") is not None
@@ -234,7 +238,7 @@ class _Measure:
         load_task(self.task, str(run_dir / MODEL))
         measure_losses(run_dir, self.task, self.c.queries, self.store_path, self.keys, self.seed, self.loss_draws,
                        self.mask, self.device)
-        planted = self._planted_for(r)
+        planted = self.planted_for(r)
         if planted:
             measure_planted(run_dir, self.task.model.to(self.device), planted, self.store,
                             {q.query_id: self.planted_keys[q.query_id] for q in planted}, self.gen["gen_steps"],
@@ -269,17 +273,22 @@ def run_all(out: Path, c: Campaign, recipe: Recipe, store: str, measure: _Measur
     try:
         for k, (i, r) in enumerate(todo):
             run_dir = c.run_dir(out, r)
+            fitted = not finished(run_dir)
             t0 = time.time()
             fit_retrain(run_dir, recipe, store, r.removed, r.seed, r.key(c.context), trainer,
                         callbacks=[StepProgress(bar)], checkpoint_every=checkpoint_every)
             t1 = time.time()
             measure(run_dir, r)
             t2 = time.time()
-            atomic_write_json(run_dir / "timing.json", {"fit_s": t1 - t0, "measure_s": t2 - t1})
+            timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").exists() else {}
+            atomic_write_json(run_dir / "timing.json", {**timing, **({"fit_s": t1 - t0} if fitted else {}),
+                                                        "measure_s": t2 - t1})
             bar.set_postfix_str(f"retrain {k + 1}/{len(todo)}")
-            log.info("[counterfactual %d/%d] %s (%s): fit %.0f s, measured %.0f s; %.1f min so far", k + 1, len(todo),
-                     run_dir.name, "; ".join(r.purposes[:3]) + (" ..." if len(r.purposes) > 3 else ""), t1 - t0,
-                     t2 - t1, (t2 - start) / 60)
+            left = (t2 - start) / (k + 1) * (len(todo) - k - 1) / 60
+            log.info("[counterfactual %d/%d] %s (%s): fit %.0f s, measured %.0f s; %.1f min so far, about %.0f min "
+                     "left", k + 1, len(todo), run_dir.name,
+                     "; ".join(r.purposes[:3]) + (" ..." if len(r.purposes) > 3 else ""), t1 - t0, t2 - t1,
+                     (t2 - start) / 60, left)
     finally:
         bar.close()
 
@@ -310,21 +319,23 @@ def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_p
         t = retrain_trainer(Path(tmp), probe, trainer, callbacks=[clock], checkpoint_every=10 ** 9)
         t.fit(DiffusionModule(**recipe.module), datamodule=LatentDataModule(store_path, batch_size=recipe.batch_size))
     per_step = (clock.times[-1] - clock.times[warm - 1]) / probe_steps
-    t0 = time.perf_counter()
-    load_task(measure.task, checkpoint)
-    measure_losses(Path(tempfile.mkdtemp()), measure.task, c.queries, store_path, measure.keys, measure.seed,
-                   measure.loss_draws, measure.mask, measure.device)
-    per_losses, per_generation = time.perf_counter() - t0, 0.0
-    if measure.planted:
-        q = measure.planted[0]
+    per_generation = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        measure_planted(Path(tempfile.mkdtemp()), measure.task.model.to(measure.device), [q], store,
-                        {q.query_id: measure.planted_keys[q.query_id]}, measure.gen["gen_steps"],
-                        measure.gen["cfg_scale"], measure.seed)
-        per_generation = time.perf_counter() - t0
+        load_task(measure.task, checkpoint)
+        measure_losses(Path(tmp), measure.task, c.queries, store_path, measure.keys, measure.seed, measure.loss_draws,
+                       measure.mask, measure.device)
+        per_losses = time.perf_counter() - t0
+        if measure.planted:
+            q = measure.planted[0]
+            t0 = time.perf_counter()
+            measure_planted(Path(tmp), measure.task.model.to(measure.device), [q], store,
+                            {q.query_id: measure.planted_keys[q.query_id]}, measure.gen["gen_steps"],
+                            measure.gen["cfg_scale"], measure.seed)
+            per_generation = time.perf_counter() - t0
     fits = sum(not finished(c.run_dir(out, r)) for r in c.plan)
     todo = [r for r in c.plan if not measure.done(c.run_dir(out, r), r)]
-    generations = sum(len(measure._planted_for(r)) for r in todo)
+    generations = sum(len(measure.planted_for(r)) for r in todo)
     seconds = fits * recipe.steps * per_step + len(todo) * per_losses + generations * per_generation
     summary = {"retrains": len(c.plan), "to_fit": fits, "to_measure": len(todo), "steps": recipe.steps,
                "seconds_per_step": per_step, "seconds_per_measurement": per_losses,

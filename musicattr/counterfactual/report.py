@@ -33,7 +33,10 @@ def lds_tables(out: Path, c, measure, settings) -> tuple[pd.DataFrame, pd.DataFr
 
     loss = np.mean([losses(s, range(m)) for s in settings.seeds], axis=0)
     noise_j = range(min(settings.noise_subsets, m))
-    noise = seed_noise(losses(settings.seeds[0], noise_j), losses(settings.noise_seed, noise_j), loss)
+    if len(noise_j):
+        noise = seed_noise(losses(settings.seeds[0], noise_j), losses(settings.noise_seed, noise_j), loss)
+    else:  # no noise floor asked for
+        noise = {k: np.full(len(qids), np.nan) for k in ("seed_std", "subset_std", "seed_lds")}
     rows = []
     for method, scores in c.lds_scores.items():
         for q, value in zip(c.lds_queries, lds_per_query(scores, c.lds_kept, loss)):
@@ -71,17 +74,19 @@ def leave_k_out_tables(out: Path, c, measure, settings) -> tuple[pd.DataFrame, p
 
 
 def methods_table(*parts: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: its LDS (with the noise floor) and its leave-K-out figures, side by side."""
+    """One row per method (in the order the parts name them): its LDS (with the noise floor) and its leave-K-out
+    figures, side by side."""
     table = parts[0]
     for t in parts[1:]:
         table = table.merge(t, on="method", how="outer", suffixes=("", "_lko"))
-    return table
+    order = list(dict.fromkeys(m for t in parts for m in t["method"]))
+    return table.set_index("method").loc[order].reset_index()
 
 
-def _fmt(v, digits=3) -> str:
+def _fmt(v, spec: str = ".3f") -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
-    return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+    return f"{v:{spec}}"
 
 
 def methods_markdown(table: pd.DataFrame, header: str) -> str:
@@ -91,10 +96,11 @@ def methods_markdown(table: pd.DataFrame, header: str) -> str:
     for d in table.to_dict("records"):
         chroma = f"{_fmt(d.get('planted_chroma'))} ({_fmt(d.get('planted_chroma_reference'))})" \
             if np.isfinite(d.get("planted_chroma", np.nan)) else "-"
-        lines.append(f"| {d['method']} | {_fmt(d.get('lds'))} | {_fmt(d.get('lds_se'))} | {_fmt(d.get('lds_generated'))} | "
-                     f"{_fmt(d.get('lds_planted'))} | {_fmt(d.get('lds_training'))} | {_fmt(d.get('increase'), 4)} | "
-                     f"{_fmt(d.get('increase_seed_std'), 4)} | {_fmt(d.get('increase_pct'), 2)} | "
-                     f"{_fmt(d.get('ratio_to_random'), 2)} | {_fmt(d.get('wins_over_random'), 2)} | {chroma} |")
+        cells = [_fmt(d.get(k)) for k in ("lds", "lds_se", "lds_generated", "lds_planted", "lds_training")]
+        cells += [_fmt(d.get(k), spec) for k, spec in (("increase", ".3g"), ("increase_seed_std", ".2g"),
+                                                       ("increase_pct", ".3g"), ("ratio_to_random", ".2f"),
+                                                       ("wins_over_random", ".2f"))]
+        lines.append(f"| {d['method']} | " + " | ".join(cells) + f" | {chroma} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,7 +130,10 @@ def write_report(out: Path, c, measure, experiments, lds, lko, recipe, use_wandb
     if "lds" in experiments:
         per, tables["lds"] = lds_tables(out, c, measure, lds)
         atomic_write_text(out / "lds_per_query.csv", per.to_csv(index=False))
-        _write_part(out, "lds", tables["lds"], describe_lds(c, lds, recipe), asdict(lds))
+        floor = tables["lds"].iloc[0]
+        _write_part(out, "lds", tables["lds"], describe_lds(c, lds, recipe) + (
+            f" Seed-noise floor: seed-to-seed LDS {_fmt(floor['noise_seed_lds'])}, loss std over seeds / over "
+            f"subsets {_fmt(floor['noise_seed_std_over_subset_std'], '.2f')}."), asdict(lds))
         summary["lds"] = tables["lds"].set_index("method")["lds"].to_dict()
         summary["lds_noise_seed_lds"] = float(tables["lds"]["noise_seed_lds"].iloc[0])
     if "leave-k-out" in experiments:
