@@ -48,8 +48,18 @@ DEFAULT_METHODS = [
 
 @dataclass
 class LDSSettings:
-    """M random subsets keeping a fraction alpha of the store, each retrained with every seed (the query loss
-    is their mean); the first ``noise_subsets`` are retrained again with ``noise_seed`` (the noise floor)."""
+    """The LDS experiment (see ``counterfactual.lds``).
+
+    Args:
+        subsets: M, random subsets of the store, the same for every method and query (D-TRAK: 64).
+        alpha: the fraction of the store each subset keeps (D-TRAK: 0.5).
+        seeds: training seeds of every subset; the query loss is their mean (D-TRAK: 3 seeds).
+        noise_seed: the seed-noise floor retrains the first ``noise_subsets`` subsets again with this seed.
+        noise_subsets: how many subsets the noise floor retrains (at least 3 for its rank correlation).
+        subset_seed: the seed that draws the subsets.
+        queries: None for every query of the compare run, a list of query ids, or {kind: n} for the first n
+            queries of each kind (generated, planted, training).
+    """
 
     subsets: int = 16
     alpha: float = 0.5
@@ -57,18 +67,28 @@ class LDSSettings:
     noise_seed: int = 1
     noise_subsets: int = 4
     subset_seed: int = 0
-    queries: list[str] | dict[str, int] | None = None  # None: every query of the compare run
+    queries: list[str] | dict[str, int] | None = None
 
 
 @dataclass
 class LeaveKOutSettings:
-    """Each query's top-K removal for each method, and K random items, each retrained with every seed; for
-    planted prompts a generation of every such model is compared with the planted track (chroma)."""
+    """The leave-K-out experiment (see ``counterfactual.leave_k_out``).
+
+    Args:
+        k: K, the items each removal leaves out: a method's top-K for a query, or K random items.
+        seeds: training seeds; every removal and theta0' are retrained with each, and random-K draws one set
+            per seed.
+        queries: None for every query of the compare run, a list of query ids, or {kind: n}.
+        methods: the methods whose top-K are removed (None: every method); random-K is always run.
+        planted_check: for planted prompts, generate from every leave-K-out model and compare the generation
+            with the planted track (chroma).
+        gen_steps: sampler steps of those generations; cfg_scale: their classifier-free guidance scale.
+    """
 
     k: int = 8
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    queries: list[str] | dict[str, int] | None = None  # None: every query; {kind: n}: the first n of each kind
-    methods: list[str] | None = None  # None: every method (random-K is always run: it is the baseline)
+    queries: list[str] | dict[str, int] | None = None
+    methods: list[str] | None = None
     planted_check: bool = True
     gen_steps: int = 25
     cfg_scale: float = 5.0
@@ -101,6 +121,9 @@ def build_campaign(experiments, store: LatentStore, compare: str, methods: list[
     methods = parse_methods(methods)
     everything = read_queries(compare)
     c = Campaign(Plan(), {"store_fingerprint": store.fingerprint, "recipe": recipe.fingerprint()}, [])
+    for name, seeds in (("lds", lds.seeds), ("leave_k_out", lko.seeds)):
+        if not seeds:
+            raise ValueError(f"{name}.seeds is empty; fix: give at least one training seed, e.g. [0]")
     if "lds" in experiments:
         if lds.noise_seed == lds.seeds[0]:
             raise ValueError(f"lds.noise_seed {lds.noise_seed} is the first LDS seed; fix: choose another seed for "
@@ -154,20 +177,26 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
     """Retrain on subsets of the store and validate every method's scores (LDS and leave-K-out).
 
     Args:
-        checkpoint: theta0 (its recipe is the retrains' recipe); store: the latent store it was trained on.
+        checkpoint: theta0 from ``musicattr fit``; its fit recipe is every retrain's recipe.
+        store: the latent store theta0 was trained on.
         compare: the out_dir of a ``musicattr compare`` run: the queries and their score tables.
+        out_dir: the campaign's folder (retrains/, plan.csv, the tables).
         experiments: ``lds`` and/or ``leave-k-out``.
         methods: the methods, each {name, table, column, optional} (see ``counterfactual.methods``); default
             Eq. 1, the relative score, the index (optional), the two similarity baselines and random.
-        steps: optimizer steps of every retrain (default theta0's); recipe: overrides of theta0's recipe
-            (lr, warmup_steps, batch_size, gradient_clip_val, ...).
-        lds, leave_k_out: the two experiments' settings (M, alpha, seeds, K, queries, ...).
-        loss_draws: T, the fixed (t, eps) draws of each query loss; mask_loss: average over non-padded frames.
-        seed: the seed of the query-loss draws, of the random method's scores and of the planted generations.
-        checkpoint_every: steps between resume checkpoints of a retrain.
-        plan: write the plan and estimate the run time, then stop; only: run retrain ``only`` of the plan, then
-            stop (a job-array task; the tables are written by a run without ``only``).
+        steps: optimizer steps of every retrain and of theta0' (default: theta0's).
+        recipe: other overrides of theta0's recipe (lr, warmup_steps, batch_size, gradient_clip_val, ...).
+        lds: the LDS experiment's settings.
+        leave_k_out: the leave-K-out experiment's settings.
+        loss_draws: T, the fixed (t, eps) draws of each query loss.
+        mask_loss: average the query loss over the non-padded frames only.
+        seed: the seed of the query-loss draws, of the random method's LDS scores and of the planted generations.
+        checkpoint_every: steps between the resume checkpoints of a retrain.
+        plan: write the plan and estimate the run time from measured costs, then stop.
+        only: run retrain ``only`` of the plan (plan.csv), then stop: one task of a job array; the tables are
+            written by a run without ``only``.
         probe_steps: training steps timed for the estimate of ``plan``.
+        use_wandb: log the tables to wandb (offline unless WANDB_MODE says otherwise).
         task: the attribution task whose loss measures the queries (default: the SAT DiT).
         trainer: Trainer options of the retrains (``--trainer.*``: accelerator, devices, strategy, ...).
     """

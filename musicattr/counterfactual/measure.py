@@ -11,11 +11,15 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.counterfactual.queries import Query, query_losses, queries_fingerprint
+
+if TYPE_CHECKING:
+    from musicattr.data.latent_store import LatentStore
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def measure_losses(run_dir: Path, task, queries: list[Query], store: str, keys: 
     return {q.query_id: cache[q.query_id]["loss"] for q in queries}
 
 
-def measure_planted(run_dir: Path, module, queries: list[Query], store, keys: dict[str, dict], steps: int,
+def measure_planted(run_dir: Path, module, queries: list[Query], store: "LatentStore", keys: dict[str, dict], steps: int,
                     cfg_scale: float, seed: int) -> dict[str, float]:
     """Chroma similarity between a generation of the run's model from each planted prompt (the query's text
     embedding and duration, sampler seed ``seed``) and the planted original track."""
