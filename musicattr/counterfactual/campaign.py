@@ -227,7 +227,8 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
     run_all(out, c, rec, store, measure, trainer, checkpoint_every)
     from musicattr.counterfactual.report import write_report
 
-    return write_report(out, c, measure, experiments, lds, leave_k_out, rec, use_wandb)
+    theta0 = measure.theta0(out, checkpoint)
+    return write_report(out, c, measure, theta0, experiments, lds, leave_k_out, rec, use_wandb)
 
 
 def _default_task() -> AttributionTask:
@@ -272,6 +273,19 @@ class _Measure:
             measure_planted(run_dir, self.task.model.to(self.device), planted, self.store,
                             {q.query_id: self.planted_keys[q.query_id] for q in planted}, self.gen["gen_steps"],
                             self.gen["cfg_scale"], self.seed)
+
+    def theta0(self, out: Path, checkpoint: str) -> dict[str, float]:
+        """The query losses of theta0 itself (for context: theta0' follows the campaign's recipe, which may be
+        shorter), cached in ``theta0/<its fingerprint>/losses.json``."""
+        from musicattr.models.sat import file_fingerprint
+
+        run_dir = out / "theta0" / file_fingerprint(checkpoint)
+        done = cached(run_dir, "losses.json", self.keys, "loss")
+        if done is not None:
+            return done
+        load_task(self.task, checkpoint)
+        return measure_losses(run_dir, self.task, self.c.queries, self.store_path, self.keys, self.seed,
+                              self.loss_draws, self.mask, self.device)
 
     def losses(self, run_dir: Path) -> dict[str, float]:
         return cached(run_dir, "losses.json", self.keys, "loss")

@@ -57,18 +57,20 @@ def lds_tables(out: Path, c, measure, settings) -> tuple[pd.DataFrame, pd.DataFr
     return per, pd.DataFrame(summary)
 
 
-def leave_k_out_tables(out: Path, c, measure, settings) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per (query, method, seed) loss increases, and their summary per method (see ``counterfactual.leave_k_out``)."""
+def leave_k_out_tables(out: Path, c, measure, settings, theta0: dict[str, float]
+                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per (query, method, seed) loss increases, and their summary per method (see ``counterfactual.leave_k_out``);
+    ``theta0``: theta0's own query losses, for context."""
     rows = []
     for (qid, method, seed), r in c.lko_runs.items():
         ref = c.run_dir(out, c.lko_references[seed])
         run = c.run_dir(out, r)
         q = next(q for q in c.lko_queries if q.query_id == qid)
-        row = {"query_id": qid, "kind": q.kind, "method": method, "seed": seed, "k": settings.k,
-               "loss": measure.losses(run)[qid], "reference_loss": measure.losses(ref)[qid],
-               "chroma": measure.chroma(run).get(qid, np.nan), "chroma_reference": measure.chroma(ref).get(qid, np.nan),
-               "retrain": run.name, "removed": ";".join(r.removed)}
-        rows.append(row)
+        rows.append({"query_id": qid, "kind": q.kind, "method": method, "seed": seed, "k": settings.k,
+                     "loss": measure.losses(run)[qid], "reference_loss": measure.losses(ref)[qid],
+                     "theta0_loss": theta0[qid], "chroma": measure.chroma(run).get(qid, np.nan),
+                     "chroma_reference": measure.chroma(ref).get(qid, np.nan), "retrain": run.name,
+                     "removed": ";".join(r.removed)})
     per = lko_math.with_increase(pd.DataFrame(rows))
     return per, lko_math.summarize(per)
 
@@ -115,17 +117,24 @@ def describe_lko(c, lko, recipe) -> str:
             f"theta0' (the full store, same recipe and seed); retrain recipe: {recipe.describe()}.")
 
 
-def write_report(out: Path, c, measure, experiments, lds, lko, recipe, use_wandb: bool) -> dict:
+def write_report(out: Path, c, measure, theta0: dict[str, float], experiments, lds, lko, recipe,
+                 use_wandb: bool) -> dict:
     """Write the tables of the experiments run, then the methods table over them and over the other experiment's
     last tables in ``out`` (``make lds`` then ``make leave-k-out`` fill one table; each part's header line says
     what it was measured with). Log the methods table and return the summary."""
     from musicattr.evaluation.common import open_wandb
 
-    timings = [json.loads(p.read_text()) for p in (out / "retrains").glob("*/timing.json")]
+    timing_files = [c.run_dir(out, r) / "timing.json" for r in c.plan]
+    timings = [json.loads(p.read_text()) for p in timing_files if p.exists()]
+    fits = [t["fit_s"] for t in timings if "fit_s" in t]
+    references = [measure.losses(c.run_dir(out, r)) for r in c.lko_references.values()]
     summary = {"experiments": list(experiments), "recipe": recipe.describe(), "steps": recipe.steps,
                "retrains": len(c.plan), "queries": len(c.queries),
-               "mean_fit_s": float(np.mean([t["fit_s"] for t in timings])) if timings else None,
-               "mean_measure_s": float(np.mean([t["measure_s"] for t in timings])) if timings else None}
+               "mean_fit_s": float(np.mean(fits)) if fits else None,
+               "mean_measure_s": float(np.mean([t["measure_s"] for t in timings])) if timings else None,
+               "mean_query_loss_theta0": float(np.mean(list(theta0.values()))),
+               "mean_query_loss_theta0_prime": float(np.mean([v for r in references for v in r.values()]))
+               if references else None}
     tables = {}
     if "lds" in experiments:
         per, tables["lds"] = lds_tables(out, c, measure, lds)
@@ -137,7 +146,7 @@ def write_report(out: Path, c, measure, experiments, lds, lko, recipe, use_wandb
         summary["lds"] = tables["lds"].set_index("method")["lds"].to_dict()
         summary["lds_noise_seed_lds"] = float(tables["lds"]["noise_seed_lds"].iloc[0])
     if "leave-k-out" in experiments:
-        per, tables["leave_k_out"] = leave_k_out_tables(out, c, measure, lko)
+        per, tables["leave_k_out"] = leave_k_out_tables(out, c, measure, lko, theta0)
         atomic_write_text(out / "leave_k_out_per_query.csv", per.to_csv(index=False))
         _write_part(out, "leave_k_out", tables["leave_k_out"], describe_lko(c, lko, recipe), asdict(lko))
         summary["ratio_to_random"] = tables["leave_k_out"].set_index("method")["ratio_to_random"].to_dict()

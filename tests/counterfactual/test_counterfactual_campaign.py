@@ -198,6 +198,13 @@ def test_query_losses_are_the_retrained_models_fixed_draw_losses(campaign, setup
             expected = float(task.item_loss(batch, 0, 4, namespace=COUNTERFACTUAL)[0])
         assert losses(run)["t000"] == pytest.approx(expected, rel=1e-9)
     assert losses(a)["t000"] != losses(b)["t000"]
+    theta0 = SATDiffusionTask()
+    theta0.load(setup["ckpt"])
+    batch = query_batch(query=str(campaign["root"] / "compare" / "generated" / "q000.query.safetensors"))
+    with torch.no_grad():
+        expected = float(theta0.item_loss(batch, 0, 4, namespace=COUNTERFACTUAL)[0])
+    per = pd.read_csv(campaign["out"] / "leave_k_out_per_query.csv")
+    assert per[per["query_id"] == "q000"]["theta0_loss"].to_numpy() == pytest.approx(expected, rel=1e-9)
 
 
 def test_one_table_for_every_method(campaign):
