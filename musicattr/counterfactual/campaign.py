@@ -223,6 +223,8 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
                             checkpoint_every=checkpoint_every, progress_bar=True)
         if model is not None:
             measure(c.run_dir(out, r), r)
+            log.info("counterfactual: retrain %d (%s) finished and measured: %s", only, "; ".join(r.purposes),
+                     c.run_dir(out, r))
         return {"retrain": r.name(c.context), "purposes": r.purposes}
     run_all(out, c, rec, store, measure, trainer, checkpoint_every)
     from musicattr.counterfactual.report import write_report
@@ -297,43 +299,48 @@ class _Measure:
 def run_all(out: Path, c: Campaign, recipe: Recipe, store: str, measure: _Measure, trainer: dict | None,
             checkpoint_every: int) -> None:
     """Every retrain of the plan that is not finished and measured, in turn, with one progress bar over all
-    their steps (tqdm's ETA) and a log line per retrain."""
+    their steps (tqdm's ETA) and a log line per retrain above it."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    todo = [(i, r) for i, r in enumerate(c.plan) if not measure.done(c.run_dir(out, r), r)]
+    todo = [r for r in c.plan if not measure.done(c.run_dir(out, r), r)]
     if not todo:
         log.info("counterfactual: every retrain of the plan is finished and measured")
         return
-    fits = sum(not finished(c.run_dir(out, r)) for _, r in todo)
+    fits = sum(not finished(c.run_dir(out, r)) for r in todo)
     if fits and str((trainer or {}).get("strategy")).startswith("ddp"):
         raise ValueError(f"{fits} retrains to fit, and a campaign fits them one after another in this process; for "
                          "several processes per retrain run each as its own job with --only I --trainer.strategy ddp "
                          f"(I = 0..{len(c.plan) - 1}, see {out / 'plan.csv'}), then this command again for the tables")
     log.info("counterfactual: %d of %d retrains to run (%d to fit, %d steps each)", len(todo), len(c.plan), fits,
              recipe.steps)
-    bar = tqdm(total=fits * recipe.steps, unit="step", desc="retrains", dynamic_ncols=True)
+    quiet = {name: logging.getLogger(name).level for name in ("lightning.pytorch", "lightning.fabric")}
+    for name in quiet:  # Lightning's banner at every fit would bury the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
     start = time.time()
     try:
-        for k, (i, r) in enumerate(todo):
-            run_dir = c.run_dir(out, r)
-            fitted = not finished(run_dir)
-            t0 = time.time()
-            fit_retrain(run_dir, recipe, store, r.removed, r.seed, r.key(c.context), trainer,
-                        callbacks=[StepProgress(bar)], checkpoint_every=checkpoint_every)
-            t1 = time.time()
-            measure(run_dir, r)
-            t2 = time.time()
-            timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").exists() else {}
-            atomic_write_json(run_dir / "timing.json", {**timing, **({"fit_s": t1 - t0} if fitted else {}),
-                                                        "measure_s": t2 - t1})
-            bar.set_postfix_str(f"retrain {k + 1}/{len(todo)}")
-            left = (t2 - start) / (k + 1) * (len(todo) - k - 1) / 60
-            log.info("[counterfactual %d/%d] %s (%s): fit %.0f s, measured %.0f s; %.1f min so far, about %.0f min "
-                     "left", k + 1, len(todo), run_dir.name,
-                     "; ".join(r.purposes[:3]) + (" ..." if len(r.purposes) > 3 else ""), t1 - t0, t2 - t1,
-                     (t2 - start) / 60, left)
+        with tqdm(total=fits * recipe.steps, unit="step", desc="retrains", dynamic_ncols=True) as bar, \
+                logging_redirect_tqdm(loggers=[logging.getLogger("musicattr")]):
+            for k, r in enumerate(todo):
+                run_dir = c.run_dir(out, r)
+                fitted = not finished(run_dir)
+                t0 = time.time()
+                fit_retrain(run_dir, recipe, store, r.removed, r.seed, r.key(c.context), trainer,
+                            callbacks=[StepProgress(bar)], checkpoint_every=checkpoint_every)
+                t1 = time.time()
+                measure(run_dir, r)
+                t2 = time.time()
+                timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").exists() else {}
+                atomic_write_json(run_dir / "timing.json", {**timing, **({"fit_s": t1 - t0} if fitted else {}),
+                                                            "measure_s": t2 - t1})
+                bar.set_postfix_str(f"retrain {k + 1}/{len(todo)}")
+                log.info("[counterfactual %d/%d] %s (%s): fit %.0f s, measured %.0f s; %.1f min so far, about %.0f "
+                         "min left", k + 1, len(todo), run_dir.name,
+                         "; ".join(r.purposes[:3]) + (" ..." if len(r.purposes) > 3 else ""), t1 - t0, t2 - t1,
+                         (t2 - start) / 60, (t2 - start) / (k + 1) * (len(todo) - k - 1) / 60)
     finally:
-        bar.close()
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_path: str, measure: _Measure,

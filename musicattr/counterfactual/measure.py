@@ -7,8 +7,9 @@ what is missing. Planted generations are kept as ``planted-<query id>.wav`` to l
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,6 @@ from musicattr.counterfactual.queries import Query, query_losses, queries_finger
 if TYPE_CHECKING:
     from musicattr.data.latent_store import LatentStore
 
-log = logging.getLogger(__name__)
 
 
 def _read(path: Path) -> dict:
@@ -81,8 +81,9 @@ def measure_planted(run_dir: Path, module, queries: list[Query], store: "LatentS
         sr = module.sample_rate
         for q in todo:
             info = load_query(q.query_file)
-            z = sample_latents(module, info["text_emb"][None].float(), info["seconds_total"], store.latent_shape[1],
-                               steps, cfg_scale, seed)
+            with contextlib.redirect_stdout(io.StringIO()):  # SAT's sampler prints its seed
+                z = sample_latents(module, info["text_emb"][None].float(), info["seconds_total"],
+                                   store.latent_shape[1], steps, cfg_scale, seed)
             with torch.no_grad():
                 audio = ae.decode(z)[0, :, : int(info["duration_s"] * sr)].cpu()
             with atomic_path(Path(run_dir) / f"planted-{q.query_id}.wav") as tmp:

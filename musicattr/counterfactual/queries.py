@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch
 
 from musicattr.attribution.loss import COUNTERFACTUAL
 
-log = logging.getLogger(__name__)
 KINDS = ("generated", "planted", "training")
 
 

@@ -105,5 +105,5 @@ def fit_retrain(run_dir: str | Path, recipe: Recipe, store: str, removed: tuple[
             torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
                         "global_step": t.global_step, "retrain": json.loads(json.dumps(key))}, tmp)
         resume.unlink(missing_ok=True)
-        log.info("retrain %s: %d steps on %d items", run_dir.name, t.global_step, len(data.train_set))
+        log.debug("retrain %s: %d steps on %d items", run_dir.name, t.global_step, len(data.train_set))
     return run_dir / MODEL if t.is_global_zero else None
