@@ -345,10 +345,10 @@ def run_all(out: Path, c: Campaign, recipe: Recipe, store: str, measure: _Measur
 
 def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_path: str, measure: _Measure,
              trainer: dict | None, probe_steps: int, checkpoint: str) -> dict:
-    """Time ``probe_steps`` training steps of the recipe, one measurement of the query losses and one planted
-    generation (both on theta0), and estimate the campaign's run time from them:
+    """Time a short fit of the recipe (``probe_steps`` steps after 2 warm-up steps), one measurement of the query
+    losses and one planted generation (both on theta0), and estimate the campaign's run time from them:
 
-        unfinished fits x steps x s/step + unmeasured retrains x (losses + planted queries x generation)"""
+        unfinished fits x (steps x s/step + start-up) + unmeasured retrains x losses + planted generations x each"""
     import lightning as L
 
     from musicattr.counterfactual.retrain import retrain_trainer
@@ -365,10 +365,13 @@ def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_p
     warm, clock = 2, Clock()
     probe = Recipe(recipe.module, warm + probe_steps, recipe.batch_size, recipe.gradient_clip_val)
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
         L.seed_everything(0, verbose=False)
         t = retrain_trainer(Path(tmp), probe, trainer, callbacks=[clock], checkpoint_every=10 ** 9)
         t.fit(DiffusionModule(**recipe.module), datamodule=LatentDataModule(store_path, batch_size=recipe.batch_size))
+        fit_seconds = time.perf_counter() - t0
     per_step = (clock.times[-1] - clock.times[warm - 1]) / probe_steps
+    per_fit = max(0.0, fit_seconds - probe.steps * per_step)  # start-up: model, data, Trainer
     per_generation = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -386,13 +389,14 @@ def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_p
     fits = sum(not finished(c.run_dir(out, r)) for r in c.plan)
     todo = [r for r in c.plan if not measure.done(c.run_dir(out, r), r)]
     generations = sum(len(measure.planted_for(r)) for r in todo)
-    seconds = fits * recipe.steps * per_step + len(todo) * per_losses + generations * per_generation
+    seconds = fits * (recipe.steps * per_step + per_fit) + len(todo) * per_losses + generations * per_generation
     summary = {"retrains": len(c.plan), "to_fit": fits, "to_measure": len(todo), "steps": recipe.steps,
-               "seconds_per_step": per_step, "seconds_per_measurement": per_losses,
+               "seconds_per_step": per_step, "seconds_per_fit_start": per_fit, "seconds_per_measurement": per_losses,
                "planted_generations": generations, "seconds_per_generation": per_generation,
                "estimated_minutes": seconds / 60, "recipe": recipe.describe()}
     atomic_write_json(out / "estimate.json", summary)
-    log.info("counterfactual plan: %d retrains (%d to fit) x %d steps at %.3f s/step, + %.1f s of query losses per "
-             "retrain, + %d planted generations at %.1f s -> about %.0f min; the plan: %s", len(c.plan), fits,
-             recipe.steps, per_step, per_losses, generations, per_generation, seconds / 60, out / "plan.csv")
+    log.info("counterfactual plan: %d retrains (%d to fit) x (%d steps at %.3f s/step + %.1f s start-up), + %.1f s "
+             "of query losses per retrain, + %d planted generations at %.1f s -> about %.0f min; the plan: %s",
+             len(c.plan), fits, recipe.steps, per_step, per_fit, per_losses, generations, per_generation, seconds / 60,
+             out / "plan.csv")
     return summary
