@@ -6,9 +6,9 @@ query losses (``measure``) and reports, for every method of a ``musicattr compar
     lds          the linear datamodeling score over M random alpha-subsets, and its seed-noise floor (``lds``)
     leave-k-out  the query's loss increase without each method's top-K against K random items (``leave_k_out``)
 
-The campaign is a list of independent retrains (``plan.json``; see ``subsets``). ``plan: true`` writes it and
-estimates its run time from a few measured training steps; ``only: i`` runs retrain i alone (one task of a
-cluster job array, e.g. ``--only $SLURM_ARRAY_TASK_ID`` with ``--trainer.strategy ddp``); without either,
+The campaign is a list of independent retrains (``plan-<experiments>.csv``; see ``subsets``). ``plan: true``
+writes it and estimates its run time from a few measured training steps; ``only: i`` runs retrain i alone (one
+task of a cluster job array, e.g. ``--only $SLURM_ARRAY_TASK_ID`` with ``--trainer.strategy ddp``); without either,
 every unfinished retrain runs in turn (a progress bar with the ETA over all retrains' steps), then the tables
 are written. Finished retrains and measurements are reused, so an interrupted campaign continues where it
 stopped.
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 EXPERIMENTS = ("lds", "leave-k-out")
 DEFAULT_METHODS = [
     {"name": "unlearning", "table": "queries/{query_id}/unlearning/scores.parquet"},
-    {"name": "unlearning-relative", "table": "queries/{query_id}/unlearning/scores.parquet", "column": "relative_score"},
+    {"name": "unlearning-relative", "table": "queries/{query_id}/unlearning/scores.parquet",
+     "column": "relative_score"},
     {"name": "index", "table": "queries/{query_id}/index/scores.parquet", "optional": True},
     {"name": "all-against-all", "table": "queries/{query_id}/all-against-all.parquet"},
     {"name": "average", "table": "queries/{query_id}/average.parquet"},
@@ -159,12 +160,20 @@ def build_campaign(experiments, store: LatentStore, compare: str, methods: list[
     return c
 
 
-def write_plan(out: Path, c: Campaign, recipe: Recipe) -> None:
+def plan_path(out: Path, experiments, suffix: str) -> Path:
+    """``plan-lds.csv``, ``plan-leave-k-out.json``, ``plan-lds+leave-k-out.csv``: one plan per choice of experiments,
+    so the job arrays of ``make lds`` and ``make leave-k-out`` never read each other's numbering."""
+    return out / f"plan-{'+'.join(e for e in EXPERIMENTS if e in experiments)}.{suffix}"
+
+
+def write_plan(out: Path, c: Campaign, recipe: Recipe, experiments) -> Path:
     rows = [{"index": i, "name": r.name(c.context), "seed": r.seed, "removed": len(r.removed),
              "purposes": r.purposes} for i, r in enumerate(c.plan)]
-    atomic_write_json(out / "plan.json", {"recipe": asdict(recipe), "context": c.context, "retrains": rows})
-    atomic_write_text(out / "plan.csv", "index,name,seed,removed,purposes\n" + "".join(
+    atomic_write_json(plan_path(out, experiments, "json"), {"recipe": asdict(recipe), "context": c.context,
+                                                            "retrains": rows})
+    atomic_write_text(plan_path(out, experiments, "csv"), "index,name,seed,removed,purposes\n" + "".join(
         f"{r['index']},{r['name']},{r['seed']},{r['removed']},\"{'; '.join(r['purposes'])}\"\n" for r in rows))
+    return plan_path(out, experiments, "csv")
 
 
 def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
@@ -180,7 +189,7 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
         checkpoint: theta0 from ``musicattr fit``; its fit recipe is every retrain's recipe.
         store: the latent store theta0 was trained on.
         compare: the out_dir of a ``musicattr compare`` run: the queries and their score tables.
-        out_dir: the campaign's folder (retrains/, plan.csv, the tables).
+        out_dir: the campaign's folder (retrains/, the plans, the tables).
         experiments: ``lds`` and/or ``leave-k-out``.
         methods: the methods, each {name, table, column, optional} (see ``counterfactual.methods``); default
             Eq. 1, the relative score, the index (optional), the two similarity baselines and random.
@@ -193,8 +202,8 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
         seed: the seed of the query-loss draws, of the random method's LDS scores and of the planted generations.
         checkpoint_every: steps between the resume checkpoints of a retrain.
         plan: write the plan and estimate the run time from measured costs, then stop.
-        only: run retrain ``only`` of the plan (plan.csv), then stop: one task of a job array; the tables are
-            written by a run without ``only``.
+        only: run retrain ``only`` of the plan (plan-<experiments>.csv), then stop: one task of a job array; the
+            tables are written by a run without ``only``.
         probe_steps: training steps timed for the estimate of ``plan``.
         use_wandb: log the tables to wandb (offline unless WANDB_MODE says otherwise).
         task: the attribution task whose loss measures the queries (default: the SAT DiT).
@@ -209,15 +218,15 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
     rec = recipe_from_checkpoint(checkpoint, steps, recipe)
     task = task if task is not None else _default_task()
     c = build_campaign(experiments, s, compare, methods or DEFAULT_METHODS, rec, lds, leave_k_out, seed)
-    write_plan(out, c, rec)
+    plan_file = write_plan(out, c, rec, experiments)
     log.info("counterfactual: %d retrains (%s; %s), %d queries", len(c.plan), ", ".join(experiments), rec.describe(),
              len(c.queries))
     measure = _Measure(c, s, store, task, seed, loss_draws, mask_loss, leave_k_out, trainer)
     if plan:
-        return estimate(out, c, rec, s, store, measure, trainer, probe_steps, checkpoint)
+        return estimate(out, c, rec, s, store, measure, trainer, probe_steps, checkpoint, plan_file)
     if only is not None:
         if not 0 <= only < len(c.plan):
-            raise IndexError(f"only {only}: the plan has retrains 0..{len(c.plan) - 1} (see {out / 'plan.csv'})")
+            raise IndexError(f"only {only}: the plan has retrains 0..{len(c.plan) - 1} (see {plan_file})")
         r = c.plan.retrains[only]
         model = fit_retrain(c.run_dir(out, r), rec, store, r.removed, r.seed, r.key(c.context), trainer,
                             checkpoint_every=checkpoint_every, progress_bar=True)
@@ -226,7 +235,7 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
             log.info("counterfactual: retrain %d (%s) finished and measured: %s", only, "; ".join(r.purposes),
                      c.run_dir(out, r))
         return {"retrain": r.name(c.context), "purposes": r.purposes}
-    run_all(out, c, rec, store, measure, trainer, checkpoint_every)
+    run_all(out, c, rec, store, measure, trainer, checkpoint_every, plan_file)
     from musicattr.counterfactual.report import write_report
 
     theta0 = measure.theta0(out, checkpoint)
@@ -297,7 +306,7 @@ class _Measure:
 
 
 def run_all(out: Path, c: Campaign, recipe: Recipe, store: str, measure: _Measure, trainer: dict | None,
-            checkpoint_every: int) -> None:
+            checkpoint_every: int, plan_file: Path) -> None:
     """Every retrain of the plan that is not finished and measured, in turn, with one progress bar over all
     their steps (tqdm's ETA) and a log line per retrain above it."""
     from tqdm.auto import tqdm
@@ -311,7 +320,7 @@ def run_all(out: Path, c: Campaign, recipe: Recipe, store: str, measure: _Measur
     if fits and str((trainer or {}).get("strategy")).startswith("ddp"):
         raise ValueError(f"{fits} retrains to fit, and a campaign fits them one after another in this process; for "
                          "several processes per retrain run each as its own job with --only I --trainer.strategy ddp "
-                         f"(I = 0..{len(c.plan) - 1}, see {out / 'plan.csv'}), then this command again for the tables")
+                         f"(I = 0..{len(c.plan) - 1}, see {plan_file}), then this command again for the tables")
     log.info("counterfactual: %d of %d retrains to run (%d to fit, %d steps each)", len(todo), len(c.plan), fits,
              recipe.steps)
     quiet = {name: logging.getLogger(name).level for name in ("lightning.pytorch", "lightning.fabric")}
@@ -344,7 +353,7 @@ def run_all(out: Path, c: Campaign, recipe: Recipe, store: str, measure: _Measur
 
 
 def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_path: str, measure: _Measure,
-             trainer: dict | None, probe_steps: int, checkpoint: str) -> dict:
+             trainer: dict | None, probe_steps: int, checkpoint: str, plan_file: Path) -> dict:
     """Time a short fit of the recipe (``probe_steps`` steps after 2 warm-up steps), one measurement of the query
     losses and one planted generation (both on theta0), and estimate the campaign's run time from them:
 
@@ -398,5 +407,5 @@ def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_p
     log.info("counterfactual plan: %d retrains (%d to fit) x (%d steps at %.3f s/step + %.1f s start-up), + %.1f s "
              "of query losses per retrain, + %d planted generations at %.1f s -> about %.0f min; the plan: %s",
              len(c.plan), fits, recipe.steps, per_step, per_fit, per_losses, generations, per_generation, seconds / 60,
-             out / "plan.csv")
+             plan_file)
     return summary

@@ -61,8 +61,8 @@ def measure_losses(run_dir: Path, task, queries: list[Query], store: str, keys: 
     return {q.query_id: cache[q.query_id]["loss"] for q in queries}
 
 
-def measure_planted(run_dir: Path, module, queries: list[Query], store: "LatentStore", keys: dict[str, dict], steps: int,
-                    cfg_scale: float, seed: int) -> dict[str, float]:
+def measure_planted(run_dir: Path, module, queries: list[Query], store: "LatentStore", keys: dict[str, dict],
+                    steps: int, cfg_scale: float, seed: int) -> dict[str, float]:
     """Chroma similarity between a generation of the run's model from each planted prompt (the query's text
     embedding and duration, sampler seed ``seed``) and the planted original track."""
     import soundfile as sf

@@ -67,7 +67,7 @@ def campaign(setup):
     summary = run_counterfactual(setup["ckpt"], setup["store"], setup["compare"], str(out),
                                  **campaign_kwargs(trainer={"callbacks": [second]}))
     return {**setup, "out": out, "first": first.runs, "second": second.runs, "summary": summary,
-            "plan": json.loads((out / "plan.json").read_text())["retrains"]}
+            "plan": json.loads((out / "plan-lds+leave-k-out.json").read_text())["retrains"]}
 
 
 def retrain_of(c, purpose):
@@ -227,7 +227,7 @@ def test_cli_plans_the_campaign_then_runs_one_retrain_under_ddp(setup, tmp_path)
     estimate = json.loads((out / "estimate.json").read_text())
     assert estimate["retrains"] == 4 and estimate["to_fit"] == 4 and estimate["seconds_per_step"] > 0
     assert "about" in r.stdout and not list((out / "retrains").glob("*/model.ckpt"))
-    plan = json.loads((out / "plan.json").read_text())["retrains"]
+    plan = json.loads((out / "plan-lds.json").read_text())["retrains"]
     r = cli([*args, "--only", 1, "--trainer.devices", 2, "--trainer.strategy", "ddp"], tmp_path)
     done = [p.parent.name for p in (out / "retrains").glob("*/model.ckpt")]
     assert done == [plan[1]["name"]]
