@@ -206,7 +206,8 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
             tables are written by a run without ``only``.
         probe_steps: training steps timed for the estimate of ``plan``.
         use_wandb: log the tables to wandb (offline unless WANDB_MODE says otherwise).
-        task: the attribution task whose loss measures the queries (default: the SAT DiT).
+        task: the attribution task whose loss measures the queries (default: the SAT DiT); the retrains
+            themselves fit ``musicattr fit``'s DiffusionModule.
         trainer: Trainer options of the retrains (``--trainer.*``: accelerator, devices, strategy, ...).
     """
     unknown = sorted(set(experiments) - set(EXPERIMENTS))
