@@ -19,7 +19,7 @@ RUN := --run_root $(D)
 
 AE := assets/demo_autoencoder
 
-.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report adherence autoencoder clean-demo help
+.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report adherence autoencoder clean-demo help lds leave-k-out
 
 help:
 	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
@@ -32,6 +32,9 @@ help:
 	@echo "make report   - the demo query's listening page with credit shares (runs/demo/report/q000/index.html)"
 	@echo "make adherence - does the demo model follow its prompts? planted regeneration and group accuracy"
 	@echo "make autoencoder - retrain the demo's log-mel VAE (about 45 min) and export it to $(AE)/"
+	@echo "make lds      - retrain on M random half-subsets: the linear datamodeling score of every method (~20 min)"
+	@echo "make leave-k-out - retrain without each method's top-K vs K random tracks (~40 min)"
+	@echo "                CF_ARGS='--plan true' prints the plan and its time estimate instead"
 
 venv: $(VENV)/.installed
 
@@ -111,3 +114,15 @@ figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 
 adherence: venv $(D)/fit/last.ckpt
 	$(MA) adherence --config $(CFG)/adherence.yaml $(RUN)
+
+# ---- counterfactual validation: retrains on subsets of the store (configs/demo/counterfactual.yaml) ----
+# Both read the queries and every method's scores from the figure1 compare run; both resume where they stopped.
+CF_ARGS ?=
+$(D)/figure1/comparison.json: $(D)/fit/last.ckpt $(D)/fisher.safetensors $(CFG)/compare.yaml
+	$(MA) compare --config $(CFG)/compare.yaml $(RUN)
+
+lds: venv $(D)/figure1/comparison.json
+	$(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[lds]' $(CF_ARGS)
+
+leave-k-out: venv $(D)/figure1/comparison.json
+	$(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[leave-k-out]' $(CF_ARGS)

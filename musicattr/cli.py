@@ -27,6 +27,7 @@ PARSER_MODE = "musicattr"
 FIT = {"logger": {"class_path": "musicattr.wandb_logger.OfflineWandbLogger"}}
 PREDICT = {"use_distributed_sampler": False, "logger": False, "enable_progress_bar": True}
 PREDICT_GRAD = {**PREDICT, "inference_mode": False}  # per-item gradients (Fisher, relative scores)
+RETRAIN = {"accelerator": "cpu", "devices": 1}  # the hardware of each retrain; the recipe sets the rest
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ STAGES = {
                      "musicattr.evaluation.compare:run_comparison", trainer=PREDICT),
     "adherence": Stage("does the model follow the prompt? planted regeneration (chroma) and group accuracy",
                        "musicattr.evaluation.adherence:run_adherence"),
+    "counterfactual": Stage("retrain on subsets of the store: LDS and leave-K-out for every attribution method",
+                            "musicattr.counterfactual.campaign:run_counterfactual", trainer=RETRAIN),
     "report": Stage("an HTML page to listen to a query beside its attributed tracks, with credit shares",
                     "musicattr.report.stage:run_report"),
 }

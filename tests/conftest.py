@@ -147,3 +147,46 @@ def tiny_store(tmp_path):
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     return save_checkpoint(make_module(), tmp_path / "theta0.ckpt")
+
+
+def build_planted_setup(root, n: int = 12) -> dict:
+    """A tiny evaluation setup in ``root``: a store of ``n`` items (384-d text) whose audio folder holds a sine
+    tone per track and a planted group (tracks 0, 10, 11: copies of track000), a tiny autoencoder, theta0 and its
+    Fisher (computed by the Fisher stage's module)."""
+    import json
+
+    import lightning as L
+    import soundfile as sf
+
+    from musicattr.attribution.fisher import FisherModule
+    from musicattr.data.datamodules import StorePredictDataModule
+    from musicattr.models.autoencoder_module import AutoencoderModule
+
+    sr, tiny_ae = 16000, tiny_autoencoder_config(latent_dim=4)
+    store = make_store(root / "store", n=n, text_dim=384)
+    folder = root / "audio_folder"
+    (folder / "audio").mkdir(parents=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for i, r in enumerate(store.items.itertuples()):
+        t = np.arange(int(r.duration_s * sr)) / sr
+        wave = 0.3 * np.sin(2 * np.pi * (150 + 60 * i) * t) + 0.05 * rng.standard_normal(len(t))
+        sf.write(folder / r.file_name, wave, sr)
+        row = {"file_name": r.file_name, "caption": r.caption}
+        if i in (0, 10, 11):
+            row["planted_group"] = "audio/track000.wav"
+        rows.append(row)
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in rows))
+    torch.manual_seed(0)
+    ae = AutoencoderModule(tiny_ae)
+    ae_path = root / "ae.ckpt"
+    torch.save({"hyper_parameters": {"model_config": tiny_ae}, "state_dict": ae.state_dict()}, ae_path)
+    manifest = json.loads((root / "store" / "manifest.json").read_text())
+    manifest.update(folder=str(folder), autoencoder=str(ae_path), text_encoder="minilm")
+    (root / "store" / "manifest.json").write_text(json.dumps(manifest))
+    ckpt = save_checkpoint(make_module(text_dim=384), root / "theta0.ckpt")
+    fisher = root / "fisher.safetensors"
+    L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
+              enable_progress_bar=False).predict(FisherModule(ckpt, str(fisher), num_draws=2),
+                                                 datamodule=StorePredictDataModule(str(root / "store")))
+    return {"root": root, "store": str(root / "store"), "ckpt": ckpt, "fisher": str(fisher), "n": n}

@@ -17,7 +17,7 @@ def musicattr(*args, check=True):
 def test_help_lists_every_subcommand():
     out = musicattr("--help").stdout
     for sub in ["corpus", "autoencoder", "encode", "fit", "fisher", "generate", "unlearn", "attribute",
-                "evaluate", "compare", "report"]:
+                "evaluate", "compare", "counterfactual", "report"]:
         assert f"  {sub} " in out
 
 

@@ -13,7 +13,8 @@ Draw j of item ``item_id`` is a pure function of (seed, item_id, j): it is gener
 CPU from its own generator, so L(z_i, theta_unlearned) - L(z_i, theta0) compares the same
 draws (common random numbers) whatever the batch, order, device or world size. Each purpose
 draws from its own namespace: scoring keys draws by the bare item id, the Fisher by
-``fisher/<id>`` and unlearning by ``unlearn/<id>``, so no estimate reuses another's noise.
+``fisher/<id>``, unlearning by ``unlearn/<id>`` and the counterfactual query losses (losses of retrained
+models) by ``counterfactual/<id>``, so no estimate reuses another's noise.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 
 FISHER = "fisher/"    # draw namespace of the Fisher accumulation
 UNLEARN = "unlearn/"  # draw namespace of the query loss that unlearning ascends
+COUNTERFACTUAL = "counterfactual/"  # draw namespace of the query losses of retrained models (LDS, leave-K-out)
 
 
 def draw_keys(namespace: str, item_ids: Sequence[str]) -> list[str]:

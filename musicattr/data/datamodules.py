@@ -82,28 +82,64 @@ class StorePredictDataModule(L.LightningDataModule):
                               self.trainer)
 
 
+def read_item_ids(exclude: str | list[str] | None) -> list[str]:
+    """Item ids from a list, or from a file: one id a line (blank lines skipped), or a JSON list."""
+    import json
+    import os
+
+    if exclude is None:
+        return []
+    if isinstance(exclude, str):
+        if not os.path.isfile(exclude):
+            raise FileNotFoundError(f"exclude file {exclude!r} not found; fix: give the path of a file with one item "
+                                    "id a line (e.g. a retrain's removed.txt), or a list of ids")
+        text = open(exclude, encoding="utf-8").read()
+        return [str(i) for i in json.loads(text)] if text.lstrip().startswith("[") else \
+            [line.strip() for line in text.splitlines() if line.strip()]
+    return [str(i) for i in exclude]
+
+
+def kept_positions(store: LatentStore, exclude: str | list[str] | None) -> list[int]:
+    """Positions of the store's items whose item_id is not in ``exclude`` (ids, or a file of ids).
+    An id the store does not hold is refused: a typo would otherwise silently train on everything."""
+    removed = set(read_item_ids(exclude))
+    ids = store.items["item_id"].astype(str)
+    unknown = sorted(removed - set(ids))
+    if unknown:
+        raise KeyError(f"{len(unknown)} excluded item ids are not in the store {store.root}, e.g. {unknown[:3]}; "
+                       "fix: exclude item ids of this store (the item_id column of its index.parquet)")
+    return [i for i, item in enumerate(ids) if item not in removed]
+
+
 class LatentDataModule(L.LightningDataModule):
     """Training/validation split of a latent store for ``musicattr fit``.
 
     The validation set is every ``val_every``-th item (deterministic); ``val_every=0`` trains on all
     items and validates on the first ``val_batches`` batches of the training set.
+    ``exclude`` (item ids, or a file of them) leaves items out of both sets: the store is filtered by
+    id, nothing is re-encoded (the retrains of ``musicattr counterfactual``).
     """
 
     def __init__(self, store: str, batch_size: int = 16, num_workers: int = 0, val_every: int = 0,
-                 val_items: int = 32):
+                 val_items: int = 32, exclude: str | list[str] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.store_path = store
 
     def setup(self, stage: str | None = None) -> None:
         self.store = LatentStore(self.store_path)
-        n = len(self.store)
+        kept = kept_positions(self.store, self.hparams.exclude)
         k = self.hparams.val_every
         if k:
-            val = list(range(0, n, k))
-            train = [i for i in range(n) if i % k]
+            val = [p for j, p in enumerate(kept) if j % k == 0]
+            train = [p for j, p in enumerate(kept) if j % k]
         else:
-            train, val = list(range(n)), list(range(min(n, self.hparams.val_items)))
+            train, val = kept, kept[:self.hparams.val_items]
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(train) // world < self.hparams.batch_size:
+            raise ValueError(f"{len(train)} training items left in {self.store_path} for {world} process(es) with "
+                             f"batch size {self.hparams.batch_size} (incomplete batches are dropped): no training "
+                             "batch; fix: exclude fewer items, or lower data.batch_size or the number of devices")
         self.train_set, self.val_set = Subset(self.store, train), Subset(self.store, val)
 
     def train_dataloader(self) -> DataLoader:

@@ -39,6 +39,17 @@ def read_metadata_rows(store: LatentStore) -> dict[str, dict]:
     return {r["file_name"]: r for r in rows}
 
 
+def diverse_items(store: LatentStore, track_embeddings: torch.Tensor, k: int, seed: int = 0) -> list[int]:
+    """Positions of k diverse training items (k-means over their track embeddings, the item nearest each
+    centroid), never a planted duplicate: the train-to-train targets of Section 3.1."""
+    from musicattr.evaluation.target_selection import select_targets
+
+    planted = planted_groups(store)
+    eligible = [i for i, f in enumerate(store.items["file_name"]) if f not in planted]
+    chosen = select_targets(track_embeddings[eligible], min(k, len(eligible)), seed=seed)
+    return [eligible[c] for c in chosen]
+
+
 def train_audio_embeddings(store: LatentStore, encoder):
     """Segment embeddings of every training track (cropped to the model's length), computed once
     and stored in ``<store>/audio_embeddings/<encoder>``."""

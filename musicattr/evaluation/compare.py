@@ -8,6 +8,10 @@ baseline (mean over queries), draws Figure 1, and, for queries generated from th
 planted (duplicated) training tracks, recall@1 / recall@10 of the planted group per method, and for
 every query and method the mean rank percentile of the training tracks that share the prompt's
 composer or collection and instrument (``attribute_match``; chance 50%).
+Training items can be attributed as queries too (``query_items``, train-to-train: unlearned as in
+``evaluate``, their own audio for the similarity baselines); they get the same per-query tables, and
+``queries.csv`` says each query's kind (generated, planted, training), but Figure 1 and the summary's
+correlations stay over the generated queries, as in the paper.
 With ``relative``, the unlearning scores are also ranked by tau_i / s_i (RelatIF, method
 "unlearning-relative"), with their own correlations and recall; Figure 1 shows Eq. 1 as in the paper.
 
@@ -29,9 +33,9 @@ from musicattr.attribution.unlearn import run_unlearn
 from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from musicattr.data.latent_store import LatentStore
 from musicattr.attribution.task import AttributionTask
-from musicattr.evaluation.common import (open_wandb, planted_groups, read_metadata_rows, score_store,
-                                         store_folder, train_audio_embeddings, unlearn_device)
 from musicattr.evaluation.attribute_match import match_markdown, query_percentiles
+from musicattr.evaluation.common import (diverse_items, open_wandb, planted_groups, read_metadata_rows, score_store,
+                                         store_folder, train_audio_embeddings, unlearn_device)
 from musicattr.evaluation.figure1 import plot_figure1
 from musicattr.evaluation.metrics import correlations
 
@@ -96,6 +100,7 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                    damping: float = 1e-3, score_draws: int = 8, audio_encoder: str = "aisfx",
                    audio_encoder_checkpoint: str | None = None, gen_steps: int = 50, seed: int = 0,
                    batch_size: int = 16, listen_top_k: int = 3, use_wandb: bool = True, relative: bool = True,
+                   query_items: list[str] | None = None, training_queries: int = 0,
                    task: AttributionTask | None = None, trainer: dict | None = None,
                    prompt_attributes: list[dict] | None = None,
                    match_columns: list[str] = ("source_group", "instrument")) -> dict:
@@ -109,6 +114,10 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         audio_encoder: embeddings for the similarity baselines ('aisfx' offline; 'clap' with a checkpoint).
         listen_top_k: training tracks logged next to each query's audio in the dashboard.
         relative: also rank by the relative score tau_i / s_i (method "unlearning-relative").
+        query_items: training items attributed as queries (item ids, or ``index:N``), ids ``t000``, ``t001``, ...;
+            not in Figure 1 nor in the summary's correlations (the counterfactual campaign uses them).
+        training_queries: that many more training items as queries, chosen as ``evaluate`` chooses its targets
+            (k-means over the audio embeddings, no planted duplicate).
         task: the attribution task (default: the SAT DiT of ``musicattr fit``; generation uses SAT's sampler).
         trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
         prompt_attributes: per prompt, the metadata values it names ({column: value}); planted queries take
@@ -139,34 +148,45 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     gen_dir = out / "generated"
     infos = generated_queries(gen_dir, queries, checkpoint, s, gen_steps, seed)
     items = s.items.to_dict("records")
+    picks = [s.resolve(key) for key in query_items or []]
+    if training_queries:
+        picks += [i for i in diverse_items(s, emb.track_means().float(), training_queries, seed) if i not in picks]
+    for j, pos in enumerate(picks):
+        queries.append({"prompt": items[pos]["caption"], "duration": float(items[pos]["duration_s"]),
+                        "planted_group": None, "query_item": str(items[pos]["item_id"]), "position": pos})
+        infos.append({"query_id": f"t{j:03d}"})
     groups = planted_groups(s)
     sims = [f"all-against-all[{encoder.name}]", f"average[{encoder.name}]"]
     sources = ["unlearning", "unlearning-relative"] if relative else ["unlearning"]
     methods = {m: [] for m in sources + sims}
     rows = []
     for q, info in zip(queries, infos, strict=True):
-        qid = info["query_id"]
+        qid, item = info["query_id"], q.get("query_item")
         qdir = out / "queries" / qid
         unlearned = qdir / "unlearned.safetensors"
-        run_unlearn(checkpoint, fisher, str(unlearned), query=str(gen_dir / f"{qid}.query.safetensors"),
-                    lr=lr, steps=steps, num_draws=num_draws, target=target, strategy=strategy, damping=damping,
-                    seed=seed, reuse=True, task=task, device=unlearn_device(trainer))
+        source = {"query_item": item, "store": store} if item else {"query": str(gen_dir / f"{qid}.query.safetensors")}
+        run_unlearn(checkpoint, fisher, str(unlearned), **source, lr=lr, steps=steps, num_draws=num_draws,
+                    target=target, strategy=strategy, damping=damping, seed=seed, reuse=True, task=task,
+                    device=unlearn_device(trainer))
         tables = {"unlearning": score_store(checkpoint, store, str(unlearned), str(qdir / "unlearning"), score_draws,
                                             seed, batch_size, trainer, relative=relative, task=task)}
         if relative:
             t = tables["unlearning"]
             tables["unlearning-relative"] = (t.assign(score=t["relative_score"], rank=t["relative_rank"],
                                                       method="unlearning-relative").sort_values("rank"))
-        audio, sr = load_audio(str(gen_dir / info["audio"]))
-        qseg = encoder.embed_segments(audio, sr)
+        query_audio = store_folder(s) / items[q["position"]]["file_name"] if item else gen_dir / info["audio"]
+        qseg = emb.item(q["position"]) if item else encoder.embed_segments(*load_audio(str(query_audio)))
         for name, fn in ((f"all-against-all[{encoder.name}]", all_against_all), (f"average[{encoder.name}]", average)):
             tables[name] = similarity_table(fn(qseg, emb), items, method=f"similarity/{name}", query_id=qid)
             with atomic_path(qdir / f"{name.split('[')[0]}.parquet") as tmp:
                 tables[name].to_parquet(tmp, index=False)
         by_index = {m: torch.tensor(t.sort_values("index")["score"].to_numpy()) for m, t in tables.items()}
         for m in methods:
-            methods[m].append(by_index[m])
-        row = {"query_id": qid, "prompt": q["prompt"], "planted_group": q["planted_group"]}
+            if not item:
+                methods[m].append(by_index[m])
+        kind = "training" if item else "planted" if q["planted_group"] else "generated"
+        row = {"query_id": qid, "kind": kind, "prompt": q["prompt"], "planted_group": q["planted_group"],
+               "query_item": item}
         for src in sources:
             for m in sims:
                 c = correlations(by_index[src], by_index[m])
@@ -174,17 +194,19 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                 row[f"pearson[{key}]"], row[f"spearman[{key}]"] = c["pearson"], c["spearman"]
         if q["planted_group"]:
             row.update(recall_at(tables, q["planted_group"], groups))
-        row.update(query_percentiles(tables, meta, q["attributes"]))
+        row.update(query_percentiles(tables, meta, q.get("attributes", {})))
         row["top1_unlearning"] = tables["unlearning"].iloc[0]["item_id"]
         rows.append(row)
         log.info("[compare] %s: %s", qid, ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
-        _listen(out, qid, gen_dir / info["audio"], q["prompt"], tables["unlearning"], store_folder(s), listen_top_k)
-    per_query = pd.DataFrame(rows)
-    atomic_write_text(out / "queries.csv", per_query.to_csv(index=False))
+        _listen(out, qid, query_audio, q["prompt"], tables["unlearning"], store_folder(s), listen_top_k)
+    all_queries = pd.DataFrame(rows)
+    atomic_write_text(out / "queries.csv", all_queries.to_csv(index=False))
+    per_query = all_queries[all_queries["kind"] != "training"]
     stacked = {m: torch.stack(v) for m, v in methods.items()}
     plot_figure1(stacked["unlearning"], {m: stacked[m] for m in sims},
-                 str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(rows)} queries)")
-    summary = {"queries": len(rows), "audio_encoder": encoder.name, "items": len(s),
+                 str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(per_query)} queries)")
+    summary = {"queries": len(per_query), "training_queries": len(all_queries) - len(per_query),
+               "audio_encoder": encoder.name, "items": len(s),
                **{c: float(per_query[c].mean()) for c in per_query.columns if c.startswith(("pearson", "spearman"))}}
     planted = per_query[per_query["planted_group"].notna()]
     if len(planted):

@@ -32,10 +32,9 @@ from musicattr.attribution.masks import resolve_masks
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn
 from musicattr.data.latent_store import LatentStore
 from musicattr.attribution.task import AttributionTask
-from musicattr.evaluation.common import (generate_audio, open_wandb, planted_groups, score_store,
+from musicattr.evaluation.common import (diverse_items, generate_audio, open_wandb, score_store,
                                          train_audio_embeddings, unlearn_device)
 from musicattr.evaluation.metrics import frechet_distance, target_rank, topk_bottomk_similarity
-from musicattr.evaluation.target_selection import select_targets
 from musicattr.models.sat import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 
@@ -121,10 +120,7 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
     if target_items:
         targets = [ids.index(t) for t in target_items]
     else:
-        planted = planted_groups(s)
-        eligible = [i for i, item in enumerate(ids) if s.items["file_name"][i] not in planted]
-        chosen = select_targets(track_emb[eligible], min(num_targets, len(eligible)), seed=seed)
-        targets = [eligible[c] for c in chosen]
+        targets = diverse_items(s, track_emb, num_targets, seed)
     grid = grid_configs(configs, list(lrs), list(steps), list(groups), list(strategies))
     settings = {"num_draws": num_draws, "score_draws": score_draws, "damping": damping, "seed": seed, "top_k": k,
                 "checkpoint_fingerprint": file_fingerprint(checkpoint), "fisher_fingerprint": file_fingerprint(fisher),

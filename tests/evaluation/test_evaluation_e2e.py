@@ -4,51 +4,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import soundfile as sf
-import torch
 
-from conftest import tiny_autoencoder_config, make_module, make_store, save_checkpoint
-
-SR = 16000
-TINY_AE = tiny_autoencoder_config(latent_dim=4)
+from conftest import build_planted_setup
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from musicattr.attribution.fisher import FisherModule
-    from musicattr.data.datamodules import StorePredictDataModule
-    from musicattr.models.autoencoder_module import AutoencoderModule
-    import lightning as L
-
-    root = tmp_path_factory.mktemp("eval")
-    n = 12
-    store = make_store(root / "store", n=n, text_dim=384)
-    folder = root / "audio_folder"
-    (folder / "audio").mkdir(parents=True)
-    rows = []
-    rng = np.random.default_rng(0)
-    for i, r in enumerate(store.items.itertuples()):
-        t = np.arange(int(r.duration_s * SR)) / SR
-        wave = 0.3 * np.sin(2 * np.pi * (150 + 60 * i) * t) + 0.05 * rng.standard_normal(len(t))
-        sf.write(folder / r.file_name, wave, SR)
-        row = {"file_name": r.file_name, "caption": r.caption}
-        if i in (0, 10, 11):
-            row["planted_group"] = "audio/track000.wav"
-        rows.append(row)
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in rows))
-    torch.manual_seed(0)
-    ae = AutoencoderModule(TINY_AE)
-    ae_path = root / "ae.ckpt"
-    torch.save({"hyper_parameters": {"model_config": TINY_AE}, "state_dict": ae.state_dict()}, ae_path)
-    manifest = json.loads((root / "store" / "manifest.json").read_text())
-    manifest.update(folder=str(folder), autoencoder=str(ae_path), text_encoder="minilm")
-    (root / "store" / "manifest.json").write_text(json.dumps(manifest))
-    ckpt = save_checkpoint(make_module(text_dim=384), root / "theta0.ckpt")
-    fisher = root / "fisher.safetensors"
-    L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
-              enable_progress_bar=False).predict(FisherModule(ckpt, str(fisher), num_draws=2),
-                                                 datamodule=StorePredictDataModule(str(root / "store")))
-    return {"root": root, "store": str(root / "store"), "ckpt": ckpt, "fisher": str(fisher), "n": n}
+    return build_planted_setup(tmp_path_factory.mktemp("eval"))
 
 
 def rank_of(scores: pd.DataFrame, item_id: str, column: str = "score") -> int:
@@ -125,9 +87,21 @@ def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
 
     out = setup["root"] / "compare"
     kw = dict(prompts=["a low tone"], durations=[1.0], lr=1e-5, num_draws=8, score_draws=2, gen_steps=2,
-              use_wandb=False)
+              use_wandb=False, query_items=["index:3"], training_queries=1)
     summary = run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), **kw)
-    assert summary["queries"] == 2 and summary["planted_queries"] == 1
+    assert summary["queries"] == 2 and summary["planted_queries"] == 1 and summary["training_queries"] == 2
+    listing = pd.read_csv(out / "queries.csv")
+    assert list(listing["kind"]) == ["generated", "planted", "training", "training"]
+    assert listing["query_item"].iloc[2] == "audio/track003.wav"
+    chosen = listing["query_item"].iloc[3]  # k-means: a diverse item, never a planted copy
+    assert chosen not in ("audio/track003.wav", "audio/track000.wav", "audio/track010.wav", "audio/track011.wav")
+    # a training query is unlearned as in train-to-train, and its own audio is its most similar track
+    from musicattr.attribution.unlearn import load_unlearned
+
+    assert load_unlearned(str(out / "queries" / "t000" / "unlearned.safetensors"))[1]["query_item"] == \
+        "audio/track003.wav"
+    own = pd.read_parquet(out / "queries" / "t000" / "all-against-all.parquet")
+    assert own.iloc[0]["item_id"] == "audio/track003.wav" and own.iloc[0]["score"] == pytest.approx(1.0, abs=1e-3)
     for key in ("pearson[all-against-all[aisfx]]", "spearman[average[aisfx]]", "recall_unlearning@1",
                 "recall_all-against-all[aisfx]@10", "recall_unlearning-relative@1",
                 "pearson[unlearning-relative~all-against-all[aisfx]]"):

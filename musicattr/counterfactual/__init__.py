@@ -1,0 +1,7 @@
+"""Counterfactual validation of attribution scores by retraining (``musicattr counterfactual``).
+
+``subsets`` what each retrain leaves out and the plan, ``recipe`` theta0's fit recipe, ``retrain`` one resumable
+retrain, ``queries`` the queries and their losses, ``methods`` the score tables of the methods, ``measure`` what
+is measured on a retrained model, ``lds`` the LDS and its noise floor, ``leave_k_out`` top-K vs random-K,
+``report`` the tables, ``campaign`` the stage.
+"""
