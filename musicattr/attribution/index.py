@@ -207,17 +207,24 @@ class AttributionIndex:
                 f"`musicattr index` and these settings ({', '.join('--model.' + o for o in options)}) into another "
                 f"--model.out, or query with the index's settings")
 
-    def scores(self, psi: torch.Tensor) -> np.ndarray:
+    def scores(self, psi: torch.Tensor, k: int | None = None) -> np.ndarray:
         """<P phi_i, P psi_q> for every item i (rows in ``items`` order) and query q: psi [k, Q] -> [N, Q]
-        (float64), one pass over the shards (a blocked matrix product; one shard in memory at a time)."""
+        (float64), one pass over the shards (a blocked matrix product; one shard in memory at a time).
+        ``k``: the scores of the sketch at a divisor k of the index's (both sides folded, ``sketch.fold``)."""
         from safetensors import safe_open
+
+        from musicattr.attribution.sketch import fold
 
         if psi.shape[0] != self.k:
             raise ValueError(f"query vectors have {psi.shape[0]} rows, the index has k = {self.k}")
+        if k is not None and k != self.k and self.provenance["projection"] != "sketch":
+            raise ValueError(f"only a sketch folds to a smaller k; this index's projection is "
+                             f"{self.provenance['projection']!r}")
+        k = k or self.k
         out = np.zeros((self.num_items, psi.shape[1]), dtype=np.float64)
-        q = psi.float().cpu()
+        q = fold(psi.T.double(), k).T.float().cpu()
         for shard, rows in self.items.groupby("shard", sort=False):
             with safe_open(str(self.root / shard), "pt") as f:
-                phi = f.get_tensor("phi")
-            out[rows.index.to_numpy()] = (phi[torch.as_tensor(rows["row"].to_numpy())] @ q).double().numpy()
+                phi = f.get_tensor("phi")[torch.as_tensor(rows["row"].to_numpy())]
+            out[rows.index.to_numpy()] = (fold(phi, k) @ q).double().numpy()
         return out
