@@ -17,7 +17,8 @@ D := $(RUN_ROOT)
 MA := $(VENV)/bin/musicattr
 RUN := --run_root $(D)
 
-.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report clean-demo help
+.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report clean-demo help index index-query \
+	index-fidelity index-scale
 
 help:
 	@echo "make demo     - set up, then run corpus -> autoencoder -> encode -> fit -> fisher -> generate -> unlearn -> attribute -> report"
@@ -28,6 +29,11 @@ help:
 	@echo "                      (default 16) with SI_DRAWS scoring draws (default 64)"
 	@echo "make figure1  - test-to-train comparison with similarity baselines (Figure 1)"
 	@echo "make report   - the demo query's listening page with credit shares (runs/demo/report/q000/index.html)"
+	@echo "make index    - build the attribution index of the demo model (runs/demo/index)"
+	@echo "make index-query    - the generated queries against the index in seconds (runs/demo/index_queries)"
+	@echo "make index-fidelity - index vs exact unlearning on 8 generated + 8 training queries, k curve"
+	@echo "                      (runs/demo/index_fidelity: fidelity.md, k_curve.png)"
+	@echo "make index-scale    - the index at the paper's scale: size, build and query time (from FLOP counts)"
 
 venv: $(VENV)/.installed
 
@@ -85,6 +91,21 @@ report: venv $(D)/report/q000/index.html
 
 bench: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(PY) scripts/bench_attribution.py --checkpoint $(D)/fit/last.ckpt --store $(D)/store --fisher $(D)/fisher.safetensors --out runs/bench/attribution.json
+
+# ---- the attribution index (README "The attribution index") ----
+$(D)/index/index.json: $(D)/fisher.safetensors $(CFG)/index.yaml
+	$(MA) index --config $(CFG)/index.yaml $(RUN)
+
+index: venv $(D)/index/index.json
+
+index-query: venv $(D)/index/index.json $(D)/generated/queries.json
+	$(MA) query --config $(CFG)/query.yaml $(RUN)
+
+index-fidelity: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/index_fidelity.py --run_root $(D) --config_dir $(CFG)
+
+index-scale: venv
+	$(PY) scripts/index_paper_scale.py --bench runs/bench/attribution.json --out runs/bench/index_paper_scale.json
 
 clean-demo:
 	rm -rf $(D)

@@ -45,7 +45,7 @@ from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.attribution.cache import baseline_key, cache_path, sensitivity_key, write_cache
 from musicattr.attribution.gradients import preconditioned_gradients, root_inverse
 from musicattr.attribution.sketch import make_projection
-from musicattr.attribution.task import AttributionTask, load_task
+from musicattr.attribution.task import AttributionTask, attach_task
 from musicattr.parts import Parts, PartsWriter, RunMismatchError, TensorFormat
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,7 @@ class IndexModule(L.LightningModule):
         from musicattr.models.sat import file_fingerprint
 
         self.save_hyperparameters(ignore=["task"])
-        self.task = load_task(task, checkpoint)
-        self.theta0 = self.task.model  # registered, so Lightning moves it to the device
-        self.params = self.task.select_parameters(target)
-        self.checkpoint_fp = file_fingerprint(checkpoint)
+        attach_task(self, task, checkpoint, target)  # task, theta0, params, checkpoint_fp
         tensors, meta = load_fisher(fisher, self.checkpoint_fp)
         self.fisher_fp, self.fisher_items = file_fingerprint(fisher), int(meta["num_items"])
         self.root_inv = {n: v.float() for n, v in root_inverse(tensors, self.params, damping).items()}

@@ -9,7 +9,7 @@ with a large ||g_i||) no longer outranks the tracks the query specifically share
 g_i uses the scoring draws of item i (the same T draws, seed and mask M_L as tau_i), and lambda the
 unlearning run's damping, so s_i depends on (checkpoint, Fisher, unlearned tensors, damping, T,
 seed, M_L) only: it is computed once and cached in ``<store>/sensitivity/`` for every later query
-(``ScoringModule.sensitivity_key``).
+(``ScoringModule.sensitivity_key``); ``musicattr index`` computes the same s_i and fills that cache.
 """
 from __future__ import annotations
 

@@ -187,6 +187,20 @@ def test_many_queries_share_one_pass_and_the_report_reads_them(work, tmp_path, m
     assert q.run["method"] == "index" and q.run["unlearned"]["num_draws"] == K
 
 
+def test_unprojected_first_order_pass_equals_the_hand_product(work, hand):
+    """The fidelity script's unprojected row: <phi_i, psi> for every item without storing phi."""
+    from musicattr.attribution.query import open_query
+    from musicattr.evaluation.fidelity import first_order_scores
+
+    ctx = open_query(str(work / "identity"), str(work / "theta0.ckpt"), str(work / "fisher.safetensors"),
+                     str(work / "store"))
+    psi, _ = ctx.from_unlearned(str(work / "q3.safetensors"))
+    dots, s = first_order_scores(ctx.task, ctx.params, ctx.root_inv, ctx.store, [psi], 0, T, batch_size=5)
+    first = (hand["g"] @ hand["delta"]).numpy()
+    np.testing.assert_allclose(dots[:, 0], first, rtol=0, atol=1e-6 * np.abs(first).max())
+    np.testing.assert_allclose(s, (hand["g"].pow(2) * hand["inv"]).sum(1).sqrt().numpy(), rtol=1e-5)
+
+
 # ---------------------------------------------------------------- the sketch
 
 

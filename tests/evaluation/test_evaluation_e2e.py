@@ -16,6 +16,7 @@ TINY_AE = tiny_autoencoder_config(latent_dim=4)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from musicattr.attribution.fisher import FisherModule
+    from musicattr.attribution.index import IndexModule
     from musicattr.data.datamodules import StorePredictDataModule
     from musicattr.models.autoencoder_module import AutoencoderModule
     import lightning as L
@@ -48,7 +49,12 @@ def setup(tmp_path_factory):
     L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
               enable_progress_bar=False).predict(FisherModule(ckpt, str(fisher), num_draws=2),
                                                  datamodule=StorePredictDataModule(str(root / "store")))
-    return {"root": root, "store": str(root / "store"), "ckpt": ckpt, "fisher": str(fisher), "n": n}
+    L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
+              enable_progress_bar=False).predict(
+        IndexModule(ckpt, str(fisher), str(root / "index"), num_draws=2, k=4096, write_caches=False),
+        datamodule=StorePredictDataModule(str(root / "store")))
+    return {"root": root, "store": str(root / "store"), "ckpt": ckpt, "fisher": str(fisher), "n": n,
+            "index": str(root / "index")}
 
 
 def rank_of(scores: pd.DataFrame, item_id: str, column: str = "score") -> int:
@@ -126,8 +132,16 @@ def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
     out = setup["root"] / "compare"
     kw = dict(prompts=["a low tone"], durations=[1.0], lr=1e-5, num_draws=8, score_draws=2, gen_steps=2,
               use_wandb=False)
-    summary = run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), **kw)
+    summary = run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), index=setup["index"], **kw)
     assert summary["queries"] == 2 and summary["planted_queries"] == 1
+    # the index as another method: its table, its correlations and recall, its agreement with unlearning
+    for qid in ("q000", "q001"):
+        t = pd.read_parquet(out / "queries" / qid / "index" / "scores.parquet")
+        assert set(t["method"]) == {"index"} and len(t) == setup["n"]
+    assert {"recall_index@10", "pearson[index~average[aisfx]]", "top10[index~unlearning]"} <= set(summary)
+    print(f"index vs unlearning: Spearman {summary['spearman[index~unlearning]']:.3f}, "
+          f"top-10 overlap {summary['top10[index~unlearning]']:.1f}")
+    assert summary["spearman[index~unlearning]"] > 0.9
     for key in ("pearson[all-against-all[aisfx]]", "spearman[average[aisfx]]", "recall_unlearning@1",
                 "recall_all-against-all[aisfx]@10", "recall_unlearning-relative@1",
                 "pearson[unlearning-relative~all-against-all[aisfx]]"):
