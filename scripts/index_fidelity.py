@@ -174,11 +174,11 @@ def plot(mean: pd.DataFrame, ks: list[int], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in ((axes[0], "spearman", "Spearman with exact"), (axes[1], "top10", "top-10 overlap")):
-        for route, colour in (("gradient", "C0"), ("unlearned", "C1")):
+        for route, colour, marker in (("gradient", "C0", "o"), ("unlearned", "C1", "x")):
             sub = mean[(mean["route"] == route) & (mean["k"] != "unprojected")]
             ref = mean[(mean["route"] == route) & (mean["k"] == "unprojected")]
             for kind, style in (("eq1", "-"), ("rel", "--")):
-                ax.plot([int(k) for k in sub["k"]], sub[f"{kind}_{metric}"], style, color=colour, marker="o",
+                ax.plot([int(k) for k in sub["k"]], sub[f"{kind}_{metric}"], style, color=colour, marker=marker,
                         label=f"{'Eq. 1' if kind == 'eq1' else 'relative'}, psi: {ROUTES[route]}")
                 if len(ref):
                     ax.axhline(float(ref[f"{kind}_{metric}"].iloc[0]), color=colour, linestyle=style, alpha=0.35)
@@ -202,6 +202,8 @@ def main(argv=None) -> int:
     out = Path(args.out or root / "index_fidelity")
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     from musicattr.attribution.query import open_query
     from musicattr.data.latent_store import LatentStore
     from musicattr.evaluation.fidelity import agreement

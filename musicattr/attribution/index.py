@@ -132,31 +132,34 @@ class IndexModule(L.LightningModule):
         h = self.hparams
         b = len(batch["item_id"])
         phi = torch.zeros(b, self.k, dtype=torch.float64, device=self.device)
-        sq = torch.zeros(b, dtype=torch.float64)
+        sq = torch.zeros(b, dtype=torch.float64, device=self.device)
 
         def take(j: int, name: str, g: torch.Tensor) -> None:
-            sq[j] += float(g.double().pow(2).sum())
+            sq[j] += g.double().pow(2).sum()
             self.projection.add(phi[j], name, g)
 
         loss = preconditioned_gradients(self.task, self.params, self.root_inv, batch, h.seed, h.num_draws, take,
                                         mask=h.mask_loss, draws_per_forward=h.draws_per_forward)
-        return {"index": [int(i) for i in batch["index"]], "phi": phi.float(), "sensitivity": sq.sqrt(),
+        return {"index": [int(i) for i in batch["index"]], "phi": phi.float(), "sensitivity": sq.sqrt().cpu(),
                 "baseline_loss": loss}
 
     # ---------------------------------------------------------------- the merge
     def merge(self, parts: Parts) -> None:
+        from safetensors import safe_open
+
         store = self.trainer.datamodule.store
         rows, seen = [], set()
-        for path in parts.files():
-            idx, t = parts.format.read(path)
+        for path in parts.files():  # the small columns only: phi stays in its shard
+            idx = parts.format.indices(path)
             again = seen.intersection(idx)
             if again:
                 raise RuntimeError(f"{path} repeats {len(again)} items of another shard; fix: pass "
                                    "--model.overwrite true to rebuild the index")
             seen.update(idx)
-            rows.append(pd.DataFrame({"index": idx, "shard": f"{SHARDS}/{path.name}", "row": np.arange(len(idx)),
-                                      "sensitivity": t["sensitivity"].numpy(),
-                                      "baseline_loss": t["baseline_loss"].numpy()}))
+            with safe_open(str(path), "pt") as f:
+                rows.append(pd.DataFrame({"index": idx, "shard": f"{SHARDS}/{path.name}", "row": np.arange(len(idx)),
+                                          "sensitivity": f.get_tensor("sensitivity").numpy(),
+                                          "baseline_loss": f.get_tensor("baseline_loss").numpy()}))
         items = store.items[["index", "item_id"]].merge(pd.concat(rows), on="index", how="left")
         missing = items["shard"].isna().sum()
         if missing:
