@@ -84,7 +84,7 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
     configs = [{"target": "all", "strategy": "mixed", "lr": 1e-5, "steps": 1},
                {"target": "to_kv", "strategy": "both", "lr": 1e-5, "steps": 1}]
     kw = dict(num_targets=2, configs=configs, num_draws=8, score_draws=2, fd_samples=2, fd_steps=2, top_k=3,
-              use_wandb=False)
+              use_wandb=False, index=setup["index"])
     table = self_influence.run_grid(setup["ckpt"], setup["store"], setup["fisher"], str(out), **kw)
     assert len(table) == 2 and set(table["target"]) == {"all", "to_kv"}
     assert {"sim_top3[aisfx]", "sim_bot3[aisfx]", "FD[aisfx]"} <= set(table.columns)
@@ -104,6 +104,12 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
         assert r["R_rel"] == pytest.approx(expected.loc[name, "rank_rel"])
     md = (out / "table1.md").read_text()
     assert "| all | ✓ |  |" in md and "aisfx" in md and "R rel" in md
+    # the index ranks the targets for the configuration with its tensors and M_L (all, mixed), not to_kv/both
+    runs = pd.read_csv(out / "runs.csv")
+    with_index = runs[runs["config"].str.startswith("all-mixed")]
+    assert with_index["rank_index"].between(1, setup["n"]).all() and with_index["rank_index_rel"].notna().all()
+    assert runs[runs["config"].str.startswith("to_kv")]["rank_index"].isna().all()
+    assert "R index" in md
     # resume: a rerun with the same settings recomputes no (target, config) pair
     calls = []
     real_unlearn = self_influence.run_unlearn
@@ -113,7 +119,7 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
     # another setting (T = 3 scoring draws): every row is recomputed, none relabelled
     monkeypatch.setattr(self_influence, "run_unlearn", real_unlearn)
     table3 = self_influence.run_grid(setup["ckpt"], setup["store"], setup["fisher"], str(out),
-                                     **{**kw, "score_draws": 3})
+                                     **{**kw, "score_draws": 3, "index": None})
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs["score_draws"]) == [2] * 4 + [3] * 4  # the T=2 rows kept as they were
     t3 = runs[runs["score_draws"] == 3]
