@@ -101,8 +101,8 @@ def queries_of(args, store, out: Path) -> list[dict]:
                                                                             f"{i['query_id']}.query.safetensors")}
                   for i in infos]
     positions = np.linspace(0, len(store) - 1, args.train).round().astype(int) if args.train else []
-    out_q += [{"id": str(store.items["item_id"].iloc[p]), "kind": "training", "query_item": str(store.items["item_id"].iloc[p])}
-              for p in positions]
+    ids = [str(store.items["item_id"].iloc[p]) for p in positions]
+    out_q += [{"id": i, "kind": "training", "query_item": i} for i in ids]
     for q, name in zip(out_q, folder_names([q["id"] for q in out_q])):
         q["name"] = name
     return out_q

@@ -113,7 +113,8 @@ def main(argv=None) -> int:
           f"({hours(grad_s / a.gpus)} over {a.gpus}); lookup {lookup_s:.1f} s (read {gb(n * k * 4)} at "
           f"{a.read_gb_per_s:g} GB/s); = {100 * (grad_s + lookup_s) / exact_gpu_s:.2f}% of an exact pass in GPU time")
     print(f"  query from an unlearned file (psi = (F + lambda)^1/2 (theta_u - theta0), no gradient): the lookup, "
-          f"{lookup_s:.1f} s = {100 * lookup_s / (exact_gpu_s / a.gpus):.3f}% of an exact pass's {a.gpus}-GPU wall time")
+          f"{lookup_s:.1f} s = {100 * lookup_s / (exact_gpu_s / a.gpus):.3f}% of an exact pass's "
+          f"{a.gpus}-GPU wall time")
     if a.bench and Path(a.bench).exists():
         b = json.loads(Path(a.bench).read_text()).get("index")
         if b:

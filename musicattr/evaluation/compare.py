@@ -185,7 +185,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     plot_figure1(stacked["unlearning"], {m: stacked[m] for m in sims},
                  str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(rows)} queries)")
     summary = {"queries": len(rows), "audio_encoder": encoder.name, "items": len(s),
-               **{c: float(per_query[c].mean()) for c in per_query.columns if c.startswith(("pearson", "spearman", "top10"))}}
+               **{c: float(per_query[c].mean()) for c in per_query.columns
+                  if c.startswith(("pearson", "spearman", "top10"))}}
     planted = per_query[per_query["planted_group"].notna()]
     if len(planted):
         summary.update({f"recall_{c}": float(planted[c].mean()) for c in planted.columns if "@" in c})

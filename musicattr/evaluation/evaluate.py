@@ -245,7 +245,7 @@ def write_table(table: pd.DataFrame, out: Path, encoder: str, k: int, fd_origina
                      f"{d['rank1_rate_rel']:.2f} | {d[f'sim_top{k}[{encoder}]']:.3f} | "
                      f"{d[f'sim_bot{k}[{encoder}]']:.3f} | {d[f'FD[{encoder}]']:.2f} |")
     if table["R_index"].notna().any():
-        lines += ["", "With the attribution index (`musicattr index`: first-order scores of the same unlearned weights):",
+        lines += ["", "With the attribution index (`musicattr index`: first-order scores of the unlearned weights):",
                   "", "| Target | M_U | M_L | lr | steps | R(z_tar) | R index | R rel | R index rel |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for d in table[table["R_index"].notna()].to_dict("records"):
