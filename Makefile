@@ -19,7 +19,8 @@ RUN := --run_root $(D)
 
 AE := assets/demo_autoencoder
 
-.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report adherence autoencoder clean-demo help lds leave-k-out
+.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report adherence autoencoder clean-demo help \
+	lds leave-k-out index index-query index-fidelity index-scale
 
 help:
 	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
@@ -35,6 +36,11 @@ help:
 	@echo "make lds      - retrain on M random half-subsets: the linear datamodeling score of every method (~20 min)"
 	@echo "make leave-k-out - retrain without each method's top-K vs K random tracks (~40 min)"
 	@echo "                CF_ARGS='--plan true' prints the plan and its time estimate instead"
+	@echo "make index    - build the attribution index of the demo model (runs/demo/index)"
+	@echo "make index-query    - the generated queries against the index in seconds (runs/demo/index_queries)"
+	@echo "make index-fidelity - index vs exact unlearning on 8 generated + 8 training queries, k curve"
+	@echo "                      (runs/demo/index_fidelity: fidelity.md, k_curve.png)"
+	@echo "make index-scale    - the index at the paper's scale: size, build and query time (from FLOP counts)"
 
 venv: $(VENV)/.installed
 
@@ -95,6 +101,21 @@ report: venv $(D)/report/q000/index.html
 
 bench: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(PY) scripts/bench_attribution.py --checkpoint $(D)/fit/last.ckpt --store $(D)/store --fisher $(D)/fisher.safetensors --out runs/bench/attribution.json
+
+# ---- the attribution index (README "The attribution index") ----
+$(D)/index/index.json: $(D)/fisher.safetensors $(CFG)/index.yaml
+	$(MA) index --config $(CFG)/index.yaml $(RUN)
+
+index: venv $(D)/index/index.json
+
+index-query: venv $(D)/index/index.json $(D)/generated/queries.json
+	$(MA) query --config $(CFG)/query.yaml $(RUN)
+
+index-fidelity: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/index_fidelity.py --run_root $(D) --config_dir $(CFG)
+
+index-scale: venv
+	$(PY) scripts/index_paper_scale.py --bench runs/bench/attribution.json --out runs/bench/index_paper_scale.json
 
 clean-demo:
 	rm -rf $(D)

@@ -63,6 +63,11 @@ STAGES = {
     "attribute": Stage("score every training item: tau_i = L(z_i, theta_unlearned) - L(z_i, theta0) (Eq. 1)",
                        "musicattr.attribution.score:ScoringModule", "predict",
                        "musicattr.data.datamodules:StorePredictDataModule", PREDICT_GRAD),
+    "index": Stage("build the attribution index: projected preconditioned gradients P (F+lambda)^-1/2 g_i of every "
+                   "training item", "musicattr.attribution.index:IndexModule", "predict",
+                   "musicattr.data.datamodules:StorePredictDataModule", PREDICT_GRAD),
+    "query": Stage("attribute queries against the index in seconds (first-order Eq. 1: <P phi_i, P psi>)",
+                   "musicattr.attribution.query:run_query"),
     "evaluate": Stage("self-influence grid search (Table 1) on train-to-train attribution",
                       "musicattr.evaluation.evaluate:run_grid", trainer=PREDICT),
     "compare": Stage("test-to-train comparison with similarity baselines (Figure 1)",

@@ -29,6 +29,12 @@ of ``--store`` with ``--draws`` (t, eps) draws per item:
 4. Fisher throughput (item-timesteps/s): ``squared_grads_vmap`` vs ``squared_grads_loop`` on the same batch.
 5. one unlearning step (``unlearn_query``: ``query_gradient`` + ``eq2_update``, steps=1) with
    ``--unlearn-draws`` query timesteps (>= 100), reported per 100 query timesteps.
+6. the attribution index vs exact scoring, per item on the same items and draws (``bench.index``): the
+   build (``IndexModule.predict_step``, k = ``--index-k``) at n and 4n items vs one exact ``attribute``
+   pass (baseline cached), and a query (its gradient with ``--unlearn-draws`` draws + the lookup on
+   synthetic indexes of N and 4N rows, N the store's size and ``--lookup-rows``) vs the exact pass over
+   the store; index bytes per item. Targets: build <= 3 exact passes, a query <= 1% of one.
+   ``--device cuda`` runs this section on a GPU.
 
 Every figure is the median of ``--repeats`` timed runs after warm-up. The numbers depend on the
 load of the machine: the load average at start and end is written with them.
@@ -50,6 +56,7 @@ from bench.common import (REPO, batches_of, build_synthetic, fmt_flops, loadavg,
                           missing_inputs_message)
 from bench.ddp import DDP_TARGET, bench_ddp
 from bench.fisher import bench_fisher
+from bench.index import BUILD_TARGET, QUERY_TARGET, bench_index
 from bench.matmul import bench_matmul
 from bench.scoring import CACHE_TARGET, bench_scoring
 from bench.unlearn import bench_unlearn
@@ -76,7 +83,15 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller sizes for a smoke run (about a minute)")
     p.add_argument("--synthetic", action="store_true",
                    help="no demo run: random latent store + random-init demo DiT (labelled synthetic)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: matmul,scoring,ddp,fisher,unlearn")
+    p.add_argument("--skip", default="",
+                   help="comma-separated sections to skip: matmul,scoring,ddp,fisher,unlearn,index")
+    p.add_argument("--index-k", type=int, default=16384, help="sketch size of the index section")
+    p.add_argument("--index-items", type=int, default=None, help="items of the index section (and 4x; default 16, "
+                                                                  "quick 4)")
+    p.add_argument("--index-draws", type=int, default=None, help="T of the index section (default 32 as "
+                                                                  "configs/demo/attribute.yaml; quick 8)")
+    p.add_argument("--lookup-rows", type=int, default=4096, help="rows of the larger synthetic index (and 4x)")
+    p.add_argument("--device", default="cpu", help="device of the index section (cuda: the GPU run)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target (cache ratio, DDP speedup) is missed")
     a = p.parse_args(argv)
     q = a.quick
@@ -86,6 +101,8 @@ def parse_args(argv=None):
     a.unlearn_draws = a.unlearn_draws or (100 if q else 128)
     a.repeats = a.repeats or (2 if q else 3)
     a.ddp_repeats = a.ddp_repeats or (1 if q else 2)
+    a.index_items = a.index_items or (4 if q else 16)
+    a.index_draws = a.index_draws or (8 if q else 32)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     return a
 
@@ -108,7 +125,7 @@ def main(argv=None) -> int:
 
     synthetic = bool(a.synthetic)
     if synthetic:
-        ckpt, store = build_synthetic(out.parent / "synthetic", max(a.items, a.fisher_items, 1))
+        ckpt, store = build_synthetic(out.parent / "synthetic", max(a.items, 4 * a.index_items, a.fisher_items, 1))
         fisher_path = None
     else:
         if not Path(a.checkpoint).exists() or not (Path(a.store) / "index.parquet").exists():
@@ -142,7 +159,8 @@ def main(argv=None) -> int:
                          "latent_shape": list(s.latent_shape)},
               "settings": {"items": n_items, "draws": a.draws, "batch_size": a.batch_size,
                            "fisher_items": a.fisher_items, "unlearn_draws": a.unlearn_draws, "repeats": a.repeats,
-                           "ddp_repeats": a.ddp_repeats, "threads": threads},
+                           "ddp_repeats": a.ddp_repeats, "threads": threads, "index_items": a.index_items,
+                           "index_draws": a.index_draws, "index_k": a.index_k, "device": a.device},
               "machine": machine, "targets": {"cache_ratio": CACHE_TARGET, "ddp_speedup": DDP_TARGET}}
     warm = 1
     work = Path(tempfile.mkdtemp(prefix="bench-attr-"))
@@ -211,6 +229,24 @@ def main(argv=None) -> int:
                 f"{a.draws} draws, baseline recomputed")
             result["ddp"] = bench_ddp(ckpt, store, unlearned_file, work, n_items, a.draws, a.batch_size, 16,
                                       a.ddp_repeats, timeout=600, capacity_iters=20 if a.quick else 40)
+
+        # 6. the attribution index vs exact scoring
+        if "index" not in a.skip:
+            n_ix = min(a.index_items, len(s))
+            log(f"\n[6] attribution index (k = {a.index_k}) vs exact scoring, {n_ix} and {min(4 * n_ix, len(s))} "
+                f"items x {a.index_draws} draws, on {a.device}")
+            batches = batches_of(s, n_ix, a.batch_size)
+            batches4 = batches_of(s, min(4 * n_ix, len(s)), a.batch_size)
+            fisher_file = fisher_path if fisher_path and result["inputs"].get("fisher_source") == fisher_path else None
+            if fisher_file is None:  # the Fisher measured in section 4, written with the metadata the index reads
+                from safetensors.torch import save_file
+
+                fisher_file = str(work / "fisher.safetensors")
+                save_file({k: v.float().contiguous() for k, v in fisher.items()}, fisher_file, metadata={
+                    "checkpoint_fingerprint": json.dumps(ckpt_fp), "num_items": json.dumps(fisher_num_items)})
+            result["index"] = bench_index(ckpt, fisher_file, unlearned_file, work, batches, batches4, a.index_draws,
+                                          a.index_k, query, a.unlearn_draws, len(s), a.repeats, a.device,
+                                          a.lookup_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -221,6 +257,9 @@ def main(argv=None) -> int:
         checks["cache_ratio"] = result["scoring"]["ratio_cached_over_recompute"] >= CACHE_TARGET
     if "ddp" in result and result["ddp"].get("speedup_predict"):
         checks["ddp_speedup"] = result["ddp"]["speedup_predict"] >= DDP_TARGET
+    if "index" in result:
+        checks["index_build"] = result["index"]["ratio_build_over_exact"] <= BUILD_TARGET
+        checks["index_query"] = result["index"]["ratio_query_over_exact"] <= QUERY_TARGET
     result["targets_met"] = checks
     out.write_text(json.dumps(result, indent=2, default=str))
 
@@ -248,6 +287,12 @@ def main(argv=None) -> int:
             f"{fi['loop']['item_timesteps_per_s']:.1f} item-timesteps/s -> {fi['ratio_vmap_over_loop']:.2f}x")
     if "unlearn" in result:
         log(f"  5. unlearning step: {result['unlearn']['step_s_per_100_timesteps']:.3f} s per 100 query timesteps")
+    if "index" in result:
+        ix = result["index"]
+        log(f"  6. index (k={ix['k']}, {ix['device']}): build {ix['ratio_build_over_exact']:.2f} exact passes "
+            f"(target <= {BUILD_TARGET}); query {ix['ratio_query_over_exact']:.2%} of an exact pass (target <= "
+            f"{QUERY_TARGET:.0%}; lookup alone {ix['ratio_lookup_over_exact']:.3%}); {ix['bytes_per_item'] / 1024:.1f} "
+            f"KiB per item")
     log(f"  targets met: {checks}; total {result['total_s']:.0f} s; written {out}")
     return 1 if a.strict and not all(checks.values()) else 0
 

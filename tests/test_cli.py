@@ -16,8 +16,8 @@ def musicattr(*args, check=True):
 
 def test_help_lists_every_subcommand():
     out = musicattr("--help").stdout
-    for sub in ["corpus", "autoencoder", "encode", "fit", "fisher", "generate", "unlearn", "attribute",
-                "evaluate", "compare", "counterfactual", "report"]:
+    for sub in ["corpus", "autoencoder", "encode", "fit", "fisher", "generate", "unlearn", "attribute", "index",
+                "query", "evaluate", "compare", "counterfactual", "adherence", "report"]:
         assert f"  {sub} " in out
 
 

@@ -15,8 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from musicattr.atomic import atomic_path, atomic_write_json
+
+
+def baseline_key(checkpoint_fingerprint: str, store, task, num_draws: int, seed: int, mask_loss: bool,
+                 device: torch.device | str) -> dict[str, Any]:
+    """What L(z_i, theta0; M_L) over the T scoring draws depends on, beyond reduction order (the key of the
+    baseline cache): theta0, the store's content, the task, T, seed, M_L, the dtype and the device type."""
+    dtype = next(iter(task.net.parameters())).dtype
+    return {"checkpoint_fingerprint": checkpoint_fingerprint, "store_fingerprint": store.fingerprint,
+            **task.identity(), "num_draws": int(num_draws), "seed": int(seed), "mask_loss": bool(mask_loss),
+            "dtype": str(dtype), "device": torch.device(device).type}
+
+
+def sensitivity_key(baseline: dict[str, Any], fisher_fingerprint: str, tensors, damping: float) -> dict[str, Any]:
+    """What s_i depends on: the baseline key, the Fisher, the tensors of g_i and the damping."""
+    return {**baseline, "fisher_fingerprint": fisher_fingerprint, "tensors": sorted(tensors), "damping": float(damping)}
 
 
 def cache_path(store_root: str | os.PathLike, kind: str, key: dict[str, Any]) -> Path:

@@ -29,7 +29,7 @@ from torch.func import grad, vmap
 
 from musicattr.atomic import atomic_path
 from musicattr.attribution.loss import FISHER, draw_keys, make_draws, repeat_conditioning
-from musicattr.attribution.task import AttributionTask, load_task
+from musicattr.attribution.task import AttributionTask, attach_task
 from musicattr.parts import Parts, PartsWriter, TensorFormat
 
 log = logging.getLogger(__name__)
@@ -143,13 +143,8 @@ class FisherModule(L.LightningModule):
         ``use_mask`` the loss over non-padded frames only; ``vectorize`` vmap(grad) (false: the per-sample
         loop); ``chunk_size`` per-sample gradients held at once; ``flush_every`` batches per part."""
         super().__init__()
-        from musicattr.models.sat import file_fingerprint
-
         self.save_hyperparameters(ignore=["task"])
-        self.task = load_task(task, checkpoint)
-        self.theta0 = self.task.model  # registered, so Lightning moves it to the device
-        self.params = self.task.select_parameters(target)
-        self.checkpoint_fp = file_fingerprint(checkpoint)
+        attach_task(self, task, checkpoint, target)  # task, theta0, params, checkpoint_fp
         self.out = Path(out)
         self.parts = Parts(Path(f"{out}.parts"), TensorFormat("sum"), self.run_key, FisherMismatchError(
             f"{out}.parts holds partial sums of another Fisher run (other checkpoint, store, task, draws, seed, "

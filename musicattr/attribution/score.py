@@ -27,11 +27,12 @@ import pandas as pd
 import torch
 
 from musicattr.atomic import atomic_path, atomic_write_json
-from musicattr.attribution.cache import cache_path, read_cache, write_cache
+from musicattr.attribution.cache import baseline_key, cache_path, read_cache, sensitivity_key, write_cache
+from musicattr.attribution.gradients import root_inverse
 from musicattr.attribution.masks import resolve_masks
 from musicattr.attribution.sensitivity import item_sensitivity
 from musicattr.attribution.task import AttributionTask, load_task
-from musicattr.attribution.unlearn import damped_inverse, load_unlearned
+from musicattr.attribution.unlearn import load_unlearned
 from musicattr.data.datamodules import item_slice
 from musicattr.models.sat import file_fingerprint
 from musicattr.parts import Parts, PartsWriter, RunMismatchError, TableFormat
@@ -95,7 +96,7 @@ class ScoringModule(L.LightningModule):
                                    "fix: pass that Fisher with --model.fisher")
         tensors, _ = load_fisher(fisher, self.checkpoint_fp)
         damping = float(self.unlearn_meta.get("damping", 1e-3))
-        self.inverse = {k: v.float() for k, v in damped_inverse(tensors, self.changed, damping).items()}
+        self.root_inv = {k: v.float() for k, v in root_inverse(tensors, self.changed, damping).items()}
         self.fisher_fp, self.damping = fisher_fp, damping
 
     # ---------------------------------------------------------------- keys
@@ -106,16 +107,13 @@ class ScoringModule(L.LightningModule):
     def baseline_key(self, store=None) -> dict[str, Any]:
         """What L(z_i, theta0) depends on, beyond reduction order: the key of the baseline cache
         (``store``: default the pass's; the device is the one the pass runs on)."""
-        store = self.store if store is None else store
-        dtype = next(iter(self.task.net.parameters())).dtype
-        return {"checkpoint_fingerprint": self.checkpoint_fp, "store_fingerprint": store.fingerprint,
-                **self.task.identity(), "num_draws": self.hparams.num_draws, "seed": self.hparams.seed,
-                "mask_loss": self.mask_loss, "dtype": str(dtype), "device": self.device.type}
+        h = self.hparams
+        return baseline_key(self.checkpoint_fp, self.store if store is None else store, self.task, h.num_draws,
+                            h.seed, self.mask_loss, self.device)
 
     def sensitivity_key(self, store=None) -> dict[str, Any]:
         """What s_i depends on: the baseline key, the Fisher, the unlearned tensors and the damping."""
-        return {**self.baseline_key(store), "fisher_fingerprint": self.fisher_fp, "tensors": sorted(self.changed),
-                "damping": self.damping}
+        return sensitivity_key(self.baseline_key(store), self.fisher_fp, self.changed, self.damping)
 
     def run_key(self) -> dict[str, Any]:
         """What the rows of this run depend on (the key of its parts)."""
@@ -144,7 +142,7 @@ class ScoringModule(L.LightningModule):
         self.original = {k: p.detach().clone() for k, p in self.params.items()}
         self.unlearned_values = {k: v.to(device, self.params[k].dtype) for k, v in self.changed.items()}
         if self.hparams.relative:
-            self.inverse = {k: v.to(device) for k, v in self.inverse.items()}
+            self.root_inv = {k: v.to(device) for k, v in self.root_inv.items()}
 
     def use(self, unlearned: bool) -> None:
         """Swap theta_unlearned (or theta0) into the model's unlearned tensors, by assignment."""
@@ -172,7 +170,7 @@ class ScoringModule(L.LightningModule):
             return np.array([self.sensitivity_cache[i] for i in idx], dtype=np.float64)
         self.use(unlearned=False)
         h = self.hparams
-        return item_sensitivity(self.task, self.params, self.inverse, batch, h.seed, h.num_draws,
+        return item_sensitivity(self.task, self.params, self.root_inv, batch, h.seed, h.num_draws,
                                 mask=self.mask_loss, draws_per_forward=h.draws_per_forward).numpy()
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:
@@ -212,17 +210,23 @@ def merge_scores(parts: Parts, store, query_id: str | None, relative: bool) -> p
     """One row per training item, ranked by tau (1 = most influenced); with ``relative`` also by tau / s."""
     rows = parts.format.read(parts.files())
     rows["index"] = rows["index"].astype(int)
-    items = store.items
-    missing = set(items["index"].astype(int)) - set(rows["index"])
+    missing = set(store.items["index"].astype(int)) - set(rows["index"])
     if missing:
         raise RuntimeError(f"{len(missing)} items have no score in {parts.folder}; fix: rerun to resume")
     if relative and ("sensitivity" not in rows or rows["sensitivity"].isna().any()):
         raise RuntimeError(f"{parts.folder} holds scores without sensitivities (written by a run without "
                            "relative); fix: rerun with --model.overwrite true")
+    rows["score"] = rows["unlearned_loss"].astype(np.float64) - rows["baseline_loss"]
+    return ranked_table(store, rows, query_id, relative, "unlearning")
+
+
+def ranked_table(store, rows: pd.DataFrame, query_id: str | None, relative: bool, method: str) -> pd.DataFrame:
+    """The scoring table (``scores.parquet``): the store's items joined with ``rows`` (index, baseline_loss,
+    unlearned_loss, score, and sensitivity with ``relative``), ranked by score (rank 1 = largest; ties by index)
+    and, with ``relative``, by score / sensitivity (relative_rank)."""
     extra = ["sensitivity"] if relative else []
-    df = items[["index", "item_id", "caption", "file_name", "duration_s", "valid_frames"]].merge(
-        rows[["index", "baseline_loss", "unlearned_loss", *extra]], on="index")
-    df["score"] = df["unlearned_loss"].astype(np.float64) - df["baseline_loss"]
+    df = store.items[["index", "item_id", "caption", "file_name", "duration_s", "valid_frames"]].merge(
+        rows[["index", "baseline_loss", "unlearned_loss", "score", *extra]], on="index")
     if relative:
         df["relative_score"] = df["score"] / df["sensitivity"].astype(np.float64)
         order = df.sort_values(["relative_score", "index"], ascending=[False, True]).index
@@ -230,7 +234,7 @@ def merge_scores(parts: Parts, store, query_id: str | None, relative: bool) -> p
         df["relative_rank"] = df["relative_rank"].astype(np.int64)
     df = df.sort_values(["score", "index"], ascending=[False, True]).reset_index(drop=True)
     df["rank"] = np.arange(1, len(df) + 1)
-    df["method"] = "unlearning"
+    df["method"] = method
     df["query_id"] = query_id
     return df
 
@@ -257,7 +261,8 @@ def log_top(df: pd.DataFrame, k: int) -> None:
     if df.empty:
         log.info("no training items were scored")
         return
-    lines = [f"\nTop-{k} training tracks by attribution score tau (query {df['query_id'].iloc[0]!r}):"]
+    method = f", {df['method'].iloc[0]}" if df["method"].iloc[0] != "unlearning" else ""
+    lines = [f"\nTop-{k} training tracks by attribution score tau (query {df['query_id'].iloc[0]!r}{method}):"]
     relative = "relative_rank" in df
     if relative:
         lines.append("  (rel: rank by the relative score tau / s, RelatIF)")

@@ -9,7 +9,7 @@ with a large ||g_i||) no longer outranks the tracks the query specifically share
 g_i uses the scoring draws of item i (the same T draws, seed and mask M_L as tau_i), and lambda the
 unlearning run's damping, so s_i depends on (checkpoint, Fisher, unlearned tensors, damping, T,
 seed, M_L) only: it is computed once and cached in ``<store>/sensitivity/`` for every later query
-(``ScoringModule.sensitivity_key``).
+(``ScoringModule.sensitivity_key``); ``musicattr index`` computes the same s_i and fills that cache.
 """
 from __future__ import annotations
 
@@ -17,24 +17,21 @@ from typing import Any, Mapping
 
 import torch
 
+from musicattr.attribution.gradients import preconditioned_gradients
 from musicattr.attribution.task import AttributionTask
-from musicattr.data.datamodules import item_slice
 
 
 def item_sensitivity(task: AttributionTask, params: Mapping[str, torch.nn.Parameter],
-                     inverse: Mapping[str, torch.Tensor], batch: Mapping[str, Any], seed: int, num_draws: int, *,
+                     root_inv: Mapping[str, torch.Tensor], batch: Mapping[str, Any], seed: int, num_draws: int, *,
                      mask: bool = False, draws_per_forward: int = 16) -> torch.Tensor:
-    """s_i for each item of ``batch`` as float64 [B]: one backward pass per item (per-sample gradients)
-    of the task's scoring loss (bare-id draws; ``mask`` M_L)."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("relative scores need gradients, but this runs under torch.inference_mode; "
-                           "fix: run the prediction loop with Trainer(inference_mode=False)")
-    names = list(params)
-    out = []
-    with torch.enable_grad():
-        for j in range(len(batch["item_id"])):
-            loss = task.item_loss(item_slice(batch, j), seed, num_draws, mask=mask, draws_per_forward=draws_per_forward)
-            grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
-            sq = sum(float((g.double().pow(2) * inverse[k].to(g.device)).sum()) for k, g in zip(names, grads))
-            out.append(sq ** 0.5)
-    return torch.tensor(out, dtype=torch.float64)
+    """s_i = ||phi_i|| for each item of ``batch`` as float64 [B], phi_i = (F + lambda)^-1/2 g_i
+    (``root_inv``) from one backward pass per item of the task's scoring loss (bare-id draws; ``mask`` M_L),
+    taken tensor by tensor (``musicattr.attribution.gradients``)."""
+    sq = torch.zeros(len(batch["item_id"]), dtype=torch.float64)
+
+    def add(j: int, name: str, phi: torch.Tensor) -> None:
+        sq[j] += float(phi.double().pow(2).sum())
+
+    preconditioned_gradients(task, params, root_inv, batch, seed, num_draws, add, mask=mask,
+                             draws_per_forward=draws_per_forward)
+    return sq.sqrt()

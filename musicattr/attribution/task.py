@@ -115,3 +115,15 @@ def load_task(task: AttributionTask | None, checkpoint: str) -> AttributionTask:
         task = SATDiffusionTask()
     task.load(checkpoint)
     return task
+
+
+def attach_task(module: torch.nn.Module, task: AttributionTask | None, checkpoint: str, target: str) -> None:
+    """Give a prediction pass's LightningModule its theta0: ``module.task`` (loaded from ``checkpoint``),
+    ``module.theta0`` (the model, registered so Lightning moves it to the device), ``module.params`` (the
+    tensors of ``target``) and ``module.checkpoint_fp`` (the checkpoint's fingerprint)."""
+    from musicattr.models.sat import file_fingerprint
+
+    module.task = load_task(task, checkpoint)
+    module.theta0 = module.task.model
+    module.params = module.task.select_parameters(target)
+    module.checkpoint_fp = file_fingerprint(checkpoint)

@@ -14,6 +14,9 @@ Training items can be attributed as queries too (``query_items``, train-to-train
 correlations stay over the generated queries, as in the paper.
 With ``relative``, the unlearning scores are also ranked by tau_i / s_i (RelatIF, method
 "unlearning-relative"), with their own correlations and recall; Figure 1 shows Eq. 1 as in the paper.
+With ``index`` (a ``musicattr index``), each query is also scored by the index from its unlearned weights
+(method "index", first-order Eq. 1, no extra gradient), with its own correlations and recall and its
+agreement with the unlearning scores (Spearman, top-10 overlap).
 
 A rerun reuses only what was made with the same settings: the generated queries (``generated/
 settings.json``), each query's unlearned weights (their metadata, see ``run_unlearn(reuse=True)``) and
@@ -101,7 +104,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                    audio_encoder_checkpoint: str | None = None, gen_steps: int = 50, seed: int = 0,
                    batch_size: int = 16, listen_top_k: int = 3, use_wandb: bool = True, relative: bool = True,
                    query_items: list[str] | None = None, training_queries: int = 0,
-                   task: AttributionTask | None = None, trainer: dict | None = None,
+                   index: str | None = None, task: AttributionTask | None = None,
+                   trainer: dict | None = None,
                    prompt_attributes: list[dict] | None = None,
                    match_columns: list[str] = ("source_group", "instrument")) -> dict:
     """Attribute generated queries by unlearning and by similarity; write comparison.json, figure1.png.
@@ -118,6 +122,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
             not in Figure 1 nor in the summary's correlations (the counterfactual campaign uses them).
         training_queries: that many more training items as queries, chosen as ``evaluate`` chooses its targets
             (k-means over the audio embeddings, no planted duplicate).
+        index: an attribution index of this checkpoint, Fisher, target, damping, T = score_draws and strategy;
+            also score each query with it (methods "index", "index-relative"), compared with the unlearning scores.
         task: the attribution task (default: the SAT DiT of ``musicattr fit``; generation uses SAT's sampler).
         trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
         prompt_attributes: per prompt, the metadata values it names ({column: value}); planted queries take
@@ -158,6 +164,15 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     groups = planted_groups(s)
     sims = [f"all-against-all[{encoder.name}]", f"average[{encoder.name}]"]
     sources = ["unlearning", "unlearning-relative"] if relative else ["unlearning"]
+    ctx = None
+    if index:
+        import copy
+
+        from musicattr.attribution.query import open_query
+
+        ctx = open_query(index, checkpoint, fisher, store, strategy, target=target, damping=damping,
+                         score_draws=score_draws, score_seed=seed, task=copy.deepcopy(task))
+        sources += ["index", "index-relative"] if relative else ["index"]
     methods = {m: [] for m in sources + sims}
     rows = []
     for q, info in zip(queries, infos, strict=True):
@@ -174,6 +189,8 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
             t = tables["unlearning"]
             tables["unlearning-relative"] = (t.assign(score=t["relative_score"], rank=t["relative_rank"],
                                                       method="unlearning-relative").sort_values("rank"))
+        if ctx is not None:
+            row_index = _index_tables(ctx, tables, str(unlearned), qid, qdir / "index", relative)
         query_audio = store_folder(s) / items[q["position"]]["file_name"] if item else gen_dir / info["audio"]
         qseg = emb.item(q["position"]) if item else encoder.embed_segments(*load_audio(str(query_audio)))
         for name, fn in ((f"all-against-all[{encoder.name}]", all_against_all), (f"average[{encoder.name}]", average)):
@@ -186,7 +203,7 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                 methods[m].append(by_index[m])
         kind = "training" if item else "planted" if q["planted_group"] else "generated"
         row = {"query_id": qid, "kind": kind, "prompt": q["prompt"], "planted_group": q["planted_group"],
-               "query_item": item}
+               "query_item": item, **(row_index if ctx is not None else {})}
         for src in sources:
             for m in sims:
                 c = correlations(by_index[src], by_index[m])
@@ -207,7 +224,7 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
                  str(out / "figure1.png"), title=f"Unlearning vs similarity attribution ({len(per_query)} queries)")
     summary = {"queries": len(per_query), "training_queries": len(all_queries) - len(per_query),
                "audio_encoder": encoder.name, "items": len(s),
-               **{c: float(per_query[c].mean()) for c in per_query.columns if c.startswith(("pearson", "spearman"))}}
+               **{c: float(per_query[c].mean()) for c in per_query.columns if c.startswith(("pearson", "spearman", "top10"))}}
     planted = per_query[per_query["planted_group"].notna()]
     if len(planted):
         summary.update({f"recall_{c}": float(planted[c].mean()) for c in planted.columns if "@" in c})
@@ -223,6 +240,26 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     log.info(json.dumps(summary, indent=2))
     _dashboard(out, summary, per_query, use_wandb)
     return summary
+
+
+def _index_tables(ctx, tables: dict[str, pd.DataFrame], unlearned: str, qid: str, out: Path, relative: bool
+                  ) -> dict[str, float]:
+    """Add the index's tables of one query (psi from its unlearned weights) to ``tables``; write its
+    ``scores.parquet``; return its agreement with the unlearning scores."""
+    from musicattr.attribution.query import index_table
+    from musicattr.evaluation.fidelity import agreement
+
+    psi, _ = ctx.from_unlearned(unlearned)
+    t = index_table(ctx.index, ctx.store, ctx.scores([psi])[:, 0], qid, relative)
+    with atomic_path(out / "scores.parquet") as tmp:
+        t.to_parquet(tmp, index=False)
+    tables["index"] = t
+    if relative:
+        tables["index-relative"] = (t.assign(score=t["relative_score"], rank=t["relative_rank"],
+                                             method="index-relative").sort_values("rank"))
+    exact, est = (tables[m].sort_values("index")["score"].to_numpy() for m in ("unlearning", "index"))
+    a = agreement(est, exact, ks=(10,))
+    return {"spearman[index~unlearning]": a["spearman"], "top10[index~unlearning]": a["top10"]}
 
 
 def _listen(out: Path, qid: str, query_audio: Path, prompt: str, table: pd.DataFrame, folder: Path, k: int) -> None:

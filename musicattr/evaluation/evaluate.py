@@ -10,6 +10,9 @@ theta0 (Eq. 2), score every training item (Eq. 1), and measure
              next to theta0's,
   R_rel      with ``relative``, the target's rank by the relative score tau_i / s_i (RelatIF, see
              ``musicattr.attribution.sensitivity``), reported next to the paper's R(z_tar).
+  R_index    with ``index`` (a ``musicattr index``), the target's rank by the index's first-order scores of
+             the same unlearned weights (and R_index_rel by their relative score), for the configurations
+             whose tensors and M_L are the index's.
 Rows are appended to ``runs.csv`` as they finish, so an interrupted grid resumes. Each row carries the
 settings it was made with and their hash (``run_key``: the configuration, the target, K, T, damping,
 seed, k, the checkpoint, Fisher and store fingerprints, the audio encoder, the FD settings); a rerun
@@ -88,8 +91,8 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
              strategies: list[str] = ("mixed",), num_draws: int = 256, score_draws: int = 8, damping: float = 1e-3,
              top_k: int | None = None, audio_encoder: str = "aisfx", audio_encoder_checkpoint: str | None = None,
              fd_samples: int = 8, fd_steps: int = 25, fd_targets: int = 1, seed: int = 0, batch_size: int = 16,
-             use_wandb: bool = True, relative: bool = True, task: AttributionTask | None = None,
-             trainer: dict | None = None) -> pd.DataFrame:
+             use_wandb: bool = True, relative: bool = True, index: str | None = None,
+             task: AttributionTask | None = None, trainer: dict | None = None) -> pd.DataFrame:
     """Run the self-influence grid and write table1.md / table1.csv / runs.csv under ``out_dir``.
 
     Args:
@@ -102,6 +105,8 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
         audio_encoder: embeddings for target selection, similarities and FD ('aisfx' offline; 'clap' with a checkpoint).
         fd_samples / fd_steps / fd_targets: generations per FD, sampler steps, and how many targets get an FD.
         relative: also rank by tau_i / s_i (one extra gradient pass per target group and mask, cached).
+        index: an attribution index of this checkpoint, Fisher, damping and T = score_draws: also rank the target
+            by its scores (R_index, R_index_rel) for the configurations with the index's tensors and M_L.
         task: the attribution task (default: the SAT DiT of ``musicattr fit``); the FD generations use SAT's
             sampler whatever the task.
         trainer: Trainer options of the scoring passes (``--trainer.*``, as in the Lightning stages).
@@ -128,6 +133,16 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
                 "audio_encoder_fingerprint": emb.meta.get("checkpoint_fingerprint"), "fd_samples": fd_samples,
                 "fd_steps": fd_steps, "fd_targets": fd_targets, "relative": relative,
                 **(task or SATDiffusionTask()).identity()}
+    ctx = None
+    if index:
+        import copy
+
+        from musicattr.attribution.query import open_query
+
+        ctx = open_query(index, checkpoint, fisher, store, damping=damping, score_draws=score_draws, score_seed=seed,
+                         task=copy.deepcopy(task))
+        prov = json.dumps(ctx.index.provenance, sort_keys=True).encode()
+        settings["index_fingerprint"] = hashlib.blake2b(prov, digest_size=8).hexdigest()  # rows are keyed by it
     atomic_write_json(out / "setup.json", {"targets": [ids[t] for t in targets], "configs": grid, **settings})
     runs_csv = out / "runs.csv"
     done = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
@@ -157,6 +172,8 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
                    "score_target": float(scores[t]), "score_median": float(scores.median()), "fd": math.nan,
                    "rank_rel": (target_rank(torch.tensor(by_index["relative_score"].to_numpy()), t)
                                 if relative else math.nan)}
+            if ctx is not None:
+                row.update(index_ranks(ctx, cfg, unlearned, t, ids[t]))
             if ti < fd_targets:
                 row["fd"] = frechet_of_model(checkpoint, unlearned, s, encoder, fd_ref, fd_samples, fd_steps, seed)
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
@@ -177,6 +194,22 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
     return table
 
 
+def index_ranks(ctx, cfg: dict, unlearned: str, t: int, item_id: str) -> dict[str, float]:
+    """The target's rank by the index's scores of an unlearned file (psi from its weights), when the
+    configuration unlearns the index's tensors with its M_L; NaN otherwise."""
+    from musicattr.attribution.query import index_table
+
+    prov = ctx.index.provenance
+    same = (sorted(ctx.task.select_parameters(cfg["target"])) == prov["tensors"]
+            and resolve_masks(cfg["strategy"])[1] == prov["mask_loss"])
+    if not same:
+        return {"rank_index": math.nan, "rank_index_rel": math.nan}
+    psi, _ = ctx.from_unlearned(unlearned)
+    table = index_table(ctx.index, ctx.store, ctx.scores([psi])[:, 0], item_id, True).sort_values("index")
+    return {"rank_index": target_rank(torch.tensor(table["score"].to_numpy()), t),
+            "rank_index_rel": target_rank(torch.tensor(table["relative_score"].to_numpy()), t)}
+
+
 def summarize(runs: pd.DataFrame, grid: list[dict], encoder: str, k: int, fd_original: float, n: int) -> pd.DataFrame:
     """One row per configuration: mean over targets (Table 1)."""
     rows = []
@@ -184,12 +217,13 @@ def summarize(runs: pd.DataFrame, grid: list[dict], encoder: str, k: int, fd_ori
         r = runs[runs["config"] == config_name(cfg)]
         mu, ml = resolve_masks(cfg["strategy"])
         rel = r["rank_rel"] if "rank_rel" in r else pd.Series([math.nan] * len(r), dtype=float)
+        ix = {c: (r[c].mean() if c in r and r[c].notna().any() else math.nan) for c in ("rank_index", "rank_index_rel")}
         rows.append({"target": cfg["target"], "M_U": mu, "M_L": ml, "strategy": cfg["strategy"], "lr": cfg["lr"],
                      "steps": cfg["steps"], "R(z_tar)": r["rank"].mean(), "rank1_rate": (r["rank"] == 1).mean(),
                      f"sim_top{k}[{encoder}]": r["sim_topk"].mean(), f"sim_bot{k}[{encoder}]": r["sim_botk"].mean(),
                      f"FD[{encoder}]": r["fd"].mean(), "R_rel": rel.mean(),
                      "rank1_rate_rel": (rel == 1).mean() if rel.notna().any() else math.nan,
-                     "targets": len(r), "items": n})
+                     "R_index": ix["rank_index"], "R_index_rel": ix["rank_index_rel"], "targets": len(r), "items": n})
     return pd.DataFrame(rows)
 
 
@@ -206,5 +240,13 @@ def write_table(table: pd.DataFrame, out: Path, encoder: str, k: int, fd_origina
                      f"{d['steps']} | {d['R(z_tar)']:.1f} | {d['rank1_rate']:.2f} | {d['R_rel']:.1f} | "
                      f"{d['rank1_rate_rel']:.2f} | {d[f'sim_top{k}[{encoder}]']:.3f} | "
                      f"{d[f'sim_bot{k}[{encoder}]']:.3f} | {d[f'FD[{encoder}]']:.2f} |")
+    if table["R_index"].notna().any():
+        lines += ["", "With the attribution index (`musicattr index`: first-order scores of the unlearned weights):",
+                  "", "| Target | M_U | M_L | lr | steps | R(z_tar) | R index | R rel | R index rel |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for d in table[table["R_index"].notna()].to_dict("records"):
+            lines.append(f"| {d['target']} | {'✓' if d['M_U'] else ''} | {'✓' if d['M_L'] else ''} | {d['lr']:g} | "
+                         f"{d['steps']} | {d['R(z_tar)']:.1f} | {d['R_index']:.1f} | {d['R_rel']:.1f} | "
+                         f"{d['R_index_rel']:.1f} |")
     atomic_write_text(out / "table1.md", "\n".join(lines) + "\n")
     log.info("\n".join(lines))

@@ -1,7 +1,8 @@
 """The report of a ``musicattr compare`` run: one query folder each, and an index page over them.
 
 Reads the compare folder's layout: ``generated/queries.json`` and the queries' audio,
-``queries/<qid>/unlearning/`` (scores, run.json, noise.json), ``queries/<qid>/all-against-all.parquet``
+``queries/<qid>/unlearning/`` (scores, run.json, noise.json), ``queries/<qid>/index/scores.parquet`` (with
+``--index``), ``queries/<qid>/all-against-all.parquet``
 and ``average.parquet``, ``queries.csv`` (per-query correlations and recall), ``comparison.json`` and
 ``figure1.png``. Writes ``<out>/index.html``, ``<out>/figure1.png`` and ``<out>/<qid>/`` per query.
 """
@@ -62,6 +63,12 @@ def write_compare_report(compare: str | Path, out: str | Path, opt: ReportOption
         tops = {"unlearning (Eq. 1)": _top(q.scores, "rank", captions)}
         if "relative_rank" in q.scores:
             tops["unlearning (relative)"] = _top(q.scores, "relative_rank", captions)
+        index_scores = compare / "queries" / qid / "index" / "scores.parquet"
+        if index_scores.exists():  # compare run with --index: the index's first-order scores
+            t = pd.read_parquet(index_scores)
+            tops["index (first order)"] = _top(t, "rank", captions)
+            if "relative_rank" in t:
+                tops["index (relative)"] = _top(t, "relative_rank", captions)
         tops.update({name: _top(t, "rank", captions) for name, t in sims.tables.items()})
         methods += [m for m in tops if m not in methods]
         audio = next((out / qid / "audio").glob("query.*"), None)

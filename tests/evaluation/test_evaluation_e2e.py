@@ -10,7 +10,18 @@ from conftest import build_planted_setup
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return build_planted_setup(tmp_path_factory.mktemp("eval"))
+    import lightning as L
+
+    from musicattr.attribution.index import IndexModule
+    from musicattr.data.datamodules import StorePredictDataModule
+
+    setup = build_planted_setup(tmp_path_factory.mktemp("eval"))
+    L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
+              enable_progress_bar=False).predict(
+        IndexModule(setup["ckpt"], setup["fisher"], str(setup["root"] / "index"), num_draws=2, k=4096,
+                    write_caches=False),
+        datamodule=StorePredictDataModule(setup["store"]))
+    return {**setup, "index": str(setup["root"] / "index")}
 
 
 def rank_of(scores: pd.DataFrame, item_id: str, column: str = "score") -> int:
@@ -40,7 +51,7 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
     configs = [{"target": "all", "strategy": "mixed", "lr": 1e-5, "steps": 1},
                {"target": "to_kv", "strategy": "both", "lr": 1e-5, "steps": 1}]
     kw = dict(num_targets=2, configs=configs, num_draws=8, score_draws=2, fd_samples=2, fd_steps=2, top_k=3,
-              use_wandb=False)
+              use_wandb=False, index=setup["index"])
     table = self_influence.run_grid(setup["ckpt"], setup["store"], setup["fisher"], str(out), **kw)
     assert len(table) == 2 and set(table["target"]) == {"all", "to_kv"}
     assert {"sim_top3[aisfx]", "sim_bot3[aisfx]", "FD[aisfx]"} <= set(table.columns)
@@ -60,6 +71,12 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
         assert r["R_rel"] == pytest.approx(expected.loc[name, "rank_rel"])
     md = (out / "table1.md").read_text()
     assert "| all | ✓ |  |" in md and "aisfx" in md and "R rel" in md
+    # the index ranks the targets for the configuration with its tensors and M_L (all, mixed), not to_kv/both
+    runs = pd.read_csv(out / "runs.csv")
+    with_index = runs[runs["config"].str.startswith("all-mixed")]
+    assert with_index["rank_index"].between(1, setup["n"]).all() and with_index["rank_index_rel"].notna().all()
+    assert runs[runs["config"].str.startswith("to_kv")]["rank_index"].isna().all()
+    assert "R index" in md
     # resume: a rerun with the same settings recomputes no (target, config) pair
     calls = []
     real_unlearn = self_influence.run_unlearn
@@ -69,7 +86,7 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
     # another setting (T = 3 scoring draws): every row is recomputed, none relabelled
     monkeypatch.setattr(self_influence, "run_unlearn", real_unlearn)
     table3 = self_influence.run_grid(setup["ckpt"], setup["store"], setup["fisher"], str(out),
-                                     **{**kw, "score_draws": 3})
+                                     **{**kw, "score_draws": 3, "index": None})
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs["score_draws"]) == [2] * 4 + [3] * 4  # the T=2 rows kept as they were
     t3 = runs[runs["score_draws"] == 3]
@@ -88,7 +105,7 @@ def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
     out = setup["root"] / "compare"
     kw = dict(prompts=["a low tone"], durations=[1.0], lr=1e-5, num_draws=8, score_draws=2, gen_steps=2,
               use_wandb=False, query_items=["index:3"], training_queries=1)
-    summary = run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), **kw)
+    summary = run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), index=setup["index"], **kw)
     assert summary["queries"] == 2 and summary["planted_queries"] == 1 and summary["training_queries"] == 2
     listing = pd.read_csv(out / "queries.csv")
     assert list(listing["kind"]) == ["generated", "planted", "training", "training"]
@@ -102,6 +119,12 @@ def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
         "audio/track003.wav"
     own = pd.read_parquet(out / "queries" / "t000" / "all-against-all.parquet")
     assert own.iloc[0]["item_id"] == "audio/track003.wav" and own.iloc[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    # the index as another method: its table, its correlations and recall, its agreement with unlearning
+    for qid in ("q000", "q001"):
+        t = pd.read_parquet(out / "queries" / qid / "index" / "scores.parquet")
+        assert set(t["method"]) == {"index"} and len(t) == setup["n"]
+    assert {"recall_index@10", "pearson[index~average[aisfx]]", "top10[index~unlearning]"} <= set(summary)
+    assert summary["spearman[index~unlearning]"] > 0.9
     for key in ("pearson[all-against-all[aisfx]]", "spearman[average[aisfx]]", "recall_unlearning@1",
                 "recall_all-against-all[aisfx]@10", "recall_unlearning-relative@1",
                 "pearson[unlearning-relative~all-against-all[aisfx]]"):

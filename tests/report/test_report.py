@@ -163,12 +163,25 @@ def fake_compare(run: dict, dst):
 
 def test_index_over_a_compare_run_puts_methods_side_by_side(tiny_run, tmp_path):
     compare = fake_compare(tiny_run, tmp_path / "compare")
+    # a compare run with --index: q000 also has the index's table (here the exact ranking reversed)
+    exact = pd.read_parquet(tiny_run["scores"] / "scores.parquet")
+    n = len(exact)
+    reversed_ = exact.assign(rank=n + 1 - exact["rank"], relative_rank=n + 1 - exact["relative_rank"],
+                             method="index")
+    (compare / "queries" / "q000" / "index").mkdir()
+    reversed_.to_parquet(compare / "queries" / "q000" / "index" / "scores.parquet", index=False)
     out = tmp_path / "report"
     run_report(str(out), compare=str(compare), top_k=3, similarity="auto")
     index = (out / "index.html").read_text()
     assert len(re.findall(r'<tr class="query">', index)) == 2
-    for m in ("unlearning (Eq. 1)", "unlearning (relative)", "all-against-all[aisfx]", "average[aisfx]"):
+    for m in ("unlearning (Eq. 1)", "unlearning (relative)", "index (first order)", "index (relative)",
+              "all-against-all[aisfx]", "average[aisfx]"):
         assert f"<th>{m}</th>" in index
+    row0, row1 = re.findall(r'<tr class="query">(.*?)</tr>', index, re.S)
+    lists = re.findall(r"<ol>(.*?)</ol>", row0, re.S)  # one per method, in the header's order
+    last = exact.sort_values("rank").iloc[-1]["caption"]  # the index's first track in q000
+    assert lists[2].startswith(f'<li value="1">{last}</li>')
+    assert len(re.findall(r"<ol>", row1)) == 4  # q001 has no index table: no list in its index columns
     assert 'href="q000/index.html"' in index and 'src="q000/audio/query.wav"' in index
     assert "0.250" in index and "-0.500" in index and "-0.125" in index
     assert 'src="figure1.png"' in index and (out / "figure1.png").exists()

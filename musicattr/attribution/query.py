@@ -1,0 +1,248 @@
+"""Queries against the attribution index (``musicattr query``): first-order Eq. 1 for every training item
+from one query vector and one product with the index (see ``musicattr.attribution.index``).
+
+    tau^_i = <P phi_i, P psi>,   relative score tau^_i / s_i
+
+with psi, the query's preconditioned unlearning step, from either
+
+    a query (generated file or training item):  psi = lr/N (F + lambda)^-1/2 grad L(z_hat, theta0; M_U)
+        over K draws keyed ``unlearn/<id>`` (the gradient of Eq. 2: its cost is one unlearning step), or
+    an unlearned file of ``musicattr unlearn``:  psi = (F + lambda)^1/2 (theta_unlearned - theta0)
+        (free: <phi_i, psi> = <g_i, theta_unlearned - theta0>, the first order of that file's own Eq. 1).
+
+All queries of a call share one pass over the index shards (a blocked matrix product). Each query gets the
+table of exact scoring (``scores.parquet``, method ``index``: score = tau^, unlearned_loss = baseline_loss +
+tau^, the first-order prediction), ``run.json`` and ``noise.json`` in ``<out_dir>/<query>/``, so the report,
+``compare`` and the dashboards read it like an ``attribute`` result.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from musicattr.atomic import atomic_path, atomic_write_json
+from musicattr.attribution.index import AttributionIndex, IndexMismatchError
+from musicattr.attribution.sketch import make_projection
+from musicattr.attribution.task import AttributionTask
+
+log = logging.getLogger(__name__)
+METHOD = "index"
+
+
+def project(projection, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """P psi for psi given tensor by tensor (float64 [k], on the CPU)."""
+    out = torch.zeros(projection.k, dtype=torch.float64)
+    for name, v in tensors.items():
+        projection.add(out, name, v.cpu())
+    return out
+
+
+def gradient_psi(task: AttributionTask, params, root_inv: Mapping[str, torch.Tensor], batch, lr: float,
+                 num_items: int, num_draws: int, seed: int, mask: bool, draws_per_forward: int = 16
+                 ) -> dict[str, torch.Tensor]:
+    """psi = lr/N (F + lambda)^-1/2 g_q, g_q the query's gradient of Eq. 2 (K draws keyed unlearn/<id>, M_U)."""
+    from musicattr.attribution.loss import UNLEARN
+    from musicattr.attribution.unlearn import loss_gradient
+
+    g = loss_gradient(task, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
+                      draws_per_forward=draws_per_forward)
+    return {k: (lr / num_items) * g[k] * root_inv[k].to(g[k].device, torch.float64) for k in g}
+
+
+def unlearned_psi(theta0: Mapping[str, torch.Tensor], unlearned: Mapping[str, torch.Tensor],
+                  root_inv: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """psi = (F + lambda)^1/2 (theta_unlearned - theta0), so that <phi_i, psi> = <g_i, theta_unlearned - theta0>."""
+    return {k: (unlearned[k].double() - theta0[k].detach().cpu().double()) / root_inv[k].cpu().double()
+            for k in unlearned}
+
+
+def check_unlearned(meta: Mapping[str, Any], path: str, index: AttributionIndex) -> None:
+    """An unlearned file is scored by the index only if it was unlearned from the index's checkpoint with its
+    Fisher, tensors, damping and M_L (then its relative scores are those of ``attribute``)."""
+    prov = index.provenance
+    want = {"checkpoint_fingerprint": prov["checkpoint_fingerprint"], "fisher_fingerprint": prov["fisher_fingerprint"],
+            "damping": prov["damping"], "mask_loss": prov["mask_loss"]}
+    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if diff:
+        raise IndexMismatchError(f"{path} was unlearned with other settings than the index {index.root} was built "
+                                 f"with ({', '.join(f'{k}: file {a!r}, index {b!r}' for k, (a, b) in diff.items())}); "
+                                 "fix: unlearn with the index's checkpoint, Fisher, damping and strategy, or build an "
+                                 "index with the file's")
+
+
+def folder_names(query_ids: list[str]) -> list[str]:
+    """One folder name per query: its id made safe for a path, ``-2``, ``-3`` ... for a repeated id."""
+    names, seen = [], {}
+    for qid in query_ids:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", qid).strip("_") or "query"
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+def index_table(index: AttributionIndex, store, tau: np.ndarray, query_id: str, relative: bool) -> pd.DataFrame:
+    """The scoring table of one query from its index scores tau^ (in ``index.items`` order)."""
+    from musicattr.attribution.score import ranked_table
+
+    items = index.items
+    rows = pd.DataFrame({"index": items["index"].astype(int), "baseline_loss": items["baseline_loss"],
+                         "unlearned_loss": items["baseline_loss"] + tau, "score": tau,
+                         "sensitivity": items["sensitivity"]})
+    return ranked_table(store, rows, query_id, relative, METHOD)
+
+
+class QueryContext:
+    """An index opened for queries: its checks passed, theta0, (F + lambda)^-1/2 and P ready.
+
+    ``open_query`` builds it; ``from_query`` / ``from_unlearned`` give a query's psi (tensor by tensor) and its
+    record; ``scores`` the index scores of several psi at once."""
+
+    def __init__(self, index: AttributionIndex, store, task: AttributionTask, params, root_inv, projection,
+                 num_items: int, mask_unlearn: bool, common: dict[str, Any], device: str):
+        self.index, self.store, self.task, self.params = index, store, task, params
+        self.root_inv, self.projection, self.num_items = root_inv, projection, num_items
+        self.mask_unlearn, self.common, self.device = mask_unlearn, common, device
+
+    def from_query(self, query: str | None = None, query_item: str | None = None, *, lr: float, num_draws: int,
+                   seed: int, strategy: str, draws_per_forward: int = 16) -> tuple[dict[str, torch.Tensor], dict]:
+        """psi = lr/N (F + lambda)^-1/2 g_q of a generated query file or a training item."""
+        from musicattr.attribution.unlearn import query_batch, query_fingerprint
+
+        t0 = time.perf_counter()
+        batch = query_batch(query, query_item, str(self.store.root))
+        batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
+        psi = gradient_psi(self.task, self.params, self.root_inv, batch, lr, self.num_items, num_draws, seed,
+                           self.mask_unlearn, draws_per_forward)
+        qid = batch["item_id"][0]
+        meta = {**self.common, "query_id": qid, "query": query, "query_item": query_item,
+                "query_fingerprint": query_fingerprint(query, query_item, str(self.store.root)), "lr": lr,
+                "steps": 1, "num_draws": num_draws, "strategy": strategy, "mask_unlearn": self.mask_unlearn,
+                "seed": seed, "task": self.task.identity()}
+        return psi, {"query_id": qid, "source": "gradient", "seconds": time.perf_counter() - t0, "unlearned": meta}
+
+    def from_unlearned(self, path: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """psi = (F + lambda)^1/2 (theta_unlearned - theta0) of an unlearned file of ``musicattr unlearn``."""
+        from musicattr.attribution.unlearn import load_unlearned
+        from musicattr.models.sat import file_fingerprint
+
+        t0 = time.perf_counter()
+        tensors, meta = load_unlearned(path)
+        check_unlearned(meta, path, self.index)
+        outside = sorted(set(tensors) - set(self.params))
+        if outside:
+            raise IndexMismatchError(f"{path} changes tensors the index does not hold ({outside[:3]}...); fix: build "
+                                     "the index with the unlearning target (--model.target)")
+        psi = unlearned_psi({n: p.detach() for n, p in self.params.items()}, tensors, self.root_inv)
+        return psi, {"query_id": meta["query_id"], "source": "unlearned", "seconds": time.perf_counter() - t0,
+                     "unlearned": meta, "unlearned_fingerprint": file_fingerprint(path)}
+
+    def scores(self, psis: list[Mapping[str, torch.Tensor]]) -> np.ndarray:
+        """tau^ [N, Q] (rows in ``index.items`` order) of several psi: one pass over the index."""
+        return self.index.scores(torch.stack([project(self.projection, psi) for psi in psis], 1))
+
+
+def open_query(index: str, checkpoint: str, fisher: str, store: str | None = None, strategy: str = "mixed",
+               mask_unlearn: bool | None = None, target: str | None = None, damping: float | None = None,
+               score_draws: int | None = None, score_seed: int | None = None, k: int | None = None,
+               device: str = "cpu", task: AttributionTask | None = None) -> QueryContext:
+    """Open ``index`` for queries with theta0 ``checkpoint`` and its ``fisher``; refuse it if it was built from
+    another checkpoint, Fisher or store, or with another target, damping, T (score_draws), seed, M_L or k than
+    the ones given (None: the index's)."""
+    from musicattr.attribution.fisher import load_fisher
+    from musicattr.attribution.gradients import root_inverse
+    from musicattr.attribution.masks import resolve_masks
+    from musicattr.attribution.task import load_task
+    from musicattr.data.latent_store import LatentStore
+    from musicattr.models.sat import file_fingerprint
+
+    idx = AttributionIndex(index)
+    prov = idx.provenance
+    s = LatentStore(store or prov["store"])
+    task = load_task(task, checkpoint)
+    params = task.select_parameters(target or prov["target"])
+    mu, ml = resolve_masks(strategy, mask_unlearn=mask_unlearn)
+    ckpt_fp, fisher_fp = file_fingerprint(checkpoint), file_fingerprint(fisher)
+    idx.check({"checkpoint_fingerprint": ckpt_fp, "fisher_fingerprint": fisher_fp, "store_fingerprint": s.fingerprint,
+               **task.identity(), "tensors": sorted(params), "damping": damping, "num_draws": score_draws,
+               "seed": score_seed, "mask_loss": ml, "k": k})
+    fisher_t, fisher_meta = load_fisher(fisher, ckpt_fp)
+    n_items = int(fisher_meta["num_items"])
+    projection = make_projection(prov["projection"], {n: p.numel() for n, p in params.items()}, prov["k"],
+                                 prov["projection_seed"])
+    task.model.to(device)
+    common = {"checkpoint": checkpoint, "checkpoint_fingerprint": ckpt_fp, "fisher": fisher,
+              "fisher_fingerprint": fisher_fp, "num_items": n_items, "target": prov["target"],
+              "damping": prov["damping"], "mask_loss": ml}
+    return QueryContext(idx, s, task, params, root_inverse(fisher_t, params, prov["damping"]), projection, n_items,
+                        mu, common, device)
+
+
+def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: list[str] | None = None,
+              query_items: list[str] | None = None, unlearned: list[str] | None = None, store: str | None = None,
+              lr: float = 1e-6, num_draws: int = 256, strategy: str = "mixed", mask_unlearn: bool | None = None,
+              seed: int = 0, target: str | None = None, damping: float | None = None,
+              score_draws: int | None = None, score_seed: int | None = None, k: int | None = None,
+              relative: bool = True, top_k: int = 10, draws_per_forward: int = 16, device: str = "cpu",
+              task: AttributionTask | None = None) -> list[dict]:
+    """Score every training item for each query with the index; write ``<out_dir>/<query>/scores.parquet``.
+
+    Args:
+        index: the folder of ``musicattr index``.
+        checkpoint, fisher: theta0 and its Fisher (the index's: checked by fingerprint).
+        queries / query_items / unlearned: generated query files, training items (id, or ``index:N``) and
+            unlearned files of ``musicattr unlearn``; any mix, all answered in one pass over the index.
+        lr, num_draws, strategy, mask_unlearn, seed: Eq. 2 for the query gradient (lr, K, M_U, the draws' seed);
+            N is the Fisher's. The strategy's M_L must be the index's.
+        target, damping, score_draws, score_seed, k: what the index must have been built with (T = score_draws
+            and score_seed are the scoring draws); None takes the index's. Another value is refused.
+        relative: also the relative score tau^_i / s_i (s_i exact, stored in the index) and its rank.
+    """
+    from musicattr.attribution.score import log_top
+
+    queries, query_items, unlearned = list(queries or []), list(query_items or []), list(unlearned or [])
+    if not (queries or query_items or unlearned):
+        raise ValueError("no query given; fix: pass --queries (generated .query.safetensors files), --query_items "
+                         "(training item ids) or --unlearned (files of `musicattr unlearn`)")
+    ctx = open_query(index, checkpoint, fisher, store, strategy, mask_unlearn, target, damping, score_draws,
+                     score_seed, k, device, task)
+    gradient = {"lr": lr, "num_draws": num_draws, "seed": seed, "strategy": strategy,
+                "draws_per_forward": draws_per_forward}
+    answers = ([ctx.from_query(query=q, **gradient) for q in queries]
+               + [ctx.from_query(query_item=q, **gradient) for q in query_items]
+               + [ctx.from_unlearned(path) for path in unlearned])
+    t0 = time.perf_counter()
+    tau = ctx.scores([psi for psi, _ in answers])
+    lookup = time.perf_counter() - t0
+    idx, prov = ctx.index, ctx.index.provenance
+    log.info("query: %d queries against %d items x k = %d in %.3f s (one pass over the index)",
+             len(answers), idx.num_items, idx.k, lookup)
+    out, summary = Path(out_dir), []
+    for q, ((psi, info), name) in enumerate(zip(answers, folder_names([i["query_id"] for _, i in answers]))):
+        qdir = out / name
+        df = index_table(idx, ctx.store, tau[:, q], info["query_id"], relative)
+        with atomic_path(qdir / "scores.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
+        # the projection's error of tau^_i is about s_i ||psi|| sqrt(2 / k) (sketch.py); its median, for reading
+        norm = float(sum(v.double().pow(2).sum() for v in psi.values()) ** 0.5)
+        sd = float(np.median(idx.items["sensitivity"])) * norm * (2 / idx.k) ** 0.5
+        atomic_write_json(qdir / "noise.json", {"float_error": None, "projection_error": sd,
+                                                "median_abs_score": float(np.median(np.abs(tau[:, q])))})
+        atomic_write_json(qdir / "run.json", {
+            "method": METHOD, "index": str(idx.root), "index_provenance": prov,
+            "store": str(ctx.store.root.resolve()), "checkpoint": ctx.common["checkpoint"],
+            "checkpoint_fingerprint": ctx.common["checkpoint_fingerprint"], "num_draws": prov["num_draws"],
+            "seed": prov["seed"], "mask_loss": prov["mask_loss"], "relative": relative, "query_source": info["source"],
+            "unlearned": info["unlearned"], "unlearned_fingerprint": info.get("unlearned_fingerprint"),
+            "query_seconds": info["seconds"], "lookup_seconds": lookup})
+        log_top(df, top_k)
+        summary.append({"query_id": info["query_id"], "source": info["source"], "folder": str(qdir),
+                        "query_seconds": info["seconds"], "lookup_seconds": lookup})
+    atomic_write_json(out / "queries.json", summary)
+    return summary
