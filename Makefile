@@ -72,7 +72,8 @@ $(D)/corpus/metadata.jsonl: $(CFG)/corpus.yaml
 autoencoder: venv $(D)/corpus/metadata.jsonl
 	rm -f $(D)/autoencoder/*.ckpt
 	$(MA) autoencoder --config $(CFG)/autoencoder.yaml $(RUN)
-	$(PY) -m musicattr.models.autoencoder_export $(D)/autoencoder/last.ckpt $(AE) --folder $(D)/corpus
+	$(PY) -m musicattr.models.autoencoder_export $(D)/autoencoder/last.ckpt $(AE) --folder $(D)/corpus \
+		--config $(CFG)/autoencoder.yaml
 
 $(D)/store/index.parquet: $(D)/corpus/metadata.jsonl $(AE)/weights.safetensors $(CFG)/encode.yaml
 	rm -rf $(D)/store

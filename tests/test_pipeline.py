@@ -13,7 +13,7 @@ from conftest import tiny_autoencoder_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
-TINY_AE = tiny_autoencoder_config(latent_dim=16)
+TINY_AE = tiny_autoencoder_config(latent_dim=32)  # the demo DiT takes 32-d latents
 
 
 def run(*args):
@@ -54,7 +54,8 @@ def test_autoencoder_encode_fit_generate(folder, tmp_path):
 
     store = tmp_path / "store"
     run("encode", "--config", "configs/demo/encode.yaml", "--model.folder", str(folder), "--model.store",
-            str(store), "--model.autoencoder", str(ae_ckpt), "--model.max_frames", "16", "--model.shard_size", "2")
+            str(store), "--model.autoencoder", str(ae_ckpt), "--model.autoencoder_config", "null",
+            "--model.max_frames", "16", "--model.shard_size", "2")
     skipped = json.loads((store / "skipped.json").read_text())
     assert skipped["n_skipped"] == 3  # all-silent, duplicate file_name, missing file
     assert {it["file_name"] for it in skipped["items"]} == {"audio/zeros.wav", "audio/tone0.wav", "audio/missing.wav"}
@@ -63,7 +64,7 @@ def test_autoencoder_encode_fit_generate(folder, tmp_path):
     s = LatentStore(store)
     assert len(s) == 6
     item = s[s.position_of("audio/tone2.wav")]
-    assert item["latents"].shape == (16, 16) and item["text_emb"].shape == (1, 384)
+    assert item["latents"].shape == (32, 16) and item["text_emb"].shape == (1, 384)
     assert item["valid_frames"] == int(np.ceil(0.6 * SR / 2048)) and item["seconds_total"] == 1
     # the stored latents are the autoencoder's posterior mean of the zero-padded audio
     ae = AutoencoderModule(TINY_AE)
@@ -75,7 +76,8 @@ def test_autoencoder_encode_fit_generate(folder, tmp_path):
     # a rerun resumes: nothing left to encode
     assert "nothing left to encode" in run("encode", "--config", "configs/demo/encode.yaml", "--model.folder",
                                            str(folder), "--model.store", str(store), "--model.autoencoder",
-                                           str(ae_ckpt), "--model.max_frames", "16").stdout
+                                           str(ae_ckpt), "--model.autoencoder_config", "null",
+                                           "--model.max_frames", "16").stdout
 
     fit_dir = tmp_path / "fit"
     run("fit", "--config", "configs/demo/fit.yaml", "--data.store", str(store), "--data.batch_size", "2",
@@ -92,4 +94,4 @@ def test_autoencoder_encode_fit_generate(folder, tmp_path):
     from musicattr.models.generate import load_query
 
     q = load_query(str(out / "q000.query.safetensors"))
-    assert q["latents"].shape == (16, 16) and q["valid_frames"] == int(np.ceil(1.5 * SR / 2048))
+    assert q["latents"].shape == (32, 16) and q["valid_frames"] == int(np.ceil(1.5 * SR / 2048))

@@ -396,9 +396,21 @@ def _dedupe_captions(rows: list[dict]) -> None:
 
 
 def _plant(out: Path, rows: list[dict], n_planted: int, copies: int, seed: int) -> list:
-    """Duplicate n_planted tracks `copies` times; return planted groups and new rows."""
+    """Duplicate n_planted tracks `copies` times; return planted groups and new rows.
+
+    The planted tracks are drawn in turn from each source (Bach, Renaissance, fiddle tunes, Essen), so the
+    memorisation ground truth covers the corpus' styles rather than whichever source a draw favours."""
     rng = random.Random(f"planted|{seed}")
-    chosen = sorted(rng.sample(range(len(rows)), min(n_planted, len(rows))))
+    by_source: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_source.setdefault(r.get("source_group", ""), []).append(i)
+    pools = [rng.sample(by_source[src], len(by_source[src])) for src in sorted(by_source)]
+    chosen = []
+    while len(chosen) < min(n_planted, len(rows)):
+        for pool in pools:
+            if pool and len(chosen) < n_planted:
+                chosen.append(pool.pop())
+    chosen = sorted(chosen)
     groups, extra = [], []
     for k, i in enumerate(chosen):
         orig = rows[i]

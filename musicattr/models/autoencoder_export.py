@@ -40,8 +40,9 @@ def folder_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def export_autoencoder(checkpoint: str, out_dir: str, folder: str) -> Path:
-    """Write the folder described above from a ``musicattr autoencoder`` checkpoint."""
+def export_autoencoder(checkpoint: str, out_dir: str, folder: str, config: str | None = None) -> Path:
+    """Write the folder described above from a ``musicattr autoencoder`` checkpoint; ``config``: the training
+    config file it was trained with (recorded verbatim in the recipe)."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     hp = ckpt.get("hyper_parameters", {})
     if "model_config" not in hp:
@@ -52,14 +53,14 @@ def export_autoencoder(checkpoint: str, out_dir: str, folder: str) -> Path:
     weights = {k[len("autoencoder."):]: v.contiguous() for k, v in ckpt["state_dict"].items()
                if k.startswith("autoencoder.")}
     save_file(weights, str(out / "weights.safetensors"))
+    (out / "weights.safetensors").chmod(0o644)
     atomic_write_text(out / "config.json", json.dumps(hp["model_config"], indent=2))
     health = Path(checkpoint).with_name("health.json")
     if health.exists():
         shutil.copyfile(health, out / "health.json")
-    config = Path(checkpoint).with_name("config.yaml")
     recipe = {"checkpoint": Path(checkpoint).name, "global_step": int(ckpt.get("global_step", -1)),
-              "hyper_parameters": {k: v for k, v in hp.items() if k != "model_config"},
-              "training_config": config.read_text() if config.exists() else None,
+              "hyper_parameters": {k: v for k, v in hp.items() if k not in ("model_config", "_instantiator")},
+              "training_config_file": config, "training_config": Path(config).read_text() if config else None,
               "audio_folder": str(folder), "audio_folder_fingerprint": folder_fingerprint(folder)}
     atomic_write_text(out / "recipe.json", json.dumps(recipe, indent=2))
     return out
@@ -70,8 +71,9 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--folder", required=True, help="the audio folder the autoencoder was trained on")
+    p.add_argument("--config", help="the training config file (recorded in the recipe)")
     a = p.parse_args()
-    print(export_autoencoder(a.checkpoint, a.out_dir, a.folder))
+    print(export_autoencoder(a.checkpoint, a.out_dir, a.folder, a.config))
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def check_reconstruction(report: dict, source: str) -> bool:
     return False
 
 
-def record_store_health(store_root, autoencoder: str | None = None) -> dict:
+def record_store_health(store_root, autoencoder: str | None = None, use_wandb: bool = True) -> dict:
     """Measure the latent spread of a finished store (non-padded frames of every item), add it and the
     autoencoder's reconstruction report (``health.json`` beside its checkpoint, when there is one) to the
     store's manifest under ``health``, and warn when the representation has collapsed."""
@@ -138,8 +138,23 @@ def record_store_health(store_root, autoencoder: str | None = None) -> dict:
     manifest = json.loads(manifest_path.read_text())
     manifest["health"] = health
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    if use_wandb:
+        _log_wandb(health, str(store_root))
     rec = health.get("reconstruction")
     log.info("latent store health: spread %.3f%s", health["latent_spread"],
              f", reconstruction chroma {rec['chroma_own']:.3f} vs {rec['chroma_other']:.3f} for another track"
              if rec else " (no reconstruction report beside the autoencoder)")
     return health
+
+
+def _log_wandb(health: dict, store_root: str) -> None:
+    """The store's health figures in an (offline by default) wandb run of their own."""
+    from musicattr.evaluation.common import open_wandb
+
+    run = open_wandb("encode-health", {"store": store_root})
+    if run is None:
+        return
+    rec = health.get("reconstruction") or {}
+    run.log({"health/latent_spread": health["latent_spread"],
+             **{f"health/{k}": v for k, v in rec.items() if isinstance(v, float)}})
+    run.finish()

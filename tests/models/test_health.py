@@ -84,7 +84,7 @@ def test_record_store_health_writes_the_manifest_and_warns_on_collapse(tmp_path,
     store = make_store(tmp_path / "ok")
     (tmp_path / "ae").mkdir()
     (tmp_path / "ae" / "health.json").write_text(json.dumps({"chroma_own": 0.8, "chroma_other": 0.3}))
-    h = record_store_health(store.root, str(tmp_path / "ae" / "weights.safetensors"))
+    h = record_store_health(store.root, str(tmp_path / "ae" / "weights.safetensors"), use_wandb=False)
     manifest = json.loads((store.root / "manifest.json").read_text())
     assert manifest["health"] == h and h["latent_spread"] > 0.5 and h["reconstruction"]["chroma_own"] == 0.8
     w = LatentStoreWriter(tmp_path / "collapsed", {"format": 1, "latent_channels": 4, "max_frames": 8})
@@ -94,5 +94,5 @@ def test_record_store_health_writes_the_manifest_and_warns_on_collapse(tmp_path,
     w.write_shard("r0-0", lat, np.zeros((5, 1, 3), np.float32), items)
     w.finalize(expected=5)
     with caplog.at_level(logging.WARNING):
-        assert record_store_health(tmp_path / "collapsed")["latent_spread"] < MIN_SPREAD
+        assert record_store_health(tmp_path / "collapsed", use_wandb=False)["latent_spread"] < MIN_SPREAD
     assert "collapsed" in caplog.text
