@@ -6,7 +6,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export WANDB_MODE ?= offline
 export PYTHONWARNINGS := ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning
 
 CFG := configs/demo
@@ -131,7 +130,7 @@ self-influence: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 		--score_draws $(SI_DRAWS) \
 		--configs '[{target: all, strategy: mixed, lr: 1.0e-6, steps: 1}]'
 
-figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
+figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors $(D)/index/index.json
 	$(MA) compare --config $(CFG)/compare.yaml $(RUN)
 
 adherence: venv $(D)/fit/last.ckpt
@@ -140,7 +139,7 @@ adherence: venv $(D)/fit/last.ckpt
 # ---- counterfactual validation: retrains on subsets of the store (configs/demo/counterfactual.yaml) ----
 # Both read the queries and every method's scores from the figure1 compare run; both resume where they stopped.
 CF_ARGS ?=
-$(D)/figure1/comparison.json: $(D)/fit/last.ckpt $(D)/fisher.safetensors $(CFG)/compare.yaml
+$(D)/figure1/comparison.json: $(D)/fit/last.ckpt $(D)/fisher.safetensors $(D)/index/index.json $(CFG)/compare.yaml
 	$(MA) compare --config $(CFG)/compare.yaml $(RUN)
 
 lds: venv $(D)/figure1/comparison.json

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("WANDB_SILENT", "true")  # wandb's banner lines; runs still go to runs/wandb
     warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI.s args parameter.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")

@@ -116,7 +116,7 @@ def open_wandb(name: str, config: dict[str, Any], enabled: bool = True, save_dir
 
     os.makedirs(save_dir, exist_ok=True)
     mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
-    return wandb.init(project="musicattr", name=name, config=config, dir=save_dir, mode=mode, reinit=True)
+    return wandb.init(project="musicattr", name=name, config=config, dir=save_dir, mode=mode, reinit="finish_previous")
 
 
 def generate_audio(module, ae, text_emb: torch.Tensor, seconds: list[float], max_frames: int,
