@@ -13,11 +13,13 @@ from musicattr.data.audio_folder import AudioFolderDataset, read_audio, scan_aud
 
 
 def split_held_back(rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
-    """(training rows, up to ``n`` held-back rows), evenly spread over the rows whose caption is unique."""
+    """(training rows, up to ``n`` held-back rows), evenly spread over the rows whose caption is unique; never
+    more than a quarter of the rows, so a small folder still trains on most of its tracks."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["caption"]] = counts.get(r["caption"], 0) + 1
     unique = [i for i, r in enumerate(rows) if counts[r["caption"]] == 1]
+    n = min(n, len(rows) // 4)
     step = max(1, len(unique) // max(n, 1))
     held = set(unique[::step][:n]) if n > 0 else set()
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
@@ -35,6 +37,9 @@ class AudioCropDataModule(L.LightningDataModule):
         crop = int(h.crop_seconds * h.sample_rate)
         rows, _ = scan_audio_folder(h.folder, h.sample_rate, h.channels, crop, h.strict)
         train, self.held_back_rows = split_held_back(rows, h.held_back)
+        if not train:
+            raise ValueError(f"{h.folder}: no usable audio to train the autoencoder on; fix: check the folder's "
+                             "metadata and audio (see the skipped files above)")
         self.train_set = AudioFolderDataset(train, h.sample_rate, h.channels, crop, crop_samples=crop)
 
     def held_back_tracks(self) -> list[torch.Tensor]:

@@ -89,3 +89,14 @@ def test_export_and_reload_give_the_same_model(tmp_path):
     # the fingerprint follows the audio content
     sf.write(folder / "audio" / "a.wav", np.full(SR, 0.1, np.float32), SR)
     assert folder_fingerprint(folder) != recipe["audio_folder_fingerprint"]
+
+
+def test_held_back_tracks_have_unique_captions_and_leave_most_for_training():
+    from musicattr.data.audio_datamodule import split_held_back
+
+    rows = [{"caption": f"c{i}", "file_name": f"{i}.wav"} for i in range(40)]
+    rows += [{"caption": "planted", "file_name": f"p{j}.wav"} for j in range(8)]  # copies share a caption
+    train, held = split_held_back(rows, 16)
+    assert len(held) == 12 and all(r["caption"] != "planted" for r in held)  # a quarter of 48 rows
+    assert len(train) + len(held) == len(rows) and not {r["file_name"] for r in train} & {r["file_name"] for r in held}
+    assert split_held_back(rows[:6], 16)[1] == rows[:6][:1]
