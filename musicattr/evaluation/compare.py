@@ -230,7 +230,7 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         summary.update({f"recall_{c}": float(planted[c].mean()) for c in planted.columns if "@" in c})
         summary["planted_queries"] = len(planted)
     columns = [c for c in match_columns if any(f"|{c}]" in k for k in per_query.columns)]
-    summary.update({k: float(per_query[k].mean()) for k in per_query.columns if k.startswith("pct[")})
+    summary.update({k: float(per_query[k].mean()) for k in per_query.columns if k.startswith(("pct[", "base["))})
     match = match_markdown(per_query, list(methods), columns)
     atomic_write_text(out / "attribute_match.md",
                       "Rank percentile of the training tracks that share the prompt's attribute (0% = top, chance "

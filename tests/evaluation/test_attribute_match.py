@@ -31,10 +31,17 @@ def test_rank_percentile_top_bottom_and_chance():
 def test_query_percentiles_and_markdown():
     tables = {"unlearning": table(["a", "c", "b", "d", "e"]), "random": table(["e", "d", "b", "c", "a"])}
     row = query_percentiles(tables, META, {"instrument": "flute"})
-    assert row == {"pct[unlearning|instrument]": 0.125, "pct[random|instrument]": 0.875}
+    assert row["pct[unlearning|instrument]"] == 0.125 and row["pct[random|instrument]"] == 0.875
+    assert row["base[instrument]"] == 0.4  # 2 of the 5 tracks are flute tracks; a top 10 of 5 holds all
+    assert row["top10[unlearning|instrument]"] == 0.4
+    from musicattr.evaluation.attribute_match import top_share
+
+    assert top_share(tables["unlearning"], META, "instrument", "flute", k=2) == 1.0
+    assert top_share(tables["random"], META, "instrument", "flute", k=2) == 0.0
     per_query = pd.DataFrame([{**row, "planted_group": None}])
     md = match_markdown(per_query, ["unlearning", "random"], ["instrument"])
-    assert "| unlearning | 12.5% (n=1) | - | - |" in md and "| random | 87.5% (n=1) |" in md
+    assert "| unlearning | 12.5% (n=1) | 40% | - | - |" in md and "| random | 87.5% (n=1) |" in md
+    assert "| chance | 50% | 40% |" in md
 
 
 def test_nearest_centroid_and_binomial():
