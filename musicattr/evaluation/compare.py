@@ -231,10 +231,14 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         summary["planted_queries"] = len(planted)
     columns = [c for c in match_columns if any(f"|{c}]" in k for k in per_query.columns)]
     summary.update({k: float(per_query[k].mean()) for k in per_query.columns if k.startswith(("pct[", "base["))})
-    match = match_markdown(per_query, list(methods), columns)
+    match = "".join(f"\n{title} ({len(sub)}):\n\n" + match_markdown(sub, list(methods), columns)
+                    for title, sub in (("All queries", per_query),
+                                       ("Generated from new prompts", per_query[per_query["kind"] == "generated"]),
+                                       ("Planted prompts", per_query[per_query["kind"] == "planted"])) if len(sub))
     atomic_write_text(out / "attribute_match.md",
-                      "Rank percentile of the training tracks that share the prompt's attribute (0% = top, chance "
-                      "50%), and planted recall, per method:\n\n" + match)
+                      "Per method: the mean rank percentile of the training tracks that share the prompt's attribute "
+                      "(0% = top, chance 50%), the share of the top 10 that match (chance: the base rate), and "
+                      "planted recall.\n" + match)
     print(match, flush=True)
     atomic_write_json(out / "comparison.json", summary)
     log.info(json.dumps(summary, indent=2))
