@@ -202,8 +202,9 @@ def main(argv=None) -> int:
     out = Path(args.out or root / "index_fidelity")
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    from musicattr.cli import quiet_lightning
+
+    quiet_lightning()
     from musicattr.attribution.query import open_query
     from musicattr.data.latent_store import LatentStore
     from musicattr.evaluation.fidelity import agreement
