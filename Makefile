@@ -143,7 +143,7 @@ $(D)/figure1/comparison.json: $(D)/fit/last.ckpt $(D)/fisher.safetensors $(D)/in
 	$(MA) compare --config $(CFG)/compare.yaml $(RUN)
 
 lds: venv $(D)/figure1/comparison.json
-	$(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[lds]' $(CF_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[lds]' $(CF_ARGS)
 
 leave-k-out: venv $(D)/figure1/comparison.json
-	$(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[leave-k-out]' $(CF_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[leave-k-out]' $(CF_ARGS)

@@ -85,7 +85,7 @@ def parse_args(argv=None):
                    help="no demo run: random latent store + random-init demo DiT (labelled synthetic)")
     p.add_argument("--skip", default="",
                    help="comma-separated sections to skip: matmul,scoring,ddp,fisher,unlearn,index")
-    p.add_argument("--index-k", type=int, default=16384, help="sketch size of the index section")
+    p.add_argument("--index-k", type=int, default=32768, help="sketch size of the index section")
     p.add_argument("--index-items", type=int, default=None, help="items of the index section (and 4x; default 16, "
                                                                   "quick 4)")
     p.add_argument("--index-draws", type=int, default=None, help="T of the index section (default 32 as "
