@@ -4,10 +4,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+
+_TEMPORARY = re.compile(r"\.\d+-[0-9a-f]{8}\.tmp(\.[^.]*)?$")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for a temporary name of ``atomic_path`` / ``atomic_dir`` (``x.parquet.<pid>-<id>.tmp.parquet``): a
+    write in progress, or the leftover of one killed by kill -9. Globs over finished files skip these."""
+    return bool(_TEMPORARY.search(Path(path).name))
+
+
+def finished(paths) -> list[Path]:
+    """The paths of a glob that are finished files, not temporaries of a write in progress or killed."""
+    return sorted(Path(p) for p in paths if not is_temporary(p))
 
 
 @contextlib.contextmanager

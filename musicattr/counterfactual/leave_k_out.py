@@ -32,7 +32,12 @@ def with_increase(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(per: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: mean increase, its spread over seeds, the ratio to random-K and the win rate."""
+    """One row per method: mean increase, its spread over seeds, the ratio to random-K, the excess over random-K
+    and the win rate.
+
+    ratio = mean increase / mean random-K increase, defined only when random-K's mean increase is positive (a
+    ratio to a loss that removal did not raise, or lowered, says nothing); excess = mean over (query, seed) of
+    increase - random-K's increase, paired."""
     random = per[per["method"] == RANDOM].set_index(["query_id", "seed"])["increase"]
     random_mean = float(random.mean()) if len(random) else float("nan")
     rows = []
@@ -43,7 +48,10 @@ def summarize(per: pd.DataFrame) -> pd.DataFrame:
         row = {"method": method, "queries": g["query_id"].nunique(), "seeds": g["seed"].nunique(),
                "increase": float(g["increase"].mean()), "increase_pct": float(g["increase_pct"].mean()),
                "increase_seed_std": float(by_seed.std(ddof=1)) if len(by_seed) > 1 else float("nan"),
-               "ratio_to_random": float(g["increase"].mean()) / random_mean if random_mean else float("nan"),
+               "ratio_to_random": (float(g["increase"].mean()) / random_mean if random_mean > 0
+                                   else float("nan")),
+               "excess_over_random": (float((paired.loc[common] - random.loc[common]).mean())
+                                      if len(common) else float("nan")),
                "wins_over_random": (float((paired.loc[common] > random.loc[common]).mean())
                                     if len(common) and method != RANDOM else float("nan"))}
         if "chroma" in g and g["chroma"].notna().any():

@@ -93,15 +93,16 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 def methods_markdown(table: pd.DataFrame, header: str) -> str:
     lines = [header, "", "| method | LDS | ± s.e. | LDS generated | LDS planted | LDS training | top-K loss increase "
-             "| ± over seeds | increase % | ratio to random-K | wins over random-K | planted chroma (theta0') |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ± over seeds | increase % | ratio to random-K | excess over random-K | wins over random-K "
+             "| planted chroma (theta0') |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in table.to_dict("records"):
         chroma = f"{_fmt(d.get('planted_chroma'))} ({_fmt(d.get('planted_chroma_reference'))})" \
             if np.isfinite(d.get("planted_chroma", np.nan)) else "-"
         cells = [_fmt(d.get(k)) for k in ("lds", "lds_se", "lds_generated", "lds_planted", "lds_training")]
         cells += [_fmt(d.get(k), spec) for k, spec in (("increase", ".3g"), ("increase_seed_std", ".2g"),
                                                        ("increase_pct", ".3g"), ("ratio_to_random", ".2f"),
-                                                       ("wins_over_random", ".2f"))]
+                                                       ("excess_over_random", ".3g"), ("wins_over_random", ".2f"))]
         lines.append(f"| {d['method']} | " + " | ".join(cells) + f" | {chroma} |")
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 from musicattr.parts import TableFormat
+from musicattr.atomic import finished
 
 torch.set_num_threads(1)
 
@@ -86,7 +87,7 @@ def workdir(pipe, tmp_path, copy_store: bool = False) -> Path:
 
 
 def read_parts(folder) -> pd.DataFrame:
-    return TableFormat().read(sorted(Path(folder).glob("part-*.parquet")))
+    return TableFormat().read(finished(Path(folder).glob("part-*.parquet")))  # not a killed write's temporary
 
 
 def unlearn(d, item, out, lr, num_draws=32, strategy="mixed", **kw):

@@ -120,6 +120,16 @@ def test_leave_k_out_summary_against_random():
     assert s.loc["eq1", "increase_seed_std"] == pytest.approx(np.std([0.45, 0.25], ddof=1))
     assert s.loc["eq1", "wins_over_random"] == pytest.approx(3 / 4)
     assert s.loc["eq1", "increase_pct"] == pytest.approx(35.0)
+    assert s.loc["eq1", "excess_over_random"] == pytest.approx(np.mean([0.5 - 0.1, 0.1 - 0.3, 0.4 - 0.0, 0.4 - 0.2]))
+
+
+def test_leave_k_out_ratio_undefined_when_random_k_does_not_raise_the_loss():
+    rows = pd.DataFrame([
+        {"query_id": "q0", "method": m, "seed": 0, "loss": loss, "reference_loss": 1.0, "chroma": np.nan,
+         "chroma_reference": np.nan} for m, loss in [("random", 0.98), ("eq1", 1.2)]])
+    s = summarize(with_increase(rows)).set_index("method")
+    assert np.isnan(s.loc["eq1", "ratio_to_random"])            # not -10: a ratio to a loss drop is meaningless
+    assert s.loc["eq1", "excess_over_random"] == pytest.approx(0.22)
 
 
 # ---------------------------------------------------------------------------------------------- methods, queries
