@@ -20,7 +20,7 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return bool(_TEMPORARY.search(Path(path).name))
 
 
-def finished(paths) -> list[Path]:
+def finished_files(paths) -> list[Path]:
     """The paths of a glob that are finished files, not temporaries of a write in progress or killed."""
     return sorted(Path(p) for p in paths if not is_temporary(p))
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from musicattr.atomic import atomic_path, atomic_write_json, finished
+from musicattr.atomic import atomic_path, atomic_write_json, finished_files
 
 
 class RunMismatchError(RuntimeError):
@@ -155,7 +155,7 @@ class Parts:
         atomic_write_json(key_file, key)
 
     def files(self) -> list[Path]:
-        return finished(self.folder.glob(self.format.pattern))  # a killed write's temporary is not a part
+        return finished_files(self.folder.glob(self.format.pattern))  # a killed write's temporary is not a part
 
     def done(self) -> set[int]:
         """Indices of the items some part already holds."""

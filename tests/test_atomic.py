@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from musicattr.atomic import atomic_path, finished, is_temporary
+from musicattr.atomic import atomic_path, finished_files, is_temporary
 from musicattr.parts import Parts, TableFormat
 
 
@@ -33,4 +33,4 @@ def test_parts_skip_a_killed_writes_temporary(tmp_path):
     assert parts.files() == [written]
     assert parts.done() == {0, 1}
     assert TableFormat().read(parts.files())["index"].tolist() == [0, 1]
-    assert finished([leftover, written]) == [written]
+    assert finished_files([leftover, written]) == [written]

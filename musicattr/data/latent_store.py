@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from musicattr.atomic import atomic_path, atomic_write_text, finished
+from musicattr.atomic import atomic_path, atomic_write_text, finished_files
 
 ITEM_COLUMNS = ["index", "item_id", "caption", "file_name", "valid_frames", "seconds_start",
                 "seconds_total", "duration_s"]
@@ -68,7 +68,7 @@ class LatentStoreWriter:
 
     def shard_metas(self) -> dict[str, list[dict]]:
         return {p.name[:-5]: json.loads(p.read_text())["items"]
-                for p in finished((self.root / "shards").glob("*.json"))}
+                for p in finished_files((self.root / "shards").glob("*.json"))}
 
     def done_indices(self) -> set[int]:
         return {int(it["index"]) for items in self.shard_metas().values() for it in items}
@@ -144,7 +144,7 @@ class LatentStore(torch.utils.data.Dataset):
         if not hasattr(self, "_fingerprint"):
             h = hashlib.blake2b(digest_size=8)
             for p in [self.root / "manifest.json", self.root / "index.parquet",
-                      *finished((self.root / "shards").glob("*.json"))]:
+                      *finished_files((self.root / "shards").glob("*.json"))]:
                 h.update(p.name.encode() + b"\0" + p.read_bytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint

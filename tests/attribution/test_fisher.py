@@ -23,7 +23,7 @@ from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
-from musicattr.atomic import finished
+from musicattr.atomic import finished_files
 
 torch.set_num_threads(1)
 
@@ -56,7 +56,7 @@ def run_fisher_inprocess(cwd, out, num_draws=T_DRAWS, batch_size=4, flush_every=
 
 def part_indices(parts: Path) -> dict[str, list[int]]:
     out = {}
-    for p in finished(parts.glob("part-*.safetensors")):
+    for p in finished_files(parts.glob("part-*.safetensors")):
         with safe_open(str(p), "pt") as f:
             out[p.name] = json.loads(f.metadata()["indices"])
     return out

@@ -26,7 +26,7 @@ from musicattr.attribution.unlearn import load_unlearned, loss_gradient, run_unl
 from musicattr.data.datamodules import StorePredictDataModule, collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.parts import TensorFormat
-from musicattr.atomic import finished
+from musicattr.atomic import finished_files
 
 torch.set_num_threads(1)
 
@@ -338,7 +338,8 @@ def test_killed_index_build_resumes_without_loss_or_duplicates(work, tmp_path):
     cli(index_args("killed", batch_size=1, num_draws=T_SLOW, extra=["--trainer.devices", "1"]), work)
     resumed = AttributionIndex(work / "killed")
     assert sorted(resumed.items["index"]) == list(range(N_ITEMS)) and resumed.items["index"].is_unique
-    indices = [i for p in finished((work / "killed" / "shards").glob("part-*")) for i in TensorFormat().indices(p)]
+    shards = finished_files((work / "killed" / "shards").glob("part-*"))
+    indices = [i for p in shards for i in TensorFormat().indices(p)]
     assert sorted(indices) == list(range(N_ITEMS))  # every item in exactly one shard
     full = build(work, str(tmp_path / "full"), num_draws=T_SLOW, batch_size=1, draws_per_forward=64)
     np.testing.assert_array_equal(phi_rows(resumed), phi_rows(full))

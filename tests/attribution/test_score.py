@@ -27,7 +27,7 @@ from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 from musicattr.parts import TableFormat
-from musicattr.atomic import finished
+from musicattr.atomic import finished_files
 
 torch.set_num_threads(1)
 
@@ -87,7 +87,7 @@ def workdir(pipe, tmp_path, copy_store: bool = False) -> Path:
 
 
 def read_parts(folder) -> pd.DataFrame:
-    return TableFormat().read(finished(Path(folder).glob("part-*.parquet")))  # not a killed write's temporary
+    return TableFormat().read(finished_files(Path(folder).glob("part-*.parquet")))  # no killed write's temporary
 
 
 def unlearn(d, item, out, lr, num_draws=32, strategy="mixed", **kw):
