@@ -1,7 +1,6 @@
 """Shared steps of the evaluations: training-set audio embeddings, in-process scoring, wandb runs."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from musicattr.data.audio_folder import read_metadata
 from musicattr.data.latent_store import LatentStore
 
 
@@ -23,20 +23,16 @@ def max_seconds(store: LatentStore) -> float:
 
 def planted_groups(store: LatentStore) -> dict[str, str]:
     """file_name -> planted group (the original's file_name) for tracks planted by the corpus builder."""
-    meta = store_folder(store) / "metadata.jsonl"
-    if not meta.exists():
-        return {}
-    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-    return {r["file_name"]: r["planted_group"] for r in rows if r.get("planted_group")}
+    return {f: r["planted_group"] for f, r in read_metadata_rows(store).items() if r.get("planted_group")}
 
 
 def read_metadata_rows(store: LatentStore) -> dict[str, dict]:
-    """file_name -> metadata row of the store's audio folder (metadata.jsonl), {} when there is none."""
-    path = store_folder(store) / "metadata.jsonl"
-    if not path.exists():
+    """file_name -> metadata row of the store's audio folder (``read_metadata``: metadata.jsonl or .csv), {}
+    when the folder has neither."""
+    folder = store_folder(store)
+    if not any((folder / n).is_file() for n in ("metadata.jsonl", "metadata.csv")):
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["file_name"]: r for r in rows}
+    return {r["file_name"]: r for r in read_metadata(folder)}
 
 
 def diverse_items(store: LatentStore, track_embeddings: torch.Tensor, k: int, seed: int = 0) -> list[int]:
