@@ -7,8 +7,6 @@ what is missing. Planted generations are kept as ``planted-<query id>.wav`` to l
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -16,12 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from musicattr.atomic import atomic_path, atomic_write_json
+from musicattr.atomic import atomic_write_json
 from musicattr.counterfactual.queries import Query, query_losses, queries_fingerprint
 
 if TYPE_CHECKING:
     from musicattr.data.latent_store import LatentStore
-
 
 
 def _read(path: Path) -> dict:
@@ -65,13 +62,11 @@ def measure_planted(run_dir: Path, module, queries: list[Query], store: "LatentS
                     steps: int, cfg_scale: float, seed: int) -> dict[str, float]:
     """Chroma similarity between a generation of the run's model from each planted prompt (the query's text
     embedding and duration, sampler seed ``seed``) and the planted original track."""
-    import soundfile as sf
-
     from musicattr.models.health import chroma, chroma_similarity
     from musicattr.embeddings.audio import load_audio
     from musicattr.evaluation.common import store_folder
     from musicattr.models.autoencoder_module import store_autoencoder
-    from musicattr.models.generate import load_query, sample_latents
+    from musicattr.models.generate import load_query, sample_latents, write_generation
 
     path = Path(run_dir) / "planted.json"
     cache = _read(path)
@@ -81,13 +76,11 @@ def measure_planted(run_dir: Path, module, queries: list[Query], store: "LatentS
         sr = module.sample_rate
         for q in todo:
             info = load_query(q.query_file)
-            with contextlib.redirect_stdout(io.StringIO()):  # SAT's sampler prints its seed
-                z = sample_latents(module, info["text_emb"][None].float(), info["seconds_total"],
-                                   store.latent_shape[1], steps, cfg_scale, seed)
+            z = sample_latents(module, info["text_emb"][None].float(), info["seconds_total"],
+                               store.latent_shape[1], steps, cfg_scale, seed)
             with torch.no_grad():
                 audio = ae.decode(z)[0, :, : int(info["duration_s"] * sr)].cpu()
-            with atomic_path(Path(run_dir) / f"planted-{q.query_id}.wav") as tmp:
-                sf.write(tmp, (audio / max(float(audio.abs().max()), 1e-6) * 0.9).numpy().T, sr)
+            write_generation(Path(run_dir) / f"planted-{q.query_id}.wav", audio, sr)
             original, osr = load_audio(str(store_folder(store) / q.planted_group))
             original = original[..., : math.ceil(info["duration_s"] * osr)]
             value = chroma_similarity(chroma(audio.mean(0).numpy(), sr), chroma(original.mean(0).numpy(), osr))

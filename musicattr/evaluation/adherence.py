@@ -15,7 +15,6 @@ this stage measures it before anything is attributed:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 
 from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.data.latent_store import LatentStore
-from musicattr.evaluation.common import open_wandb, read_metadata_rows, store_folder, train_audio_embeddings
+from musicattr.evaluation.common import (open_wandb, planted_groups, read_metadata_rows, store_folder,
+                                         train_audio_embeddings)
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,11 @@ def run_adherence(checkpoint: str, store: str, out_dir: str, prompts: dict[str, 
         percentile: a planted tune is regenerated when it beats this share of the other training tracks.
         audio_encoder: embeddings of the group check ('aisfx' offline; 'clap' with a checkpoint).
     """
-    import soundfile as sf
-
     from musicattr.embeddings.audio import build_audio_encoder, load_audio
     from musicattr.embeddings.text import build_text_encoder
     from musicattr.models.autoencoder_module import store_autoencoder
     from musicattr.models.diffusion_module import load_diffusion_module
-    from musicattr.models.generate import sample_latents
+    from musicattr.models.generate import sample_latents, write_generation
     from musicattr.models.health import chroma
 
     out = Path(out_dir)
@@ -103,18 +101,16 @@ def run_adherence(checkpoint: str, store: str, out_dir: str, prompts: dict[str, 
     def generate(prompt: str, seconds: float, k: int, name: str) -> np.ndarray:
         seconds = min(seconds, max_s)
         z = sample_latents(module, text.encode([prompt]), math.ceil(seconds), frames, gen_steps, cfg_scale, seed + k)
-        y = ae.decode(z)[0, 0, : int(seconds * sr)].cpu().numpy()
-        sf.write(out / "audio" / f"{name}.wav", y / max(1e-6, float(np.abs(y).max())) * 0.9, sr)
-        return y
+        y = ae.decode(z)[0, :1, : int(seconds * sr)].cpu()
+        write_generation(out / "audio" / f"{name}.wav", y, sr)
+        return y[0].numpy()
 
     report: dict[str, Any] = {"checkpoint": checkpoint, "store": store, "audio_encoder": audio_encoder,
                               "gen_steps": gen_steps, "cfg_scale": cfg_scale, "seed": seed}
     planted_rows = []
     groups = {}
-    if include_planted:
-        for f, r in meta.items():
-            if r.get("planted_group"):
-                groups.setdefault(r["planted_group"], set()).add(f)
+    for f, original in (planted_groups(s).items() if include_planted else ()):
+        groups.setdefault(original, set()).add(f)
     if groups:
         limit = int(max_s * sr)
         train_chroma = {r.file_name: chroma(load_audio(str(folder / r.file_name))[0].mean(0).numpy()[:limit], sr)

@@ -39,6 +39,13 @@ def sample_latents(module, text_emb: torch.Tensor, seconds_total: float, max_fra
                                        sampler_type=sampler_type).float()
 
 
+
+def write_generation(path: str | Path, audio: torch.Tensor, sample_rate: int) -> None:
+    """Write a generation [C, T] as a wav file, atomically, peak-normalised to 0.9 (a generation's level is
+    arbitrary)."""
+    with atomic_path(path) as tmp:
+        sf.write(tmp, (audio / max(float(audio.abs().max()), 1e-6) * 0.9).numpy().T, sample_rate)
+
 def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str], durations: list[float] | None = None,
              max_frames: int | None = None, text_encoder: str = "minilm", text_encoder_checkpoint: str | None = None,
              autoencoder_config: str | None = None, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
@@ -84,9 +91,7 @@ def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str]
         latents = sample_latents(module, text[q:q + 1], math.ceil(dur), max_frames, steps, cfg_scale, seed + q,
                                  sampler_type)
         audio = ae.decode(latents)[0, :, : int(dur * sr)].cpu()
-        peak = float(audio.abs().max())
-        with atomic_path(out / f"{name}.wav") as tmp:
-            sf.write(tmp, (audio / max(peak, 1e-6) * 0.9).numpy().T, sr)
+        write_generation(out / f"{name}.wav", audio, sr)
         valid = math.ceil(dur * sr / ratio)
         info = {"query_id": name, "caption": prompt, "duration_s": dur, "seconds_start": 0.0,
                 "seconds_total": float(math.ceil(dur)), "valid_frames": valid, "seed": seed + q,
