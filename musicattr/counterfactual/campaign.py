@@ -224,7 +224,7 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
              len(c.queries))
     measure = _Measure(c, s, store, task, seed, loss_draws, mask_loss, leave_k_out, trainer)
     if plan:
-        return estimate(out, c, rec, s, store, measure, trainer, probe_steps, checkpoint, plan_file)
+        return estimate(out, c, rec, store, measure, trainer, probe_steps, checkpoint, plan_file)
     if only is not None:
         if not 0 <= only < len(c.plan):
             raise IndexError(f"only {only}: the plan has retrains 0..{len(c.plan) - 1} (see {plan_file})")
@@ -270,21 +270,28 @@ class _Measure:
     def planted_for(self, r: PlannedRetrain) -> list[Query]:
         return self.planted if id(r) in self.lko_runs else []
 
+    def _planted_keys_of(self, planted: list[Query]) -> dict[str, dict]:
+        return {q.query_id: self.planted_keys[q.query_id] for q in planted}
+
     def done(self, run_dir: Path, r: PlannedRetrain) -> bool:
-        planted = self.planted_for(r)
         return finished(run_dir) and cached(run_dir, "losses.json", self.keys, "loss") is not None and \
-            cached(run_dir, "planted.json", {q.query_id: self.planted_keys[q.query_id] for q in planted},
-                   "chroma") is not None
+            cached(run_dir, "planted.json", self._planted_keys_of(self.planted_for(r)), "chroma") is not None
+
+    def query_losses(self, run_dir: Path) -> dict[str, float]:
+        """The query losses of the model ``task`` holds, measured into (or read from) ``run_dir``."""
+        return measure_losses(run_dir, self.task, self.c.queries, self.store_path, self.keys, self.seed,
+                              self.loss_draws, self.mask, self.device)
+
+    def planted_chroma(self, run_dir: Path, planted: list[Query]) -> None:
+        """The planted prompts' generations of the model ``task`` holds, and their chroma, into ``run_dir``."""
+        measure_planted(run_dir, self.task.model.to(self.device), planted, self.store, self._planted_keys_of(planted),
+                        self.gen["gen_steps"], self.gen["cfg_scale"], self.seed)
 
     def __call__(self, run_dir: Path, r: PlannedRetrain) -> None:
         load_task(self.task, str(run_dir / MODEL))
-        measure_losses(run_dir, self.task, self.c.queries, self.store_path, self.keys, self.seed, self.loss_draws,
-                       self.mask, self.device)
-        planted = self.planted_for(r)
-        if planted:
-            measure_planted(run_dir, self.task.model.to(self.device), planted, self.store,
-                            {q.query_id: self.planted_keys[q.query_id] for q in planted}, self.gen["gen_steps"],
-                            self.gen["cfg_scale"], self.seed)
+        self.query_losses(run_dir)
+        if self.planted_for(r):
+            self.planted_chroma(run_dir, self.planted_for(r))
 
     def theta0(self, out: Path, checkpoint: str) -> dict[str, float]:
         """The query losses of theta0 itself (for context: theta0' follows the campaign's recipe, which may be
@@ -296,8 +303,7 @@ class _Measure:
         if done is not None:
             return done
         load_task(self.task, checkpoint)
-        return measure_losses(run_dir, self.task, self.c.queries, self.store_path, self.keys, self.seed,
-                              self.loss_draws, self.mask, self.device)
+        return self.query_losses(run_dir)
 
     def losses(self, run_dir: Path) -> dict[str, float]:
         return cached(run_dir, "losses.json", self.keys, "loss")
@@ -353,7 +359,7 @@ def run_all(out: Path, c: Campaign, recipe: Recipe, store: str, measure: _Measur
             logging.getLogger(name).setLevel(level)
 
 
-def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_path: str, measure: _Measure,
+def estimate(out: Path, c: Campaign, recipe: Recipe, store_path: str, measure: _Measure,
              trainer: dict | None, probe_steps: int, checkpoint: str, plan_file: Path) -> dict:
     """Time a short fit of the recipe (``probe_steps`` steps after 2 warm-up steps), one measurement of the query
     losses and one planted generation (both on theta0), and estimate the campaign's run time from them:
@@ -386,15 +392,11 @@ def estimate(out: Path, c: Campaign, recipe: Recipe, store: LatentStore, store_p
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         load_task(measure.task, checkpoint)
-        measure_losses(Path(tmp), measure.task, c.queries, store_path, measure.keys, measure.seed, measure.loss_draws,
-                       measure.mask, measure.device)
+        measure.query_losses(Path(tmp))
         per_losses = time.perf_counter() - t0
         if measure.planted:
-            q = measure.planted[0]
             t0 = time.perf_counter()
-            measure_planted(Path(tmp), measure.task.model.to(measure.device), [q], store,
-                            {q.query_id: measure.planted_keys[q.query_id]}, measure.gen["gen_steps"],
-                            measure.gen["cfg_scale"], measure.seed)
+            measure.planted_chroma(Path(tmp), measure.planted[:1])
             per_generation = time.perf_counter() - t0
     fits = sum(not finished(c.run_dir(out, r)) for r in c.plan)
     todo = [r for r in c.plan if not measure.done(c.run_dir(out, r), r)]
