@@ -68,7 +68,8 @@ class IndexModule(L.LightningModule):
     def __init__(self, checkpoint: str, fisher: str, out: str, task: AttributionTask | None = None,
                  target: str = "all", damping: float = 1e-3, num_draws: int = 32, seed: int = 0,
                  mask_loss: bool = False, draws_per_forward: int = 32, k: int | None = 32768,
-                 projection: str = "sketch", projection_seed: int = 0, flush_every: int = 10, overwrite: bool = False, write_caches: bool = True):
+                 projection: str = "sketch", projection_seed: int = 0, flush_every: int = 10,
+                 overwrite: bool = False, write_caches: bool = True):
         """Args: ``fisher`` the diagonal Fisher of ``checkpoint``; ``target`` the tensors (a layer group or regex;
         as the unlearning target); ``damping`` lambda = damping * mean(F) (as Eq. 2); ``num_draws`` T, ``seed`` and
         ``mask_loss`` M_L: the scoring draws of Eq. 1; ``draws_per_forward`` draws per forward (>= T: the item's

@@ -1,7 +1,8 @@
 """The attribution methods a campaign validates: a method is a named table of scores per query.
 
 Each method names a Parquet table per query (``table``, with ``{query_id}`` for the query's id; a relative
-path is under the compare run, so another compare run beside it is ``../figure1-clap/queries/...``) and the column holding its score (``column``, default ``score``), e.g.
+path is under the compare run, so another compare run beside it is ``../figure1-clap/queries/...``) and the
+column holding its score (``column``, default ``score``), e.g.
 
     - {name: unlearning, table: "queries/{query_id}/unlearning/scores.parquet"}                 # Eq. 1
     - {name: unlearning-relative, table: "queries/{query_id}/unlearning/scores.parquet", column: relative_score}

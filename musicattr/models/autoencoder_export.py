@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from musicattr.atomic import atomic_write_text
+from musicattr.atomic import atomic_path, atomic_write_text
+from musicattr.models.health import HEALTH_FILE
 
 
 def folder_fingerprint(folder: str | Path) -> str:
@@ -52,12 +53,13 @@ def export_autoencoder(checkpoint: str, out_dir: str, folder: str, config: str |
     out.mkdir(parents=True, exist_ok=True)
     weights = {k[len("autoencoder."):]: v.contiguous() for k, v in ckpt["state_dict"].items()
                if k.startswith("autoencoder.")}
-    save_file(weights, str(out / "weights.safetensors"))
-    (out / "weights.safetensors").chmod(0o644)
+    with atomic_path(out / "weights.safetensors") as tmp:
+        save_file(weights, str(tmp))
+        tmp.chmod(0o644)
     atomic_write_text(out / "config.json", json.dumps(hp["model_config"], indent=2))
-    health = Path(checkpoint).with_name("health.json")
+    health = Path(checkpoint).with_name(HEALTH_FILE)
     if health.exists():
-        shutil.copyfile(health, out / "health.json")
+        shutil.copyfile(health, out / HEALTH_FILE)
     recipe = {"checkpoint": Path(checkpoint).name, "global_step": int(ckpt.get("global_step", -1)),
               "hyper_parameters": {k: v for k, v in hp.items() if k not in ("model_config", "_instantiator")},
               "training_config_file": config, "training_config": Path(config).read_text() if config else None,

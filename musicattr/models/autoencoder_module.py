@@ -23,15 +23,12 @@ import lightning as L
 import torch
 
 from musicattr.atomic import atomic_write_text
-from musicattr.models.health import check_reconstruction, reconstruction_health
-
+from musicattr.models.health import HEALTH_FILE, check_reconstruction, reconstruction_health
 from musicattr.models.spectrogram import LogMel
 from musicattr.models.sat import build_autoencoder, init_kwargs, load_state_dict_checked, read_state_dict
 
 
 log = logging.getLogger(__name__)
-
-HEALTH_FILE = "health.json"
 
 
 class AutoencoderModule(L.LightningModule):

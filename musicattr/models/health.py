@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MIN_SPREAD = 0.1
 MIN_CHROMA_MARGIN = 0.1
+HEALTH_FILE = "health.json"  # the reconstruction report, beside an autoencoder's checkpoint or weights
 
 
 def chroma(audio: np.ndarray, sample_rate: int, silence_db: float = -40.0) -> np.ndarray:
@@ -125,13 +126,15 @@ def record_store_health(store_root, autoencoder: str | None = None, use_wandb: b
     import json
     from pathlib import Path
 
-    from musicattr.data.latent_store import LatentStore, atomic_write_text
+    from musicattr.atomic import atomic_write_text
+    from musicattr.data.latent_store import LatentStore
 
     store = LatentStore(store_root)
-    frames = (store[i]["latents"][:, : max(1, store[i]["valid_frames"])] for i in range(len(store)))
+    items = (store[i] for i in range(len(store)))
+    frames = (it["latents"][:, : max(1, it["valid_frames"])] for it in items)
     health: dict = {"latent_spread": latent_spread(frames), "items": len(store)}
     check_spread(health["latent_spread"], str(autoencoder or store_root))
-    beside = Path(autoencoder).with_name("health.json") if autoencoder else None
+    beside = Path(autoencoder).with_name(HEALTH_FILE) if autoencoder else None
     if beside is not None and beside.exists():
         health["reconstruction"] = json.loads(beside.read_text())
     manifest_path = Path(store_root) / "manifest.json"
