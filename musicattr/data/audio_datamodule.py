@@ -28,14 +28,14 @@ def split_held_back(rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
 class AudioCropDataModule(L.LightningDataModule):
     def __init__(self, folder: str, sample_rate: int = 16000, channels: int = 1, crop_seconds: float = 1.0,
                  batch_size: int = 8, num_workers: int = 0, strict: bool = False, held_back: int = 16,
-                 max_seconds: float = 16.384):
+                 max_seconds: float = 16.384, allow_outside: bool = False):
         super().__init__()
         self.save_hyperparameters()
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         crop = int(h.crop_seconds * h.sample_rate)
-        rows, _ = scan_audio_folder(h.folder, h.sample_rate, h.channels, crop, h.strict)
+        rows, _ = scan_audio_folder(h.folder, h.sample_rate, h.channels, crop, h.strict, h.allow_outside)
         train, self.held_back_rows = split_held_back(rows, h.held_back)
         if not train:
             raise ValueError(f"{h.folder}: no usable audio to train the autoencoder on; fix: check the folder's "

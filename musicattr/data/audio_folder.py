@@ -4,6 +4,9 @@ A folder holds audio files plus ``metadata.jsonl`` (or ``metadata.csv``) with at
 least the columns ``file_name`` (relative to the folder) and ``caption``. Every row
 is validated up front; bad rows are skipped with a message naming the file, the
 problem and the fix (or, with ``strict=True``, all of them are raised at once).
+A ``file_name`` that leaves the folder (absolute, or ``..`` after normalisation) is
+refused unless ``allow_outside=True``; symlinks inside the folder are followed. Two
+rows naming the same file (same device and inode) are duplicates.
 
 Items are loaded like stable-audio-tools' ``PadCrop_Normalized_T`` with the crop at
 offset 0: crop/zero-pad to ``max_samples``, ``seconds_start = 0`` and
@@ -15,7 +18,11 @@ import csv
 import json
 import logging
 import math
+import os
+import sys
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,19 +109,75 @@ def _read_csv(path: Path) -> list[dict]:
         return [dict(r) for r in reader]
 
 
-def read_metadata(folder: str | Path) -> list[dict]:
-    """Rows of ``folder/metadata.jsonl`` (preferred) or ``folder/metadata.csv``."""
+def metadata_path(folder: str | Path) -> Path:
+    """``folder/metadata.jsonl`` (preferred) or ``folder/metadata.csv``, else MetadataError."""
     folder = Path(folder)
-    if (folder / "metadata.jsonl").is_file():
-        return _read_jsonl(folder / "metadata.jsonl")
-    if (folder / "metadata.csv").is_file():
-        return _read_csv(folder / "metadata.csv")
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if (folder / name).is_file():
+            return folder / name
     raise MetadataError(f"{folder}: no metadata.jsonl or metadata.csv found; fix: add "
                         "metadata.jsonl with one line per file, e.g. "
                         '{"file_name": "audio/a.wav", "caption": "solo piano, slow"}')
 
 
+def read_metadata(folder: str | Path) -> list[dict]:
+    """Rows of ``folder/metadata.jsonl`` (preferred) or ``folder/metadata.csv``."""
+    path = metadata_path(folder)
+    return _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+
+
 # --------------------------------------------------------------------------- audio checks
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: int | None = None
+
+
+def _flush_stderr() -> None:
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+@contextmanager
+def quiet_c_stderr():
+    """Point file descriptor 2 at /dev/null inside the block, restoring it afterwards.
+
+    Silences what C libraries print while decoding (mpg123's "Note: Illegal
+    Audio-MPEG-Header ..." on corrupt mp3s); Python exceptions are unaffected.
+    Nesting and concurrent threads are safe: the first entrant redirects, the last restores.
+    """
+    global _quiet_depth, _quiet_saved
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _flush_stderr()
+            try:
+                saved = os.dup(2)
+            except OSError:  # no fd 2: nothing to silence
+                saved = None
+            if saved is not None:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, 2)
+                except OSError:
+                    os.close(saved)
+                    raise
+                finally:
+                    os.close(devnull)
+            _quiet_saved = saved
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_saved is not None:
+                _flush_stderr()
+                os.dup2(_quiet_saved, 2)
+                os.close(_quiet_saved)
+                _quiet_saved = None
+
+
 def _bad(name, problem, fix) -> BadAudioError:
     return BadAudioError(BadItem(str(name), problem, fix))
 
@@ -156,12 +219,13 @@ def check_audio_file(path: str | Path, name: str | None = None):
     path, name = Path(path), name or str(path)
     _check_path(path, name)
     try:
-        info = sf.info(str(path))
-        peak, finite = 0.0, True
-        for block in sf.blocks(str(path), blocksize=1 << 18, dtype="float32", always_2d=True):
-            finite = finite and bool(np.isfinite(block).all())
-            if finite and block.size:
-                peak = max(peak, float(np.abs(block).max()))
+        with quiet_c_stderr():
+            info = sf.info(str(path))
+            peak, finite = 0.0, True
+            for block in sf.blocks(str(path), blocksize=1 << 18, dtype="float32", always_2d=True):
+                finite = finite and bool(np.isfinite(block).all())
+                if finite and block.size:
+                    peak = max(peak, float(np.abs(block).max()))
     except (RuntimeError, ValueError, sf.LibsndfileError) as e:
         raise _unreadable(name, e) from e
     _check_content(name, info.frames if info.samplerate > 0 else 0, finite, peak)
@@ -186,7 +250,8 @@ def read_audio(path: str | Path, sample_rate: int, channels: int,
     path, name = Path(path), name or str(path)
     _check_path(path, name)
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with quiet_c_stderr():
+            data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, ValueError, sf.LibsndfileError) as e:
         raise _unreadable(name, e) from e
     finite = bool(np.isfinite(data).all())
@@ -220,13 +285,34 @@ def seconds_total(num_samples: int, sample_rate: int) -> int:
 
 
 # --------------------------------------------------------------------------- folder scan
-def _row_problem(row: dict, i: int, seen: dict) -> BadItem | None:
-    """Metadata-level checks of one row (value present, unique, caption non-empty)."""
+def _outside(name: str) -> bool:
+    """Lexically leaves the folder: absolute, or starts with '..' once normalised."""
+    norm = os.path.normpath(name)
+    return os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep)
+
+
+def _file_key(folder: Path, name: str):
+    """Identity of the named file: (st_dev, st_ino) when it exists, else its normalised name."""
+    try:
+        st = os.stat(folder / name)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("name", Path(os.path.normpath(name)).as_posix())
+
+
+def _row_problem(row: dict, i: int, seen: dict, folder: Path, meta: Path,
+                 allow_outside: bool = False) -> BadItem | None:
+    """Metadata-level checks of one row (value present, inside the folder, unique, caption)."""
     name = row.get("file_name")
     if not isinstance(name, str) or not name.strip():
         return BadItem(f"<metadata row {i + 1}>", "missing file_name value",
                        "fill in the path of the audio file relative to the folder")
-    key = Path(name.strip()).as_posix()
+    if not allow_outside and _outside(name.strip()):
+        return BadItem(name, f"file_name outside the folder (row {i + 1} of {meta} points "
+                       f"outside {folder})",
+                       "move the file into the folder and give its path relative to the folder, or pass "
+                       "allow_outside (`musicattr encode --model.allow_outside true`) to read it from where it is")
+    key = _file_key(folder, name.strip())
     if key in seen:
         return BadItem(name, f"duplicate file_name (first listed on row {seen[key] + 1})",
                        "list each file once; keep one caption per file")
@@ -238,18 +324,21 @@ def _row_problem(row: dict, i: int, seen: dict) -> BadItem | None:
 
 
 def scan_audio_folder(folder: str | Path, sample_rate: int, channels: int, max_samples: int,
-                      strict: bool = False) -> tuple[list[dict], list[BadItem]]:
+                      strict: bool = False,
+                      allow_outside: bool = False) -> tuple[list[dict], list[BadItem]]:
     """Validate every row of an AudioFolder; return (good rows, bad items).
 
     Good rows keep all metadata columns and gain ``path`` (absolute), ``duration_s``,
     ``orig_sample_rate``, ``orig_channels``, ``num_samples`` (at ``sample_rate``),
     ``valid_samples`` and ``seconds_total``. Each bad item prints a warning line;
-    ``strict=True`` raises BadInputError listing them all instead.
+    ``strict=True`` raises BadInputError listing them all instead. ``allow_outside=True``
+    accepts file_names that leave the folder (absolute or with ``..``).
     """
     folder = Path(folder).resolve()
+    meta = metadata_path(folder)
     good, bad, seen = [], [], {}
     for i, row in enumerate(read_metadata(folder)):
-        item = _row_problem(row, i, seen)
+        item = _row_problem(row, i, seen, folder, meta, allow_outside)
         if item is None:
             name = row["file_name"].strip()
             path = folder / name
@@ -301,9 +390,11 @@ class AudioFolderDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_folder(cls, folder: str | Path, sample_rate: int, channels: int, max_samples: int,
-                    strict: bool = False, skip_report: str | Path | None = None, **kwargs):
+                    strict: bool = False, skip_report: str | Path | None = None,
+                    allow_outside: bool = False, **kwargs):
         """Scan a folder (optionally writing a skip report) and build the dataset."""
-        rows, bad = scan_audio_folder(folder, sample_rate, channels, max_samples, strict)
+        rows, bad = scan_audio_folder(folder, sample_rate, channels, max_samples, strict,
+                                      allow_outside)
         if skip_report is not None:
             write_skip_report(skip_report, bad)
         return cls(rows, sample_rate, channels, max_samples, **kwargs)

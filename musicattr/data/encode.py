@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 class EncodeModule(L.LightningModule):
     def __init__(self, folder: str, store: str, autoencoder: str, autoencoder_config: str | None = None,
                  text_encoder: str = "minilm", text_encoder_checkpoint: str | None = None, max_frames: int = 128,
-                 batch_size: int = 8, num_workers: int = 0, strict: bool = False, shard_size: int = 256):
+                 batch_size: int = 8, num_workers: int = 0, strict: bool = False, shard_size: int = 256,
+                 allow_outside: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.ae = load_autoencoder(autoencoder, autoencoder_config)
@@ -49,7 +50,7 @@ class EncodeModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.rows, bad = scan_audio_folder(self.hparams.folder, self.sample_rate, self.channels, self.max_samples,
-                                           self.hparams.strict)
+                                           self.hparams.strict, self.hparams.allow_outside)
         self.writer = LatentStoreWriter(self.hparams.store, self.manifest if self.trainer.is_global_zero else None)
         if self.trainer.is_global_zero:
             report = write_skip_report(Path(self.hparams.store) / "skipped.json", bad)

@@ -25,7 +25,6 @@ from musicattr.models.sat import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 from musicattr.atomic import finished_files
 
-torch.set_num_threads(1)
 
 N_ITEMS, T_DRAWS = 12, 3
 ROOT = Path(__file__).resolve().parents[2]
@@ -293,6 +292,7 @@ def test_resume_with_every_part_present_only_merges(work, tmp_path):
         assert torch.equal(a[k], b[k])
 
 
+@pytest.mark.paths
 def test_inprocess_batching_does_not_change_the_fisher(work, tmp_path):
     d = tmp_path / "w"
     _copy_inputs(work, d)
@@ -301,6 +301,7 @@ def test_inprocess_batching_does_not_change_the_fisher(work, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.paths
 def test_ddp_two_cpu_processes_match_one(work, tmp_path):
     d = tmp_path / "w"
     _copy_inputs(work, d)

@@ -14,7 +14,6 @@ from musicattr.models.sat_task import SAT_GROUPS as TARGET_GROUPS
 def select_parameters(net, target):
     return layer_groups.select_parameters(net, target, TARGET_GROUPS)
 
-torch.set_num_threads(1)
 
 DEPTH = 2
 BLOCK = ["pre_norm.gamma", "self_attn.to_qkv.weight", "self_attn.to_out.weight", "cross_attend_norm.gamma",

@@ -15,7 +15,6 @@ from musicattr.attribution.task import AttributionTask
 from musicattr.data.datamodules import collate_items
 from musicattr.models.sat_task import SATDiffusionTask
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +77,7 @@ def test_draw_seed_is_not_item_id_collision_prone():
 # ---------------------------------------------------------------- item_loss independence of batching
 
 
+@pytest.mark.paths
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_item_loss_same_alone_or_in_batch(setup, use_mask):
     task, store = setup

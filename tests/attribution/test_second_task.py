@@ -16,7 +16,6 @@ from musicattr.attribution.unlearn import load_unlearned, run_unlearn
 from musicattr.data.latent_store import LatentStore
 from eps_task import EpsilonTask, TinyDenoiser, save_eps_checkpoint
 
-torch.set_num_threads(1)
 
 N_ITEMS, T_FISHER, K_UNLEARN, T_SCORE = 8, 3, 6, 4
 TASK = "eps_task.EpsilonTask"

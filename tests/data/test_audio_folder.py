@@ -1,5 +1,6 @@
 """Tests of bring-your-own audio folder ingestion (musicattr.data.audio_folder)."""
 import json
+import os
 import math
 
 import numpy as np
@@ -9,7 +10,6 @@ import torch
 
 from musicattr.data import audio_folder as af
 
-torch.set_num_threads(1)
 SR = 16000
 
 
@@ -197,3 +197,116 @@ def test_rendered_corpus_is_ingestible(tmp_path):
     it = ds[0]
     assert it["audio"].shape == (1, 3 * SR) and 0 < it["valid_samples"] <= 3 * SR
     assert it["seconds_total"] == math.ceil(good[0]["duration_s"])
+
+
+def _folder_with(root, rows):
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_file_name_outside_the_folder_is_refused(tmp_path):
+    data = tmp_path / "data"
+    (data / "audio").mkdir(parents=True)
+    sf.write(data / "audio/a.wav", _tone(SR), SR)
+    sf.write(tmp_path / "outside.wav", _tone(SR), SR)
+    outside = ["../outside.wav", str(tmp_path / "outside.wav"), "audio/../../outside.wav",
+               "/elsewhere/x.wav"]
+    _folder_with(data, [{"file_name": "audio/a.wav", "caption": "in"}]
+                 + [{"file_name": n, "caption": "out"} for n in outside])
+    good, bad = af.scan_audio_folder(data, SR, 1, SR)
+    assert [r["file_name"] for r in good] == ["audio/a.wav"]
+    assert [b.file_name for b in bad] == outside
+    meta = str(data.resolve() / "metadata.jsonl")
+    for row, b in enumerate(bad, 2):
+        assert b.problem.startswith("file_name outside the folder")
+        assert f"row {row} of {meta}" in b.message() and "--model.allow_outside true" in b.fix
+        assert "move the file into the folder" in b.fix
+    with pytest.raises(af.BadInputError, match="audio/../../outside.wav: file_name outside"):
+        af.scan_audio_folder(data, SR, 1, SR, strict=True)
+    rep = af.write_skip_report(tmp_path / "skipped.json", bad)
+    assert rep["by_problem"] == {"file_name outside the folder": 4}
+
+    good, bad = af.scan_audio_folder(data, SR, 1, SR, allow_outside=True)  # opt in
+    assert [r["file_name"] for r in good] == ["audio/a.wav", "../outside.wav"]
+    assert good[1]["path"] == str(data.resolve() / "../outside.wav")
+    assert [(b.file_name, b.problem.split(" (")[0]) for b in bad] == [
+        (outside[1], "duplicate file_name"), (outside[2], "duplicate file_name"),
+        ("/elsewhere/x.wav", "file not found")]
+    ds = af.AudioFolderDataset.from_folder(data, SR, 1, SR, allow_outside=True)
+    assert len(ds) == 2 and ds[1]["valid_samples"] == SR
+    assert len(af.AudioFolderDataset.from_folder(data, SR, 1, SR)) == 1
+
+
+def test_symlinks_inside_the_folder_are_allowed(tmp_path):
+    """Like the Hugging Face cache: files and folders inside are symlinks to blobs elsewhere."""
+    blobs, data = tmp_path / "blobs", tmp_path / "data"
+    blobs.mkdir()
+    (data / "audio").mkdir(parents=True)
+    sf.write(blobs / "b1", _tone(SR), SR, format="WAV")
+    sf.write(blobs / "dir_b.flac", _tone(SR // 2), SR)
+    os.symlink(blobs / "b1", data / "audio/linked.wav")
+    os.symlink(blobs, data / "linked_dir")
+    _folder_with(data, [{"file_name": "audio/linked.wav", "caption": "file link"},
+                        {"file_name": "linked_dir/dir_b.flac", "caption": "dir link"}])
+    good, bad = af.scan_audio_folder(data, SR, 1, SR, strict=True)
+    assert bad == [] and [r["num_samples"] for r in good] == [SR, SR // 2]
+    assert good[0]["path"] == str(data.resolve() / "audio/linked.wav")
+
+
+def test_same_file_under_two_names_is_a_duplicate(tmp_path):
+    a = tmp_path / "audio"
+    a.mkdir()
+    for n in ("a.wav", "b.wav", "c.wav"):
+        sf.write(a / n, _tone(SR), SR)
+    os.symlink(a / "b.wav", a / "link1.wav")
+    os.symlink("b.wav", a / "link2.wav")  # relative link, same target
+    os.symlink(a / "c.wav", a / "to_c.wav")
+    names = ["audio/a.wav", "audio/../audio/a.wav", "audio/./a.wav",  # rows 1-3
+             "audio/link1.wav", "audio/link2.wav", "audio/b.wav",  # rows 4-6: links then target
+             "audio/c.wav", "audio/to_c.wav"]  # rows 7-8: target then link
+    _folder_with(tmp_path, [{"file_name": n, "caption": f"row {i}"} for i, n in enumerate(names)])
+    good, bad = af.scan_audio_folder(tmp_path, SR, 1, SR)
+    assert [r["file_name"] for r in good] == ["audio/a.wav", "audio/link1.wav", "audio/c.wav"]
+    first = {"audio/../audio/a.wav": 1, "audio/./a.wav": 1, "audio/link2.wav": 4,
+             "audio/b.wav": 4, "audio/to_c.wav": 7}
+    assert [b.file_name for b in bad] == list(first)
+    for b in bad:  # exactly the existing duplicate report
+        assert b.problem == f"duplicate file_name (first listed on row {first[b.file_name]})"
+        assert b.fix == "list each file once; keep one caption per file"
+    rep = af.write_skip_report(tmp_path / "r.json", bad)
+    assert rep["by_problem"] == {"duplicate file_name": 5}
+
+
+def test_corrupt_mp3_does_not_leak_mpg123_notes(tmp_path, capfd):
+    rng = np.random.default_rng(0)
+    (tmp_path / "bad.mp3").write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    sf.write(tmp_path / "ok.wav", _tone(SR), SR)
+    with pytest.raises(sf.LibsndfileError):  # control: plain soundfile leaks the note to fd 2
+        sf.info(str(tmp_path / "bad.mp3"))
+    assert "Illegal Audio-MPEG-Header" in capfd.readouterr().err
+    _folder_with(tmp_path, [{"file_name": "bad.mp3", "caption": "x"},
+                            {"file_name": "ok.wav", "caption": "y"}])
+    good, bad = af.scan_audio_folder(tmp_path, SR, 1, SR)
+    assert [r["file_name"] for r in good] == ["ok.wav"]
+    assert [b.file_name for b in bad] == ["bad.mp3"]
+    assert bad[0].problem.startswith("unreadable or corrupt") and bad[0].fix
+    with pytest.raises(af.BadAudioError, match="bad.mp3: unreadable or corrupt"):
+        af.read_audio(tmp_path / "bad.mp3", SR, 1)
+    assert "MPEG" not in capfd.readouterr().err
+    os.write(2, b"stderr still works\n")
+    assert capfd.readouterr().err == "stderr still works\n"
+
+
+def test_quiet_c_stderr_swallows_fd2_and_restores_it(capfd):
+    with af.quiet_c_stderr():
+        os.write(2, b"hidden 1\n")
+        with af.quiet_c_stderr():  # nested
+            os.write(2, b"hidden 2\n")
+        os.write(2, b"hidden 3\n")
+    os.write(2, b"shown 1\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        with af.quiet_c_stderr():
+            os.write(2, b"hidden 4\n")
+            raise RuntimeError("boom")
+    os.write(2, b"shown 2\n")
+    assert capfd.readouterr().err == "shown 1\nshown 2\n"

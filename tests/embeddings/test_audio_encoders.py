@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from musicattr.embeddings.audio import (AisfxEncoder, AudioEncoder, ClapAudioEncoder, OpenL3Encoder,
                                         build_audio_encoder, load_audio, segment_bounds)
 
-torch.set_num_threads(1)
 SR = 22050
 
 

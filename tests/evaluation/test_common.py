@@ -7,7 +7,6 @@ import torch
 from conftest import make_module, make_store, save_checkpoint
 from musicattr.evaluation.common import predict_trainer, score_store
 
-torch.set_num_threads(1)
 
 
 def test_trainer_options_reach_the_trainer_and_ddp_is_refused():

@@ -3,7 +3,6 @@ import torch
 
 from musicattr.evaluation.figure1 import draw_figure1, figure1_curves, plot_figure1
 
-torch.set_num_threads(1)
 
 
 def test_curves_and_png(tmp_path):

@@ -9,7 +9,6 @@ from musicattr.evaluation.metrics import (correlations, frechet_distance, freche
                                           minmax_normalize, softmax_normalize, target_rank,
                                           topk_bottomk_similarity)
 
-torch.set_num_threads(1)
 
 
 def test_target_rank_basic_and_ties():

@@ -2,7 +2,6 @@ import torch
 
 from musicattr.evaluation.target_selection import kmeans, lloyd_step, select_targets
 
-torch.set_num_threads(1)
 
 
 def _blobs(seed=0):

@@ -37,10 +37,14 @@ def test_logmel_frames_silence_and_inverse_keep_pitch():
     assert torch.allclose(f(torch.zeros(1, 1, 4096)), torch.full((1, 64, 16), f.silence))
     y = f.inverse(m)
     assert y.shape == (1, 1, m.shape[-1] * 256)
-    # Griffin-Lim keeps the pitch class: A4 reconstructed is close to A4 and far from a tritone away
+    # Griffin-Lim keeps the pitch class: A4 reconstructed is close to A4 and far from a tritone away.
+    # Its phase starts from ones (rand_init=False: no random state), but its momentum-0.99 iteration amplifies
+    # float rounding: perturbing the log-mel by 1e-5 moves `own` between 0.75 and 0.91 on one machine, and
+    # another CPU measured 0.771 unperturbed; `other` stays near 0.002. The thresholds keep wide margins on both.
     own = chroma_similarity(chroma(x[0, 0].numpy(), SR), chroma(y[0, 0].numpy(), SR))
     other = chroma_similarity(chroma(tone(622.25)[0, 0].numpy(), SR), chroma(y[0, 0].numpy(), SR))
-    assert own > 0.8 and other < 0.5
+    print(f"Griffin-Lim chroma: own {own:.3f}, a tritone away {other:.3f}")
+    assert own > 0.6 and other < 0.2
 
 
 def test_logmel_refuses_stereo():
