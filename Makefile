@@ -52,11 +52,15 @@ $(VENV)/.installed: requirements/base.txt requirements/nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# The suite with one torch thread per process, then the tests that compare two computation paths (batch
+# shapes, cache, processes, DDP ranks; marked `paths`) once more with 2 threads, so that a result that depends
+# on shapes or threads shows on any machine.
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
+	MUSICATTR_TEST_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider
+	MUSICATTR_TEST_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider -m paths
 
 test-fast: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+	MUSICATTR_TEST_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 # ---- the demo flow; each stage reruns only when its inputs changed ----
 demo: venv $(D)/report/q000/index.html

@@ -50,7 +50,7 @@ STAGES = {
                          "musicattr.models.autoencoder_module:AutoencoderModule", "fit",
                          "musicattr.data.audio_datamodule:AudioCropDataModule", FIT),
     "encode": Stage("encode an audio folder into the latent store (latents, padding, timing, text embeddings)",
-                    "musicattr.data.encode:EncodeModule", "predict", None, PREDICT),
+                    "musicattr.models.encode:EncodeModule", "predict", None, PREDICT),
     "fit": Stage("pretrain the latent DiT on the latent store -> checkpoint theta0",
                  "musicattr.models.diffusion_module:DiffusionModule", "fit",
                  "musicattr.data.datamodules:LatentDataModule", FIT),

@@ -1,7 +1,9 @@
-"""WandbLogger that is offline unless WANDB_MODE says otherwise (no network needed)."""
+"""wandb, offline unless WANDB_MODE says otherwise (no network needed): Lightning's logger for the fitting
+stages, and a plain run for the stages that log tables and figures."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
 
@@ -16,3 +18,14 @@ class OfflineWandbLogger(WandbLogger):
             offline = mode != "online"
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, name=name, offline=offline, log_model=log_model, **kwargs)
+
+
+def open_wandb(name: str, config: dict[str, Any], enabled: bool = True, save_dir: str = "runs"):
+    """An offline wandb run (WANDB_MODE respected), or None when disabled."""
+    if not enabled or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    import wandb
+
+    os.makedirs(save_dir, exist_ok=True)
+    mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
+    return wandb.init(project="musicattr", name=name, config=config, dir=save_dir, mode=mode, reinit="finish_previous")

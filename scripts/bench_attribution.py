@@ -134,10 +134,11 @@ def main(argv=None) -> int:
         ckpt, store, fisher_path = a.checkpoint, a.store, a.fisher
 
     from musicattr.attribution.fisher import load_fisher
-    from musicattr.attribution.task import load_task
-    from musicattr.attribution.unlearn import query_batch, save_unlearned
+    from musicattr.attribution.task import load_theta
+    from musicattr.attribution.unlearn import save_unlearned
+    from musicattr.data.queries import query_batch
     from musicattr.data.latent_store import LatentStore
-    from musicattr.models.sat import file_fingerprint
+    from musicattr.fingerprint import file_fingerprint
 
     machine = machine_info(threads)
     label = ("SYNTHETIC (random-init demo DiT, random latents)" if synthetic
@@ -148,8 +149,8 @@ def main(argv=None) -> int:
         f"{machine['cpu_count']} CPUs ({machine['cpu']}), load average {machine['loadavg_start']}")
     s = LatentStore(store)
     n_items = min(a.items, len(s))
-    task = load_task(None, ckpt)  # the SAT DiT of `musicattr fit`
-    n_params = sum(p.numel() for p in task.net.parameters())
+    task, model = load_theta(None, ckpt)  # the default task: the SAT DiT of `musicattr fit`
+    n_params = sum(p.numel() for p in task.net(model).parameters())
     log(f"  DiT: {n_params / 1e6:.2f} M parameters, latents {tuple(s.latent_shape)}; {n_items} items x {a.draws} "
         f"draws, batch {a.batch_size}, {a.repeats} timed repeats after warm-up")
     ckpt_fp = file_fingerprint(ckpt)
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
         fb = batches_of(s, a.fisher_items, a.fisher_items)[0]
         if "fisher" not in a.skip or fisher is None:
             log(f"\n[4] Fisher per-sample gradients, {len(fb['item_id'])} items x {a.draws} draws")
-            result["fisher"], measured = bench_fisher(task, fb, a.draws, warm, a.repeats, 16)
+            result["fisher"], measured = bench_fisher(task, model, fb, a.draws, warm, a.repeats, 16)
             if fisher is None:
                 fisher, fisher_num_items = measured, max(len(s), 1)
                 result["inputs"]["fisher_source"] = "measured in section 4 (synthetic/no matching Fisher file)"
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
         else:  # scoring speed does not depend on the values: a small perturbation of the target tensors
             gen = torch.Generator().manual_seed(0)
             new = {k: p.detach() + 1e-3 * torch.randn(p.shape, generator=gen)
-                   for k, p in task.select_parameters("all").items()}
+                   for k, p in task.select_parameters(model, "all").items()}
         save_unlearned(unlearned_file, new, {
             "query_id": query["item_id"][0], "query": None, "query_item": query["item_id"][0], "checkpoint": ckpt,
             "checkpoint_fingerprint": ckpt_fp, "strategy": "mixed", "num_draws": a.unlearn_draws, "steps": 1,

@@ -140,7 +140,7 @@ def first_order(ctx, psis, s: dict, out: Path, key: dict, args) -> tuple[np.ndar
         data = np.load(path)
         return data["dots"], data["sensitivity"]
     t0 = time.perf_counter()
-    dots, sens = first_order_scores(ctx.task, ctx.params, ctx.root_inv, ctx.store, psis, s["seed"], s["num_draws"],
+    dots, sens = first_order_scores(ctx.task, ctx.model, ctx.params, ctx.precond, ctx.store, psis, s["seed"], s["num_draws"],
                                     mask=s["mask_loss"], draws_per_forward=s["draws_per_forward"],
                                     progress=lambda i, n: log.info("  first-order pass: %d / %d items (%.0f s)", i, n,
                                                                    time.perf_counter() - t0))

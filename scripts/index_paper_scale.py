@@ -38,20 +38,20 @@ def flops_per_draw(model_config: dict, frames: int, target: str = "all") -> tupl
 
     with torch.device("meta"):
         module = DiffusionModule(model_config)
-    task = SATDiffusionTask.of(module)
-    params = task.select_parameters(target)
+    task = SATDiffusionTask()
+    params = task.select_parameters(module, target)
     channels = int(model_config["model"]["io_channels"])
     text = int(model_config["model"]["conditioning"]["cond_dim"])
     with torch.device("meta"):
         z, eps = torch.zeros(1, channels, frames), torch.zeros(1, channels, frames)
         t, emb = torch.full((1,), 0.5), torch.zeros(1, 1, text)
-    cond = task.conditioning({"latents": z, "text_emb": emb, "seconds_start": torch.zeros(1),
+    cond = task.conditioning(module, {"latents": z, "text_emb": emb, "seconds_start": torch.zeros(1),
                               "seconds_total": torch.full((1,), 120.0)})
     with FlopCounterMode(display=False) as fc:
-        task.draw_loss(z, t, eps, cond)
+        task.draw_loss(module, z, t, eps, cond)
     fwd = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
-        task.draw_loss(z, t, eps, cond).sum().backward(inputs=list(params.values()))
+        task.draw_loss(module, z, t, eps, cond).sum().backward(inputs=list(params.values()))
     return sum(p.numel() for p in params.values()), float(fwd), float(fc.get_total_flops()), \
         sum(p.numel() for p in module.net.parameters())
 

@@ -1,5 +1,5 @@
 """A second attribution task for the tests: a small convolutional denoiser (not a stable-audio-tools model)
-with the epsilon-prediction objective under a variance-preserving linear schedule:
+with the epsilon-prediction objective under a variance-preserving linear schedule and discrete timesteps:
 
     z_t = sqrt(1 - t) z + sqrt(t) eps,   target eps,   loss || eps_theta(z_t, t, text) - eps ||^2
 
@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from musicattr.attribution.loss import frame_mask_from_lengths
+from musicattr.attribution.loss import DiscreteTimesteps, frame_mask_from_lengths
 from musicattr.attribution.task import AttributionTask
 
 
@@ -35,41 +35,40 @@ class TinyDenoiser(nn.Module):
 
 
 def eps_noise(z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (1 - t).sqrt()[:, None, None] * z + t.sqrt()[:, None, None] * eps, eps
+    shape = (-1,) + (1,) * (z.dim() - 1)  # any latent shape: [N, C, L] or [N, C, H, L]
+    return (1 - t).sqrt().view(shape) * z + t.sqrt().view(shape) * eps, eps
 
 
 class EpsilonTask(AttributionTask):
-    """The TinyDenoiser with epsilon prediction; layer groups ``all`` (the three convolutions) and ``mid``."""
+    """The TinyDenoiser with epsilon prediction; layer groups ``all`` (the three convolutions) and ``mid``.
+    Its timesteps are discrete (``DiscreteTimesteps(1000)``, as DDPM-style models train), not U(0, 1)."""
 
     parameter_groups = {"all": r"^(inp|mid|out)\.", "mid": r"^mid\."}
+    timesteps = DiscreteTimesteps(1000)
 
     def load(self, checkpoint: str) -> nn.Module:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model = TinyDenoiser(**ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
-        self.model = model.eval()
-        return self.model
+        return model.eval()
 
-    @property
-    def net(self) -> nn.Module:
-        return self.model
+    def net(self, model: nn.Module) -> nn.Module:
+        return model
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def conditioning(self, model, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {"text": batch["text_emb"].to(next(model.parameters()).device)}
 
-    def conditioning(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return {"text": batch["text_emb"].to(self._device())}
-
-    def frame_mask(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        return frame_mask_from_lengths(batch["valid_frames"].to(self._device()), batch["latents"].shape[-1])
+    def frame_mask(self, model, batch: Mapping[str, Any]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return frame_mask_from_lengths(batch["valid_frames"].to(device), batch["latents"].shape[-1])
 
     def noise(self, z, t, eps):
         return eps_noise(z, t, eps)
 
-    def predict(self, z_t, t, cond, params=None):
+    def predict(self, model, z_t, t, cond, params=None):
         if params is None:
-            return self.net(z_t, t, **cond)
-        return torch.func.functional_call(self.net, dict(params), (z_t, t), dict(cond))
+            return model(z_t, t, **cond)
+        return torch.func.functional_call(model, dict(params), (z_t, t), dict(cond))
 
 
 def save_eps_checkpoint(path, seed: int = 0, **config) -> str:

@@ -20,11 +20,12 @@ import torch
 from musicattr.atomic import atomic_path, atomic_write_json
 
 
-def baseline_key(checkpoint_fingerprint: str, store, task, num_draws: int, seed: int, mask_loss: bool,
+def baseline_key(checkpoint_fingerprint: str, store, task, model, num_draws: int, seed: int, mask_loss: bool,
                  device: torch.device | str) -> dict[str, Any]:
     """What L(z_i, theta0; M_L) over the T scoring draws depends on, beyond reduction order (the key of the
-    baseline cache): theta0, the store's content, the task, T, seed, M_L, the dtype and the device type."""
-    dtype = next(iter(task.net.parameters())).dtype
+    baseline cache): theta0, the store's content, the task (and its timestep sampler), T, seed, M_L, the dtype
+    and the device type."""
+    dtype = next(iter(task.net(model).parameters())).dtype
     return {"checkpoint_fingerprint": checkpoint_fingerprint, "store_fingerprint": store.fingerprint,
             **task.identity(), "num_draws": int(num_draws), "seed": int(seed), "mask_loss": bool(mask_loss),
             "dtype": str(dtype), "device": torch.device(device).type}

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.func import grad, vmap
 
 from musicattr.atomic import atomic_path
-from musicattr.attribution.loss import FISHER, draw_keys, make_draws, repeat_conditioning
+from musicattr.attribution.loss import FISHER, draw_keys, repeat_conditioning
 from musicattr.attribution.task import AttributionTask, attach_task
 from musicattr.parts import Parts, PartsWriter, TensorFormat
 
@@ -39,31 +39,31 @@ class FisherMismatchError(RuntimeError):
     pass
 
 
-def _examples(task: AttributionTask, batch, seed: int, draws, namespace: str, mask: bool):
+def _examples(task: AttributionTask, model, batch, seed: int, draws, namespace: str, mask: bool):
     """Flatten items x draws into single-draw examples (z, t, eps, cond, mask), item-major."""
     z = batch["latents"]
     b, d = z.shape[0], len(draws)
-    t, eps = make_draws(seed, draw_keys(namespace, batch["item_id"]), draws, tuple(z.shape[1:]))
+    t, eps = task.draws(seed, draw_keys(namespace, batch["item_id"]), draws, tuple(z.shape[1:]))
     with torch.no_grad():
-        cond = task.conditioning(batch)
+        cond = task.conditioning(model, batch)
     c = {k: v for k, v in repeat_conditioning(cond, d).items() if v is not None}
-    m = task.frame_mask(batch).repeat_interleave(d, 0) if mask else None
+    m = task.frame_mask(model, batch).repeat_interleave(d, 0) if mask else None
     return z.repeat_interleave(d, 0), t.reshape(-1).to(z), eps.reshape(b * d, *z.shape[1:]).to(z), c, m
 
 
-def squared_grads_vmap(task: AttributionTask, params: Mapping[str, torch.Tensor], batch, seed: int, draws, *,
+def squared_grads_vmap(task: AttributionTask, model, params: Mapping[str, torch.Tensor], batch, seed: int, draws, *,
                        namespace: str = FISHER, mask: bool = False, chunk_size: int | None = 16
                        ) -> dict[str, torch.Tensor]:
     """sum over items and draws of (dL_t(z_i)/dtheta)^2 (float64), per-sample gradients by vmap(grad).
 
     Examples are processed ``chunk_size`` at a time and squared-summed at once, so memory holds at most
     ``chunk_size`` per-sample gradients."""
-    z, t, eps, c, m = _examples(task, batch, seed, draws, namespace, mask)
+    z, t, eps, c, m = _examples(task, model, batch, seed, draws, namespace, mask)
     detached = {k: v.detach() for k, v in params.items()}
 
     def single(p, z1, t1, e1, c1, m1):
         kw = {k: v[None] for k, v in c1.items()}
-        return task.draw_loss(z1[None], t1[None], e1[None], kw, None if m1 is None else m1[None], params=p)[0]
+        return task.draw_loss(model, z1[None], t1[None], e1[None], kw, None if m1 is None else m1[None], params=p)[0]
 
     per_sample = vmap(grad(single), in_dims=(None, 0, 0, 0, 0, None if m is None else 0))
     out = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in detached.items()}
@@ -76,16 +76,16 @@ def squared_grads_vmap(task: AttributionTask, params: Mapping[str, torch.Tensor]
     return out
 
 
-def squared_grads_loop(task: AttributionTask, params: Mapping[str, torch.Tensor], batch, seed: int, draws, *,
+def squared_grads_loop(task: AttributionTask, model, params: Mapping[str, torch.Tensor], batch, seed: int, draws, *,
                        namespace: str = FISHER, mask: bool = False) -> dict[str, torch.Tensor]:
     """Reference: the same sum with one backward pass per (item, draw)."""
-    z, t, eps, c, m = _examples(task, batch, seed, draws, namespace, mask)
+    z, t, eps, c, m = _examples(task, model, batch, seed, draws, namespace, mask)
     names = list(params)
     out = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     for n in range(z.shape[0]):
         one = slice(n, n + 1)
         with torch.enable_grad():
-            loss = task.draw_loss(z[one], t[one], eps[one], {k: v[one] for k, v in c.items()},
+            loss = task.draw_loss(model, z[one], t[one], eps[one], {k: v[one] for k, v in c.items()},
                                   None if m is None else m[one])[0]
             grads = torch.autograd.grad(loss, [params[k] for k in names])
         for k, gk in zip(names, grads):
@@ -166,7 +166,7 @@ class FisherModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:
         h = self.hparams
-        args = (self.task, self.params, batch, h.seed, range(h.num_draws))
+        args = (self.task, self.theta0, self.params, batch, h.seed, range(h.num_draws))
         sq = (squared_grads_vmap(*args, mask=h.use_mask, chunk_size=h.chunk_size) if h.vectorize
               else squared_grads_loop(*args, mask=h.use_mask))
         return {"index": [int(i) for i in batch["index"]], **sq}

@@ -5,8 +5,8 @@ first-order checks).
 
 g_i is the gradient of item i's loss over its own draws (for scoring: the T bare-id draws of Eq. 1),
 one backward pass per item with the item's draws as the batch. A hook on each target tensor takes its
-gradient as soon as the backward pass has produced it, multiplies it by (F + lambda)^-1/2 elementwise
-(the diagonal preconditioner, kept exactly) and hands it to ``consume(item, name, phi)``, then frees
+gradient as soon as the backward pass has produced it, applies the preconditioner's square root
+(``Preconditioner.apply_tensor``, power 1/2) and hands it to ``consume(item, name, phi)``, then frees
 it: when the draws fit one forward (``draws_per_forward >= num_draws``) the item's gradient never
 exists whole, only one tensor at a time. With fewer draws per forward, the draws' gradients
 accumulate in the tensors' ``.grad`` (one item's gradient, as a training step holds it) and each
@@ -19,17 +19,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from musicattr.attribution.preconditioner import Preconditioner
 from musicattr.attribution.task import AttributionTask
 from musicattr.data.datamodules import item_slice
 
 Consume = Callable[[int, str, torch.Tensor], None]
-
-
-def root_inverse(fisher: Mapping[str, torch.Tensor], names, damping: float) -> dict[str, torch.Tensor]:
-    """(F + lambda)^-1/2 on the tensors ``names`` (float64), lambda = damping * mean(F) over them (as Eq. 2)."""
-    from musicattr.attribution.unlearn import damped_inverse
-
-    return {k: v.sqrt() for k, v in damped_inverse(fisher, names, damping).items()}
 
 
 @contextlib.contextmanager
@@ -55,34 +49,32 @@ def _tensor_hooks(params: Mapping[str, torch.nn.Parameter], take: Callable[[str,
             p.grad = None
 
 
-def preconditioned_gradients(task: AttributionTask, params: Mapping[str, torch.nn.Parameter],
-                             root_inv: Mapping[str, torch.Tensor], batch: Mapping[str, Any], seed: int,
+def preconditioned_gradients(task: AttributionTask, model, params: Mapping[str, torch.nn.Parameter],
+                             precond: Preconditioner, batch: Mapping[str, Any], seed: int,
                              num_draws: int, consume: Consume, *, namespace: str = "", mask: bool = False,
                              draws_per_forward: int = 16) -> torch.Tensor:
     """For each item j of ``batch``: consume(j, name, phi_j[name]) for every target tensor that the loss
-    reaches (float32, on the tensors' device); returns the items' losses L(z_j, theta; M), float64 [B].
-
-    ``root_inv``: (F + lambda)^-1/2 per tensor (``root_inverse``); draws keyed ``namespace + id``."""
+    reaches (phi = P^1/2 g, float32, on the tensors' device); returns the items' losses L(z_j, theta; M),
+    float64 [B]. Draws keyed ``namespace + id``."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("per-item gradients are needed, but this runs under torch.inference_mode; "
                            "fix: run the prediction loop with Trainer(inference_mode=False)")
     names = list(params)
     inputs = [params[k] for k in names]
-    scale = {k: root_inv[k].to(params[k].device, params[k].dtype) for k in names}
     losses = []
     item = {"j": 0}
-    with _tensor_hooks(params, lambda name, g: consume(item["j"], name, g * scale[name])) as state, \
+    with _tensor_hooks(params, lambda name, g: consume(item["j"], name, precond.apply_tensor(name, g, 0.5))) as state, \
             torch.enable_grad():
         for j in range(len(batch["item_id"])):
             item["j"] = j
             one = item_slice(batch, j)
             with torch.no_grad():
-                cond = task.conditioning(one)
+                cond = task.conditioning(model, one)
             total = torch.zeros((), dtype=torch.float64)
             for start in range(0, num_draws, draws_per_forward):
                 n = min(draws_per_forward, num_draws - start)
                 state["armed"] = start + n >= num_draws
-                loss = task.item_loss(one, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
+                loss = task.item_loss(model, one, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
                                       draw_offset=start, cond=cond)
                 (loss.sum() * (n / num_draws)).backward(inputs=inputs)
                 total = total + loss.detach().sum().cpu() * (n / num_draws)

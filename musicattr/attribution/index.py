@@ -43,7 +43,8 @@ import torch
 
 from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.attribution.cache import baseline_key, cache_path, sensitivity_key, write_cache
-from musicattr.attribution.gradients import preconditioned_gradients, root_inverse
+from musicattr.attribution.gradients import preconditioned_gradients
+from musicattr.attribution.preconditioner import DiagonalFisher
 from musicattr.attribution.sketch import make_projection
 from musicattr.attribution.task import AttributionTask, attach_task
 from musicattr.parts import Parts, PartsWriter, RunMismatchError, TensorFormat
@@ -77,14 +78,11 @@ class IndexModule(L.LightningModule):
         stores phi itself, k = number of parameters); ``write_caches`` fills the store's baseline and
         sensitivity caches."""
         super().__init__()
-        from musicattr.attribution.fisher import load_fisher
-        from musicattr.models.sat import file_fingerprint
-
         self.save_hyperparameters(ignore=["task"])
         attach_task(self, task, checkpoint, target)  # task, theta0, params, checkpoint_fp
-        tensors, meta = load_fisher(fisher, self.checkpoint_fp)
-        self.fisher_fp, self.fisher_items = file_fingerprint(fisher), int(meta["num_items"])
-        self.root_inv = {n: v.float() for n, v in root_inverse(tensors, self.params, damping).items()}
+        self.precond = DiagonalFisher.load(fisher, self.params, damping, self.checkpoint_fp)
+        prov = self.precond.provenance()
+        self.fisher_fp, self.fisher_items = prov["fisher_fingerprint"], prov["num_items"]
         self.sizes = {n: p.numel() for n, p in self.params.items()}
         self.projection = make_projection(projection, self.sizes, k, projection_seed)
         self.k = self.projection.k
@@ -116,7 +114,8 @@ class IndexModule(L.LightningModule):
         h = self.hparams
         store = self.trainer.datamodule.store
         self.key = self.provenance()  # kept: at merge time the model is back on the CPU
-        base = baseline_key(self.checkpoint_fp, store, self.task, h.num_draws, h.seed, h.mask_loss, self.device)
+        base = baseline_key(self.checkpoint_fp, store, self.task, self.theta0, h.num_draws, h.seed, h.mask_loss,
+                            self.device)
         self.cache_keys = {"baselines": base,
                            "sensitivity": sensitivity_key(base, self.fisher_fp, self.params, h.damping)}
         done = self.out / INDEX_FILE
@@ -127,7 +126,7 @@ class IndexModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.projection.to(self.device)
-        self.root_inv = {n: v.to(self.device) for n, v in self.root_inv.items()}
+        self.precond.to(self.device)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:
         h = self.hparams
@@ -139,7 +138,8 @@ class IndexModule(L.LightningModule):
             sq[j] += g.double().pow(2).sum()
             self.projection.add(phi[j], name, g)
 
-        loss = preconditioned_gradients(self.task, self.params, self.root_inv, batch, h.seed, h.num_draws, take,
+        loss = preconditioned_gradients(self.task, self.theta0, self.params, self.precond, batch, h.seed,
+                                        h.num_draws, take,
                                         mask=h.mask_loss, draws_per_forward=h.draws_per_forward)
         return {"index": [int(i) for i in batch["index"]], "phi": phi.float(), "sensitivity": sq.sqrt().cpu(),
                 "baseline_loss": loss}

@@ -4,10 +4,10 @@ The per-item loss of the contract (built by the attribution task, ``attribution/
 
     L(z, theta; M) = 1/T * sum_{j<T} || M * (f_theta(z_t_j, t_j, c) - y_j) ||^2 / |M|
 
-with (z_t, y) the task's forward process and target: for the paper's v-objective (Salimans & Ho,
-2022) alpha = cos(pi t / 2), sigma = sin(pi t / 2), z_t = alpha z + sigma eps, v = alpha eps - sigma z,
-t ~ U(0, 1), eps ~ N(0, I). |M| counts latent frames x channels: all frames (no mask) or only the
-non-padded ones (mask).
+with (z_t, y) the task's forward process and target (the paper's v-objective lives with the SAT task,
+``models/v_objective.py``), t_j from the task's timestep sampler (default t ~ U(0, 1)), eps ~ N(0, I) of the
+latent's shape (any number of dimensions; the last is the frame axis). |M| counts latent frames x the other
+dimensions: all frames (no mask) or only the non-padded ones (mask).
 
 Draw j of item ``item_id`` is a pure function of (seed, item_id, j): it is generated on the
 CPU from its own generator, so L(z_i, theta_unlearned) - L(z_i, theta0) compares the same
@@ -19,7 +19,6 @@ models) by ``counterfactual/<id>``, so no estimate reuses another's noise.
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -40,31 +39,55 @@ def draw_seed(seed: int, item_id: str, draw: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def make_draws(seed: int, item_ids: Sequence[str], draws: Sequence[int], shape: tuple[int, int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps t [B, D] and noise eps [B, D, C, L] for items x draw indices (CPU, float32)."""
-    c, length = shape
+class UniformTimesteps:
+    """t_j = u_j ~ U(0, 1): the uniform draw of draw j itself."""
+
+    def __call__(self, u: torch.Tensor, seed: int, key: str, j: int) -> torch.Tensor:
+        return u
+
+    def identity(self) -> dict:
+        return {}  # the default: no key entry, so caches made before samplers existed stay valid
+
+
+class DiscreteTimesteps:
+    """t_j = (floor(u_j n) + 1) / (n + 1): one of n equally spaced timesteps in (0, 1), as DDPM-style models train."""
+
+    def __init__(self, steps: int = 1000):
+        self.steps = int(steps)
+
+    def __call__(self, u: torch.Tensor, seed: int, key: str, j: int) -> torch.Tensor:
+        return (torch.floor(u * self.steps).clamp_max(self.steps - 1) + 1) / (self.steps + 1)
+
+    def identity(self) -> dict:
+        return {"timesteps": f"discrete-{self.steps}"}
+
+
+def make_draws(seed: int, item_ids: Sequence[str], draws: Sequence[int], shape: tuple[int, ...],
+               timesteps=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps t [B, D] and noise eps [B, D, *shape] for items x draw indices (CPU, float32).
+
+    Draw j of an item takes u_j (then eps_j) from a generator seeded by (seed, item, j); ``timesteps`` maps
+    u_j to t_j (default ``UniformTimesteps``: t_j = u_j)."""
+    timesteps = timesteps or UNIFORM
     t = torch.empty(len(item_ids), len(draws))
-    eps = torch.empty(len(item_ids), len(draws), c, length)
+    eps = torch.empty(len(item_ids), len(draws), *shape)
     g = torch.Generator()
     for b, item in enumerate(item_ids):
         for d, j in enumerate(draws):
             g.manual_seed(draw_seed(seed, str(item), int(j)))
-            t[b, d] = torch.rand((), generator=g)
-            eps[b, d] = torch.randn((c, length), generator=g)
+            u = torch.rand((), generator=g)
+            eps[b, d] = torch.randn(tuple(shape), generator=g)
+            t[b, d] = timesteps(u, seed, str(item), int(j))
     return t, eps
 
 
-def v_objective(z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noised input z_t and v target for z [N, C, L], t [N], eps [N, C, L]."""
-    alpha = torch.cos(t * math.pi / 2)[:, None, None]
-    sigma = torch.sin(t * math.pi / 2)[:, None, None]
-    return z * alpha + eps * sigma, eps * alpha - z * sigma
+UNIFORM = UniformTimesteps()
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error per row of [N, C, L]; over all frames, or the frames where mask [N, L] is true."""
-    se = (pred.float() - target.float()).pow(2).mean(1)  # [N, L]
+    """Mean squared error per row of [N, ..., L]; over all frames, or the frames where mask [N, L] is true."""
+    se = (pred.float() - target.float()).pow(2)
+    se = se.mean(tuple(range(1, se.dim() - 1))) if se.dim() > 2 else se  # [N, L]
     if frame_mask is None:
         return se.mean(-1)
     m = frame_mask.to(se.dtype)

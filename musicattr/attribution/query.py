@@ -29,6 +29,7 @@ import torch
 
 from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.attribution.index import AttributionIndex, IndexMismatchError
+from musicattr.attribution.preconditioner import DiagonalFisher, Preconditioner
 from musicattr.attribution.sketch import make_projection
 from musicattr.attribution.task import AttributionTask
 
@@ -44,23 +45,23 @@ def project(projection, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def gradient_psi(task: AttributionTask, params, root_inv: Mapping[str, torch.Tensor], batch, lr: float,
+def gradient_psi(task: AttributionTask, model, params, precond: Preconditioner, batch, lr: float,
                  num_items: int, num_draws: int, seed: int, mask: bool, draws_per_forward: int = 16
                  ) -> dict[str, torch.Tensor]:
-    """psi = lr/N (F + lambda)^-1/2 g_q, g_q the query's gradient of Eq. 2 (K draws keyed unlearn/<id>, M_U)."""
+    """psi = lr/N P^1/2 g_q, g_q the query's gradient of Eq. 2 (K draws keyed unlearn/<id>, M_U)."""
     from musicattr.attribution.loss import UNLEARN
     from musicattr.attribution.unlearn import loss_gradient
 
-    g = loss_gradient(task, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
+    g = loss_gradient(task, model, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
                       draws_per_forward=draws_per_forward)
-    return {k: (lr / num_items) * g[k] * root_inv[k].to(g[k].device, torch.float64) for k in g}
+    return {k: (lr / num_items) * v for k, v in precond.apply_sqrt(g).items()}
 
 
 def unlearned_psi(theta0: Mapping[str, torch.Tensor], unlearned: Mapping[str, torch.Tensor],
-                  root_inv: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """psi = (F + lambda)^1/2 (theta_unlearned - theta0), so that <phi_i, psi> = <g_i, theta_unlearned - theta0>."""
-    return {k: (unlearned[k].double() - theta0[k].detach().cpu().double()) / root_inv[k].cpu().double()
-            for k in unlearned}
+                  precond: Preconditioner) -> dict[str, torch.Tensor]:
+    """psi = P^-1/2 (theta_unlearned - theta0), so that <phi_i, psi> = <g_i, theta_unlearned - theta0>."""
+    return {k: v.cpu() for k, v in precond.apply_root(
+        {k: unlearned[k].double() - theta0[k].detach().cpu().double() for k in unlearned}).items()}
 
 
 def check_unlearned(meta: Mapping[str, Any], path: str, index: AttributionIndex) -> None:
@@ -99,26 +100,27 @@ def index_table(index: AttributionIndex, store, tau: np.ndarray, query_id: str, 
 
 
 class QueryContext:
-    """An index opened for queries: its checks passed, theta0, (F + lambda)^-1/2 and P ready.
+    """An index opened for queries: its checks passed, theta0, the preconditioner and the projection ready.
 
     ``open_query`` builds it; ``from_query`` / ``from_unlearned`` give a query's psi (tensor by tensor) and its
     record; ``scores`` the index scores of several psi at once."""
 
-    def __init__(self, index: AttributionIndex, store, task: AttributionTask, params, root_inv, projection,
-                 num_items: int, mask_unlearn: bool, common: dict[str, Any], device: str):
-        self.index, self.store, self.task, self.params = index, store, task, params
-        self.root_inv, self.projection, self.num_items = root_inv, projection, num_items
+    def __init__(self, index: AttributionIndex, store, task: AttributionTask, model, params,
+                 precond: Preconditioner, projection, num_items: int, mask_unlearn: bool, common: dict[str, Any],
+                 device: str):
+        self.index, self.store, self.task, self.model, self.params = index, store, task, model, params
+        self.precond, self.projection, self.num_items = precond, projection, num_items
         self.mask_unlearn, self.common, self.device = mask_unlearn, common, device
 
     def from_query(self, query: str | None = None, query_item: str | None = None, *, lr: float, num_draws: int,
                    seed: int, strategy: str, draws_per_forward: int = 16) -> tuple[dict[str, torch.Tensor], dict]:
         """psi = lr/N (F + lambda)^-1/2 g_q of a generated query file or a training item."""
-        from musicattr.attribution.unlearn import query_batch, query_fingerprint
+        from musicattr.data.queries import query_batch, query_fingerprint
 
         t0 = time.perf_counter()
         batch = query_batch(query, query_item, str(self.store.root))
         batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-        psi = gradient_psi(self.task, self.params, self.root_inv, batch, lr, self.num_items, num_draws, seed,
+        psi = gradient_psi(self.task, self.model, self.params, self.precond, batch, lr, self.num_items, num_draws, seed,
                            self.mask_unlearn, draws_per_forward)
         qid = batch["item_id"][0]
         meta = {**self.common, "query_id": qid, "query": query, "query_item": query_item,
@@ -130,7 +132,7 @@ class QueryContext:
     def from_unlearned(self, path: str) -> tuple[dict[str, torch.Tensor], dict]:
         """psi = (F + lambda)^1/2 (theta_unlearned - theta0) of an unlearned file of ``musicattr unlearn``."""
         from musicattr.attribution.unlearn import load_unlearned
-        from musicattr.models.sat import file_fingerprint
+        from musicattr.fingerprint import file_fingerprint
 
         t0 = time.perf_counter()
         tensors, meta = load_unlearned(path)
@@ -139,7 +141,7 @@ class QueryContext:
         if outside:
             raise IndexMismatchError(f"{path} changes tensors the index does not hold ({outside[:3]}...); fix: build "
                                      "the index with the unlearning target (--model.target)")
-        psi = unlearned_psi({n: p.detach() for n, p in self.params.items()}, tensors, self.root_inv)
+        psi = unlearned_psi({n: p.detach() for n, p in self.params.items()}, tensors, self.precond)
         return psi, {"query_id": meta["query_id"], "source": "unlearned", "seconds": time.perf_counter() - t0,
                      "unlearned": meta, "unlearned_fingerprint": file_fingerprint(path)}
 
@@ -155,33 +157,30 @@ def open_query(index: str, checkpoint: str, fisher: str, store: str | None = Non
     """Open ``index`` for queries with theta0 ``checkpoint`` and its ``fisher``; refuse it if it was built from
     another checkpoint, Fisher or store, or with another target, damping, T (score_draws), seed, M_L or k than
     the ones given (None: the index's)."""
-    from musicattr.attribution.fisher import load_fisher
-    from musicattr.attribution.gradients import root_inverse
     from musicattr.attribution.masks import resolve_masks
-    from musicattr.attribution.task import load_task
+    from musicattr.attribution.task import load_theta
     from musicattr.data.latent_store import LatentStore
-    from musicattr.models.sat import file_fingerprint
+    from musicattr.fingerprint import file_fingerprint
 
     idx = AttributionIndex(index)
     prov = idx.provenance
     s = LatentStore(store or prov["store"])
-    task = load_task(task, checkpoint)
-    params = task.select_parameters(target or prov["target"])
+    task, model = load_theta(task, checkpoint)
+    params = task.select_parameters(model, target or prov["target"])
     mu, ml = resolve_masks(strategy, mask_unlearn=mask_unlearn)
     ckpt_fp, fisher_fp = file_fingerprint(checkpoint), file_fingerprint(fisher)
     idx.check({"checkpoint_fingerprint": ckpt_fp, "fisher_fingerprint": fisher_fp, "store_fingerprint": s.fingerprint,
                **task.identity(), "tensors": sorted(params), "damping": damping, "num_draws": score_draws,
                "seed": score_seed, "mask_loss": ml, "k": k})
-    fisher_t, fisher_meta = load_fisher(fisher, ckpt_fp)
-    n_items = int(fisher_meta["num_items"])
+    precond = DiagonalFisher.load(fisher, params, prov["damping"], ckpt_fp)
+    n_items = precond.provenance()["num_items"]
     projection = make_projection(prov["projection"], {n: p.numel() for n, p in params.items()}, prov["k"],
                                  prov["projection_seed"])
-    task.model.to(device)
+    model.to(device)
     common = {"checkpoint": checkpoint, "checkpoint_fingerprint": ckpt_fp, "fisher": fisher,
               "fisher_fingerprint": fisher_fp, "num_items": n_items, "target": prov["target"],
               "damping": prov["damping"], "mask_loss": ml}
-    return QueryContext(idx, s, task, params, root_inverse(fisher_t, params, prov["damping"]), projection, n_items,
-                        mu, common, device)
+    return QueryContext(idx, s, task, model, params, precond, projection, n_items, mu, common, device)
 
 
 def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: list[str] | None = None,

@@ -28,13 +28,13 @@ import torch
 
 from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.attribution.cache import baseline_key, cache_path, read_cache, sensitivity_key, write_cache
-from musicattr.attribution.gradients import root_inverse
 from musicattr.attribution.masks import resolve_masks
+from musicattr.attribution.preconditioner import DiagonalFisher
 from musicattr.attribution.sensitivity import item_sensitivity
-from musicattr.attribution.task import AttributionTask, load_task
+from musicattr.attribution.task import AttributionTask, load_theta
 from musicattr.attribution.unlearn import load_unlearned
 from musicattr.data.datamodules import item_slice
-from musicattr.models.sat import file_fingerprint
+from musicattr.fingerprint import file_fingerprint
 from musicattr.parts import Parts, PartsWriter, RunMismatchError, TableFormat
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ class ScoringModule(L.LightningModule):
         unlearned file)."""
         super().__init__()
         self.save_hyperparameters(ignore=["task"])
-        self.task = load_task(task, checkpoint)
-        self.theta0 = self.task.model  # registered, so Lightning moves it to the device
+        self.task, self.theta0 = load_theta(task, checkpoint)  # theta0 registered: Lightning moves it to the device
         self.changed, self.unlearn_meta = load_unlearned(unlearned)
         self.mask_loss = resolve_masks(self.unlearn_meta.get("strategy"), mask_loss=mask_loss)[1]
         self.checkpoint_fp = file_fingerprint(checkpoint)
@@ -65,7 +64,7 @@ class ScoringModule(L.LightningModule):
         if self.unlearn_meta["checkpoint_fingerprint"] != self.checkpoint_fp:
             raise RunMismatchError(f"{unlearned} was unlearned from another checkpoint than {checkpoint}; "
                                    "fix: pass the checkpoint it was made from")
-        named = dict(self.task.net.named_parameters())
+        named = dict(self.task.net(self.theta0).named_parameters())
         unknown = [k for k in self.changed if k not in named]
         if unknown:
             raise RunMismatchError(f"{unlearned} names tensors absent from the model of {checkpoint}: {unknown[:3]}; "
@@ -82,8 +81,6 @@ class ScoringModule(L.LightningModule):
             "fix: choose another out_dir, or pass --model.overwrite true to replace them"))
 
     def _init_relative(self, fisher: str | None) -> None:
-        from musicattr.attribution.fisher import load_fisher
-
         if not fisher:
             raise ValueError(f"relative scores need the Fisher of the unlearning run, and {self.hparams.unlearned} "
                              "records none; fix: pass --model.fisher PATH")
@@ -94,9 +91,8 @@ class ScoringModule(L.LightningModule):
         if self.unlearn_meta["fisher_fingerprint"] != fisher_fp:
             raise RunMismatchError(f"{fisher} is not the Fisher {self.hparams.unlearned} was unlearned with; "
                                    "fix: pass that Fisher with --model.fisher")
-        tensors, _ = load_fisher(fisher, self.checkpoint_fp)
         damping = float(self.unlearn_meta.get("damping", 1e-3))
-        self.root_inv = {k: v.float() for k, v in root_inverse(tensors, self.changed, damping).items()}
+        self.precond = DiagonalFisher.load(fisher, self.changed, damping, self.checkpoint_fp)
         self.fisher_fp, self.damping = fisher_fp, damping
 
     # ---------------------------------------------------------------- keys
@@ -108,8 +104,8 @@ class ScoringModule(L.LightningModule):
         """What L(z_i, theta0) depends on, beyond reduction order: the key of the baseline cache
         (``store``: default the pass's; the device is the one the pass runs on)."""
         h = self.hparams
-        return baseline_key(self.checkpoint_fp, self.store if store is None else store, self.task, h.num_draws,
-                            h.seed, self.mask_loss, self.device)
+        return baseline_key(self.checkpoint_fp, self.store if store is None else store, self.task, self.theta0,
+                            h.num_draws, h.seed, self.mask_loss, self.device)
 
     def sensitivity_key(self, store=None) -> dict[str, Any]:
         """What s_i depends on: the baseline key, the Fisher, the unlearned tensors and the damping."""
@@ -142,7 +138,7 @@ class ScoringModule(L.LightningModule):
         self.original = {k: p.detach().clone() for k, p in self.params.items()}
         self.unlearned_values = {k: v.to(device, self.params[k].dtype) for k, v in self.changed.items()}
         if self.hparams.relative:
-            self.root_inv = {k: v.to(device) for k, v in self.root_inv.items()}
+            self.precond.to(device)
 
     def use(self, unlearned: bool) -> None:
         """Swap theta_unlearned (or theta0) into the model's unlearned tensors, by assignment."""
@@ -153,7 +149,7 @@ class ScoringModule(L.LightningModule):
     def loss(self, batch) -> torch.Tensor:
         """L(z_b, theta; M_L) at the tensors in place (see ``use``): float64 [B], the scoring draws."""
         h = self.hparams
-        return self.task.item_loss(batch, h.seed, h.num_draws, mask=self.mask_loss,
+        return self.task.item_loss(self.theta0, batch, h.seed, h.num_draws, mask=self.mask_loss,
                                    draws_per_forward=h.draws_per_forward)
 
     def float_error_probe(self, batch, baseline: torch.Tensor, n: int = 4) -> float:
@@ -170,7 +166,7 @@ class ScoringModule(L.LightningModule):
             return np.array([self.sensitivity_cache[i] for i in idx], dtype=np.float64)
         self.use(unlearned=False)
         h = self.hparams
-        return item_sensitivity(self.task, self.params, self.root_inv, batch, h.seed, h.num_draws,
+        return item_sensitivity(self.task, self.theta0, self.params, self.precond, batch, h.seed, h.num_draws,
                                 mask=self.mask_loss, draws_per_forward=h.draws_per_forward).numpy()
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:

@@ -18,20 +18,21 @@ from typing import Any, Mapping
 import torch
 
 from musicattr.attribution.gradients import preconditioned_gradients
+from musicattr.attribution.preconditioner import Preconditioner
 from musicattr.attribution.task import AttributionTask
 
 
-def item_sensitivity(task: AttributionTask, params: Mapping[str, torch.nn.Parameter],
-                     root_inv: Mapping[str, torch.Tensor], batch: Mapping[str, Any], seed: int, num_draws: int, *,
+def item_sensitivity(task: AttributionTask, model, params: Mapping[str, torch.nn.Parameter],
+                     precond: Preconditioner, batch: Mapping[str, Any], seed: int, num_draws: int, *,
                      mask: bool = False, draws_per_forward: int = 16) -> torch.Tensor:
-    """s_i = ||phi_i|| for each item of ``batch`` as float64 [B], phi_i = (F + lambda)^-1/2 g_i
-    (``root_inv``) from one backward pass per item of the task's scoring loss (bare-id draws; ``mask`` M_L),
+    """s_i = ||phi_i|| for each item of ``batch`` as float64 [B], phi_i = P^1/2 g_i (P = (F + lambda)^-1 for
+    the diagonal Fisher) from one backward pass per item of the task's scoring loss (bare-id draws; ``mask`` M_L),
     taken tensor by tensor (``musicattr.attribution.gradients``)."""
     sq = torch.zeros(len(batch["item_id"]), dtype=torch.float64)
 
     def add(j: int, name: str, phi: torch.Tensor) -> None:
         sq[j] += float(phi.double().pow(2).sum())
 
-    preconditioned_gradients(task, params, root_inv, batch, seed, num_draws, add, mask=mask,
+    preconditioned_gradients(task, model, params, precond, batch, seed, num_draws, add, mask=mask,
                              draws_per_forward=draws_per_forward)
     return sq.sqrt()

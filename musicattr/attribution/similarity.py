@@ -172,7 +172,7 @@ def average(query_segments: Tensor, train_segments, lengths=None, chunk_rows: in
 
 def _encoder_config(encoder) -> dict:
     """What the stored embeddings depend on: the encoder, its weights (checkpoint fingerprint) and segmenting."""
-    from musicattr.models.sat import file_fingerprint
+    from musicattr.fingerprint import file_fingerprint
 
     checkpoint = getattr(encoder, "checkpoint", None)
     return {"encoder": encoder.name, "dim": int(encoder.dim), "sample_rate": int(encoder.sample_rate),

@@ -3,10 +3,10 @@
     theta <- theta + lr * (1/N) * (F + lambda)^-1 * grad_theta L(z_hat, theta; M_U)
 
 applied ``steps`` times on the target parameters only, where L is the attribution task's per-item
-loss averaged over K draws of (t, eps) of the query (keyed ``unlearn/<query id>``), F the diagonal
-Fisher over N training items, and lambda = damping * mean(F over the target parameters) keeps
-near-zero Fisher entries from blowing the step up. The update ascends the query's loss: the model
-forgets z_hat.
+loss averaged over K draws of (t, eps) of the query (keyed ``unlearn/<query id>``), and
+(F + lambda)^-1 the preconditioner (``attribution/preconditioner.py``; the paper's: the diagonal Fisher over N
+training items, lambda = damping * mean(F over the target parameters) keeps near-zero Fisher entries from
+blowing the step up). The update ascends the query's loss: the model forgets z_hat.
 
 The update is computed in float64 and cast back to the parameters' dtype: an element whose step is
 below that dtype's resolution (|step| < ~eps |theta| / 2) does not move. ``run_unlearn`` counts the
@@ -26,13 +26,16 @@ from safetensors.torch import load_file, save_file
 
 from musicattr.atomic import atomic_path
 from musicattr.attribution.loss import UNLEARN
-from musicattr.attribution.task import AttributionTask, load_task
+from musicattr.attribution.preconditioner import DiagonalFisher, Preconditioner
+from musicattr.attribution.task import AttributionTask, load_theta, resolve_task
+from musicattr.data.queries import query_batch, query_fingerprint
+from musicattr.fingerprint import file_fingerprint
 
 log = logging.getLogger(__name__)
 MIN_CHANGED_FRACTION = 0.5  # warn when fewer target elements than this moved
 
 
-def loss_gradient(task: AttributionTask, params: Mapping[str, torch.nn.Parameter], batch, seed: int,
+def loss_gradient(task: AttributionTask, model, params: Mapping[str, torch.nn.Parameter], batch, seed: int,
                   num_draws: int, *, namespace: str = "", mask: bool = False, draws_per_forward: int = 16,
                   cond=None) -> dict[str, torch.Tensor]:
     """grad_theta of the summed per-item loss L(z_b, theta; M) of ``batch`` over ``num_draws`` draws keyed
@@ -42,11 +45,11 @@ def loss_gradient(task: AttributionTask, params: Mapping[str, torch.nn.Parameter
     total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     if cond is None:
         with torch.no_grad():
-            cond = task.conditioning(batch)
+            cond = task.conditioning(model, batch)
     with torch.enable_grad():
         for start in range(0, num_draws, draws_per_forward):
             n = min(draws_per_forward, num_draws - start)
-            loss = task.item_loss(batch, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
+            loss = task.item_loss(model, batch, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
                                   draw_offset=start, cond=cond)
             grads = torch.autograd.grad(loss.sum() * (n / num_draws), [params[k] for k in names])
             for k, g in zip(names, grads):
@@ -54,46 +57,29 @@ def loss_gradient(task: AttributionTask, params: Mapping[str, torch.nn.Parameter
     return total
 
 
-def damped_inverse(fisher: Mapping[str, torch.Tensor], names, damping: float) -> dict[str, torch.Tensor]:
-    """(F + lambda)^-1 on the tensors ``names`` (float64), lambda = damping * mean(F) over those tensors."""
-    names = list(names)
-    missing = [k for k in names if k not in fisher]
-    if missing:
-        raise KeyError(f"the Fisher has no entry for {missing[:3]}...; fix: compute the Fisher with a target "
-                       "group that covers the unlearning target (e.g. fisher target 'all')")
-    total = sum(float(fisher[k].double().sum()) for k in names)
-    count = sum(fisher[k].numel() for k in names)
-    if total <= 0:
-        raise ValueError("the Fisher is zero on every target tensor: these parameters do not affect the loss "
-                         "(e.g. a cross-attention that ignores its context); fix: check the model config or "
-                         "choose another target group")
-    lam = damping * total / max(count, 1)
-    return {k: 1.0 / (fisher[k].double() + lam) for k in names}
+def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor], precond: Preconditioner,
+               lr: float, num_items: int) -> dict[str, torch.Tensor]:
+    """theta + lr / N * P grad (float64 math, cast back to theta's dtype); P = (F + lambda)^-1 for the diagonal
+    Fisher."""
+    step = precond.apply(grad)
+    return {k: (theta[k].double() + lr / num_items * step[k]).to(theta[k].dtype) for k in grad}
 
 
-def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor],
-               fisher: Mapping[str, torch.Tensor], lr: float, num_items: int, damping: float) -> dict[str, torch.Tensor]:
-    """theta + lr / N * grad / (F + lambda), lambda = damping * mean(F) over the given tensors (float64 math)."""
-    inv = damped_inverse(fisher, grad, damping)
-    return {k: (theta[k].double() + lr / num_items * grad[k] * inv[k].to(grad[k].device)).to(theta[k].dtype)
-            for k in grad}
-
-
-def unlearn_query(task: AttributionTask, batch, fisher: Mapping[str, torch.Tensor], num_items: int,
+def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, num_items: int,
                   target: str = "all", lr: float = 1e-6, steps: int = 1, num_draws: int = 256, seed: int = 0,
-                  mask: bool = True, damping: float = 1e-3, draws_per_forward: int = 16) -> dict[str, torch.Tensor]:
-    """Apply Eq. 2 ``steps`` times in place on the target parameters of ``task.net`` for the one-item ``batch``
+                  mask: bool = True, draws_per_forward: int = 16) -> dict[str, torch.Tensor]:
+    """Apply Eq. 2 ``steps`` times in place on the target parameters of ``model`` for the one-item ``batch``
     (draws keyed ``unlearn/<id>``, ``mask`` M_U); return their new values (CPU).
 
     The caller keeps theta0 (e.g. reload the checkpoint) if it needs it afterwards.
     """
-    params = task.select_parameters(target)
+    params = task.select_parameters(model, target)
     with torch.no_grad():
-        cond = task.conditioning(batch)
+        cond = task.conditioning(model, batch)
     for _ in range(steps):
-        g = loss_gradient(task, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
+        g = loss_gradient(task, model, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
                           draws_per_forward=draws_per_forward, cond=cond)
-        new = eq2_update({k: p.detach() for k, p in params.items()}, g, fisher, lr, num_items, damping)
+        new = eq2_update({k: p.detach() for k, p in params.items()}, g, precond, lr, num_items)
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(new[k])
@@ -121,44 +107,9 @@ def load_unlearned(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return load_file(path), meta
 
 
-def query_batch(query: str | None = None, query_item: str | None = None, store: str | None = None) -> dict[str, Any]:
-    """A batch of one: a generated query file, or a training item of the latent store (its item_id, or
-    ``index:N`` / N for its index; see ``LatentStore.resolve``)."""
-    if (query is None) == (query_item is None):
-        raise ValueError("give exactly one of query (a .query.safetensors from `musicattr generate`) "
-                         "or query_item (a training item id, with store)")
-    if query is not None:
-        from musicattr.models.generate import load_query
-
-        q = load_query(query)
-        item = {**q, "item_id": q["query_id"]}
-    else:
-        from musicattr.data.latent_store import LatentStore
-
-        if store is None:
-            raise ValueError("query_item needs store (the latent store holding the item)")
-        s = LatentStore(store)
-        item = s[s.resolve(query_item)]
-    return {"latents": item["latents"][None].float(), "text_emb": item["text_emb"][None].float(),
-            "seconds_start": torch.tensor([float(item["seconds_start"])]),
-            "seconds_total": torch.tensor([float(item["seconds_total"])]),
-            "valid_frames": torch.tensor([int(item["valid_frames"])]), "item_id": [str(item["item_id"])]}
-
-
 # the metadata that identifies an unlearning run: same values, same unlearned weights (up to float order)
 RUN_KEYS = ("query_id", "query_fingerprint", "checkpoint_fingerprint", "fisher_fingerprint", "task", "num_items",
             "lr", "steps", "num_draws", "target", "strategy", "mask_unlearn", "mask_loss", "damping", "seed")
-
-
-def query_fingerprint(query: str | None, query_item: str | None, store: str | None) -> str:
-    """Content fingerprint of the query: its file, or the store's fingerprint and the item's id."""
-    from musicattr.data.latent_store import LatentStore
-    from musicattr.models.sat import file_fingerprint
-
-    if query is not None:
-        return file_fingerprint(query)
-    s = LatentStore(store)
-    return f"{s.fingerprint}:{s.items['item_id'].iloc[s.resolve(query_item)]}"
 
 
 def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None, query_item: str | None = None,
@@ -183,36 +134,34 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
             (fingerprints of checkpoint, Fisher and query included); otherwise it is recomputed.
         task: the attribution task (default: the SAT DiT of ``musicattr fit``).
     """
-    from musicattr.attribution.fisher import load_fisher
     from musicattr.attribution.masks import resolve_masks
-    from musicattr.models.sat import file_fingerprint
 
     ckpt_fp = file_fingerprint(checkpoint)
-    fisher_t, fisher_meta = load_fisher(fisher, ckpt_fp)
     mu, ml = resolve_masks(strategy, mask_unlearn=mask_unlearn)
     batch = query_batch(query, query_item, store)
     qid = batch["item_id"][0]
+    task = resolve_task(task)
+    fisher_fp = file_fingerprint(fisher)
     meta = {"query_id": qid, "query": query, "query_item": query_item,
             "query_fingerprint": query_fingerprint(query, query_item, store), "checkpoint": checkpoint,
-            "checkpoint_fingerprint": ckpt_fp, "fisher": fisher, "fisher_fingerprint": file_fingerprint(fisher),
-            "task": None, "num_items": int(fisher_meta["num_items"]), "lr": lr, "steps": steps,
+            "checkpoint_fingerprint": ckpt_fp, "fisher": fisher, "fisher_fingerprint": fisher_fp,
+            "task": task.identity(), "num_items": None, "lr": lr, "steps": steps,
             "num_draws": num_draws, "target": target, "strategy": strategy, "mask_unlearn": mu, "mask_loss": ml,
             "damping": damping, "seed": seed}
-    if task is None:
-        from musicattr.models.sat_task import SATDiffusionTask
-
-        task = SATDiffusionTask()
-    meta["task"] = task.identity()
     if reuse and os.path.exists(out):
         old = load_unlearned(out)[1]
-        if all(old.get(k) == json.loads(json.dumps(meta[k])) for k in RUN_KEYS):
+        if all(old.get(k) == json.loads(json.dumps(meta[k])) for k in RUN_KEYS if k != "num_items"):
             log.info("unlearn: %s is up to date (same query, checkpoint, Fisher and settings): reused", out)
             return old
-    load_task(task, checkpoint).model.to(device)
+    _, model = load_theta(task, checkpoint)
+    model.to(device)
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    theta0 = {k: p.detach().to("cpu", copy=True) for k, p in task.select_parameters(target).items()}
-    new = unlearn_query(task, batch, {k: v.to(device) for k, v in fisher_t.items()}, int(fisher_meta["num_items"]),
-                        target, lr, steps, num_draws, seed, mu, damping, draws_per_forward)
+    params = task.select_parameters(model, target)
+    precond = DiagonalFisher.load(fisher, params, damping, ckpt_fp).to(device)
+    meta["num_items"] = precond.provenance()["num_items"]
+    theta0 = {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+    new = unlearn_query(task, model, batch, precond, meta["num_items"], target, lr, steps, num_draws, seed, mu,
+                        draws_per_forward)
     changed, total = count_changed(theta0, new)
     meta.update(changed_elements=changed, target_elements=total)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from musicattr.atomic import atomic_write_json, atomic_write_text
-from musicattr.attribution.task import AttributionTask, load_task
+from musicattr.attribution.task import AttributionTask, resolve_task
 from musicattr.counterfactual.measure import cached, loss_keys, measure_losses, measure_planted, planted_keys
 from musicattr.counterfactual.methods import RANDOM, method_scores, parse_methods
 from musicattr.counterfactual.queries import Query, read_queries, select_queries
@@ -217,7 +217,7 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
     out.mkdir(parents=True, exist_ok=True)
     s = LatentStore(store)
     rec = recipe_from_checkpoint(checkpoint, steps, recipe)
-    task = task if task is not None else _default_task()
+    task = resolve_task(task)
     c = build_campaign(experiments, s, compare, methods or DEFAULT_METHODS, rec, lds, leave_k_out, seed)
     plan_file = write_plan(out, c, rec, experiments)
     log.info("counterfactual: %d retrains (%s; %s), %d queries", len(c.plan), ", ".join(experiments), rec.describe(),
@@ -243,19 +243,13 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
     return write_report(out, c, measure, theta0, experiments, lds, leave_k_out, rec, use_wandb)
 
 
-def _default_task() -> AttributionTask:
-    from musicattr.models.sat_task import SATDiffusionTask
-
-    return SATDiffusionTask()
-
-
 class _Measure:
     """Measures a finished retrain (query losses, planted chroma) and reads the measurements back."""
 
     def __init__(self, c: Campaign, store: LatentStore, store_path: str, task: AttributionTask, seed: int,
                  loss_draws: int, mask: bool, lko: LeaveKOutSettings, trainer: dict | None):
         from musicattr.evaluation.common import unlearn_device
-        from musicattr.models.sat import file_fingerprint
+        from musicattr.fingerprint import file_fingerprint
 
         self.c, self.store, self.store_path, self.task = c, store, store_path, task
         self.seed, self.loss_draws, self.mask, self.device = seed, loss_draws, mask, unlearn_device(trainer)
@@ -277,33 +271,32 @@ class _Measure:
         return finished(run_dir) and cached(run_dir, "losses.json", self.keys, "loss") is not None and \
             cached(run_dir, "planted.json", self._planted_keys_of(self.planted_for(r)), "chroma") is not None
 
-    def query_losses(self, run_dir: Path) -> dict[str, float]:
-        """The query losses of the model ``task`` holds, measured into (or read from) ``run_dir``."""
-        return measure_losses(run_dir, self.task, self.c.queries, self.store_path, self.keys, self.seed,
+    def query_losses(self, run_dir: Path, model) -> dict[str, float]:
+        """The query losses of ``model``, measured into (or read from) ``run_dir``."""
+        return measure_losses(run_dir, self.task, model, self.c.queries, self.store_path, self.keys, self.seed,
                               self.loss_draws, self.mask, self.device)
 
-    def planted_chroma(self, run_dir: Path, planted: list[Query]) -> None:
-        """The planted prompts' generations of the model ``task`` holds, and their chroma, into ``run_dir``."""
-        measure_planted(run_dir, self.task.model.to(self.device), planted, self.store, self._planted_keys_of(planted),
+    def planted_chroma(self, run_dir: Path, planted: list[Query], model) -> None:
+        """The planted prompts' generations of ``model``, and their chroma, into ``run_dir``."""
+        measure_planted(run_dir, model.to(self.device), planted, self.store, self._planted_keys_of(planted),
                         self.gen["gen_steps"], self.gen["cfg_scale"], self.seed)
 
     def __call__(self, run_dir: Path, r: PlannedRetrain) -> None:
-        load_task(self.task, str(run_dir / MODEL))
-        self.query_losses(run_dir)
+        model = self.task.load(str(run_dir / MODEL))
+        self.query_losses(run_dir, model)
         if self.planted_for(r):
-            self.planted_chroma(run_dir, self.planted_for(r))
+            self.planted_chroma(run_dir, self.planted_for(r), model)
 
     def theta0(self, out: Path, checkpoint: str) -> dict[str, float]:
         """The query losses of theta0 itself (for context: theta0' follows the campaign's recipe, which may be
         shorter), cached in ``theta0/<its fingerprint>/losses.json``."""
-        from musicattr.models.sat import file_fingerprint
+        from musicattr.fingerprint import file_fingerprint
 
         run_dir = out / "theta0" / file_fingerprint(checkpoint)
         done = cached(run_dir, "losses.json", self.keys, "loss")
         if done is not None:
             return done
-        load_task(self.task, checkpoint)
-        return self.query_losses(run_dir)
+        return self.query_losses(run_dir, self.task.load(checkpoint))
 
     def losses(self, run_dir: Path) -> dict[str, float]:
         return cached(run_dir, "losses.json", self.keys, "loss")
@@ -391,12 +384,12 @@ def estimate(out: Path, c: Campaign, recipe: Recipe, store_path: str, measure: _
     per_generation = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        load_task(measure.task, checkpoint)
-        measure.query_losses(Path(tmp))
+        model = measure.task.load(checkpoint)
+        measure.query_losses(Path(tmp), model)
         per_losses = time.perf_counter() - t0
         if measure.planted:
             t0 = time.perf_counter()
-            measure.planted_chroma(Path(tmp), measure.planted[:1])
+            measure.planted_chroma(Path(tmp), measure.planted[:1], model)
             per_generation = time.perf_counter() - t0
     fits = sum(not finished(c.run_dir(out, r)) for r in c.plan)
     todo = [r for r in c.plan if not measure.done(c.run_dir(out, r), r)]

@@ -12,8 +12,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from musicattr.atomic import atomic_write_json
 from musicattr.counterfactual.queries import Query, query_losses, queries_fingerprint
 
@@ -45,14 +43,14 @@ def cached(run_dir: Path, name: str, keys: dict[str, dict], field: str) -> dict[
     return None if _missing(cache, keys) else {qid: cache[qid][field] for qid in keys}
 
 
-def measure_losses(run_dir: Path, task, queries: list[Query], store: str, keys: dict[str, dict], seed: int,
+def measure_losses(run_dir: Path, task, model, queries: list[Query], store: str, keys: dict[str, dict], seed: int,
                    num_draws: int, mask: bool, device: str) -> dict[str, float]:
-    """L(z_q, theta_run) for each query, from ``losses.json`` or computed (``task`` holds the run's model)."""
+    """L(z_q, theta_run) for each query, from ``losses.json`` or computed (``model`` is the run's theta)."""
     path = Path(run_dir) / "losses.json"
     cache = _read(path)
     todo = [q for q in queries if q.query_id in _missing(cache, keys)]
     if todo:
-        losses = query_losses(task, todo, store, seed, num_draws, mask, device)
+        losses = query_losses(task, model, todo, store, seed, num_draws, mask, device)
         cache.update({qid: {"key": keys[qid], "loss": v} for qid, v in losses.items()})
         atomic_write_json(path, cache)
     return {q.query_id: cache[q.query_id]["loss"] for q in queries}
@@ -66,7 +64,8 @@ def measure_planted(run_dir: Path, module, queries: list[Query], store: "LatentS
     from musicattr.embeddings.audio import load_audio
     from musicattr.evaluation.common import store_folder
     from musicattr.models.autoencoder_module import store_autoencoder
-    from musicattr.models.generate import load_query, sample_latents, write_generation
+    from musicattr.data.queries import load_query
+    from musicattr.models.generate import sample_latents, write_generation
 
     path = Path(run_dir) / "planted.json"
     cache = _read(path)

@@ -77,7 +77,7 @@ def select_queries(queries: list[Query], selection: list[str] | dict[str, int] |
 
 def query_batch_of(q: Query, store: str) -> dict:
     """A batch of one for the query: its generated latent, or its training item."""
-    from musicattr.attribution.unlearn import query_batch
+    from musicattr.data.queries import query_batch
 
     if q.kind == "training":
         return query_batch(query_item=q.item_id, store=store)
@@ -86,7 +86,7 @@ def query_batch_of(q: Query, store: str) -> dict:
 
 def queries_fingerprint(queries: list[Query], store: str) -> str:
     """Content fingerprint of the queries: their records and their latents (files, or the store's items)."""
-    from musicattr.attribution.unlearn import query_fingerprint
+    from musicattr.data.queries import query_fingerprint
 
     h = hashlib.blake2b(digest_size=8)
     for q in queries:
@@ -95,13 +95,14 @@ def queries_fingerprint(queries: list[Query], store: str) -> str:
     return h.hexdigest()
 
 
-def query_losses(task, queries: list[Query], store: str, seed: int, num_draws: int, mask: bool = False,
+def query_losses(task, model, queries: list[Query], store: str, seed: int, num_draws: int, mask: bool = False,
                  device: str = "cpu") -> dict[str, float]:
-    """L(z_q, theta) of each query under the model loaded in ``task`` (draws keyed ``counterfactual/<id>``)."""
-    task.model.to(device).eval()
+    """L(z_q, theta) of each query under ``model`` (the task's loss; draws keyed ``counterfactual/<id>``)."""
+    model.to(device).eval()
     out = {}
     with torch.no_grad():
         for q in queries:
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in query_batch_of(q, store).items()}
-            out[q.query_id] = float(task.item_loss(batch, seed, num_draws, namespace=COUNTERFACTUAL, mask=mask)[0])
+            out[q.query_id] = float(task.item_loss(model, batch, seed, num_draws, namespace=COUNTERFACTUAL,
+                                                   mask=mask)[0])
     return out

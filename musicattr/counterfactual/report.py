@@ -123,7 +123,7 @@ def write_report(out: Path, c, measure, theta0: dict[str, float], experiments, l
     """Write the tables of the experiments run, then the methods table over them and over the other experiment's
     last tables in ``out`` (``make lds`` then ``make leave-k-out`` fill one table; each part's header line says
     what it was measured with). Log the methods table and return the summary."""
-    from musicattr.evaluation.common import open_wandb
+    from musicattr.wandb_logger import open_wandb
 
     timing_files = [c.run_dir(out, r) / "timing.json" for r in c.plan]
     timings = [json.loads(p.read_text()) for p in timing_files if p.exists()]

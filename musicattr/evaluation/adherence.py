@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.data.latent_store import LatentStore
-from musicattr.evaluation.common import (open_wandb, planted_groups, read_metadata_rows, store_folder,
-                                         train_audio_embeddings)
+from musicattr.evaluation.common import (planted_groups, read_metadata_rows, store_folder, train_audio_embeddings)
+from musicattr.wandb_logger import open_wandb
 
 log = logging.getLogger(__name__)
 

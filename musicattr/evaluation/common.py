@@ -1,7 +1,6 @@
 """Shared steps of the evaluations: training-set audio embeddings, in-process scoring, wandb runs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +101,6 @@ def unlearn_device(trainer: dict | None) -> str:
     """The device ``run_unlearn`` uses in a function stage: the GPU when the trainer's accelerator is one."""
     accelerator = str((trainer or {}).get("accelerator", "cpu"))
     return "cuda" if accelerator in ("gpu", "cuda") else "cpu"
-
-
-def open_wandb(name: str, config: dict[str, Any], enabled: bool = True, save_dir: str = "runs"):
-    """An offline wandb run (WANDB_MODE respected), or None when disabled."""
-    if not enabled or os.environ.get("WANDB_MODE") == "disabled":
-        return None
-    import wandb
-
-    os.makedirs(save_dir, exist_ok=True)
-    mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
-    return wandb.init(project="musicattr", name=name, config=config, dir=save_dir, mode=mode, reinit="finish_previous")
 
 
 def generate_audio(module, ae, text_emb: torch.Tensor, seconds: list[float], max_frames: int,

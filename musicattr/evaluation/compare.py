@@ -37,8 +37,9 @@ from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
 from musicattr.data.latent_store import LatentStore
 from musicattr.attribution.task import AttributionTask
 from musicattr.evaluation.attribute_match import match_markdown, query_percentiles
-from musicattr.evaluation.common import (diverse_items, open_wandb, planted_groups, read_metadata_rows, score_store,
+from musicattr.evaluation.common import (diverse_items, planted_groups, read_metadata_rows, score_store,
                                          store_folder, train_audio_embeddings, unlearn_device)
+from musicattr.wandb_logger import open_wandb
 from musicattr.evaluation.figure1 import plot_figure1
 from musicattr.evaluation.metrics import correlations
 
@@ -76,7 +77,7 @@ def generated_queries(gen_dir: Path, queries: list[dict], checkpoint: str, store
     import shutil
 
     from musicattr.models.generate import generate
-    from musicattr.models.sat import file_fingerprint
+    from musicattr.fingerprint import file_fingerprint
 
     autoencoder = store.manifest["autoencoder"]
     settings = {"prompts": [q["prompt"] for q in queries], "durations": [q["duration"] for q in queries],
@@ -166,12 +167,10 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
     sources = ["unlearning", "unlearning-relative"] if relative else ["unlearning"]
     ctx = None
     if index:
-        import copy
-
         from musicattr.attribution.query import open_query
 
         ctx = open_query(index, checkpoint, fisher, store, strategy, target=target, damping=damping,
-                         score_draws=score_draws, score_seed=seed, task=copy.deepcopy(task))
+                         score_draws=score_draws, score_seed=seed, task=task)
         sources += ["index", "index-relative"] if relative else ["index"]
     methods = {m: [] for m in sources + sims}
     rows = []

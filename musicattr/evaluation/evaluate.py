@@ -34,12 +34,12 @@ from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.attribution.masks import resolve_masks
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn
 from musicattr.data.latent_store import LatentStore
-from musicattr.attribution.task import AttributionTask
-from musicattr.evaluation.common import (diverse_items, generate_audio, open_wandb, score_store,
-                                         train_audio_embeddings, unlearn_device)
+from musicattr.attribution.task import AttributionTask, resolve_task
+from musicattr.evaluation.common import (diverse_items, generate_audio, score_store, train_audio_embeddings,
+                                         unlearn_device)
+from musicattr.wandb_logger import open_wandb
 from musicattr.evaluation.metrics import frechet_distance, target_rank, topk_bottomk_similarity
-from musicattr.models.sat import file_fingerprint
-from musicattr.models.sat_task import SATDiffusionTask
+from musicattr.fingerprint import file_fingerprint
 
 CONFIG_KEYS = ["target", "strategy", "lr", "steps"]
 log = logging.getLogger(__name__)
@@ -132,15 +132,13 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
                 "store_fingerprint": s.fingerprint, "audio_encoder": encoder.name,
                 "audio_encoder_fingerprint": emb.meta.get("checkpoint_fingerprint"), "fd_samples": fd_samples,
                 "fd_steps": fd_steps, "fd_targets": fd_targets, "relative": relative,
-                **(task or SATDiffusionTask()).identity()}
+                **resolve_task(task).identity()}
     ctx = None
     if index:
-        import copy
-
         from musicattr.attribution.query import open_query
 
         ctx = open_query(index, checkpoint, fisher, store, damping=damping, score_draws=score_draws, score_seed=seed,
-                         task=copy.deepcopy(task))
+                         task=task)
         prov = json.dumps(ctx.index.provenance, sort_keys=True).encode()
         settings["index_fingerprint"] = hashlib.blake2b(prov, digest_size=8).hexdigest()  # rows are keyed by it
     atomic_write_json(out / "setup.json", {"targets": [ids[t] for t in targets], "configs": grid, **settings})
@@ -200,7 +198,7 @@ def index_ranks(ctx, cfg: dict, unlearned: str, t: int, item_id: str) -> dict[st
     from musicattr.attribution.query import index_table
 
     prov = ctx.index.provenance
-    same = (sorted(ctx.task.select_parameters(cfg["target"])) == prov["tensors"]
+    same = (sorted(ctx.task.select_parameters(ctx.model, cfg["target"])) == prov["tensors"]
             and resolve_masks(cfg["strategy"])[1] == prov["mask_loss"])
     if not same:
         return {"rank_index": math.nan, "rank_index_rel": math.nan}

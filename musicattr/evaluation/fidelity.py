@@ -36,7 +36,7 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, ks: Sequence[int] = (10, 
     return out
 
 
-def first_order_scores(task, params: Mapping[str, torch.nn.Parameter], root_inv: Mapping[str, torch.Tensor],
+def first_order_scores(task, model, params: Mapping[str, torch.nn.Parameter], precond,
                        store, psis: Sequence[Mapping[str, torch.Tensor]], seed: int, num_draws: int, *,
                        mask: bool = False, draws_per_forward: int = 32, batch_size: int = 8,
                        progress=None) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +60,7 @@ def first_order_scores(task, params: Mapping[str, torch.nn.Parameter], root_inv:
                 if name in psi:
                     dots[start + j, c] += float((phi * psi[name]).sum())
 
-        preconditioned_gradients(task, params, root_inv, batch, seed, num_draws, take, mask=mask,
+        preconditioned_gradients(task, model, params, precond, batch, seed, num_draws, take, mask=mask,
                                  draws_per_forward=draws_per_forward)
         if progress:
             progress(min(n, start + batch_size), n)

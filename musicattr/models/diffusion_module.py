@@ -20,8 +20,12 @@ from typing import Any
 import lightning as L
 import torch
 
-from musicattr.attribution.loss import frame_mask_from_lengths, masked_mse, v_objective
+from musicattr.attribution.loss import frame_mask_from_lengths, masked_mse
+from musicattr.attribution.task import resolve_task
 from musicattr.models.sat import TEXT_KEY, build_diffusion
+from musicattr.models.v_objective import v_objective
+
+VAL_TASK = "musicattr.models.sat_task.SATDiffusionTask"  # imported by path: sat_task imports this module
 
 
 class DiffusionModule(L.LightningModule):
@@ -70,10 +74,9 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        from musicattr.models.sat_task import SATDiffusionTask
-
-        loss = SATDiffusionTask.of(self).item_loss(batch, self.hparams.val_seed, self.hparams.val_draws,
-                                                    mask=self.hparams.use_padding_mask)
+        # the attribution loss itself (fixed draws per item), through the SAT task named by its class path
+        loss = resolve_task(VAL_TASK).item_loss(self, batch, self.hparams.val_seed, self.hparams.val_draws,
+                                                mask=self.hparams.use_padding_mask)
         self.log("val/loss", loss.float().mean(), prog_bar=True, sync_dist=True, batch_size=len(loss))
 
     def configure_optimizers(self):

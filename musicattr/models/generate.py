@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import soundfile as sf
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from musicattr.atomic import atomic_path, atomic_write_json
+from musicattr.data.queries import save_query
 from musicattr.models.sat import TEXT_KEY, quiet
 
 log = logging.getLogger(__name__)
@@ -96,20 +93,8 @@ def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str]
         info = {"query_id": name, "caption": prompt, "duration_s": dur, "seconds_start": 0.0,
                 "seconds_total": float(math.ceil(dur)), "valid_frames": valid, "seed": seed + q,
                 "audio": f"{name}.wav", "checkpoint": checkpoint}
-        with atomic_path(out / f"{name}.query.safetensors") as tmp:
-            save_file({"latents": latents[0].float().cpu().contiguous(), "text_emb": text[q].cpu().contiguous()},
-                      str(tmp), metadata={"info": json.dumps(info)})
+        save_query(out / f"{name}.query.safetensors", latents[0], text[q], info)
         results.append(info)
         log.info("generate: %s  (%.1f s)  %s", out / (name + ".wav"), dur, prompt)
     atomic_write_json(out / "queries.json", results)
     return results
-
-
-def load_query(path: str) -> dict:
-    """A query written by ``generate``: latents [C, L], text_emb [S, D] and its info."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"query file not found: {path}; fix: run `musicattr generate` or give a "
-                                "training item with --query_item")
-    with safe_open(path, "pt") as f:
-        info = json.loads(f.metadata()["info"])
-        return {"latents": f.get_tensor("latents"), "text_emb": f.get_tensor("text_emb"), **info}

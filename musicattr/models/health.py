@@ -152,7 +152,7 @@ def record_store_health(store_root, autoencoder: str | None = None, use_wandb: b
 
 def _log_wandb(health: dict, store_root: str) -> None:
     """The store's health figures in an (offline by default) wandb run of their own."""
-    from musicattr.evaluation.common import open_wandb
+    from musicattr.wandb_logger import open_wandb
 
     run = open_wandb("encode-health", {"store": store_root})
     if run is None:

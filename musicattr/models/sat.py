@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
-import json
 import os
 from typing import Any, Iterator
 
@@ -122,19 +120,6 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     obj = torch.load(path, map_location="cpu", weights_only=False)
     return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-
-
-def file_fingerprint(path: str) -> str:
-    """A short content hash of a file (first 16 hex digits of blake2b), to tie outputs to inputs."""
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def config_fingerprint(config: dict) -> str:
-    return hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def init_kwargs(cls, hparams: dict[str, Any]) -> dict[str, Any]:

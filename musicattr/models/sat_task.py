@@ -2,9 +2,9 @@
 
     z_t = alpha z + sigma eps,  target v = alpha eps - sigma z,  alpha = cos(pi t / 2), sigma = sin(pi t / 2)
 
-(the v-objective, Salimans & Ho, 2022, with SAT's cosine schedule); the network is SAT's DiTWrapper
-(``DiffusionModule.net``) called without gradient checkpointing; the conditioning is the stored text
-embedding plus SAT's timing conditioners; the frame mask comes from each item's valid length.
+(the v-objective, ``models/v_objective.py``); the network is SAT's DiTWrapper (``DiffusionModule.net``) called
+without gradient checkpointing; the conditioning is the stored text embedding plus SAT's timing conditioners;
+the frame mask comes from each item's valid length. Stateless: the model is an argument of every call.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import torch
 
-from musicattr.attribution.loss import v_objective
 from musicattr.attribution.task import AttributionTask
+from musicattr.models.v_objective import v_objective
 
 # parameter names relative to SAT's DiTWrapper, e.g. model.transformer.layers.3.cross_attn.to_kv.weight
 SAT_GROUPS = {
@@ -25,39 +25,30 @@ SAT_GROUPS = {
 
 
 class SATDiffusionTask(AttributionTask):
-    """SAT ``diffusion_cond`` DiT with the v-objective (the model of ``musicattr fit``)."""
+    """SAT ``diffusion_cond`` DiT with the v-objective (the model of ``musicattr fit``, a ``DiffusionModule``)."""
 
     parameter_groups = SAT_GROUPS
 
     def load(self, checkpoint: str) -> torch.nn.Module:
         from musicattr.models.diffusion_module import load_diffusion_module
 
-        self.model = load_diffusion_module(checkpoint)
-        return self.model
+        return load_diffusion_module(checkpoint)
 
-    @classmethod
-    def of(cls, module) -> "SATDiffusionTask":
-        """The task of an already built ``DiffusionModule`` (e.g. during training)."""
-        task = cls()
-        task.model = module
-        return task
+    def net(self, model) -> torch.nn.Module:
+        return model.net
 
-    @property
-    def net(self) -> torch.nn.Module:
-        return self.model.net
+    def conditioning(self, model, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return model.conditioning_inputs(batch)
 
-    def conditioning(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return self.model.conditioning_inputs(batch)
-
-    def frame_mask(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        return self.model.frame_mask(batch)
+    def frame_mask(self, model, batch: Mapping[str, Any]) -> torch.Tensor:
+        return model.frame_mask(batch)
 
     def noise(self, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return v_objective(z, t, eps)
 
-    def predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],
+    def predict(self, model, z_t: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],
                 params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         kwargs = {**cond, "use_checkpointing": False}
         if params is None:
-            return self.net(z_t, t, **kwargs)
-        return torch.func.functional_call(self.net, dict(params), (z_t, t), kwargs)
+            return model.net(z_t, t, **kwargs)
+        return torch.func.functional_call(model.net, dict(params), (z_t, t), kwargs)

@@ -6,16 +6,16 @@ import statistics
 from bench.common import log, summary, timed
 
 
-def bench_fisher(task, batch, draws: int, warmup: int, repeats: int, chunk_size: int) -> tuple[dict, dict]:
-    """``task``: a loaded AttributionTask; the Fisher's target group 'all', draws keyed fisher/<id>."""
+def bench_fisher(task, model, batch, draws: int, warmup: int, repeats: int, chunk_size: int) -> tuple[dict, dict]:
+    """``task``: an AttributionTask, ``model`` its theta; the Fisher's target group 'all', draws keyed fisher/<id>."""
     from musicattr.attribution.fisher import squared_grads_loop, squared_grads_vmap
     from musicattr.data.datamodules import item_slice
 
-    params = task.select_parameters("all")
-    args = (task, params, batch, 0, range(draws))
+    params = task.select_parameters(model, "all")
+    args = (task, model, params, batch, 0, range(draws))
     n = len(batch["item_id"]) * draws
     # warm-up on one item (cheaper than the whole batch; CPU kernels need no compilation)
-    one = (task, params, item_slice(batch, 0), 0, range(min(draws, 2)))
+    one = (task, model, params, item_slice(batch, 0), 0, range(min(draws, 2)))
     res = {}
     sq_vmap = sq_loop = None
     for name, fn, warm in (("vmap", lambda: squared_grads_vmap(*args, chunk_size=chunk_size),

@@ -114,11 +114,11 @@ def bench_index(checkpoint: str, fisher: str, unlearned: str, work: Path, batche
     t_build = _seconds(lambda: [build.predict_step(b, 0) for b in batches], device, repeats)
     t_build4 = _seconds(lambda: [build.predict_step(b, 0) for b in batches4], device, 1)
     # a query: psi from its gradient (K draws) and its sketch
-    params, root_inv = build.params, build.root_inv
+    params, precond = build.params, build.precond
     q = _to(query, device)
 
     def gradient():
-        psi = gradient_psi(build.task, params, root_inv, q, 1e-6, store_items, query_draws, 0, True, 16)
+        psi = gradient_psi(build.task, build.theta0, params, precond, q, 1e-6, store_items, query_draws, 0, True, 16)
         project(build.projection, psi)
 
     t_grad = _seconds(gradient, device, max(1, repeats - 1))
@@ -126,7 +126,7 @@ def bench_index(checkpoint: str, fisher: str, unlearned: str, work: Path, batche
     def from_unlearned():  # psi = (F + lambda)^1/2 (theta_u - theta0): read the file, no gradient
         from musicattr.attribution.unlearn import load_unlearned
 
-        project(build.projection, unlearned_psi(params, load_unlearned(unlearned)[0], root_inv))
+        project(build.projection, unlearned_psi(params, load_unlearned(unlearned)[0], precond))
 
     t_unl = _seconds(from_unlearned, device, repeats)
     lookups = {f"{rows}": bench_lookup(work, rows, k, 1, repeats)

@@ -13,24 +13,26 @@ def bench_unlearn(checkpoint: str, query: dict, fisher: dict, num_items: int, nu
     import torch
 
     from musicattr.attribution.loss import UNLEARN
-    from musicattr.attribution.task import load_task
+    from musicattr.attribution.preconditioner import DiagonalFisher
+    from musicattr.attribution.task import load_theta
     from musicattr.attribution.unlearn import eq2_update, loss_gradient, unlearn_query
 
-    task = load_task(None, checkpoint)
-    params = task.select_parameters("all")
+    task, model = load_theta(None, checkpoint)
+    params = task.select_parameters(model, "all")
+    precond = DiagonalFisher(fisher, params, 1e-3)
     theta0 = {k: p.detach().clone() for k, p in params.items()}
     holder = {}
 
     def step():  # the "mixed" strategy: M_U on
-        holder["new"] = unlearn_query(task, query, fisher, num_items, "all", lr=1e-3, steps=1, num_draws=num_draws,
-                                      seed=0, mask=True, damping=1e-3, draws_per_forward=draws_per_forward)
+        holder["new"] = unlearn_query(task, model, query, precond, num_items, "all", lr=1e-3, steps=1,
+                                      num_draws=num_draws, seed=0, mask=True, draws_per_forward=draws_per_forward)
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(theta0[k])
 
     for _ in range(warmup):  # warm-up with one chunk of draws, then time the full K
-        unlearn_query(task, query, fisher, num_items, "all", lr=1e-3, steps=1,
-                      num_draws=min(num_draws, draws_per_forward), seed=0, mask=True, damping=1e-3,
+        unlearn_query(task, model, query, precond, num_items, "all", lr=1e-3, steps=1,
+                      num_draws=min(num_draws, draws_per_forward), seed=0, mask=True,
                       draws_per_forward=draws_per_forward)
         with torch.no_grad():
             for k, p in params.items():
@@ -38,10 +40,10 @@ def bench_unlearn(checkpoint: str, query: dict, fisher: dict, num_items: int, nu
     times = timed(step, 0, repeats)
     # the split: gradient vs Eq. 2 update (one run each, after the warm-up above)
     t0 = time.perf_counter()
-    g = loss_gradient(task, params, query, 0, num_draws, namespace=UNLEARN, mask=True,
+    g = loss_gradient(task, model, params, query, 0, num_draws, namespace=UNLEARN, mask=True,
                       draws_per_forward=draws_per_forward)
     t1 = time.perf_counter()
-    eq2_update({k: p.detach() for k, p in params.items()}, g, fisher, 1e-3, num_items, 1e-3)
+    eq2_update({k: p.detach() for k, p in params.items()}, g, precond, 1e-3, num_items)
     t2 = time.perf_counter()
     med = statistics.median(times)
     res = {"num_draws": num_draws, "draws_per_forward": draws_per_forward, "target": "all",

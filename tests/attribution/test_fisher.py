@@ -17,11 +17,12 @@ from safetensors.torch import load_file, save_file
 from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
 from musicattr.attribution.fisher import (FisherMismatchError, FisherModule, load_fisher, squared_grads_loop,
                                           squared_grads_vmap)
-from musicattr.attribution.loss import make_draws, v_objective
+from musicattr.attribution.loss import make_draws
+from musicattr.models.v_objective import v_objective
 from musicattr.data.datamodules import StorePredictDataModule, collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
-from musicattr.models.sat import file_fingerprint
+from musicattr.fingerprint import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 from musicattr.atomic import finished_files
 
@@ -108,8 +109,8 @@ def theta0(work):
 
 
 @pytest.fixture(scope="module")
-def task(theta0):
-    return SATDiffusionTask.of(theta0)
+def task():
+    return SATDiffusionTask()
 
 
 # ---------------------------------------------------------------- per-sample squared gradients
@@ -120,8 +121,8 @@ def test_vmap_equals_loop_equals_brute_force(work, theta0, task, use_mask):
     store = LatentStore(work / "store")
     positions = [0, 6, 10]
     b = collate_items([store[p] for p in positions])
-    params = task.select_parameters("all")
-    args = (task, params, b, 5, range(3))
+    params = task.select_parameters(theta0, "all")
+    args = (task, theta0, params, b, 5, range(3))
     vm = squared_grads_vmap(*args, mask=use_mask, chunk_size=4)
     lp = squared_grads_loop(*args, mask=use_mask)
     bf = brute_force_sq_grads(theta0, store, positions, 5, range(3), list(params), use_mask, namespace="fisher/")
@@ -136,17 +137,17 @@ def test_vmap_equals_loop_equals_brute_force(work, theta0, task, use_mask):
     assert_close_rel(squared_grads_vmap(*args, mask=use_mask, chunk_size=None), lp, 1e-5)
 
 
-def test_squared_grads_of_subsets_add_up(work, task):
+def test_squared_grads_of_subsets_add_up(work, theta0, task):
     store = LatentStore(work / "store")
     b = collate_items([store[p] for p in range(4)])
-    params = task.select_parameters("to_kv")
-    whole = squared_grads_vmap(task, params, b, 0, range(4))
+    params = task.select_parameters(theta0, "to_kv")
+    whole = squared_grads_vmap(task, theta0, params, b, 0, range(4))
     b1 = collate_items([store[p] for p in range(2)])
     b2 = collate_items([store[p] for p in range(2, 4)])
     parts = []
     for bb in (b1, b2):
         for draws in (range(0, 1), range(1, 4)):
-            parts.append(squared_grads_vmap(task, params, bb, 0, draws))
+            parts.append(squared_grads_vmap(task, theta0, params, bb, 0, draws))
     total = {k: sum(p[k] for p in parts) for k in whole}
     assert_close_rel(whole, total, 1e-5)
 
@@ -157,7 +158,7 @@ def test_squared_grads_of_subsets_add_up(work, task):
 def test_cli_fisher_equals_in_test_mean_of_squared_grads(work, theta0, task):
     """F = 1/(N T) sum_i sum_t (dL_t(z_i)/dtheta)^2, with draw t of item i keyed 'fisher/<id>'."""
     fisher, meta = load_fisher(str(work / "fisher.safetensors"))
-    names = list(task.select_parameters("all"))
+    names = list(task.select_parameters(theta0, "all"))
     assert set(fisher) == set(names)
     store = LatentStore(work / "store")
     total = brute_force_sq_grads(theta0, store, range(N_ITEMS), 0, range(T_DRAWS), names, namespace="fisher/")
@@ -174,7 +175,7 @@ def test_cli_fisher_equals_in_test_mean_of_squared_grads(work, theta0, task):
 def test_fisher_draws_are_not_the_scoring_draws(work, theta0, task):
     """The Fisher has its own draw namespace: summed over the scoring draws (bare ids) it would differ."""
     fisher, _ = load_fisher(str(work / "fisher.safetensors"))
-    names = list(task.select_parameters("to_kv"))
+    names = list(task.select_parameters(theta0, "to_kv"))
     store = LatentStore(work / "store")
     scoring = brute_force_sq_grads(theta0, store, range(N_ITEMS), 0, range(T_DRAWS), names)
     scoring = {k: v / (N_ITEMS * T_DRAWS) for k, v in scoring.items()}
@@ -183,12 +184,12 @@ def test_fisher_draws_are_not_the_scoring_draws(work, theta0, task):
         assert rel > 1e-2, (k, rel)
 
 
-def test_cli_fisher_metadata(work, task):
+def test_cli_fisher_metadata(work, theta0, task):
     _, meta = load_fisher(str(work / "fisher.safetensors"))
     assert meta["num_items"] == N_ITEMS
     assert meta["num_draws"] == T_DRAWS
     assert meta["seed"] == 0 and meta["target"] == "all" and meta["use_mask"] is False
-    assert meta["parameters"] == list(task.select_parameters("all"))
+    assert meta["parameters"] == list(task.select_parameters(theta0, "all"))
     assert meta["checkpoint_fingerprint"] == file_fingerprint(str(work / "theta0.ckpt"))
     assert meta["checkpoint"] == "theta0.ckpt"
     assert meta["store_fingerprint"] == LatentStore(work / "store").fingerprint
@@ -334,12 +335,12 @@ def test_kill9_mid_run_then_rerun_equals_uninterrupted(work, tmp_path):
     assert sorted(idx) == list(range(N_ITEMS))
     # the uninterrupted reference, computed here with the same per-sample loop
     task = SATDiffusionTask()
-    task.load(str(d / "theta0.ckpt"))
+    model = task.load(str(d / "theta0.ckpt"))
     store = LatentStore(d / "store")
-    params = task.select_parameters("all")
+    params = task.select_parameters(model, "all")
     ref = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     for pos in range(N_ITEMS):
-        sq = squared_grads_loop(task, params, collate_items([store[pos]]), 0, range(draws))
+        sq = squared_grads_loop(task, model, params, collate_items([store[pos]]), 0, range(draws))
         for k in ref:
             ref[k] += sq[k]
     ref = {k: (v / (N_ITEMS * draws)).float() for k, v in ref.items()}

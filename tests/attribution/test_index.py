@@ -21,7 +21,7 @@ from musicattr.attribution.loss import UNLEARN
 from musicattr.attribution.query import run_query
 from musicattr.attribution.score import ScoringModule
 from musicattr.attribution.sketch import SignSketch, fold
-from musicattr.attribution.task import load_task
+from musicattr.attribution.task import load_theta
 from musicattr.attribution.unlearn import load_unlearned, loss_gradient, run_unlearn, save_unlearned
 from musicattr.data.datamodules import StorePredictDataModule, collate_items
 from musicattr.data.latent_store import LatentStore
@@ -77,20 +77,20 @@ def flat(g: dict, names) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def hand(work):
     """g_i (scoring draws), g_q (unlearning draws of item 3, M_U), (F + lambda)^-1 and theta_u - theta0, by hand."""
-    task = load_task(None, str(work / "theta0.ckpt"))
-    params = task.select_parameters("all")
+    task, model = load_theta(None, str(work / "theta0.ckpt"))
+    params = task.select_parameters(model, "all")
     names = sorted(params)
     store = LatentStore(work / "store")
-    grads = torch.stack([flat(loss_gradient(task, params, collate_items([store[p]]), 0, T), names)
+    grads = torch.stack([flat(loss_gradient(task, model, params, collate_items([store[p]]), 0, T), names)
                          for p in range(N_ITEMS)])
-    gq = flat(loss_gradient(task, params, collate_items([store[3]]), 0, K, namespace=UNLEARN, mask=True), names)
+    gq = flat(loss_gradient(task, model, params, collate_items([store[3]]), 0, K, namespace=UNLEARN, mask=True), names)
     fisher, meta = load_fisher(str(work / "fisher.safetensors"))
     f = flat(fisher, names)
     inv = 1.0 / (f + DAMPING * f.mean())
     changed, _ = load_unlearned(str(work / "q3.safetensors"))
     delta = flat({k: changed[k].double() - params[k].detach().double() for k in names}, names)
     with torch.no_grad():
-        losses = task.item_loss(collate_items([store[p] for p in range(N_ITEMS)]), 0, T)
+        losses = task.item_loss(model, collate_items([store[p] for p in range(N_ITEMS)]), 0, T)
     return {"g": grads, "gq": gq, "inv": inv, "n": int(meta["num_items"]), "delta": delta, "loss": losses,
             "names": names}
 
@@ -196,7 +196,7 @@ def test_unprojected_first_order_pass_equals_the_hand_product(work, hand):
     ctx = open_query(str(work / "identity"), str(work / "theta0.ckpt"), str(work / "fisher.safetensors"),
                      str(work / "store"))
     psi, _ = ctx.from_unlearned(str(work / "q3.safetensors"))
-    dots, s = first_order_scores(ctx.task, ctx.params, ctx.root_inv, ctx.store, [psi], 0, T, batch_size=5)
+    dots, s = first_order_scores(ctx.task, ctx.model, ctx.params, ctx.precond, ctx.store, [psi], 0, T, batch_size=5)
     first = (hand["g"] @ hand["delta"]).numpy()
     np.testing.assert_allclose(dots[:, 0], first, rtol=0, atol=1e-6 * np.abs(first).max())
     np.testing.assert_allclose(s, (hand["g"].pow(2) * hand["inv"]).sum(1).sqrt().numpy(), rtol=1e-5)
@@ -378,12 +378,13 @@ def test_second_task_index_and_query_from_the_command_line(tmp_path):
     cli(["query", "--index", "index", "--checkpoint", "eps.ckpt", "--fisher", "fisher.safetensors", "--task",
          "eps_task.EpsilonTask", "--out_dir", "q", "--query_items", "[index:2]", "--num_draws", K, "--lr", LR], d)
     task = EpsilonTask()
-    task.load(str(d / "eps.ckpt"))
-    params = task.select_parameters("all")
+    model = task.load(str(d / "eps.ckpt"))
+    params = task.select_parameters(model, "all")
     names = sorted(params)
     store = LatentStore(d / "store")
-    g = torch.stack([flat(loss_gradient(task, params, collate_items([store[p]]), 0, T), names) for p in range(8)])
-    gq = flat(loss_gradient(task, params, collate_items([store[2]]), 0, K, namespace=UNLEARN, mask=True), names)
+    g = torch.stack([flat(loss_gradient(task, model, params, collate_items([store[p]]), 0, T), names)
+                     for p in range(8)])
+    gq = flat(loss_gradient(task, model, params, collate_items([store[2]]), 0, K, namespace=UNLEARN, mask=True), names)
     fisher, meta = load_fisher(str(d / "fisher.safetensors"))
     f = flat(fisher, names)
     exact = LR / meta["num_items"] * g @ (gq / (f + DAMPING * f.mean()))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import make_module, make_store
-from musicattr.attribution.loss import draw_seed, frame_mask_from_lengths, make_draws, masked_mse, v_objective
+from musicattr.attribution.loss import draw_seed, frame_mask_from_lengths, make_draws, masked_mse
+from musicattr.models.v_objective import v_objective
 from musicattr.attribution.task import AttributionTask
 from musicattr.data.datamodules import collate_items
 from musicattr.models.sat_task import SATDiffusionTask
@@ -20,7 +21,7 @@ from musicattr.models.sat_task import SATDiffusionTask
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     store = make_store(tmp_path_factory.mktemp("loss") / "store", n=6)
-    return SATDiffusionTask.of(make_module()), store
+    return (SATDiffusionTask(), make_module()), store
 
 
 def _batch(store, positions):
@@ -80,47 +81,47 @@ def test_draw_seed_is_not_item_id_collision_prone():
 @pytest.mark.paths
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_item_loss_same_alone_or_in_batch(setup, use_mask):
-    task, store = setup
+    (task, model), store = setup
     positions = list(range(6))
     b = _batch(store, positions)
     with torch.no_grad():
-        ref = task.item_loss(b, 3, 6, mask=use_mask, draws_per_forward=6)
+        ref = task.item_loss(model, b, 3, 6, mask=use_mask, draws_per_forward=6)
         assert ref.dtype == torch.float64 and ref.shape == (6,)
         # other chunkings of the draws
         for dpf in (1, 4, 8):
-            other = task.item_loss(b, 3, 6, mask=use_mask, draws_per_forward=dpf)
+            other = task.item_loss(model, b, 3, 6, mask=use_mask, draws_per_forward=dpf)
             np.testing.assert_allclose(other.numpy(), ref.numpy(), rtol=1e-6)
         # each item alone
         for p in positions:
-            alone = task.item_loss(_batch(store, [p]), 3, 6, mask=use_mask, draws_per_forward=4)
+            alone = task.item_loss(model, _batch(store, [p]), 3, 6, mask=use_mask, draws_per_forward=4)
             np.testing.assert_allclose(alone.numpy(), ref[p:p + 1].numpy(), rtol=1e-6)
         # another batch composition and order
         perm = [4, 1, 5]
-        sub = task.item_loss(_batch(store, perm), 3, 6, mask=use_mask, draws_per_forward=2)
+        sub = task.item_loss(model, _batch(store, perm), 3, 6, mask=use_mask, draws_per_forward=2)
         np.testing.assert_allclose(sub.numpy(), ref[perm].numpy(), rtol=1e-6)
         # another seed, or another draw namespace, gives other losses
-        other_seed = task.item_loss(b, 4, 6, mask=use_mask, draws_per_forward=6)
+        other_seed = task.item_loss(model, b, 4, 6, mask=use_mask, draws_per_forward=6)
         assert not torch.allclose(other_seed, ref, rtol=1e-3)
-        other_namespace = task.item_loss(b, 3, 6, namespace="fisher/", mask=use_mask, draws_per_forward=6)
+        other_namespace = task.item_loss(model, b, 3, 6, namespace="fisher/", mask=use_mask, draws_per_forward=6)
         assert not torch.allclose(other_namespace, ref, rtol=1e-3)
 
 
 def test_item_loss_is_mean_of_draw_losses_and_draw_offset(setup):
-    task, store = setup
+    (task, model), store = setup
     b = _batch(store, [0, 2])
     with torch.no_grad():
-        cond = task.conditioning(b)
+        cond = task.conditioning(model, b)
         t, eps = make_draws(5, b["item_id"], range(2, 6), (4, 16))
-        per = torch.stack([task.draw_loss(b["latents"], t[:, j], eps[:, j], cond) for j in range(4)], 1)
+        per = torch.stack([task.draw_loss(model, b["latents"], t[:, j], eps[:, j], cond) for j in range(4)], 1)
         assert per.shape == (2, 4)
-        off = task.item_loss(b, 5, 4, draws_per_forward=3, draw_offset=2)
+        off = task.item_loss(model, b, 5, 4, draws_per_forward=3, draw_offset=2)
     np.testing.assert_allclose(off.numpy(), per.double().mean(1).numpy(), rtol=1e-6)
 
 
 def test_item_loss_is_differentiable(setup):
-    task, store = setup
-    w = task.net.model.transformer.layers[0].self_attn.to_qkv.weight
-    loss = task.item_loss(_batch(store, [1]), 0, 3, draws_per_forward=2)
+    (task, model), store = setup
+    w = task.net(model).model.transformer.layers[0].self_attn.to_qkv.weight
+    loss = task.item_loss(model, _batch(store, [1]), 0, 3, draws_per_forward=2)
     (g,) = torch.autograd.grad(loss.sum(), [w])
     assert g.abs().sum() > 0
 
@@ -131,21 +132,22 @@ def test_item_loss_is_differentiable(setup):
 class ZeroTask(AttributionTask):
     """The v-objective with a network that predicts zeros: the loss is the mean of v^2 (checked by hand)."""
 
-    net = None
-
     def load(self, checkpoint):
         raise NotImplementedError
 
-    def conditioning(self, batch):
+    def net(self, model):
+        return model
+
+    def conditioning(self, model, batch):
         return {}
 
-    def frame_mask(self, batch):
+    def frame_mask(self, model, batch):
         return frame_mask_from_lengths(batch["valid_frames"], batch["latents"].shape[-1])
 
     def noise(self, z, t, eps):
         return v_objective(z, t, eps)
 
-    def predict(self, z_t, t, cond, params=None):
+    def predict(self, model, z_t, t, cond, params=None):
         return torch.zeros_like(z_t)
 
 
@@ -170,8 +172,8 @@ def test_masked_loss_averages_valid_frames_only(use_mask):
     z = torch.randn(3, 4, 10, generator=g)
     valid = torch.tensor([3, 10, 6])
     ids = ["q0", "q1", "q2"]
-    task = ZeroTask()
-    loss = task.item_loss({"latents": z, "valid_frames": valid, "item_id": ids}, 11, 5, mask=use_mask,
+    task, model = ZeroTask(), None
+    loss = task.item_loss(model, {"latents": z, "valid_frames": valid, "item_id": ids}, 11, 5, mask=use_mask,
                           draws_per_forward=2)
     hand = [_hand_loss(z[i], int(valid[i]), ids[i], 11, 5, use_mask) for i in range(3)]
     np.testing.assert_allclose(loss.numpy(), hand, rtol=1e-6)
@@ -179,7 +181,7 @@ def test_masked_loss_averages_valid_frames_only(use_mask):
         z2 = z.clone()
         z2[0, :, 3:] = 1e3
         z2[2, :, 6:] = -7.0
-        again = task.item_loss({"latents": z2, "valid_frames": valid, "item_id": ids}, 11, 5, mask=True)
+        again = task.item_loss(model, {"latents": z2, "valid_frames": valid, "item_id": ids}, 11, 5, mask=True)
         np.testing.assert_allclose(again.numpy(), loss.numpy(), rtol=1e-6)
 
 

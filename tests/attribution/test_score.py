@@ -25,7 +25,7 @@ from musicattr.attribution.unlearn import load_unlearned, run_unlearn, save_unle
 from musicattr.data.datamodules import StorePredictDataModule, collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.diffusion_module import load_diffusion_module
-from musicattr.models.sat import file_fingerprint
+from musicattr.fingerprint import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 from musicattr.parts import TableFormat
 from musicattr.atomic import finished_files
@@ -135,7 +135,7 @@ def losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
     store = LatentStore(d / "store")
     b = collate_items([store[p] for p in range(len(store))])
     with torch.no_grad():
-        out = SATDiffusionTask.of(m).item_loss(b, seed, num_draws, mask=mask, draws_per_forward=num_draws)
+        out = SATDiffusionTask().item_loss(m, b, seed, num_draws, mask=mask, draws_per_forward=num_draws)
     return dict(zip(b["index"].tolist(), out.numpy()))
 
 
@@ -374,7 +374,7 @@ def test_scores_match_first_order_approximation(pipe, tmp_path):
     pred = []
     for pos in range(N_ITEMS):
         b = collate_items([store[pos]])
-        loss = SATDiffusionTask.of(m).item_loss(b, 0, 4, draws_per_forward=4)
+        loss = SATDiffusionTask().item_loss(m, b, 0, 4, draws_per_forward=4)
         grads = torch.autograd.grad(loss.sum(), [named[k] for k in delta])
         pred.append(sum(float((g.double() * delta[k]).sum()) for g, k in zip(grads, delta)))
     tau, pred = df["score"].to_numpy(), np.array(pred)
@@ -401,7 +401,7 @@ def hand_sensitivity(d, unlearned, num_draws=T_SCORE, damping=1e-3):
     out = {}
     for pos in range(len(store)):
         b = collate_items([store[pos]])
-        loss = SATDiffusionTask.of(m).item_loss(b, 0, num_draws, draws_per_forward=num_draws)
+        loss = SATDiffusionTask().item_loss(m, b, 0, num_draws, draws_per_forward=num_draws)
         g = torch.cat([x.double().flatten() for x in torch.autograd.grad(loss.sum(), [named[k] for k in names])])
         out[int(b["index"][0])] = float((g.pow(2) * inv).sum().sqrt())
     return out

@@ -42,12 +42,13 @@ def bare_model(d, tensors=None) -> TinyDenoiser:
 
 
 def hand_loss(model, item: dict, key: str, seed: int, draws, mask: bool = False) -> torch.Tensor:
-    """1/T sum_j mean over (channels x counted frames) of (eps_theta(sqrt(1-t) z + sqrt(t) eps, t) - eps)^2."""
+    """1/T sum_j mean over (channels x counted frames) of (eps_theta(sqrt(1-t) z + sqrt(t) eps, t) - eps)^2,
+    t_j one of 1000 discrete timesteps."""
     z = item["latents"][None]
     total = 0.0
     for j in draws:
-        t, eps = make_draws(seed, [key], [j], tuple(z.shape[1:]))
-        t, eps = t[:, 0], eps[:, 0]
+        u, eps = make_draws(seed, [key], [j], tuple(z.shape[1:]))  # the draw's uniform, and its noise
+        t, eps = (torch.floor(u[:, 0] * 1000) + 1) / 1001, eps[:, 0]  # the task's 1000 discrete timesteps
         z_t = torch.sqrt(1 - t) * z + torch.sqrt(t) * eps
         se = (model(z_t, t, item["text_emb"][None]) - eps).pow(2).mean(1)[0]
         total = total + (se[: item["valid_frames"]].mean() if mask else se.mean())
@@ -80,7 +81,8 @@ def test_unlearning_and_scoring_of_the_second_task(work):
     meta = run_unlearn(str(work / "eps.ckpt"), str(work / "fisher.safetensors"), str(work / "q.safetensors"),
                        query_item=item_id, store=str(work / "store"), lr=1e-2, num_draws=K_UNLEARN, target="mid",
                        strategy="mixed", damping=1e-3, draws_per_forward=4, task=EpsilonTask())
-    assert meta["task"] == {"task": "eps_task.EpsilonTask"} and meta["changed_elements"] > 0
+    assert meta["task"] == {"task": "eps_task.EpsilonTask", "timesteps": "discrete-1000"}
+    assert meta["changed_elements"] > 0
     tensors, _ = load_unlearned(str(work / "q.safetensors"))
     assert set(tensors) == {"mid.weight", "mid.bias"}
     # Eq. 2 by hand: the gradient of the masked query loss over the 'unlearn/<id>' draws

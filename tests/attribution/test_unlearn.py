@@ -16,10 +16,11 @@ from conftest import make_module, make_store, save_checkpoint
 from musicattr.attribution.fisher import FisherMismatchError
 from musicattr.attribution.loss import UNLEARN
 from musicattr.attribution.masks import STRATEGIES, resolve_masks
-from musicattr.attribution.unlearn import (eq2_update, load_unlearned, loss_gradient, query_batch, run_unlearn,
-                                           unlearn_query)
+from musicattr.attribution.preconditioner import DiagonalFisher
+from musicattr.attribution.unlearn import eq2_update, load_unlearned, loss_gradient, run_unlearn, unlearn_query
+from musicattr.data.queries import query_batch
 from musicattr.models.diffusion_module import load_diffusion_module
-from musicattr.models.sat import file_fingerprint
+from musicattr.fingerprint import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 
 
@@ -34,7 +35,7 @@ def work(tmp_path_factory):
     make_store(d / "store", n=N_ITEMS)
     module = make_module()
     ckpt = save_checkpoint(module, d / "theta0.ckpt")
-    names = list(SATDiffusionTask.of(module).select_parameters("all"))
+    names = list(SATDiffusionTask().select_parameters(module, "all"))
     g = torch.Generator().manual_seed(3)
     fisher = {}
     for k in names:
@@ -49,10 +50,13 @@ def work(tmp_path_factory):
 
 
 def _query(work, item="audio/track004.wav"):
-    """The task of a fresh theta0 and the one-item batch of a training item."""
+    """The task, a fresh theta0 and the one-item batch of a training item."""
     task = SATDiffusionTask()
-    task.load(str(work / "theta0.ckpt"))
-    return task, query_batch(query_item=item, store=str(work / "store"))
+    return task, task.load(str(work / "theta0.ckpt")), query_batch(query_item=item, store=str(work / "store"))
+
+
+def diag(fisher, names, damping):
+    return DiagonalFisher(fisher, list(names), damping)
 
 
 def hand_eq2(theta, grad, fisher, lr, n, damping):
@@ -66,7 +70,7 @@ def hand_eq2(theta, grad, fisher, lr, n, damping):
 
 def test_eq2_update_by_hand(work):
     module = make_module()
-    params = SATDiffusionTask.of(module).select_parameters("cross")
+    params = SATDiffusionTask().select_parameters(module, "cross")
     g = torch.Generator().manual_seed(0)
     theta = {k: p.detach().clone() for k, p in params.items()}
     grad = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
@@ -75,7 +79,7 @@ def test_eq2_update_by_hand(work):
         f.view(-1)[:3] = 0.0
     fisher["unrelated.weight"] = torch.full((5,), 1e6)  # outside the target: must not enter lambda
     lr, n, damping = 0.3, 7, 0.05
-    new = eq2_update(theta, grad, fisher, lr, n, damping)
+    new = eq2_update(theta, grad, diag(fisher, grad, damping), lr, n)
     assert set(new) == set(params)
     lam = damping * torch.cat([fisher[k].double().flatten() for k in params]).mean()
     for k in params:
@@ -93,19 +97,19 @@ def test_eq2_update_with_zero_damping_and_missing_fisher_entry():
     theta = {"a": torch.ones(3)}
     grad = {"a": torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)}
     fisher = {"a": torch.tensor([1.0, 2.0, 4.0])}
-    new = eq2_update(theta, grad, fisher, lr=2.0, num_items=4, damping=0.0)
+    new = eq2_update(theta, grad, diag(fisher, grad, 0.0), lr=2.0, num_items=4)
     torch.testing.assert_close(new["a"], torch.tensor([1.5, 0.5, 1.5]))
     with pytest.raises(KeyError, match="Fisher has no entry"):
-        eq2_update({"b": torch.ones(1)}, {"b": torch.ones(1, dtype=torch.float64)}, fisher, 1.0, 1, 0.0)
+        diag(fisher, ["b"], 0.0)
 
 
 def test_loss_gradient_equals_autograd_of_item_loss(work):
-    task, batch = _query(work)
-    params = task.select_parameters("self")
-    loss = task.item_loss(batch, 2, 7, namespace=UNLEARN, mask=True, draws_per_forward=7)
+    task, model, batch = _query(work)
+    params = task.select_parameters(model, "self")
+    loss = task.item_loss(model, batch, 2, 7, namespace=UNLEARN, mask=True, draws_per_forward=7)
     ref = torch.autograd.grad(loss.sum(), list(params.values()))
     for dpf in (7, 3, 1):
-        g = loss_gradient(task, params, batch, 2, 7, namespace=UNLEARN, mask=True, draws_per_forward=dpf)
+        g = loss_gradient(task, model, params, batch, 2, 7, namespace=UNLEARN, mask=True, draws_per_forward=dpf)
         assert set(g) == set(params)
         for (k, v), r in zip(g.items(), ref):
             assert v.dtype == torch.float64
@@ -115,12 +119,11 @@ def test_loss_gradient_equals_autograd_of_item_loss(work):
 def test_unlearn_query_changes_only_target_group(work):
     fisher = load_file(str(work / "fisher.safetensors"))
     for target in ("cross", "to_kv"):
-        task, batch = _query(work)
-        module = task.model
+        task, module, batch = _query(work)
         before = {k: v.clone() for k, v in module.state_dict().items()}
-        chosen = set(task.select_parameters(target))
-        new = unlearn_query(task, batch, fisher, N_ITEMS, target, lr=1e-3, steps=1, num_draws=4, seed=0, mask=False,
-                            damping=1e-3, draws_per_forward=4)
+        chosen = set(task.select_parameters(module, target))
+        new = unlearn_query(task, module, batch, diag(fisher, chosen, 1e-3), N_ITEMS, target, lr=1e-3, steps=1,
+                            num_draws=4, seed=0, mask=False, draws_per_forward=4)
         assert set(new) == chosen
         after = module.state_dict()
         net_prefix = "diffusion.model."
@@ -132,25 +135,27 @@ def test_unlearn_query_changes_only_target_group(work):
 
 def test_unlearn_query_one_and_two_steps_by_hand(work):
     fisher = load_file(str(work / "fisher.safetensors"))
-    kw = dict(target="self", lr=0.05, num_draws=4, seed=1, damping=1.0, draws_per_forward=2)
+    kw = dict(target="self", lr=0.05, num_draws=4, seed=1, draws_per_forward=2)
+    damping = 1.0
     # by hand: two updates, the second at the updated weights (draws keyed 'unlearn/<id>', M_U on)
-    task, batch = _query(work)
-    params = task.select_parameters("self")
+    task, model, batch = _query(work)
+    params = task.select_parameters(model, "self")
+    precond = diag(fisher, params, damping)
     theta0 = {k: p.detach().clone() for k, p in params.items()}
     grad = dict(namespace=UNLEARN, mask=True, draws_per_forward=2)
-    g0 = loss_gradient(task, params, batch, 1, 4, **grad)
-    theta1 = hand_eq2(theta0, g0, fisher, kw["lr"], N_ITEMS, kw["damping"])
+    g0 = loss_gradient(task, model, params, batch, 1, 4, **grad)
+    theta1 = hand_eq2(theta0, g0, fisher, kw["lr"], N_ITEMS, damping)
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(theta1[k])
-    g1 = loss_gradient(task, params, batch, 1, 4, **grad)
-    theta2 = hand_eq2(theta1, g1, fisher, kw["lr"], N_ITEMS, kw["damping"])
-    stale = hand_eq2(theta1, g0, fisher, kw["lr"], N_ITEMS, kw["damping"])  # wrong: reuses the first gradient
+    g1 = loss_gradient(task, model, params, batch, 1, 4, **grad)
+    theta2 = hand_eq2(theta1, g1, fisher, kw["lr"], N_ITEMS, damping)
+    stale = hand_eq2(theta1, g0, fisher, kw["lr"], N_ITEMS, damping)  # wrong: reuses the first gradient
 
-    t1, b1 = _query(work)
-    one = unlearn_query(t1, b1, fisher, N_ITEMS, steps=1, mask=True, **kw)
-    t2, b2 = _query(work)
-    two = unlearn_query(t2, b2, fisher, N_ITEMS, steps=2, mask=True, **kw)
+    t1, m1, b1 = _query(work)
+    one = unlearn_query(t1, m1, b1, precond, N_ITEMS, steps=1, mask=True, **kw)
+    t2, m2, b2 = _query(work)
+    two = unlearn_query(t2, m2, b2, precond, N_ITEMS, steps=2, mask=True, **kw)
     for k in params:
         d1 = float((theta1[k] - theta0[k]).abs().max())
         torch.testing.assert_close(one[k], theta1[k], rtol=0, atol=1e-4 * d1)
@@ -160,10 +165,10 @@ def test_unlearn_query_one_and_two_steps_by_hand(work):
     step = max(float((theta1[k] - theta0[k]).abs().max()) for k in params)
     assert gap > 0.1 * step  # measured: gap ~ 1.9 x step (lr 0.05, damping 1)
     # and the unlearning ascends the query loss
-    t0, _ = _query(work)
+    t0, m0, _ = _query(work)
     with torch.no_grad():
-        l0 = t0.item_loss(b1, 9, 8, namespace="s/")
-        l1 = t1.item_loss(b1, 9, 8, namespace="s/")
+        l0 = t0.item_loss(m0, b1, 9, 8, namespace="s/")
+        l1 = t1.item_loss(m1, b1, 9, 8, namespace="s/")
     assert float(l1) > float(l0)
 
 
@@ -176,8 +181,8 @@ def test_run_unlearn_writes_only_changed_tensors_with_metadata(work, tmp_path):
                        query_item="audio/track004.wav", store=str(work / "store"), lr=1e-3, steps=1, num_draws=6,
                        target="cross", strategy="mixed", damping=1e-3, seed=0, draws_per_forward=4)
     tensors, saved = load_unlearned(str(out))
-    task, batch = _query(work)
-    chosen = task.select_parameters("cross")
+    task, model, batch = _query(work)
+    chosen = task.select_parameters(model, "cross")
     assert set(tensors) == set(chosen)
     assert saved == json.loads(json.dumps(meta))
     assert saved["query_id"] == "audio/track004.wav" and saved["query_item"] == "audio/track004.wav"
@@ -187,7 +192,7 @@ def test_run_unlearn_writes_only_changed_tensors_with_metadata(work, tmp_path):
     assert saved["num_items"] == N_ITEMS and saved["num_draws"] == 6 and saved["damping"] == 1e-3
     assert saved["fisher_fingerprint"] == file_fingerprint(str(work / "fisher.safetensors"))
     # the values: Eq. 2 with the masked query loss over draws keyed 'unlearn/<id>'
-    g = loss_gradient(task, chosen, batch, 0, 6, namespace=UNLEARN, mask=True, draws_per_forward=6)
+    g = loss_gradient(task, model, chosen, batch, 0, 6, namespace=UNLEARN, mask=True, draws_per_forward=6)
     exp = hand_eq2({k: p.detach() for k, p in chosen.items()}, g, load_file(str(work / "fisher.safetensors")),
                    1e-3, N_ITEMS, 1e-3)
     for k in chosen:
@@ -278,7 +283,7 @@ def test_all_zero_fisher_is_refused_not_nan():
     theta = {"w": torch.ones(3)}
     grad = {"w": torch.ones(3, dtype=torch.float64)}
     with pytest.raises(ValueError, match="Fisher is zero on every target tensor"):
-        eq2_update(theta, grad, {"w": torch.zeros(3)}, lr=1.0, num_items=2, damping=1e-3)
+        diag({"w": torch.zeros(3)}, grad, 1e-3)
 
 
 # ---------------------------------------------------------------- updates below float32 resolution
@@ -289,7 +294,7 @@ def test_vanished_updates_are_counted_and_warned(work, tmp_path, caplog):
     kw = dict(query_item="audio/track004.wav", store=str(work / "store"), num_draws=4, target="cross",
               draws_per_forward=4)
     module = load_diffusion_module(str(work / "theta0.ckpt"))
-    theta0 = {k: p.detach() for k, p in SATDiffusionTask.of(module).select_parameters("cross").items()}
+    theta0 = {k: p.detach() for k, p in SATDiffusionTask().select_parameters(module, "cross").items()}
     total = sum(v.numel() for v in theta0.values())
     with caplog.at_level("INFO", logger="musicattr"):
         meta = run_unlearn(str(work / "theta0.ckpt"), str(work / "fisher.safetensors"), str(tmp_path / "tiny.st"),

@@ -191,23 +191,23 @@ def test_leave_k_out_removes_each_methods_top_k_and_measures_against_theta0_prim
 
 def test_query_losses_are_the_retrained_models_fixed_draw_losses(campaign, setup):
     from musicattr.attribution.loss import COUNTERFACTUAL
-    from musicattr.attribution.unlearn import query_batch
+    from musicattr.data.queries import query_batch
     from musicattr.models.sat_task import SATDiffusionTask
 
     a, b = retrain_of(campaign, "lds subset 0"), retrain_of(campaign, "lds subset 1")
     for run in (a, b):
         task = SATDiffusionTask()
-        task.load(str(run / "model.ckpt"))
+        model = task.load(str(run / "model.ckpt"))
         batch = query_batch(query_item="audio/track003.wav", store=setup["store"])
         with torch.no_grad():
-            expected = float(task.item_loss(batch, 0, 4, namespace=COUNTERFACTUAL)[0])
+            expected = float(task.item_loss(model, batch, 0, 4, namespace=COUNTERFACTUAL)[0])
         assert losses(run)["t000"] == pytest.approx(expected, rel=1e-9)
     assert losses(a)["t000"] != losses(b)["t000"]
-    theta0 = SATDiffusionTask()
-    theta0.load(setup["ckpt"])
+    task = SATDiffusionTask()
+    theta0 = task.load(setup["ckpt"])
     batch = query_batch(query=str(campaign["root"] / "compare" / "generated" / "q000.query.safetensors"))
     with torch.no_grad():
-        expected = float(theta0.item_loss(batch, 0, 4, namespace=COUNTERFACTUAL)[0])
+        expected = float(task.item_loss(theta0, batch, 0, 4, namespace=COUNTERFACTUAL)[0])
     per = pd.read_csv(campaign["out"] / "leave_k_out_per_query.csv")
     assert per[per["query_id"] == "q000"]["theta0_loss"].to_numpy() == pytest.approx(expected, rel=1e-9)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_module, make_store, save_checkpoint, tiny_config
-from musicattr.attribution.loss import v_objective
+from musicattr.models.v_objective import v_objective
 from musicattr.data.datamodules import collate_items
 from musicattr.models.diffusion_module import DiffusionModule, load_diffusion_module
 from musicattr.models.sat import CheckpointMismatchError

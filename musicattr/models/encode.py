@@ -21,7 +21,7 @@ from musicattr.data.datamodules import pending, predict_loader
 from musicattr.data.latent_store import LatentStoreWriter, ShardFormat
 from musicattr.embeddings.text import build_text_encoder
 from musicattr.models.autoencoder_module import load_autoencoder
-from musicattr.models.sat import file_fingerprint
+from musicattr.fingerprint import file_fingerprint
 from musicattr.models.health import record_store_health
 from musicattr.parts import Parts, PartsWriter
 

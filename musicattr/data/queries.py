@@ -1,0 +1,66 @@
+"""Query files and one-item batches: a generated query z_hat (``<name>.query.safetensors`` of ``musicattr
+generate``: latents, text embedding and its info) or a training item of the latent store, as the batch of one
+that unlearning, the index query and the counterfactual losses take (the store's batch format)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from musicattr.atomic import atomic_path
+from musicattr.data.datamodules import collate_items
+
+
+def save_query(path: str | Path, latents: torch.Tensor, text_emb: torch.Tensor, info: dict[str, Any]) -> None:
+    """Write a query file atomically: latents [C, L], text_emb [S, D], ``info`` (query_id, caption, timing, ...)."""
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.float().cpu().contiguous(), "text_emb": text_emb.cpu().contiguous()},
+                  str(tmp), metadata={"info": json.dumps(info)})
+
+
+def load_query(path: str) -> dict:
+    """A query written by ``generate``: latents [C, L], text_emb [S, D] and its info."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"query file not found: {path}; fix: run `musicattr generate` or give a "
+                                "training item with --query_item")
+    with safe_open(path, "pt") as f:
+        info = json.loads(f.metadata()["info"])
+        return {"latents": f.get_tensor("latents"), "text_emb": f.get_tensor("text_emb"), **info}
+
+
+def query_batch(query: str | None = None, query_item: str | None = None, store: str | None = None) -> dict[str, Any]:
+    """A batch of one: a generated query file, or a training item of the latent store (its item_id, or
+    ``index:N`` / N for its index; see ``LatentStore.resolve``). Every field of the item is kept (collated as
+    the store's batches are), so a task reads whatever conditioning its model needs."""
+    if (query is None) == (query_item is None):
+        raise ValueError("give exactly one of query (a .query.safetensors from `musicattr generate`) "
+                         "or query_item (a training item id, with store)")
+    if query is not None:
+        q = load_query(query)
+        item = {**q, "item_id": str(q["query_id"])}
+    else:
+        from musicattr.data.latent_store import LatentStore
+
+        if store is None:
+            raise ValueError("query_item needs store (the latent store holding the item)")
+        s = LatentStore(store)
+        item = s[s.resolve(query_item)]
+    item = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in item.items()
+            if v is not None}
+    return collate_items([item])
+
+
+def query_fingerprint(query: str | None, query_item: str | None, store: str | None) -> str:
+    """Content fingerprint of the query: its file, or the store's fingerprint and the item's id."""
+    from musicattr.data.latent_store import LatentStore
+    from musicattr.fingerprint import file_fingerprint
+
+    if query is not None:
+        return file_fingerprint(query)
+    s = LatentStore(store)
+    return f"{s.fingerprint}:{s.items['item_id'].iloc[s.resolve(query_item)]}"
