@@ -19,7 +19,7 @@ RUN := --run_root $(D)
 AE := assets/demo_autoencoder
 
 .PHONY: all venv demo test test-fast bench table1 self-influence figure1 report adherence autoencoder clean-demo help \
-	lds leave-k-out index index-query index-fidelity index-scale
+	lds leave-k-out index index-query index-fidelity index-scale bank bank-plan benchmark
 
 help:
 	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
@@ -40,6 +40,11 @@ help:
 	@echo "make index-fidelity - index vs exact unlearning on 8 generated + 8 training queries, k curve"
 	@echo "                      (runs/demo/index_fidelity: fidelity.md, k_curve.png)"
 	@echo "make index-scale    - the index at the paper's scale: size, build and query time (from FLOP counts)"
+	@echo "make bank     - grow the shipped counterfactual bank (assets/bank/demo): one retrain after another, one"
+	@echo "                thread, resumable; BANK_ARGS='--commit true' commits each finished retrain's losses"
+	@echo "make bank-plan - the bank's plan, what is done and the time left"
+	@echo "make benchmark - every method's scores on the bank's queries against the bank: LDS with intervals,"
+	@echo "                paired differences, null, noise ceiling, leave-K-out, group credit (runs/demo/benchmark)"
 
 venv: $(VENV)/.installed
 
@@ -151,3 +156,33 @@ lds: venv $(D)/figure1/comparison.json
 
 leave-k-out: venv $(D)/figure1/comparison.json
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[leave-k-out]' $(CF_ARGS)
+
+# ---- the counterfactual bank (configs/demo/bank.yaml) and the benchmark against it (configs/demo/benchmark.yaml) ----
+# The bank ships in $(BANK) and grows: `make bank` continues from the retrains it holds (one at a time, one thread).
+# `make benchmark` scores every method on the benchmark model and the bank's queries (Fisher, index, compare), then
+# checks the scores against the bank; no retraining.
+BANK := assets/bank/demo
+BD := $(D)/benchmark
+BANK_ARGS ?=
+bank: venv $(D)/store/index.parquet
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) bank --config $(CFG)/bank.yaml $(RUN) $(BANK_ARGS)
+
+bank-plan: venv $(D)/store/index.parquet
+	$(MA) bank --config $(CFG)/bank.yaml $(RUN) --plan true
+
+$(BD)/fisher.safetensors: $(BANK)/model.ckpt $(D)/store/index.parquet $(CFG)/fisher.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) fisher --config $(CFG)/fisher.yaml $(RUN) \
+		--model.checkpoint $(BANK)/model.ckpt --model.out $@ --model.overwrite true --trainer.default_root_dir $(BD)/fisher
+
+$(BD)/index/index.json: $(BD)/fisher.safetensors $(CFG)/index.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) index --config $(CFG)/index.yaml $(RUN) \
+		--model.checkpoint $(BANK)/model.ckpt --model.fisher $(BD)/fisher.safetensors --model.out $(BD)/index \
+		--trainer.default_root_dir $(BD)/index
+
+$(BD)/compare/comparison.json: $(BD)/index/index.json $(BANK)/queries/queries.csv $(CFG)/compare.yaml $(CFG)/benchmark.yaml
+	$(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN) --prepare true
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) compare --config $(CFG)/compare.yaml \
+		--config $(BD)/compare/compare_args.yaml $(RUN) --use_wandb false
+
+benchmark: venv $(BD)/compare/comparison.json
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN)

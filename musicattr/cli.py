@@ -76,6 +76,10 @@ STAGES = {
                        "musicattr.evaluation.adherence:run_adherence"),
     "counterfactual": Stage("retrain on subsets of the store: LDS and leave-K-out for every attribution method",
                             "musicattr.counterfactual.campaign:run_counterfactual", trainer=RETRAIN),
+    "bank": Stage("the counterfactual ground-truth bank: benchmark model, queries, retrains' query losses (grows, "
+                  "resumable)", "musicattr.counterfactual.bank:run_bank", trainer=RETRAIN),
+    "benchmark": Stage("any method's scores against the bank: LDS, paired differences, ceiling, leave-K-out, groups",
+                       "musicattr.counterfactual.benchmark:run_benchmark"),
     "report": Stage("an HTML page to listen to a query beside its attributed tracks, with credit shares",
                     "musicattr.report.stage:run_report"),
 }

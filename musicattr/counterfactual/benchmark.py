@@ -1,0 +1,379 @@
+"""``musicattr benchmark``: any method's scores for the bank's queries, checked against the bank in minutes.
+
+The scores come from a ``musicattr compare`` run on the benchmark model with the bank's queries (``make
+benchmark`` runs it: ``prepare: true`` puts the bank's query latents where compare reuses them and writes the
+compare options; compare scores every method; this stage then checks that compare used the bank's queries
+and not new generations). Any other method is one more scores table per query (``methods``, as in
+``musicattr counterfactual``: a Parquet table with ``item_id`` and a score column, one per query id).
+
+What it prints (statistics: ``bank_stats``), over the bank's non-training queries (training-item queries are a
+sanity row), on whatever part of the bank is finished (it says how many retrains each number rests on):
+
+    LDS per method with a 95% bootstrap interval over queries and subsets; by query kind; against a null of
+        random score vectors per query
+    paired differences between methods (same queries, same subsets, same bootstrap draws)
+    the retraining-noise ceiling from the two-seed subsets (a perfect expected-loss predictor's LDS)
+    leave-K-out: random-K's loss increase; each method's top-K where the bank holds that retrain
+    group credit: top-1 and rank correlation of each method's per-group credit against leave-one-group-out
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from musicattr.atomic import atomic_write_json, atomic_write_text
+from musicattr.counterfactual import bank_stats as st
+from musicattr.counterfactual.bank import Bank, BankError, _file_fingerprint, _query_info
+from musicattr.counterfactual.methods import RANDOM, Method, parse_methods, read_scores
+
+log = logging.getLogger(__name__)
+DEFAULT_METHODS = [
+    {"name": "unlearning", "table": "queries/{query_id}/unlearning/scores.parquet"},
+    {"name": "unlearning-relative", "table": "queries/{query_id}/unlearning/scores.parquet",
+     "column": "relative_score"},
+    {"name": "index", "table": "queries/{query_id}/index/scores.parquet", "optional": True},
+    {"name": "all-against-all[aisfx]", "table": "queries/{query_id}/all-against-all.parquet"},
+    {"name": "average[aisfx]", "table": "queries/{query_id}/average.parquet"},
+    {"name": RANDOM},
+]
+
+
+# ---------------------------------------------------------------------------------------------- prepare compare
+def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index: str | None) -> Path:
+    """Put the bank's queries where ``musicattr compare`` reuses them (``<compare_dir>/generated``: the latents,
+    the audio decoded from FLAC to compare's 16-bit wav, queries.json from the latents' own records, and the
+    generation settings with this store's and model's fingerprints), and write ``compare_args.yaml``: the
+    bank's prompts, durations, attributes and training items, the benchmark model, Fisher and index."""
+    import soundfile as sf
+    import yaml
+
+    from musicattr.data.latent_store import LatentStore
+
+    table = bank.queries_table()
+    gen = Path(compare_dir) / "generated"
+    gen.mkdir(parents=True, exist_ok=True)
+    settings = json.loads((bank.root / "queries" / "generation.json").read_text())
+    s = LatentStore(store)
+    settings.update(checkpoint_fingerprint=_file_fingerprint(bank.model), store_fingerprint=s.fingerprint,
+                    autoencoder_fingerprint=_file_fingerprint(s.manifest["autoencoder"]))
+    generated = table[table["kind"] != "training"]
+    infos = []
+    for r in generated.to_dict("records"):
+        qid = r["query_id"]
+        src = bank.root / "queries" / f"{qid}.query.safetensors"
+        dst = gen / f"{qid}.query.safetensors"
+        if not dst.exists() or _file_fingerprint(dst) != r["fingerprint"]:
+            dst.write_bytes(src.read_bytes())
+        info = _query_info(dst)
+        audio, sr = sf.read(str(bank.root / "queries" / f"{qid}.flac"), dtype="int16", always_2d=True)
+        sf.write(str(gen / info["audio"]), audio, sr, subtype="PCM_16")
+        infos.append(info)
+    atomic_write_json(gen / "queries.json", infos)
+    atomic_write_json(gen / "settings.json", settings)
+    prompts = generated[generated["kind"] == "generated"]
+    args = {"checkpoint": str(bank.model), "store": store, "fisher": fisher, "out_dir": str(compare_dir),
+            "prompts": list(prompts["prompt"]), "durations": [float(d) for d in prompts["duration_s"]],
+            "prompt_attributes": [json.loads(a) for a in prompts["attributes"]],
+            "include_planted": bool((generated["kind"] == "planted").any()),
+            "query_items": list(table.loc[table["kind"] == "training", "query_item"]), "training_queries": 0,
+            "gen_steps": settings["gen_steps"], "seed": settings["seed"], "index": index}
+    path = Path(compare_dir) / "compare_args.yaml"
+    atomic_write_text(path, "# written by `musicattr benchmark --prepare true`: compare on the bank's queries\n"
+                      + yaml.safe_dump(args, sort_keys=False, allow_unicode=True, width=200))
+    log.info("benchmark: %d bank queries placed in %s; compare options: %s", len(infos), gen, path)
+    return path
+
+
+def check_compare(bank: Bank, compare_dir: Path) -> None:
+    """The compare run scored the bank's queries: same ids, prompts and kinds, and the same latents."""
+    listing = compare_dir / "queries.csv"
+    if not listing.exists():
+        raise FileNotFoundError(f"{listing} not found: no finished compare run on the bank's queries; fix: run "
+                                "`make benchmark` (it prepares and runs it), or point `compare` at its out_dir")
+    got = pd.read_csv(listing, dtype={"query_id": str}).set_index("query_id")
+    table = bank.queries_table()
+    bad = []
+    for r in table.to_dict("records"):
+        qid = r["query_id"]
+        if qid not in got.index or str(got.loc[qid, "prompt"]) != str(r["prompt"]) or got.loc[qid, "kind"] != r["kind"]:
+            bad.append(f"{qid} (missing or another prompt/kind)")
+        elif r["kind"] != "training":
+            f = compare_dir / "generated" / f"{qid}.query.safetensors"
+            if not f.exists() or _file_fingerprint(f) != r["fingerprint"]:
+                bad.append(f"{qid} (compare generated its own latent instead of the bank's)")
+    if bad:
+        raise BankError(f"{compare_dir} did not score the bank's queries: {bad[:4]} ({len(bad)} in all); fix: rerun "
+                        "`make benchmark` (it places the bank's latents first), or delete that compare run")
+
+
+# ---------------------------------------------------------------------------------------------- the bank's losses
+def bank_losses(bank: Bank, qids: list[str]) -> dict:
+    """The finished retrains' losses, arranged: lds[seed] [Q, M] (NaN where not finished), reference[seed] [Q],
+    group[(name, seed)] [Q], random_k[(seed, set)] [Q], top_k[(method, qid, seed)] (loss, removed ids)."""
+    m = len(bank.design["lds"]["kept"])
+    out = {"lds": {}, "reference": {}, "group": {}, "random_k": {}, "top_k": {}, "records": 0}
+    key = bank.manifest.get("loss_key")
+    for rec in bank.records():
+        if key is not None and rec.get("loss_key") != key:
+            log.warning("benchmark: %s was measured with another loss key: left out", rec["name"])
+            continue
+        missing = [q for q in qids if q not in rec["losses"]]
+        if missing:
+            log.warning("benchmark: %s lacks the losses of %s: left out", rec["name"], missing[:3])
+            continue
+        v = np.array([rec["losses"][q] for q in qids], dtype=np.float64)
+        out["records"] += 1
+        for role in rec["roles"]:
+            s = int(role["seed"])
+            if role["kind"] == "lds":
+                out["lds"].setdefault(s, np.full((len(qids), m), np.nan))[:, int(role["subset"])] = v
+            elif role["kind"] == "reference":
+                out["reference"][s] = v
+            elif role["kind"] == "group":
+                out["group"][role["group"], s] = v
+            elif role["kind"] == "random-k":
+                out["random_k"][s, int(role["set"])] = v
+            elif role["kind"] == "top-k":
+                out["top_k"][role["method"], role["query_id"], s] = (v, tuple(rec.get("removed", ())))
+    return out
+
+
+def method_scores(methods: list[Method], compare_dir: Path, qids: list[str], item_ids: list[str], seed: int
+                  ) -> dict[str, np.ndarray]:
+    """Scores [Q, N] per available method; ``random``: an independent uniform vector per query (seeded)."""
+    out = {}
+    for m in methods:
+        if m.table is None:
+            out[m.name] = np.random.default_rng([seed, 0x7A4D]).random((len(qids), len(item_ids)))
+            continue
+        paths = [m.path(compare_dir, q) for q in qids]
+        missing = [p for p in paths if not p.exists()]
+        if missing and m.optional:
+            log.info("benchmark: method %s left out: no table %s (optional)", m.name, missing[0])
+            continue
+        if missing:
+            raise FileNotFoundError(f"method {m.name!r}: {missing[0]} not found ({len(missing)} of {len(qids)} "
+                                    "queries); fix: run `make benchmark` (compare on the bank's queries) or mark the "
+                                    "method optional: true")
+        out[m.name] = np.stack([read_scores(p, m.column, item_ids) for p in paths])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods: list[dict] | None = None,
+                  prepare: bool = False, fisher: str | None = None, index: str | None = None,
+                  bootstrap: int = 2000, null_vectors: int = 200, k: int | None = None, seed: int = 0) -> dict:
+    """Check every method's scores against the bank (see the module docstring).
+
+    Args:
+        bank_dir: the bank (assets/bank/demo).
+        store: the latent store the bank was made on.
+        compare: the out_dir of ``musicattr compare`` on the benchmark model and the bank's queries.
+        out_dir: where benchmark.md and benchmark.json go.
+        methods: {name, table, column, optional} per method (tables relative to ``compare``); ``random`` is an
+            independent uniform vector per query.
+        prepare: place the bank's queries for compare and write its options (compare_args.yaml), then stop.
+        fisher / index: the benchmark model's Fisher and index (for ``prepare``).
+        bootstrap: bootstrap draws of every interval; null_vectors: random score vectors per query (>= 100).
+        k: K of leave-K-out (default: the bank's random-K size).
+        seed: the seed of the bootstrap, the null and the random method.
+    """
+    bank = Bank(bank_dir)
+    compare_dir = Path(compare)
+    if prepare:
+        if not fisher:
+            raise ValueError("prepare needs the benchmark model's Fisher (fisher: ...); fix: run `make benchmark`")
+        return {"compare_args": str(prepare_compare(bank, store, str(compare_dir), fisher, index))}
+    if null_vectors < 100:
+        raise ValueError(f"null_vectors = {null_vectors}; fix: at least 100 random score vectors per query")
+    _check_store(bank, store)
+    check_compare(bank, compare_dir)
+    table = bank.queries_table()
+    qids = list(table["query_id"])
+    kinds = np.array(table["kind"])
+    scores = method_scores(parse_methods(methods or DEFAULT_METHODS), compare_dir, qids, bank.item_ids, seed)
+    data = bank_losses(bank, qids)
+    result, text = summarize(bank, table, kinds, scores, data, bootstrap, null_vectors, k, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "benchmark.md", text)
+    atomic_write_json(out / "benchmark.json", result)
+    print(text, flush=True)
+    return result
+
+
+def _check_store(bank: Bank, store: str) -> None:
+    from musicattr.data.latent_store import LatentStore
+
+    s = LatentStore(store)
+    ids = list(s.items["item_id"].astype(str))
+    if ids != bank.item_ids:
+        raise BankError(f"{store} holds other items than the bank {bank.root} ({len(ids)} vs {len(bank.item_ids)}); "
+                        "fix: use the store the bank was made on (`make demo` on the shipped corpus)")
+    if s.fingerprint != bank.manifest["store"]["fingerprint"]:
+        log.info("benchmark: the store's fingerprint differs from the bank's (%s vs %s; the project's fingerprint "
+                 "names the audio folder's path); the items are the same", s.fingerprint,
+                 bank.manifest["store"]["fingerprint"])
+
+
+def _fmt(v, ci=None, nd=3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    s = f"{v:.{nd}f}"
+    return s + (f" [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]" if ci is not None else "")
+
+
+def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[str, np.ndarray], data: dict,
+              draws: int, null_vectors: int, k: int | None, seed: int) -> tuple[dict, str]:
+    """The tables as markdown, and the numbers as a dict."""
+    kept = bank.kept()
+    lines, result = [], {"retrains": data["records"], "methods": list(scores)}
+    plan = bank.plan()
+    planned = len(plan) if plan is not None else None
+    head = (f"Counterfactual benchmark on {bank.root}: {data['records']} finished retrains of {planned} planned "
+            f"({bank.manifest['recipe']['describe']}), query losses over {bank.manifest['loss_key']['num_draws']} "
+            f"fixed draws. Intervals: 95% bootstrap, {draws} draws.")
+    lines += [head, ""]
+    headline = kinds != "training"
+    lds_seed = int(bank.manifest["settings"]["lds"]["seed"])
+    second = int(bank.manifest["settings"]["lds"]["second_seed"])
+    la = data["lds"].get(lds_seed)
+    done = np.flatnonzero(~np.isnan(la[0])) if la is not None else np.array([], int)
+    nq = int(headline.sum())
+    lines.append(f"## LDS ({nq} non-training queries: {int((kinds == 'generated').sum())} generated, "
+                 f"{int((kinds == 'planted').sum())} planted; {len(done)} of {kept.shape[0]} subsets at alpha "
+                 f"{bank.design['lds']['alpha']}, seed {lds_seed})")
+    lines.append("")
+    if len(done) < 4:
+        lines += [f"Not yet: {len(done)} subsets finished; the LDS needs at least 4 (it grows as `make bank` runs).", ""]
+    else:
+        loss = la[:, done]
+        sums = {m: st.subset_sums(v, kept[done]) for m, v in scores.items()}
+        boot = st.lds_bootstrap({m: g[headline] for m, g in sums.items()}, loss[headline], draws, seed)
+        null = st.lds_null(kept[done], loss[headline], null_vectors, seed)
+        sanity = {m: np.nanmean(st.row_spearman(g[~headline], -loss[~headline])) if (~headline).any() else np.nan
+                  for m, g in sums.items()}
+        rows = ["| method | LDS [95% CI] | generated | planted | p vs null | training items (sanity) |",
+                "|---|---|---|---|---|---|"]
+        result["lds"] = {}
+        for m in scores:
+            est, lo, hi, per = boot["lds"][m]
+            by = {kind: float(np.nanmean(per[kinds[headline] == kind])) if (kinds[headline] == kind).any() else np.nan
+                  for kind in ("generated", "planted")}
+            p = st.null_p(est, null)
+            rows.append(f"| {m} | {_fmt(est, (lo, hi))} | {_fmt(by['generated'])} | {_fmt(by['planted'])} | "
+                        f"{p:.3f} | {_fmt(sanity[m])} |")
+            result["lds"][m] = {"lds": est, "ci": [lo, hi], **by, "p_null": p, "training": sanity[m]}
+        rows.append(f"| null: {null_vectors} random vectors per query | {_fmt(null['mean'], (null['lo'], null['hi']))}"
+                    " (95% range) | | | | |")
+        result["null"] = {k2: null[k2] for k2 in ("mean", "lo", "hi")}
+        lines += rows + [""]
+        lines += ["Paired differences (row minus column; same queries, subsets and bootstrap draws); * where the "
+                  "95% interval excludes 0:", ""]
+        names = list(scores)
+        lines.append("| | " + " | ".join(names[1:]) + " |")
+        lines.append("|---" * len(names) + "|")
+        result["pairs"] = {}
+        for a in names[:-1]:
+            cells = []
+            for c in names[1:]:
+                pair = boot["pairs"].get((a, c))
+                if pair is None:
+                    cells.append("")
+                    continue
+                d, lo, hi, _ = pair
+                star = "*" if lo > 0 or hi < 0 else ""
+                cells.append(f"{d:+.3f}{star} [{lo:+.3f}, {hi:+.3f}]")
+                result["pairs"][f"{a} - {c}"] = {"diff": d, "ci": [lo, hi], "half_width": (hi - lo) / 2}
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lb = data["lds"].get(second)
+        paired = np.flatnonzero(~np.isnan(lb[0])) if lb is not None else np.array([], int)
+        paired = np.array([j for j in paired if j in set(done)], int)
+        if len(paired) < 3:
+            lines += [f"Retraining-noise ceiling: not yet ({len(paired)} subsets retrained with seed {second}; needs "
+                      "at least 3).", ""]
+        else:
+            pos = {j: i for i, j in enumerate(done)}
+            ceil = st.noise_ceiling(loss[headline], lb[headline][:, done], np.array([pos[j] for j in paired]), draws,
+                                    seed)
+            result["ceiling"] = {k2: v for k2, v in ceil.items() if k2 != "per_query"}
+            lines += [f"Retraining-noise ceiling ({ceil['pairs']} subsets with seeds {lds_seed} and {second}, "
+                      f"{ceil['subsets']} subsets for the spread): a perfect expected-loss predictor reaches LDS "
+                      f"{_fmt(ceil['ceiling'], ceil['ceiling_ci'])}; reliability 1 - seed variance / subset "
+                      f"variance {_fmt(ceil['reliability'], ceil['reliability_ci'])}; seed-to-seed Spearman over "
+                      f"the pairs {_fmt(ceil['seed_spearman'], ceil['seed_spearman_ci'])}.", ""]
+    lines += _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result)
+    lines += _groups(bank, kinds, scores, data, draws, seed, result)
+    return result, "\n".join(lines) + "\n"
+
+
+def _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result) -> list[str]:
+    headline = kinds != "training"
+    k = k or int(bank.design["random_k"]["k"])
+    seeds = sorted({s for s, _ in data["random_k"]} & set(data["reference"]))
+    lines = [f"## Leave-K-out (K = {k}; increase = L(q, theta without the K) - L(q, theta0' of the same seed))", ""]
+    if not seeds:
+        return lines + ["Not yet: no random-K retrain with its seed's theta0' is finished.", ""]
+    sets = max(r for _, r in data["random_k"]) + 1
+    inc = np.full((int(headline.sum()), len(seeds), sets), np.nan)
+    for a, s in enumerate(seeds):
+        for r in range(sets):
+            if (s, r) in data["random_k"]:
+                inc[:, a, r] = (data["random_k"][s, r] - data["reference"][s])[headline]
+    est, lo, hi = st.increase_bootstrap(inc, draws, seed)
+    n = int((~np.isnan(inc[0])).sum())
+    within = lo <= 0 <= hi
+    lines.append(f"random-K: mean increase {_fmt(est, (lo, hi), 4)} over {int(headline.sum())} queries, {n} random "
+                 f"sets in {len(seeds)} seed(s){' (within noise: no ratio to it is given)' if within else ''}.")
+    result["random_k"] = {"increase": est, "ci": [lo, hi], "sets": n, "within_noise": within}
+    rows = []
+    for m in scores:
+        vals = []
+        for (method, qid, s), (v, _) in data["top_k"].items():
+            if method == m and s in seeds:
+                q = list(table["query_id"]).index(qid)
+                ref = np.nanmean(inc[list(headline.nonzero()[0]).index(q), seeds.index(s)]) if headline[q] else np.nan
+                vals.append((v[q] - data["reference"][s][q]) - ref)
+        if vals:
+            v = np.array(vals)[:, None, None]
+            e, l2, h2 = st.increase_bootstrap(v, draws, seed)
+            rows.append(f"| {m} | {len(vals)} | {_fmt(e, (l2, h2), 4)} |")
+    if rows:
+        lines += ["", "| method | (query, seed) pairs | top-K increase minus random-K's [95% CI] |", "|---|---|---|",
+                  *rows]
+    else:
+        lines.append("No method's top-K retrain is in the bank yet: a method's leave-K-out needs its top-K retrained "
+                     "(planned by `make bank` from the benchmark's scores); random-K above is the reference.")
+    return lines + [""]
+
+
+def _groups(bank, kinds, scores, data, draws, seed, result) -> list[str]:
+    headline = kinds != "training"
+    names = list(bank.design["groups"])
+    seeds = sorted({s for g, s in data["group"] if s in data["reference"]})
+    complete = [s for s in seeds if all((g, s) in data["group"] for g in names)]
+    lines = [f"## Group credit (leave-one-group-out over {len(names)} groups: {', '.join(names)})", ""]
+    if not complete:
+        return lines + [f"Not yet: {len(data['group'])} of {len(names)} x seeds group retrains finished (a seed counts "
+                        "once every group and its theta0' are).", ""]
+    truth = np.mean([np.stack([data["group"][g, s] - data["reference"][s] for g in names], 1) for s in complete], 0)
+    truth = truth[headline]
+    ids = bank.item_ids
+    pos = {i: n for n, i in enumerate(ids)}
+    member = np.zeros((len(names), len(ids)))
+    for a, g in enumerate(names):
+        member[a, [pos[i] for i in bank.design["groups"][g]]] = 1
+    credits = {m: (v @ member.T)[headline] for m, v in scores.items()}
+    gc = st.group_credit(credits, truth, draws, seed)
+    result["groups"] = gc
+    lines += [f"Truth: the query loss increase when a group is removed (seeds {complete}); credit: the sum of a "
+              f"method's scores over the group. Top-1 chance (uniform): {gc['chance_top1']:.3f}.", "",
+              "| method | top-1 [95% CI] | Spearman across groups [95% CI] |", "|---|---|---|"]
+    for m in scores:
+        lines.append(f"| {m} | {_fmt(gc[m]['top1'], gc[m]['top1_ci'])} | {_fmt(gc[m]['spearman'], gc[m]['spearman_ci'])} |")
+    return lines + [""]
