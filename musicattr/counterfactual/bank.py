@@ -119,6 +119,25 @@ class BankRandomK:
     draw_seed: int = 0
 
 
+@dataclass
+class BankTopK:
+    """Leave-K-out of the methods: a method's top-K items for a query removed (K = ``random_k.k``), per seed.
+    The sets are chosen once, from the scores of a ``make benchmark`` compare run on the bank's queries, and
+    frozen in design.json (a later run, or another machine, retrains the same sets).
+
+    Args:
+        scores: that compare run's out_dir (None, or not there yet: no top-K retrains are planned).
+        methods: {name, table, column} per method, tables relative to ``scores`` (as ``musicattr benchmark``).
+        queries: {kind: n} for the first n queries of each kind, or a list of query ids.
+        seeds: training seeds.
+    """
+
+    scores: str | None = None
+    methods: list[dict] = field(default_factory=list)
+    queries: dict[str, int] | list[str] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+
+
 # ---------------------------------------------------------------------------------------------- fingerprints
 def store_content(store) -> str:
     """A hash of what the store holds that a retrain depends on: its items (id, caption, file, timing) and
@@ -246,10 +265,11 @@ class BankRetrain:
     roles: list[dict] = field(default_factory=list)
 
 
-def bank_plan(design: dict, lds: BankLDS, groups: BankGroups, rk: BankRandomK) -> list[BankRetrain]:
+def bank_plan(design: dict, lds: BankLDS, groups: BankGroups, rk: BankRandomK,
+              top: BankTopK | None = None) -> list[BankRetrain]:
     """The retrains in the order they run: the benchmark model, the LDS subsets with their seed, the second
-    seeds, then per seed (benchmark seed first) theta0'^s, the groups and the random-K sets. Two roles that
-    need the same (removed set, seed) share one retrain."""
+    seeds, then per seed (benchmark seed first) theta0'^s, the groups, the random-K sets and the methods' top-K
+    (once design.json holds them). Two roles that need the same (removed set, seed) share one retrain."""
     plan, roles = Plan(), {}
 
     def add(removed, seed, role: dict):
@@ -267,7 +287,8 @@ def bank_plan(design: dict, lds: BankLDS, groups: BankGroups, rk: BankRandomK) -
             raise BankError(f"lds.second_seed {lds.second_seed} is lds.seed; fix: choose another seed")
         for j, r in enumerate(removed[:lds.second_subsets]):
             add(r, lds.second_seed, {"kind": "lds", "label": f"subset {j}", "subset": j})
-    seeds = sorted(set(groups.seeds) | set(rk.seeds), key=lambda s: (s != lds.seed, s))
+    top_seeds = set(top.seeds) if top is not None and design.get("top_k") else set()
+    seeds = sorted(set(groups.seeds) | set(rk.seeds) | top_seeds, key=lambda s: (s != lds.seed, s))
     for s in seeds:
         add((), s, {"kind": "reference", "label": "theta0'"})
         if s in groups.seeds:
@@ -276,7 +297,35 @@ def bank_plan(design: dict, lds: BankLDS, groups: BankGroups, rk: BankRandomK) -
         if s in rk.seeds:
             for r, members in enumerate(design["random_k"]["sets"].get(str(s), [])):
                 add(members, s, {"kind": "random-k", "label": f"set {r}", "set": r})
+        if s in top_seeds:
+            for e in design["top_k"]["sets"]:
+                add(e["removed"], s, {"kind": "top-k", "label": f"{e['method']} {e['query_id']}",
+                                      "method": e["method"], "query_id": e["query_id"]})
     return [roles[id(r)] for r in plan]
+
+
+def choose_top_k(design: dict, table: pd.DataFrame, top: BankTopK, k: int) -> dict | None:
+    """The top-K sets of ``top.methods`` for the selected queries, from the scores in ``top.scores`` (None when
+    there are no scores yet); each {method, query_id, removed}."""
+    from musicattr.counterfactual.methods import parse_methods, read_scores
+    from musicattr.counterfactual.queries import select_queries
+    from musicattr.counterfactual.subsets import top_k
+
+    if not top.scores or not top.methods:
+        return None
+    chosen = select_queries(bank_queries(Path("."), table), top.queries)
+    methods = parse_methods(top.methods)
+    paths = {(m.name, q.query_id): m.path(Path(top.scores), q.query_id) for m in methods for q in chosen}
+    missing = [p for p in paths.values() if not p.exists()]
+    if missing:
+        log.info("bank: no top-K retrains planned yet: %s not found (run `make benchmark` first)", missing[0])
+        return None
+    ids = design["item_ids"]
+    sets = [{"method": m.name, "query_id": q.query_id,
+             "removed": list(top_k(read_scores(paths[m.name, q.query_id], m.column, ids), ids, k))}
+            for m in methods for q in chosen]
+    return {"k": k, "source": str(top.scores), "chosen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sets": sets}
 
 
 # ---------------------------------------------------------------------------------------------- the bank folder
@@ -297,7 +346,11 @@ class Bank:
         return self.root / BENCHMARK_MODEL
 
     def queries_table(self) -> pd.DataFrame:
-        path = self.root / "queries" / "queries.csv"
+        return self.queries_table_at(self.root)
+
+    @staticmethod
+    def queries_table_at(root: Path) -> pd.DataFrame:
+        path = Path(root) / "queries" / "queries.csv"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: the bank has no queries yet; fix: run `make bank` (it "
                                     "generates them once the benchmark model exists)")
@@ -461,6 +514,7 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
              prompt_attributes: list[dict] | None = None, match_columns: list[str] = ("source_group", "instrument"),
              include_planted: bool = True, training_queries: int = 2, gen_steps: int = 50,
              lds: BankLDS = BankLDS(), groups: BankGroups = BankGroups(), random_k: BankRandomK = BankRandomK(),
+             top_k: BankTopK = BankTopK(),
              loss_draws: int = 128, mask_loss: bool = False, seed: int = 0, checkpoint_every: int = 100,
              max_retrains: int | None = None, only: int | None = None, plan: bool = False, commit: bool = False,
              task=None,
@@ -479,6 +533,7 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
         training_queries: training items as sanity queries (never in the headline numbers).
         gen_steps: sampler steps of the queries (the sampler seed is ``seed`` + query number, as compare).
         lds / groups / random_k: the removals (see the module docstring).
+        top_k: the methods' top-K removals, chosen once from a benchmark run's scores and frozen in design.json.
         loss_draws: T, the fixed draws of each query loss; seed: their seed (and the generation's).
         checkpoint_every: steps between a retrain's resume checkpoints.
         max_retrains: stop after this many retrains (None: the whole plan).
@@ -527,12 +582,20 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
         design = make_design(ids, corpus_groups(ids, list(s.items["file_name"]), _store_metadata(s), groups),
                              lds, random_k)
     atomic_write_json(root / DESIGN, design)
-    retrains = bank_plan(design, lds, groups, random_k)
+    if "top_k" not in design and (root / "queries" / "queries.csv").exists():
+        chosen = choose_top_k(design, Bank.queries_table_at(root), top_k, random_k.k)
+        if chosen is not None:
+            design["top_k"] = chosen
+            atomic_write_json(root / DESIGN, design)
+            log.info("bank: %d top-K sets chosen from %s and frozen in %s", len(chosen["sets"]), top_k.scores,
+                     root / DESIGN)
+    retrains = bank_plan(design, lds, groups, random_k, top_k)
     context = {"store": content, "recipe": rec.fingerprint()}
     rows = [{"index": i, "name": b.retrain.name(context), "kind": b.roles[0]["kind"], "seed": b.retrain.seed,
              "removed": len(b.retrain.removed), "roles": "; ".join(b.retrain.purposes)} for i, b in enumerate(retrains)]
     atomic_write_text(root / PLAN, pd.DataFrame(rows).to_csv(index=False))
-    settings = {"lds": asdict(lds), "groups": asdict(groups), "random_k": asdict(random_k), "loss_draws": loss_draws,
+    settings = {"lds": asdict(lds), "groups": asdict(groups), "random_k": asdict(random_k), "top_k": asdict(top_k),
+                "loss_draws": loss_draws,
                 "mask_loss": mask_loss, "seed": seed, "gen_steps": gen_steps, "training_queries": training_queries,
                 "include_planted": include_planted}
     manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, None)
@@ -602,7 +665,7 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
                   "loss_key": key, "losses": losses, "model_fingerprint": _file_fingerprint(model),
                   "fit_s": fit_s, "measure_s": time.time() - t2, "steps": rec.steps,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine()}
-        if r.seed is not None and b.roles[0]["kind"] == "top-k":
+        if any(role["kind"] == "top-k" for role in b.roles):
             record["removed"] = list(r.removed)
         atomic_write_json(root / "retrains" / f"{name}.json", record)
         ran += 1

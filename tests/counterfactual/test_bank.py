@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from musicattr.counterfactual import bank_stats as st
-from musicattr.counterfactual.bank import (BankError, BankGroups, BankLDS, BankRandomK, bank_plan, corpus_groups,
-                                           kept_matrix, make_design)
+from musicattr.counterfactual.bank import (BankError, BankGroups, BankLDS, BankRandomK, BankTopK, bank_plan,
+                                           corpus_groups, kept_matrix, make_design)
 
 IDS = [f"audio/t{i:02d}.wav" for i in range(12)]
 
@@ -180,14 +180,25 @@ def test_bank_end_to_end(tmp_path):
     args = yaml.safe_load((compare / "compare_args.yaml").read_text())
     args.pop("index")
     run_comparison(**args, lr=1e-5, num_draws=8, score_draws=2, use_wandb=False)
+    # the methods' top-K, chosen from the compare run's scores and frozen, then retrained (leave-K-out)
+    top = BankTopK(scores=str(compare), methods=[{"name": "unlearning", "table": "queries/{query_id}/unlearning/scores.parquet"},
+                                                 {"name": "average[aisfx]", "table": "queries/{query_id}/average.parquet"}],
+                   queries={"planted": 1}, seeds=[0])
+    third = run_bank(**{**kw, "checkpoint": None, "top_k": top})
+    frozen = json.loads((bank_dir / "design.json").read_text())["top_k"]["sets"]
+    assert [(e["method"], e["query_id"], len(e["removed"])) for e in frozen] == [("unlearning", "q001", 2),
+                                                                                ("average[aisfx]", "q001", 2)]
+    assert 1 <= third["ran"] <= 2 and third["planned"] == second["planned"] + third["ran"]
     result = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out"), bootstrap=100,
                            null_vectors=100)
-    assert result["retrains"] == second["planned"]
-    assert {"lds", "pairs", "null", "ceiling", "random_k", "groups"} <= set(result)
+    assert result["retrains"] == third["planned"]
+    assert {"lds", "pairs", "null", "ceiling", "random_k", "groups", "top_k"} <= set(result)
+    assert result["top_k"]["unlearning"]["pairs"] == 1 and result["top_k"]["unlearning"]["other_top_k"] == 0
     # the LDS recomputed from the files
     bank = Bank(bank_dir)
     kept = bank.kept()
-    recs = {(r["roles"][0]["subset"], r["roles"][0]["seed"]): r for r in bank.records() if r["roles"][0]["kind"] == "lds"}
+    recs = {(r["roles"][0]["subset"], r["roles"][0]["seed"]): r for r in bank.records()
+            if r["roles"][0]["kind"] == "lds"}
     qids = [q for q, k in zip(table["query_id"], table["kind"]) if k != "training"]
     scores = np.stack([pd.read_parquet(compare / "queries" / q / "unlearning" / "scores.parquet")
                        .set_index("item_id").loc[bank.item_ids, "score"].to_numpy() for q in qids])
