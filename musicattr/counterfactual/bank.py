@@ -73,6 +73,8 @@ class BankLDS:
         seed: the training seed of every subset (and of the benchmark model).
         second_seed: the second training seed of the first ``second_subsets`` subsets (the noise ceiling).
         second_subsets: how many subsets are retrained with ``second_seed``.
+        interleave: run the second seeds in blocks of this many, each right after its subsets' first seed (a
+            partial bank then has pairs for the noise ceiling early); 0: every first seed, then the second seeds.
     """
 
     subsets: int = 48
@@ -81,6 +83,7 @@ class BankLDS:
     seed: int = 0
     second_seed: int = 1
     second_subsets: int = 16
+    interleave: int = 0
 
 
 @dataclass
@@ -280,13 +283,19 @@ def bank_plan(design: dict, lds: BankLDS, groups: BankGroups, rk: BankRandomK,
     add((), lds.seed, {"kind": "reference", "label": "benchmark model"})
     kept = kept_matrix(design)
     removed = [tuple(ids[i] for i in np.flatnonzero(~k)) for k in kept]
-    for j, r in enumerate(removed):
-        add(r, lds.seed, {"kind": "lds", "label": f"subset {j}", "subset": j})
-    if lds.second_subsets:
-        if lds.second_seed == lds.seed:
-            raise BankError(f"lds.second_seed {lds.second_seed} is lds.seed; fix: choose another seed")
-        for j, r in enumerate(removed[:lds.second_subsets]):
-            add(r, lds.second_seed, {"kind": "lds", "label": f"subset {j}", "subset": j})
+    if lds.second_subsets and lds.second_seed == lds.seed:
+        raise BankError(f"lds.second_seed {lds.second_seed} is lds.seed; fix: choose another seed")
+    paired = min(lds.second_subsets, len(removed))
+    if lds.interleave > 0:   # blocks: subsets under the first seed, then the same subsets under the second
+        order = []
+        for start in range(0, paired, lds.interleave):
+            block = range(start, min(start + lds.interleave, paired))
+            order += [(j, lds.seed) for j in block] + [(j, lds.second_seed) for j in block]
+        order += [(j, lds.seed) for j in range(paired, len(removed))]
+    else:
+        order = [(j, lds.seed) for j in range(len(removed))] + [(j, lds.second_seed) for j in range(paired)]
+    for j, seed in order:
+        add(removed[j], seed, {"kind": "lds", "label": f"subset {j}", "subset": j})
     top_seeds = set(top.seeds) if top is not None and design.get("top_k") else set()
     seeds = sorted(set(groups.seeds) | set(rk.seeds) | top_seeds, key=lambda s: (s != lds.seed, s))
     for s in seeds:

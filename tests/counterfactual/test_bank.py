@@ -47,6 +47,10 @@ def test_plan_order_and_sharing():
     assert kinds[10:] == ["group"] * 3 + ["random-k"] * 2 + ["reference"] + ["group"] * 3 + ["random-k"] * 2
     assert len(plan) == 1 + 9 + 2 * (3 + 2) + 1
     assert plan[1].retrain.removed == plan[7].retrain.removed and plan[1].retrain.seed != plan[7].retrain.seed
+    inter = BankLDS(subsets=6, second_subsets=3, interleave=2)
+    order = [(b.roles[0]["subset"], b.retrain.seed) for b in bank_plan(design(inter, rk), inter, groups, rk)[1:10]]
+    assert order == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1), (3, 0), (4, 0), (5, 0)]
+    assert all(len(b.roles) == 1 for b in bank_plan(design(inter, rk), inter, groups, rk)[1:10])
     with pytest.raises(BankError, match="second_seed"):
         bank_plan(design(), BankLDS(subsets=6, second_seed=0), groups, rk)
 
