@@ -76,8 +76,12 @@ def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index
     atomic_write_json(gen / "queries.json", infos)
     atomic_write_json(gen / "settings.json", settings)
     prompts = generated[generated["kind"] == "generated"]
+    n = len(prompts)
+    if list(prompts["prompt"]) != settings["prompts"][:n]:
+        raise BankError(f"{bank.root / 'queries'}: queries.csv and generation.json list other prompts; fix: restore "
+                        "the bank's queries from git")
     args = {"checkpoint": str(bank.model), "store": store, "fisher": fisher, "out_dir": str(compare_dir),
-            "prompts": list(prompts["prompt"]), "durations": [float(d) for d in prompts["duration_s"]],
+            "prompts": settings["prompts"][:n], "durations": settings["durations"][:n],   # as requested
             "prompt_attributes": [json.loads(a) for a in prompts["attributes"]],
             "include_planted": bool((generated["kind"] == "planted").any()),
             "query_items": list(table.loc[table["kind"] == "training", "query_item"]), "training_queries": 0,
