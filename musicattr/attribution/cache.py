@@ -1,4 +1,5 @@
-"""Per-item caches in the latent store (baseline losses L(z_i, theta0), sensitivities s_i).
+"""Per-item caches in the latent store (baseline losses L(z_i, theta0) with their per-draw losses, so that a
+later query's score has its standard error; sensitivities s_i).
 
 A cache file is named by a hash of its key: every setting that changes the cached floats (checkpoint,
 store content, draws, seed, mask, dtype, device type, and for s_i the Fisher, tensors and damping). A
@@ -28,7 +29,7 @@ def baseline_key(checkpoint_fingerprint: str, store, task, model, num_draws: int
     dtype = next(iter(task.net(model).parameters())).dtype
     return {"checkpoint_fingerprint": checkpoint_fingerprint, "store_fingerprint": store.fingerprint,
             **task.identity(), "num_draws": int(num_draws), "seed": int(seed), "mask_loss": bool(mask_loss),
-            "dtype": str(dtype), "device": torch.device(device).type}
+            "dtype": str(dtype), "device": torch.device(device).type, "per_draw": True}
 
 
 def sensitivity_key(baseline: dict[str, Any], fisher_fingerprint: str, tensors, damping: float) -> dict[str, Any]:
@@ -42,12 +43,13 @@ def cache_path(store_root: str | os.PathLike, kind: str, key: dict[str, Any]) ->
     return Path(store_root) / kind / f"{digest}.parquet"
 
 
-def read_cache(path: Path, column: str) -> dict[int, float]:
-    """item index -> cached value, or {} when there is no cache file."""
+def read_cache(path: Path, column: str) -> dict[int, Any]:
+    """item index -> cached value (a float, or an array for a per-draw column), or {} when there is no cache file."""
     if not path.exists():
         return {}
-    df = pd.read_parquet(path)
-    return dict(zip(df["index"].astype(int), df[column].astype(float)))
+    df = pd.read_parquet(path, columns=["index", column])
+    values = df[column] if df[column].dtype == object else df[column].astype(float)
+    return dict(zip(df["index"].astype(int), values))
 
 
 def write_cache(frame: pd.DataFrame, path: Path, key: dict[str, Any]) -> None:

@@ -54,8 +54,8 @@ def preconditioned_gradients(task: AttributionTask, model, params: Mapping[str, 
                              num_draws: int, consume: Consume, *, namespace: str = "", mask: bool = False,
                              draws_per_forward: int = 16) -> torch.Tensor:
     """For each item j of ``batch``: consume(j, name, phi_j[name]) for every target tensor that the loss
-    reaches (phi = P^1/2 g, float32, on the tensors' device); returns the items' losses L(z_j, theta; M),
-    float64 [B]. Draws keyed ``namespace + id``."""
+    reaches (phi = P^1/2 g, float32, on the tensors' device); returns the items' per-draw losses L_t(z_j, theta; M),
+    float64 [B, T] (their mean over draws is the item's loss). Draws keyed ``namespace + id``."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("per-item gradients are needed, but this runs under torch.inference_mode; "
                            "fix: run the prediction loop with Trainer(inference_mode=False)")
@@ -70,13 +70,13 @@ def preconditioned_gradients(task: AttributionTask, model, params: Mapping[str, 
             one = item_slice(batch, j)
             with torch.no_grad():
                 cond = task.conditioning(model, one)
-            total = torch.zeros((), dtype=torch.float64)
+            per_draw = []
             for start in range(0, num_draws, draws_per_forward):
                 n = min(draws_per_forward, num_draws - start)
                 state["armed"] = start + n >= num_draws
-                loss = task.item_loss(model, one, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
-                                      draw_offset=start, cond=cond)
-                (loss.sum() * (n / num_draws)).backward(inputs=inputs)
-                total = total + loss.detach().sum().cpu() * (n / num_draws)
-            losses.append(total)
+                loss = task.draw_losses(model, one, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
+                                        draw_offset=start, cond=cond)
+                (loss.sum() / num_draws).backward(inputs=inputs)
+                per_draw.append(loss.detach().cpu()[0])
+            losses.append(torch.cat(per_draw))
     return torch.stack(losses)

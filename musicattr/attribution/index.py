@@ -142,7 +142,7 @@ class IndexModule(L.LightningModule):
                                         h.num_draws, take,
                                         mask=h.mask_loss, draws_per_forward=h.draws_per_forward)
         return {"index": [int(i) for i in batch["index"]], "phi": phi.float(), "sensitivity": sq.sqrt().cpu(),
-                "baseline_loss": loss}
+                "baseline_loss": loss.mean(1), "baseline_draws": loss}
 
     # ---------------------------------------------------------------- the merge
     def merge(self, parts: Parts) -> None:
@@ -160,16 +160,17 @@ class IndexModule(L.LightningModule):
             with safe_open(str(path), "pt") as f:
                 rows.append(pd.DataFrame({"index": idx, "shard": f"{SHARDS}/{path.name}", "row": np.arange(len(idx)),
                                           "sensitivity": f.get_tensor("sensitivity").numpy(),
-                                          "baseline_loss": f.get_tensor("baseline_loss").numpy()}))
+                                          "baseline_loss": f.get_tensor("baseline_loss").numpy(),
+                                          "baseline_draws": list(f.get_tensor("baseline_draws").numpy())}))
         items = store.items[["index", "item_id"]].merge(pd.concat(rows), on="index", how="left")
         missing = items["shard"].isna().sum()
         if missing:
             raise RuntimeError(f"{missing} items of {store.root} have no row in {parts.folder}; fix: rerun to resume")
         with atomic_path(self.out / ITEMS_FILE) as tmp:
-            items.to_parquet(tmp, index=False)
+            items.drop(columns="baseline_draws").to_parquet(tmp, index=False)
         if self.hparams.write_caches:
-            for kind, column in (("baselines", "baseline_loss"), ("sensitivity", "sensitivity")):
-                write_cache(items[["index", column]], cache_path(store.root, kind, self.cache_keys[kind]),
+            for kind, columns in (("baselines", ["baseline_loss", "baseline_draws"]), ("sensitivity", ["sensitivity"])):
+                write_cache(items[["index", *columns]], cache_path(store.root, kind, self.cache_keys[kind]),
                             self.cache_keys[kind])
         shards = items.groupby("shard", sort=True).size()
         atomic_write_json(self.out / INDEX_FILE, {"provenance": self.key, "num_items": len(items), "k": self.k,

@@ -89,13 +89,15 @@ def folder_names(query_ids: list[str]) -> list[str]:
 
 
 def index_table(index: AttributionIndex, store, tau: np.ndarray, query_id: str, relative: bool) -> pd.DataFrame:
-    """The scoring table of one query from its index scores tau^ (in ``index.items`` order)."""
+    """The scoring table of one query from its index scores tau^ (in ``index.items`` order), with the columns of
+    exact scoring; ``score_se`` is NaN: the index keeps no per-draw gradients, so its draw noise is not known per
+    item (its projection error is in the query's ``noise.json``)."""
     from musicattr.attribution.score import ranked_table
 
     items = index.items
     rows = pd.DataFrame({"index": items["index"].astype(int), "baseline_loss": items["baseline_loss"],
                          "unlearned_loss": items["baseline_loss"] + tau, "score": tau,
-                         "sensitivity": items["sensitivity"]})
+                         "score_se": np.full(len(items), np.nan), "sensitivity": items["sensitivity"]})
     return ranked_table(store, rows, query_id, relative, METHOD)
 
 

@@ -10,7 +10,15 @@ task's per-item loss. The baseline losses L(z_i, theta0) do not depend on the qu
 cached in ``<store>/baselines/``, keyed by everything they depend on (``baseline_key``; see
 ``musicattr.attribution.cache``), and reused by every later query. A ``PartsWriter`` writes each
 rank's rows as they come (``<out_dir>/parts/``); a killed run resumes from them, and rank 0 merges
-them into ``scores.parquet``: item_id, caption, file_name, score, rank, baseline_loss, unlearned_loss, ...
+them into ``scores.parquet``: item_id, caption, file_name, score, score_se, rank, baseline_loss, unlearned_loss, ...
+
+Each score carries its standard error from its own draws: with d_ij = L_{t_j}(z_i, theta_unlearned) -
+L_{t_j}(z_i, theta0) over the T draws j (common random numbers),
+
+    tau_i = mean_j d_ij,    SE_i = sd_j(d_ij) / sqrt(T)
+
+(the per-draw baseline losses are cached with the means). Under stratified timesteps the draws are not
+independent and SE_i is conservative (it ignores the variance the strata remove).
 
 With ``relative``, the table also holds the relative score tau_i / s_i and its rank (see
 ``musicattr.attribution.sensitivity``); s_i is cached in ``<store>/sensitivity/`` like the baselines.
@@ -71,7 +79,7 @@ class ScoringModule(L.LightningModule):
                                    "fix: unlearn with the same task and checkpoint")
         self.params = {k: named[k] for k in self.changed}
         self.out_dir = Path(out_dir)
-        self.baseline_cache: dict[int, float] = {}
+        self.baseline_cache: dict[int, np.ndarray] = {}
         self.sensitivity_cache: dict[int, float] = {}
         self.float_error: float | None = None
         if relative:
@@ -128,7 +136,7 @@ class ScoringModule(L.LightningModule):
             self.keys["sensitivity"] = self.sensitivity_key()
         self.cache_paths = {kind: cache_path(root, kind, key) for kind, key in self.keys.items() if kind != "run"}
         if self.hparams.use_baseline_cache:
-            self.baseline_cache = read_cache(self.cache_paths["baselines"], "baseline_loss")
+            self.baseline_cache = read_cache(self.cache_paths["baselines"], "baseline_draws")
             if self.hparams.relative:
                 self.sensitivity_cache = read_cache(self.cache_paths["sensitivity"], "sensitivity")
 
@@ -146,11 +154,15 @@ class ScoringModule(L.LightningModule):
         for k, p in self.params.items():
             p.data = values[k]
 
-    def loss(self, batch) -> torch.Tensor:
-        """L(z_b, theta; M_L) at the tensors in place (see ``use``): float64 [B], the scoring draws."""
+    def draw_losses(self, batch) -> torch.Tensor:
+        """L_{t_j}(z_b, theta; M_L) at the tensors in place (see ``use``): float64 [B, T], the scoring draws."""
         h = self.hparams
-        return self.task.item_loss(self.theta0, batch, h.seed, h.num_draws, mask=self.mask_loss,
-                                   draws_per_forward=h.draws_per_forward)
+        return self.task.draw_losses(self.theta0, batch, h.seed, h.num_draws, mask=self.mask_loss,
+                                     draws_per_forward=h.draws_per_forward)
+
+    def loss(self, batch) -> torch.Tensor:
+        """L(z_b, theta; M_L) at the tensors in place: float64 [B], the mean of ``draw_losses``."""
+        return self.draw_losses(batch).mean(1)
 
     def float_error_probe(self, batch, baseline: torch.Tensor, n: int = 4) -> float:
         """Float error of a loss: L(z_i, theta0) recomputed item by item (other reductions than in the
@@ -173,58 +185,69 @@ class ScoringModule(L.LightningModule):
         idx = [int(i) for i in batch["index"]]
         with torch.no_grad():
             self.use(unlearned=True)
-            unlearned = self.loss(batch)
+            unlearned = self.draw_losses(batch).cpu()
             if all(i in self.baseline_cache for i in idx):
-                baseline = torch.tensor([self.baseline_cache[i] for i in idx], dtype=torch.float64)
+                baseline = torch.tensor(np.stack([self.baseline_cache[i] for i in idx]), dtype=torch.float64)
             else:
                 self.use(unlearned=False)
-                baseline = self.loss(batch)
+                baseline = self.draw_losses(batch).cpu()
             if self.float_error is None:
-                self.float_error = self.float_error_probe(batch, baseline)
-        out = {"index": idx, "baseline_loss": baseline.cpu().numpy(), "unlearned_loss": unlearned.cpu().numpy()}
+                self.float_error = self.float_error_probe(batch, baseline.mean(1))
+        d = unlearned - baseline  # d_ij: the same draws on both sides
+        se = d.std(1, correction=1) / d.shape[1] ** 0.5 if d.shape[1] > 1 else torch.full((len(idx),), float("nan"))
+        out = {"index": idx, "baseline_loss": baseline.mean(1).numpy(), "unlearned_loss": unlearned.mean(1).numpy(),
+               "score_se": se.numpy(), "baseline_draws": list(baseline.numpy())}
         if self.hparams.relative:
             out["sensitivity"] = self.sensitivity(batch, idx)
         return out
 
     def merge(self, parts: Parts) -> pd.DataFrame:
-        df = merge_scores(parts, self.store, self.unlearn_meta.get("query_id"), self.hparams.relative)
+        rows = parts.format.read(parts.files())
+        df = merge_scores(rows, parts.folder, self.store, self.unlearn_meta.get("query_id"), self.hparams.relative)
         with atomic_path(self.out_dir / "scores.parquet") as tmp:
             df.to_parquet(tmp, index=False)
         if self.hparams.use_baseline_cache:
             if not self.baseline_cache:
-                write_cache(df[["index", "baseline_loss"]], self.cache_paths["baselines"], self.keys["baselines"])
+                cache = df[["index", "baseline_loss"]].merge(rows[["index", "baseline_draws"]].astype({"index": int}),
+                                                             on="index")
+                write_cache(cache, self.cache_paths["baselines"], self.keys["baselines"])
             if self.hparams.relative and not self.sensitivity_cache:
                 write_cache(df[["index", "sensitivity"]], self.cache_paths["sensitivity"], self.keys["sensitivity"])
-        write_noise_report(df, self.float_error, self.out_dir / "noise.json")
+        write_noise_report(df, self.float_error, self.out_dir / "noise.json", self.hparams.top_k)
         atomic_write_json(self.out_dir / "run.json", {**self.keys["run"], "store": str(self.store.root.resolve()),
                                                       "checkpoint": self.hparams.checkpoint})
         log_top(df, self.hparams.top_k)
         return df
 
 
-def merge_scores(parts: Parts, store, query_id: str | None, relative: bool) -> pd.DataFrame:
+def merge_scores(rows: pd.DataFrame, folder, store, query_id: str | None, relative: bool) -> pd.DataFrame:
     """One row per training item, ranked by tau (1 = most influenced); with ``relative`` also by tau / s."""
-    rows = parts.format.read(parts.files())
+    rows = rows.copy()
     rows["index"] = rows["index"].astype(int)
     missing = set(store.items["index"].astype(int)) - set(rows["index"])
     if missing:
-        raise RuntimeError(f"{len(missing)} items have no score in {parts.folder}; fix: rerun to resume")
+        raise RuntimeError(f"{len(missing)} items have no score in {folder}; fix: rerun to resume")
     if relative and ("sensitivity" not in rows or rows["sensitivity"].isna().any()):
-        raise RuntimeError(f"{parts.folder} holds scores without sensitivities (written by a run without "
+        raise RuntimeError(f"{folder} holds scores without sensitivities (written by a run without "
                            "relative); fix: rerun with --model.overwrite true")
+    if "score_se" not in rows:
+        raise RuntimeError(f"{folder} holds scores written before scores had standard errors; fix: rerun with "
+                           "--model.overwrite true")
     rows["score"] = rows["unlearned_loss"].astype(np.float64) - rows["baseline_loss"]
     return ranked_table(store, rows, query_id, relative, "unlearning")
 
 
 def ranked_table(store, rows: pd.DataFrame, query_id: str | None, relative: bool, method: str) -> pd.DataFrame:
     """The scoring table (``scores.parquet``): the store's items joined with ``rows`` (index, baseline_loss,
-    unlearned_loss, score, and sensitivity with ``relative``), ranked by score (rank 1 = largest; ties by index)
-    and, with ``relative``, by score / sensitivity (relative_rank)."""
-    extra = ["sensitivity"] if relative else []
+    unlearned_loss, score, and score_se and sensitivity where given), ranked by score (rank 1 = largest; ties by
+    index) and, with ``relative``, by score / sensitivity (relative_rank, its standard error score_se / s)."""
+    extra = [c for c in ("score_se", "sensitivity") if c in rows and (c != "sensitivity" or relative)]
     df = store.items[["index", "item_id", "caption", "file_name", "duration_s", "valid_frames"]].merge(
         rows[["index", "baseline_loss", "unlearned_loss", "score", *extra]], on="index")
     if relative:
         df["relative_score"] = df["score"] / df["sensitivity"].astype(np.float64)
+        if "score_se" in df:
+            df["relative_score_se"] = df["score_se"] / df["sensitivity"].astype(np.float64)
         order = df.sort_values(["relative_score", "index"], ascending=[False, True]).index
         df.loc[order, "relative_rank"] = np.arange(1, len(df) + 1)
         df["relative_rank"] = df["relative_rank"].astype(np.int64)
@@ -235,11 +258,30 @@ def ranked_table(store, rows: pd.DataFrame, query_id: str | None, relative: bool
     return df
 
 
-def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) -> dict:
-    """How large the scores are against the float error of the two losses (the noise floor)."""
+SEPARATION_Z = 2.0  # "clear of": a gap larger than 2 combined standard errors (about 95% one-sided, normal)
+
+
+def separated(df: pd.DataFrame, k: int, z: float = SEPARATION_Z) -> int | None:
+    """How many of the top k (by ``score``) lie above the (k+1)-th by more than z combined standard errors,
+    score_i - score_{k+1} > z sqrt(SE_i^2 + SE_{k+1}^2); None without standard errors or k + 1 rows."""
+    if "score_se" not in df or len(df) <= k or k <= 0:
+        return None
+    ranked = df.sort_values("rank") if "rank" in df else df
+    top, nxt = ranked.head(k), ranked.iloc[k]
+    combined = np.sqrt(top["score_se"].to_numpy() ** 2 + float(nxt["score_se"]) ** 2)
+    return int((top["score"].to_numpy() - float(nxt["score"]) > z * combined).sum())
+
+
+def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path, top_k: int = 10) -> dict:
+    """How large the scores are against their draw noise (the standard errors) and against the float error
+    of the two losses (the floor below which nothing is measurable)."""
     tau = df["score"].abs()
     report = {"float_error": float_error, "median_abs_score": float(tau.median()), "max_abs_score": float(tau.max()),
               "baseline_loss_mean": float(df["baseline_loss"].mean())}
+    if "score_se" in df:
+        report.update(median_score_se=float(df["score_se"].median()),
+                      above_2se=int((df["score"] > SEPARATION_Z * df["score_se"]).sum()),
+                      **{f"top{k}_separated": separated(df, k) for k in sorted({10, top_k}) if k > 0})
     if float_error:
         report["median_score_over_float_error"] = report["median_abs_score"] / float_error
         report["top_score_over_float_error"] = report["max_abs_score"] / float_error
@@ -251,7 +293,8 @@ def write_noise_report(df: pd.DataFrame, float_error: float | None, path: Path) 
 
 
 def log_top(df: pd.DataFrame, k: int) -> None:
-    """Log (the CLI shows it) the k best-scored training items; nothing for k = 0."""
+    """Log (the CLI shows it) the k best-scored training items with their standard errors, and how many of
+    them are clear of the (k+1)-th; nothing for k = 0."""
     if k <= 0:
         return
     if df.empty:
@@ -262,7 +305,13 @@ def log_top(df: pd.DataFrame, k: int) -> None:
     relative = "relative_rank" in df
     if relative:
         lines.append("  (rel: rank by the relative score tau / s, RelatIF)")
+    se = "score_se" in df
     for r in df.head(k).itertuples():
         rel = f"  rel={r.relative_rank:>4}" if relative else ""
-        lines.append(f"  {r.rank:>4}  tau={r.score:+.3e}{rel}  {r.item_id}  |  {r.caption}")
+        err = f" +- {r.score_se:.1e}" if se else ""
+        lines.append(f"  {r.rank:>4}  tau={r.score:+.3e}{err}{rel}  {r.item_id}  |  {r.caption}")
+    n = separated(df, k)
+    if n is not None:
+        lines.append(f"  {n} of the top {k} are clear of rank {k + 1} by more than {SEPARATION_Z:g} combined standard "
+                     f"errors (the rest may trade places with it under other draws)")
     log.info("\n".join(lines))

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 # Same columns as musicattr.attribution.score.merge_scores (the unlearning scorer's scores.parquet).
-TABLE_COLUMNS = ["item_id", "index", "caption", "file_name", "duration_s", "valid_frames", "score", "rank",
+TABLE_COLUMNS = ["item_id", "index", "caption", "file_name", "duration_s", "valid_frames", "score", "score_se", "rank",
                  "baseline_loss", "unlearned_loss", "method", "query_id"]
 
 _SEGMENTS_FILE = "segments.bin"
@@ -252,7 +252,7 @@ def similarity_table(scores: Tensor, items: Sequence[dict], method: str = "simil
     ``items[i]`` describes training item i (keys ``item_id``, optional ``index`` (default i),
     ``caption``, ``file_name``, ``duration_s``, ``valid_frames``; missing ``valid_frames`` -> <NA>).
     Rank 1 = highest score; ties share no rank (stable
-    order by index). ``baseline_loss`` / ``unlearned_loss`` are NaN for similarity methods.
+    order by index). ``baseline_loss`` / ``unlearned_loss`` are NaN for similarity methods, ``score_se`` 0.
     ``method`` e.g. ``"similarity/all-against-all[aisfx]"``."""
     import pandas as pd
 
@@ -270,6 +270,7 @@ def similarity_table(scores: Tensor, items: Sequence[dict], method: str = "simil
     })
     df = df.sort_values(["score", "index"], ascending=[False, True], kind="mergesort", na_position="last")
     df["rank"] = np.arange(1, len(df) + 1, dtype=np.int64)
+    df["score_se"] = 0.0  # a similarity is computed, not estimated from random draws
     df["baseline_loss"] = np.nan
     df["unlearned_loss"] = np.nan
     df["method"] = method

@@ -92,20 +92,18 @@ class AttributionTask(ABC):
         z_t, target = self.noise(z, t, eps)
         return masked_mse(self.predict(model, z_t, t, cond, params), target, mask)
 
-    def item_loss(self, model: torch.nn.Module, batch: Mapping[str, Any], seed: int, num_draws: int, *,
-                  namespace: str = "", mask: bool = False, draws_per_forward: int = 16, draw_offset: int = 0,
-                  cond: Mapping[str, Any] | None = None) -> torch.Tensor:
-        """L(z_b, theta; M) of each item of ``batch``, averaged over draws ``draw_offset .. + num_draws`` keyed
-        ``namespace + item_id``; float64 [B], differentiable (wrap in torch.no_grad() to score).
-
-        ``mask``: average over the non-padded frames only. Draws are processed ``draws_per_forward`` at a time
-        to bound memory; ``cond`` reuses conditioning computed once by the caller."""
+    def draw_losses(self, model: torch.nn.Module, batch: Mapping[str, Any], seed: int, num_draws: int, *,
+                    namespace: str = "", mask: bool = False, draws_per_forward: int = 16, draw_offset: int = 0,
+                    cond: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """L_{t_j}(z_b) of each item and draw ``draw_offset .. + num_draws`` keyed ``namespace + item_id``: float64
+        [B, T], differentiable. ``mask``: over the non-padded frames only. Draws are processed
+        ``draws_per_forward`` at a time to bound memory; ``cond`` reuses conditioning computed once by the caller."""
         z = batch["latents"]
         b = z.shape[0]
         keys = draw_keys(namespace, batch["item_id"])
         cond = self.conditioning(model, batch) if cond is None else cond
         m = self.frame_mask(model, batch) if mask else None
-        total = torch.zeros(b, dtype=torch.float64, device=z.device)
+        chunks = []
         for start in range(0, num_draws, draws_per_forward):
             idx = range(draw_offset + start, draw_offset + min(num_draws, start + draws_per_forward))
             t, eps = self.draws(seed, keys, idx, tuple(z.shape[1:]))
@@ -113,8 +111,16 @@ class AttributionTask(ABC):
             losses = self.draw_loss(model, z.repeat_interleave(d, 0), t.reshape(-1).to(z),
                                     eps.reshape(b * d, *z.shape[1:]).to(z), repeat_conditioning(cond, d),
                                     None if m is None else m.repeat_interleave(d, 0))
-            total = total + losses.view(b, d).double().sum(1)
-        return total / num_draws
+            chunks.append(losses.view(b, d).double())
+        return torch.cat(chunks, 1)
+
+    def item_loss(self, model: torch.nn.Module, batch: Mapping[str, Any], seed: int, num_draws: int, *,
+                  namespace: str = "", mask: bool = False, draws_per_forward: int = 16, draw_offset: int = 0,
+                  cond: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """L(z_b, theta; M) = the mean of ``draw_losses`` over the draws: float64 [B], differentiable (wrap in
+        torch.no_grad() to score)."""
+        return self.draw_losses(model, batch, seed, num_draws, namespace=namespace, mask=mask,
+                                draws_per_forward=draws_per_forward, draw_offset=draw_offset, cond=cond).mean(1)
 
 
 def resolve_task(task: AttributionTask | str | None = None) -> AttributionTask:

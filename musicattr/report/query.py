@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from musicattr.report.baselines import SimilarityScores
-from musicattr.report.credits import aggregate_credits, credit_shares, rule_text
+from musicattr.report.credits import aggregate_credits, credit_shares, rule_text, share_intervals
 from musicattr.report.inputs import QueryInputs, ReportInputError
 from musicattr.report.media import read_audio, scores_png, spectrogram_png, write_audio
 from musicattr.report.page import CreditTable, QueryPage, Track, render_query
@@ -77,8 +77,8 @@ def _copy_audio(src: Path | None, unknown: str, stem: Path, fmt: str, out: Path,
 def write_credits(table: pd.DataFrame, out: Path, group_by: list[str], shown: list[str]) -> list[CreditTable]:
     """``credits.csv`` (every credited track) and ``credits_by_<column>.csv`` per aggregation column."""
     credited = table[table["share"] > 0]
-    cols = dict.fromkeys(["rank", "relative_rank", "item_id", "file_name", "caption", "score", "relative_score",
-                          "share", *group_by, *shown])
+    cols = dict.fromkeys(["rank", "relative_rank", "item_id", "file_name", "caption", "score", "score_se",
+                          "relative_score", "share", "share_lo", "share_hi", *group_by, *shown])
     credited[[c for c in cols if c in credited]].to_csv(out / "credits.csv", index=False)
     tables = []
     for col in group_by:
@@ -105,7 +105,11 @@ def _provenance(q: QueryInputs, sims: SimilarityScores, opt: ReportOptions) -> l
         ("masking strategy", f"{u.get('strategy', na)} (M_U {u.get('mask_unlearn', na)}, M_L "
                              f"{run.get('mask_loss', na)})"),
         ("Eq. 1 scoring", f"T = {run.get('num_draws', na)} draws per item, seed {run.get('seed', na)}, "
+                          f"timesteps {run.get('timesteps', 'uniform')}, "
                           f"relative {'on' if 'relative_rank' in q.scores else 'off'}"),
+        ("draw noise", na if "score_se" not in q.scores else
+         f"median standard error of a score {float(q.scores['score_se'].median()):.2e}; share intervals: "
+         "95% parametric bootstrap over the draws (1000 resamples)"),
         ("latent store", f"{q.store.root} ({len(q.store)} items)"),
         ("similarity encoder", sims.encoder or na),
         ("noise floor", na if floor is None else f"{floor:.3e} (float error of the losses, noise.json)"),
@@ -138,6 +142,8 @@ def write_query_report(q: QueryInputs, out: str | Path, sims: SimilarityScores, 
     _clear(out)
     table = q.scores.copy()
     table["share"] = credit_shares(table, opt.credit_rule, opt.credit_score, q.noise_floor or 0.0, opt.temperature)
+    table = table.join(share_intervals(table, opt.credit_rule, opt.credit_score, q.noise_floor or 0.0,
+                                       opt.temperature))
     credit_tables = write_credits(table, out, opt.group_by, shown)
     q_audio, q_note, q_spec = _copy_audio(q.query_audio, "the query's audio is unknown; fix: pass --query_audio",
                                           out / "audio" / "query", opt.audio_format, out, out / "img" / "query.png",

@@ -33,7 +33,8 @@ from musicattr.atomic import finished_files
 
 ROOT = Path(__file__).resolve().parents[2]
 N_ITEMS, T_SCORE = 12, 6
-COLUMNS = ["item_id", "caption", "file_name", "score", "rank", "baseline_loss", "unlearned_loss", "duration_s"]
+COLUMNS = ["item_id", "caption", "file_name", "score", "score_se", "rank", "baseline_loss", "unlearned_loss",
+           "duration_s"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -123,6 +124,21 @@ def ref(pipe):
     return pd.read_parquet(pipe / "attr_ref" / "scores.parquet")
 
 
+def draw_losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0):
+    """L_{t_j}(z_i, theta) [N, T] in item-index order, computed here (theta0, or with the unlearned tensors)."""
+    m = load_diffusion_module(str(d / "theta0.ckpt"))
+    if unlearned is not None:
+        named = dict(m.net.named_parameters())
+        with torch.no_grad():
+            for k, v in load_unlearned(str(d / unlearned))[0].items():
+                named[k].copy_(v)
+    store = LatentStore(d / "store")
+    b = collate_items([store[p] for p in range(len(store))])
+    with torch.no_grad():
+        out = SATDiffusionTask().draw_losses(m, b, seed, num_draws, draws_per_forward=num_draws)
+    return out[np.argsort(b["index"].numpy())].numpy()
+
+
 def losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
     """L(z_i, theta) for every item, computed here with the task's item_loss (theta0, or theta0 with the unlearned
     tensors)."""
@@ -155,6 +171,31 @@ def test_attribute_table(pipe, ref):
     assert (np.diff(ref["score"].to_numpy()) <= 0).all()  # rank 1 = largest tau
     assert (ref["query_id"] == "audio/track003.wav").all()
     assert "Top-10 training tracks" in (pipe / "attr_ref.log").read_text()
+
+
+def test_score_se_is_the_spread_of_the_per_draw_differences(pipe, ref):
+    """SE_i = sd_j(d_ij) / sqrt(T), d_ij = L_{t_j}(z_i, theta_u) - L_{t_j}(z_i, theta0) on the same draws."""
+    d = draw_losses_in_test(pipe, "q3.safetensors") - draw_losses_in_test(pipe)
+    df = by_index(ref)
+    np.testing.assert_allclose(df["score"], d.mean(1), rtol=0, atol=score_tolerance(df["baseline_loss"]))
+    hand = d.std(1, ddof=1) / np.sqrt(T_SCORE)
+    assert (hand > 0).all()
+    # the differences are small against the losses: float32 rounding of each loss (LOSS_RTOL) bounds the gap
+    np.testing.assert_allclose(df["score_se"], hand, rtol=1e-2, atol=score_tolerance(df["baseline_loss"]))
+    noise = json.loads((pipe / "attr_ref" / "noise.json").read_text())
+    assert noise["median_score_se"] == pytest.approx(float(np.median(df["score_se"])))
+    assert 0 <= noise["top10_separated"] <= 10
+    assert "clear of rank 11" in (pipe / "attr_ref.log").read_text()
+
+
+def test_separated_counts_the_top_k_clear_of_the_next():
+    from musicattr.attribution.score import separated
+
+    df = pd.DataFrame({"score": [10.0, 5.0, 4.1, 4.0], "score_se": [1.0, 0.3, 0.3, 0.01], "rank": [1, 2, 3, 4]})
+    # gaps to rank 4: 6.0 (> 2 x 1.00005), 1.0 (> 2 x 0.30017), 0.1 (< 2 x 0.30017)
+    assert separated(df, 3) == 2
+    assert separated(df, 4) is None and separated(df.drop(columns="score_se"), 2) is None
+    assert separated(df.assign(score_se=0.0), 3) == 3
 
 
 def test_attribute_losses_equal_in_test_losses(pipe, ref):
@@ -290,10 +331,12 @@ def test_baseline_cache_is_what_the_second_run_reads(pipe, tmp_path):
     d = workdir(pipe, tmp_path, copy_store=True)
     cache = baseline_cache(d)
     true_base = pd.read_parquet(cache).sort_values("index").reset_index(drop=True)
-    doctored = true_base.assign(baseline_loss=true_base["baseline_loss"] + 1.0)
+    doctored = true_base.assign(baseline_loss=true_base["baseline_loss"] + 1.0,
+                                baseline_draws=[x + 1.0 for x in true_base["baseline_draws"]])
     doctored.to_parquet(cache, index=False)
     df = by_index(score_inprocess(d, "q3.safetensors", "a1"))
-    np.testing.assert_array_equal(df["baseline_loss"].to_numpy(), doctored["baseline_loss"].to_numpy())
+    # read from the cache: the mean of the cached per-draw losses (float64, ~1e-16 from the cached mean)
+    np.testing.assert_allclose(df["baseline_loss"].to_numpy(), doctored["baseline_loss"].to_numpy(), rtol=1e-12)
     off = by_index(score_inprocess(d, "q3.safetensors", "a0", use_baseline_cache=False))
     assert_losses_close(off["baseline_loss"], true_base["baseline_loss"])  # recomputed: to float32 rounding
     assert_scores_close(df["score"], off["score"] - 1.0, off["baseline_loss"])

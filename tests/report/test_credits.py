@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from musicattr.report.credits import UNKNOWN, aggregate_credits, credit_shares
+from musicattr.report.credits import UNKNOWN, aggregate_credits, credit_shares, share_intervals
 
 
 def scores(tau, **extra) -> pd.DataFrame:
@@ -63,3 +63,21 @@ def test_aggregation_sums_shares_per_value_and_names_missing_values():
     assert list(agg["tracks"]) == [2, 1, 1]  # the negatively scored Bach track holds no credit
     assert list(agg["best_rank"]) == [1, 2, 4]
     assert agg["share"].sum() == pytest.approx(1.0)
+
+
+def test_a_score_within_twice_its_standard_error_is_not_credited():
+    t = scores([0.4, 0.1, 0.5, 0.3], score_se=[0.1, 0.06, 0.3, float("nan")])
+    share = credit_shares(t)
+    # 0.4 > 2 x 0.1 and 0.3 (no error known: the floor only) are credited; 0.1 < 2 x 0.06 and 0.5 < 2 x 0.3 not
+    np.testing.assert_allclose(share, [0.4 / 0.7, 0, 0, 0.3 / 0.7])
+    np.testing.assert_allclose(credit_shares(t, z=0.0), [0.4 / 1.3, 0.1 / 1.3, 0.5 / 1.3, 0.3 / 1.3])
+
+
+def test_share_intervals_cover_the_share_and_widen_with_the_error():
+    tight = scores([0.4, 0.3, 0.2, 0.1], score_se=[1e-4] * 4)
+    loose = scores([0.4, 0.3, 0.2, 0.1], score_se=[0.04] * 4)
+    a, b = share_intervals(tight, resamples=400), share_intervals(loose, resamples=400)
+    share = credit_shares(tight)
+    assert ((a["share_lo"] <= share + 1e-9) & (share <= a["share_hi"] + 1e-9)).all()
+    assert ((b["share_hi"] - b["share_lo"]) > (a["share_hi"] - a["share_lo"]) + 0.01).all()
+    pd.testing.assert_frame_equal(share_intervals(loose, resamples=400), b)  # seeded: reproducible

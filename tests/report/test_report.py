@@ -48,7 +48,10 @@ def test_credits_csv_sums_to_one_and_aggregates_by_a_column(tiny_run, tmp_path):
     credits = pd.read_csv(out / "credits.csv")
     scores = pd.read_parquet(tiny_run["scores"] / "scores.parquet")
     floor = json.loads((tiny_run["scores"] / "noise.json").read_text())["float_error"]
-    assert set(credits["item_id"]) == set(scores.loc[scores["score"] > floor, "item_id"])
+    clear = (scores["score"] > floor) & (scores["score"] > 2 * scores["score_se"])  # above its error, and the floor
+    assert 0 < clear.sum() < len(scores)
+    assert set(credits["item_id"]) == set(scores.loc[clear, "item_id"])
+    assert ((credits["share_lo"] <= credits["share"]) & (credits["share"] <= credits["share_hi"])).all()
     assert credits["share"].sum() == pytest.approx(1.0, abs=1e-12)
     np.testing.assert_allclose(credits["share"], credits["score"] / credits["score"].sum())
     by = pd.read_csv(out / "credits_by_composer.csv")
