@@ -354,13 +354,15 @@ def _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result) -> li
             vals.append(up - np.nanmean(inc[hpos[q], seeds.index(s)]))
         if vals or stale:
             e, l2, h2 = st.increase_bootstrap(np.array(vals)[:, None, None], draws, seed) if vals else (np.nan,) * 3
+            ratio = float(np.mean(raw)) / est if raw and not within and est > 0 else np.nan  # only off the noise
             rows.append(f"| {m} | {len(vals)} | {_fmt(float(np.mean(raw)) if raw else np.nan, nd=4)} | "
-                        f"{_fmt(e, (l2, h2), 4)} | {stale} |")
+                        f"{_fmt(e, (l2, h2), 4)} | {_fmt(ratio, nd=1)} | {stale} |")
             result["top_k"][m] = {"pairs": len(vals), "increase": float(np.mean(raw)) if raw else None,
                                   "excess_over_random": e, "ci": [l2, h2], "other_top_k": stale}
     if rows:
         lines += ["", "| method | (query, seed) pairs | top-K increase | minus random-K's (same query and seed) [95% CI] "
-                  "| pairs whose banked top-K differs from these scores' |", "|---|---|---|---|---|", *rows]
+                  "| ratio to random-K (- where random-K is within noise) | pairs whose banked top-K differs from "
+                  "these scores' |", "|---|---|---|---|---|---|", *rows]
     else:
         lines.append("No method's top-K retrain is in the bank yet: a method's leave-K-out needs its top-K retrained "
                      "(chosen by `make bank` from the benchmark's scores, then frozen); random-K above is the "
