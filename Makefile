@@ -18,13 +18,14 @@ RUN := --run_root $(D)
 
 AE := assets/demo_autoencoder
 
-.PHONY: all venv demo test test-fast bench table1 self-influence figure1 report adherence autoencoder clean-demo help \
+.PHONY: all venv demo test test-fast bench reproducibility table1 self-influence figure1 report adherence autoencoder clean-demo help \
 	lds leave-k-out index index-query index-fidelity index-scale bank bank-plan benchmark
 
 help:
 	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
 	@echo "make test     - set up, then run the test suite"
 	@echo "make bench    - attribution benchmark (prints figures, writes runs/bench/attribution.json)"
+	@echo "make reproducibility - Eq. 1 scored twice with two draw seeds per draw design: Spearman, top-10, share L1"
 	@echo "make table1   - self-influence grid search on the demo model (Table 1)"
 	@echo "make self-influence - the best Table 1 row (mixed, all blocks, lr 1e-6) on SI_TARGETS k-means targets"
 	@echo "                      (default 16) with SI_DRAWS scoring draws (default 64)"
@@ -110,6 +111,16 @@ report: venv $(D)/report/q000/index.html
 
 bench: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(PY) scripts/bench_attribution.py --checkpoint $(D)/fit/last.ckpt --store $(D)/store --fisher $(D)/fisher.safetensors --out runs/bench/attribution.json
+
+# ---- reproducibility of Eq. 1 under its random draws (README "Reproducible credit") ----
+# The demo query, plus the generated queries of `make figure1` when they exist, scored twice with two draw seeds
+# under each draw design (timesteps:T); REPRO_DESIGNS overrides the designs.
+REPRO_DESIGNS ?= uniform:32 stratified-8:32 uniform:64
+reproducibility: venv $(D)/attribution/q000/scores.parquet
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/reproducibility.py --checkpoint $(D)/fit/last.ckpt \
+		--store $(D)/store --unlearned $(D)/unlearned/q000.safetensors \
+		$(sort $(wildcard $(D)/figure1/queries/q*/unlearned.safetensors)) --designs $(REPRO_DESIGNS) \
+		--out $(D)/reproducibility/reproducibility.json
 
 # ---- the attribution index (README "The attribution index") ----
 $(D)/index/index.json: $(D)/fisher.safetensors $(CFG)/index.yaml

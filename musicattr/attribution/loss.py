@@ -62,6 +62,42 @@ class DiscreteTimesteps:
         return {"timesteps": f"discrete-{self.steps}"}
 
 
+class StratifiedTimesteps:
+    """t_j = (s_j + u_j) / S: draw j lies in stratum s_j of S equal strata of (0, 1). Within each block of S
+    consecutive draws (b = j // S) the strata are a random permutation seeded by (seed, key, b), so each block
+    covers (0, 1) once (T a multiple of S is exactly balanced) and draw j stays a pure function of (seed, key, j).
+    Each t_j is still U(0, 1): the estimate stays unbiased; its variance loses the between-strata part."""
+
+    def __init__(self, strata: int = 8):
+        if strata < 1:
+            raise ValueError(f"stratified timesteps need at least one stratum, got {strata}")
+        self.strata = int(strata)
+
+    def __call__(self, u: torch.Tensor, seed: int, key: str, j: int) -> torch.Tensor:
+        block, r = divmod(int(j), self.strata)
+        g = torch.Generator().manual_seed(draw_seed(seed, key + "\x1fstrata", block))
+        return (torch.randperm(self.strata, generator=g)[r] + u) / self.strata
+
+    def identity(self) -> dict:
+        return {"timesteps": f"stratified-{self.strata}"}
+
+
+def timesteps_from(spec: str | None):
+    """A timestep sampler from its name: 'uniform', 'stratified-S' or 'discrete-N' (None: uniform)."""
+    name, _, arg = (spec or "uniform").partition("-")
+    try:
+        if name == "uniform" and not arg:
+            return UNIFORM
+        if name == "stratified":
+            return StratifiedTimesteps(int(arg or 8))
+        if name == "discrete":
+            return DiscreteTimesteps(int(arg or 1000))
+    except ValueError:
+        pass
+    raise ValueError(f"unknown timesteps {spec!r}; fix: 'uniform', 'stratified-S' (S strata, e.g. stratified-8) "
+                     "or 'discrete-N'")
+
+
 def make_draws(seed: int, item_ids: Sequence[str], draws: Sequence[int], shape: tuple[int, ...],
                timesteps=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps t [B, D] and noise eps [B, D, *shape] for items x draw indices (CPU, float32).

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 
 from musicattr.attribution.layer_groups import select_parameters
-from musicattr.attribution.loss import UNIFORM, draw_keys, make_draws, masked_mse, repeat_conditioning
+from musicattr.attribution.loss import UNIFORM, draw_keys, make_draws, masked_mse, repeat_conditioning, timesteps_from
 
 # The one place the default is named (a class path, not an import: the attribution core imports no model code).
 DEFAULT_TASK = "musicattr.models.sat_task.SATDiffusionTask"
@@ -42,6 +42,11 @@ class AttributionTask(ABC):
 
     parameter_groups: Mapping[str, str] = {}
     timesteps = UNIFORM
+
+    def __init__(self, timesteps: str | None = None):
+        """``timesteps``: the draw design of t, 'uniform', 'stratified-S' or 'discrete-N' (None: the task's own)."""
+        if timesteps is not None:
+            self.timesteps = timesteps_from(timesteps)
 
     # ---------------------------------------------------------------- the model
     @abstractmethod

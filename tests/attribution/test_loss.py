@@ -225,3 +225,37 @@ def test_v_objective_formulas():
     s = torch.sin(t * math.pi / 2)[:, None, None]
     torch.testing.assert_close(a * x_t - s * v, z)
     torch.testing.assert_close(s * x_t + a * v, eps)
+
+
+# ---------------------------------------------------------------- timestep samplers (the draw design)
+
+
+def test_stratified_timesteps_cover_every_stratum_once_per_block_and_stay_pure():
+    from musicattr.attribution.loss import StratifiedTimesteps, timesteps_from
+
+    s = StratifiedTimesteps(8)
+    t, eps = make_draws(3, ["a", "b"], range(32), (2, 5), s)
+    for item in range(2):
+        for block in range(4):
+            strata = sorted((t[item, 8 * block:8 * block + 8] * 8).floor().int().tolist())
+            assert strata == list(range(8))  # one draw per stratum in every block of 8
+    for j in (0, 7, 13, 31):  # draw j alone is the same draw: a pure function of (seed, key, j)
+        tj, ej = make_draws(3, ["b"], [j], (2, 5), s)
+        assert torch.equal(tj[0, 0], t[1, j]) and torch.equal(ej[0, 0], eps[1, j])
+    _, eps_u = make_draws(3, ["a", "b"], range(32), (2, 5))
+    assert torch.equal(eps, eps_u)  # the noise is the uniform design's: only t is stratified
+    many, _ = make_draws(0, [f"k{i}" for i in range(50)], range(16), (1, 1), s)
+    assert abs(float(many.mean()) - 0.5) < 0.02 and float(many.min()) > 0 and float(many.max()) < 1  # U(0, 1)
+    assert timesteps_from("stratified-16").identity() == {"timesteps": "stratified-16"}
+    with pytest.raises(ValueError, match="stratified-S"):
+        timesteps_from("sobol")
+
+
+def test_the_task_takes_its_draw_design_from_the_config():
+    from musicattr.attribution.task import resolve_task
+
+    task = SATDiffusionTask(timesteps="stratified-8")
+    assert task.identity()["timesteps"] == "stratified-8"  # part of every cache and run key
+    assert "timesteps" not in resolve_task(None).identity()  # the default (uniform) keeps the old keys
+    t, _ = task.draws(0, ["x"], range(8), (4, 16))
+    assert sorted((t[0] * 8).floor().int().tolist()) == list(range(8))
