@@ -55,11 +55,14 @@ class ScoringModule(L.LightningModule):
     def __init__(self, checkpoint: str, unlearned: str, out_dir: str, task: AttributionTask | None = None,
                  num_draws: int = 16, seed: int = 0, mask_loss: bool | None = None, draws_per_forward: int = 16,
                  use_baseline_cache: bool = True, flush_every: int = 10, top_k: int = 10, overwrite: bool = False,
-                 relative: bool = False, fisher: str | None = None):
+                 relative: bool = False, fisher: str | None = None, adaptive_top_k: int = 0, adaptive_z: float = 2.0,
+                 adaptive_step: int = 16, adaptive_budget: float = 1.0):
         """Args (beyond the obvious): ``task`` the attribution task (default: the SAT DiT of ``musicattr fit``);
         ``mask_loss`` M_L (default: from the unlearned file's strategy); ``relative`` adds tau_i / s_i (RelatIF)
         and its rank; it needs the Fisher of the unlearning run (``fisher``, default: the path recorded in the
-        unlearned file)."""
+        unlearned file). ``adaptive_top_k`` k > 0: after the pass, more draws (``adaptive_step`` per round) for the
+        items whose score +- ``adaptive_z`` SE straddles the rank-k boundary, until none does or
+        ``adaptive_budget`` x N T extra draws are spent (``musicattr.attribution.adaptive``; rank 0, resumable)."""
         super().__init__()
         self.save_hyperparameters(ignore=["task"])
         self.task, self.theta0 = load_theta(task, checkpoint)  # theta0 registered: Lightning moves it to the device
@@ -201,19 +204,60 @@ class ScoringModule(L.LightningModule):
             out["sensitivity"] = self.sensitivity(batch, idx)
         return out
 
+    def refine(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Adaptive draws at the top-k boundary (``musicattr.attribution.adaptive``); rows with ``num_draws``."""
+        import hashlib
+        import json
+
+        from musicattr.attribution.adaptive import DrawSums, refine
+        from musicattr.data.datamodules import collate_items
+
+        h = self.hparams
+        store = self.store
+        pos_of = {int(i): p for p, i in enumerate(store.items["index"])}
+        device = next(self.theta0.parameters()).device  # the merge may run after the model left the device
+        self.original = {k: v.to(device) for k, v in self.original.items()}
+        self.unlearned_values = {k: v.to(device) for k, v in self.unlearned_values.items()}
+
+        def extra(indices: list[int], first: int, n: int):
+            batch = collate_items([store[pos_of[i]] for i in indices])
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            kw = dict(mask=self.mask_loss, draws_per_forward=h.draws_per_forward, draw_offset=first)
+            with torch.no_grad():
+                self.use(unlearned=True)
+                lu = self.task.draw_losses(self.theta0, batch, h.seed, n, **kw).cpu().numpy()
+                self.use(unlearned=False)
+                l0 = self.task.draw_losses(self.theta0, batch, h.seed, n, **kw).cpu().numpy()
+            return lu, l0
+
+        rows = rows.sort_values("index").reset_index(drop=True)
+        rows["score"] = rows["unlearned_loss"] - rows["baseline_loss"]
+        sums = DrawSums.from_table(rows, h.num_draws)
+        settings = {"run": self.keys["run"], "k": h.adaptive_top_k, "z": h.adaptive_z, "step": h.adaptive_step}
+        digest = hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
+        self.adaptive_rounds = refine(sums, extra, self.out_dir / "adaptive" / digest, h.adaptive_top_k,
+                                      h.adaptive_z, h.adaptive_step, h.adaptive_budget)
+        return rows.assign(unlearned_loss=sums.sum_u / sums.n, baseline_loss=sums.sum_0 / sums.n, score_se=sums.se,
+                           num_draws=sums.n.astype(np.int64))
+
     def merge(self, parts: Parts) -> pd.DataFrame:
-        rows = parts.format.read(parts.files())
+        first = parts.format.read(parts.files())
+        rows = self.refine(first) if self.hparams.adaptive_top_k > 0 else first.assign(num_draws=self.hparams.num_draws)
         df = merge_scores(rows, parts.folder, self.store, self.unlearn_meta.get("query_id"), self.hparams.relative)
         with atomic_path(self.out_dir / "scores.parquet") as tmp:
             df.to_parquet(tmp, index=False)
         if self.hparams.use_baseline_cache:
             if not self.baseline_cache:
-                cache = df[["index", "baseline_loss"]].merge(rows[["index", "baseline_draws"]].astype({"index": int}),
-                                                             on="index")
+                cache = first[["index", "baseline_loss", "baseline_draws"]].astype({"index": int})  # the T draws
                 write_cache(cache, self.cache_paths["baselines"], self.keys["baselines"])
             if self.hparams.relative and not self.sensitivity_cache:
                 write_cache(df[["index", "sensitivity"]], self.cache_paths["sensitivity"], self.keys["sensitivity"])
         write_noise_report(df, self.float_error, self.out_dir / "noise.json", self.hparams.top_k)
+        if self.hparams.adaptive_top_k > 0:
+            h = self.hparams
+            self.keys["run"]["adaptive"] = {"top_k": h.adaptive_top_k, "z": h.adaptive_z, "step": h.adaptive_step,
+                                            "budget": h.adaptive_budget, "rounds": self.adaptive_rounds,
+                                            "draws": int(df["num_draws"].sum()), "first_pass_draws": len(df) * h.num_draws}
         atomic_write_json(self.out_dir / "run.json", {**self.keys["run"], "store": str(self.store.root.resolve()),
                                                       "checkpoint": self.hparams.checkpoint})
         log_top(df, self.hparams.top_k)
@@ -241,7 +285,7 @@ def ranked_table(store, rows: pd.DataFrame, query_id: str | None, relative: bool
     """The scoring table (``scores.parquet``): the store's items joined with ``rows`` (index, baseline_loss,
     unlearned_loss, score, and score_se and sensitivity where given), ranked by score (rank 1 = largest; ties by
     index) and, with ``relative``, by score / sensitivity (relative_rank, its standard error score_se / s)."""
-    extra = [c for c in ("score_se", "sensitivity") if c in rows and (c != "sensitivity" or relative)]
+    extra = [c for c in ("score_se", "num_draws", "sensitivity") if c in rows and (c != "sensitivity" or relative)]
     df = store.items[["index", "item_id", "caption", "file_name", "duration_s", "valid_frames"]].merge(
         rows[["index", "baseline_loss", "unlearned_loss", "score", *extra]], on="index")
     if relative:

@@ -508,3 +508,32 @@ def test_self_influence_ranks_unlearned_training_item_first(pipe, tmp_path):
     print("self-influence ranks:", ranks)
     assert sum(r == 1 for r in ranks) >= 10, ranks
     assert max(ranks) <= 3, ranks
+
+
+# ---------------------------------------------------------------- (h) adaptive draws at the top-k boundary
+
+
+def test_adaptive_draws_refine_the_boundary_items_and_resume(pipe, tmp_path):
+    """Items whose score +- 2 SE straddles the rank-3 boundary get more draws; each refined score is the plain
+    estimate at its own number of draws; a rerun reads the rounds back and gives the same table."""
+    kw = dict(use_baseline_cache=False, adaptive_top_k=3, adaptive_step=6, adaptive_budget=2.0)
+    df = by_index(score_inprocess(pipe, "q3.safetensors", str(tmp_path / "a"), **kw))
+    extra = df[df["num_draws"] > T_SCORE]
+    assert 0 < len(extra) < N_ITEMS and (df["num_draws"] >= T_SCORE).all()
+    assert ((df["num_draws"] - T_SCORE) % 6 == 0).all()
+    run = json.loads((tmp_path / "a" / "run.json").read_text())["adaptive"]
+    assert run["draws"] == int(df["num_draws"].sum()) and run["rounds"]
+    assert run["draws"] - run["first_pass_draws"] <= 2.0 * run["first_pass_draws"]
+    for r in extra.itertuples():  # the refined score is the plain n-draw estimate of Eq. 1
+        n = int(r.num_draws)
+        d = (draw_losses_in_test(pipe, "q3.safetensors", num_draws=n) - draw_losses_in_test(pipe, num_draws=n))
+        d = d[int(r.index)]
+        assert r.score == pytest.approx(d.mean(), abs=score_tolerance(df["baseline_loss"]))
+        assert r.score_se == pytest.approx(d.std(ddof=1) / np.sqrt(n), rel=1e-2,
+                                           abs=score_tolerance(df["baseline_loss"]))
+    rounds = sorted((tmp_path / "a" / "adaptive").glob("*/round-*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in rounds]
+    (tmp_path / "a" / "scores.parquet").unlink()
+    again = by_index(score_inprocess(pipe, "q3.safetensors", str(tmp_path / "a"), **kw))
+    assert [p.stat().st_mtime_ns for p in rounds] == stamps  # read back, not recomputed
+    pd.testing.assert_frame_equal(again, df)
