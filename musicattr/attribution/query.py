@@ -97,7 +97,9 @@ def index_table(index: AttributionIndex, store, tau: np.ndarray, query_id: str, 
     items = index.items
     rows = pd.DataFrame({"index": items["index"].astype(int), "baseline_loss": items["baseline_loss"],
                          "unlearned_loss": items["baseline_loss"] + tau, "score": tau,
-                         "score_se": np.full(len(items), np.nan), "sensitivity": items["sensitivity"]})
+                         "score_se": np.full(len(items), np.nan),
+                         "num_draws": np.full(len(items), int(index.provenance["num_draws"])),
+                         "sensitivity": items["sensitivity"]})
     return ranked_table(store, rows, query_id, relative, METHOD)
 
 
