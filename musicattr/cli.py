@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RUN_ROOT_ENV = "MUSICATTR_RUN_ROOT"
+WANDB_DIR_ENV = "MUSICATTR_WANDB_DIR"  # where wandb_logger writes, set to the run root by every stage
 PLACEHOLDER = "${run_root}"
 PARSER_MODE = "musicattr"
 
@@ -166,6 +167,8 @@ def _function(name: str, stage: Stage, argv: list[str], root: str | None) -> Non
 def run(name: str, argv: list[str]) -> None:
     stage = STAGES[name]
     argv, root = with_run_root(argv)
+    if root:  # the wandb runs of this stage live under its run root (<run_root>/wandb)
+        os.environ[WANDB_DIR_ENV] = root
     (_lightning if stage.subcommand else _function)(name, stage, argv, root)
 
 
