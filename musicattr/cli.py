@@ -81,6 +81,8 @@ STAGES = {
                   "resumable)", "musicattr.counterfactual.bank:run_bank", trainer=RETRAIN),
     "benchmark": Stage("any method's scores against the bank: LDS, paired differences, ceiling, leave-K-out, groups",
                        "musicattr.counterfactual.benchmark:run_benchmark"),
+    "index-fidelity": Stage("the attribution index against exact unlearning: Spearman and top-k overlap at every k",
+                            "musicattr.evaluation.index_fidelity:run_index_fidelity"),
     "report": Stage("an HTML page to listen to a query beside its attributed tracks, with credit shares",
                     "musicattr.report.stage:run_report"),
 }

@@ -1,7 +1,7 @@
-#!/usr/bin/env python
-"""Fidelity of the attribution index to exact unlearning, measured on a run (`make index-fidelity` on the demo).
+"""``musicattr index-fidelity``: fidelity of the attribution index to exact unlearning, measured on a run
+(`make index-fidelity` on the demo).
 
-    .venv/bin/python scripts/index_fidelity.py --run_root runs/demo
+    musicattr index-fidelity --config configs/demo/index_fidelity.yaml
 
 1. builds the index at the largest k (`musicattr index`'s module in this process; resumable) in <out>/index;
 2. queries: the first --generated prompts of <config_dir>/compare.yaml, generated as `musicattr compare`
@@ -14,44 +14,23 @@
    with exact Eq. 1 and with the exact relative score, averaged over the queries.
 
 Writes <out>/fidelity.json (everything, per query), fidelity.md (the README's table) and k_curve.png.
-T, seed, M_L, damping and target come from <config_dir>/index.yaml; lr and K from --lr / --num_draws.
+T, seed, M_L, damping and target come from <config_dir>/index.yaml; lr and K from ``lr`` / ``num_draws``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import torch
 import yaml
 
-log = logging.getLogger("musicattr.fidelity")
+log = logging.getLogger(__name__)
 ROUTES = {"gradient": "query gradient", "unlearned": "unlearned weights"}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run_root", default="runs/demo")
-    p.add_argument("--config_dir", default="configs/demo", help="index.yaml (T, seed, M_L, damping, target), "
-                                                                "compare.yaml (prompts)")
-    p.add_argument("--checkpoint", help="default <run_root>/fit/last.ckpt")
-    p.add_argument("--store", help="default <run_root>/store")
-    p.add_argument("--fisher", help="default <run_root>/fisher.safetensors")
-    p.add_argument("--out", help="default <run_root>/index_fidelity")
-    p.add_argument("--ks", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768],
-                   help="sketch sizes (powers of two; the index is built at the largest)")
-    p.add_argument("--generated", type=int, default=8, help="generated queries (prompts of compare.yaml)")
-    p.add_argument("--train", type=int, default=8, help="training-item queries")
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--num_draws", type=int, default=256, help="K query draws of Eq. 2")
-    p.add_argument("--gen_steps", type=int, default=50)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    return p.parse_args(argv)
 
 
 def setting(args) -> dict:
@@ -193,18 +172,24 @@ def plot(mean: pd.DataFrame, ks: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    root = Path(args.run_root)
-    args.checkpoint = args.checkpoint or str(root / "fit" / "last.ckpt")
-    args.store = args.store or str(root / "store")
-    args.fisher = args.fisher or str(root / "fisher.safetensors")
-    out = Path(args.out or root / "index_fidelity")
-    out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from musicattr.cli import quiet_lightning
+def run_index_fidelity(checkpoint: str, store: str, fisher: str, out: str, config_dir: str = "configs/demo",
+                       ks: list[int] | None = None, generated: int = 8, train: int = 8, lr: float = 1e-6,
+                       num_draws: int = 256, gen_steps: int = 50, batch_size: int = 16, device: str = "cpu") -> dict:
+    """The index against exact unlearning on ``generated`` prompts of <config_dir>/compare.yaml and ``train``
+    training items (see the module doc).
 
-    quiet_lightning()
+    Args:
+        checkpoint, store, fisher: theta0, its latent store and its Fisher.
+        out: the output folder (index, queries, fidelity.json, fidelity.md, k_curve.png); resumable.
+        config_dir: index.yaml (T, seed, M_L, damping, target) and compare.yaml (the prompts).
+        ks: sketch sizes, powers of two (the index is built at the largest; default 2^11 .. 2^15).
+        lr, num_draws: Eq. 2 of the exact route and of the query gradient (K); gen_steps: sampler steps.
+    """
+    args = SimpleNamespace(checkpoint=checkpoint, store=store, fisher=fisher, config_dir=config_dir,
+                           ks=list(ks or [2048, 4096, 8192, 16384, 32768]), generated=generated, train=train, lr=lr,
+                           num_draws=num_draws, gen_steps=gen_steps, batch_size=batch_size, device=device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     from musicattr.attribution.query import open_query
     from musicattr.data.latent_store import LatentStore
     from musicattr.evaluation.fidelity import agreement
@@ -283,8 +268,4 @@ def main(argv=None) -> int:
              "(%.1f s)", build_seconds, timing["build_over_exact_pass"], grad_seconds,
              100 * timing["query_over_exact_pass"], timing["exact_pass_seconds_mean"])
     log.info("wrote %s, %s, %s", out / "fidelity.json", out / "fidelity.md", out / "k_curve.png")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return result
