@@ -110,17 +110,16 @@ $(D)/report/q000/index.html: $(D)/attribution/q000/scores.parquet $(CFG)/report.
 report: venv $(D)/report/q000/index.html
 
 bench: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
-	$(PY) scripts/bench_attribution.py --checkpoint $(D)/fit/last.ckpt --store $(D)/store --fisher $(D)/fisher.safetensors --out runs/bench/attribution.json
+	$(PY) scripts/bench_attribution.py --run_root $(D) --out runs/bench/attribution.json
 
 # ---- reproducibility of Eq. 1 under its random draws (README "Reproducible credit") ----
 # The demo query, plus the generated queries of `make figure1` when they exist, scored twice with two draw seeds
 # under each draw design (timesteps:T); REPRO_DESIGNS overrides the designs.
 REPRO_DESIGNS ?= uniform:32 stratified-8:32 uniform:64
 reproducibility: venv $(D)/attribution/q000/scores.parquet
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/reproducibility.py --checkpoint $(D)/fit/last.ckpt \
-		--store $(D)/store --unlearned $(D)/unlearned/q000.safetensors \
-		$(sort $(wildcard $(D)/figure1/queries/q*/unlearned.safetensors)) --designs $(REPRO_DESIGNS) \
-		--out $(D)/reproducibility/reproducibility.json
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/reproducibility.py --run_root $(D) \
+		--unlearned $(D)/unlearned/q000.safetensors $(sort $(wildcard $(D)/figure1/queries/q*/unlearned.safetensors)) \
+		--designs $(REPRO_DESIGNS)
 
 # ---- the attribution index (README "The attribution index") ----
 $(D)/index/index.json: $(D)/fisher.safetensors $(CFG)/index.yaml

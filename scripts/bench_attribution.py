@@ -65,11 +65,13 @@ from bench.unlearn import bench_unlearn
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/demo/fit/last.ckpt", help="DiT checkpoint from `musicattr fit`")
-    p.add_argument("--store", default="runs/demo/store", help="latent store from `musicattr encode`")
-    p.add_argument("--fisher", default="runs/demo/fisher.safetensors",
-                   help="Fisher from `musicattr fisher` (used by the unlearning step; if missing or of another "
-                        "checkpoint, the Fisher measured in section 4 is used)")
+    p.add_argument("--run_root", default="runs/demo", help="the run whose files are the defaults below")
+    p.add_argument("--checkpoint", help="DiT checkpoint from `musicattr fit` (default <run_root>/fit/last.ckpt)")
+    p.add_argument("--store", help="latent store from `musicattr encode` (default <run_root>/store)")
+    p.add_argument("--fisher",
+                   help="Fisher from `musicattr fisher` (default <run_root>/fisher.safetensors; used by the "
+                        "unlearning step; if missing or of another checkpoint, the Fisher measured in section 4 is "
+                        "used)")
     p.add_argument("--out", default="runs/bench/attribution.json", help="JSON output")
     p.add_argument("--items", type=int, default=None, help="store items used (default 64; --quick 16)")
     p.add_argument("--draws", type=int, default=None, help="T draws per item (default 8; --quick 4)")
@@ -94,6 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="device of the index section (cuda: the GPU run)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target (cache ratio, DDP speedup) is missed")
     a = p.parse_args(argv)
+    a.checkpoint = a.checkpoint or f"{a.run_root}/fit/last.ckpt"
+    a.store = a.store or f"{a.run_root}/store"
+    a.fisher = a.fisher or f"{a.run_root}/fisher.safetensors"
     q = a.quick
     a.items = a.items or (16 if q else 64)
     a.draws = a.draws or (4 if q else 8)

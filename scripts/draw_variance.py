@@ -29,15 +29,20 @@ from musicattr.models.sat_task import SATDiffusionTask
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--unlearned", nargs="+", required=True)
+    ap.add_argument("--run_root", default="runs/demo", help="the run whose files are the defaults below")
+    ap.add_argument("--checkpoint", help="theta0 (default <run_root>/fit/last.ckpt)")
+    ap.add_argument("--store", help="the latent store (default <run_root>/store)")
+    ap.add_argument("--unlearned", nargs="+", help="default <run_root>/unlearned/q000.safetensors")
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--draws", type=int, default=64)
     ap.add_argument("--bins", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--out", default="runs/reproducibility/draw_variance.json")
+    ap.add_argument("--out", help="default <run_root>/reproducibility/draw_variance.json")
     a = ap.parse_args()
+    a.checkpoint = a.checkpoint or f"{a.run_root}/fit/last.ckpt"
+    a.store = a.store or f"{a.run_root}/store"
+    a.unlearned = a.unlearned or [f"{a.run_root}/unlearned/q000.safetensors"]
+    a.out = a.out or f"{a.run_root}/reproducibility/draw_variance.json"
     torch.set_num_threads(1)
     store = LatentStore(a.store)
     rng = np.random.default_rng(a.seed)

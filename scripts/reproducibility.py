@@ -70,15 +70,21 @@ def compare(a: tuple, b: tuple, k: int = 10) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--unlearned", nargs="+", required=True, help="unlearned files of `musicattr unlearn`")
+    ap.add_argument("--run_root", default="runs/demo", help="the run whose files are the defaults below")
+    ap.add_argument("--checkpoint", help="theta0 (default <run_root>/fit/last.ckpt)")
+    ap.add_argument("--store", help="the latent store (default <run_root>/store)")
+    ap.add_argument("--unlearned", nargs="+", help="unlearned files of `musicattr unlearn` (default "
+                                                   "<run_root>/unlearned/q000.safetensors)")
     ap.add_argument("--designs", nargs="+", default=["uniform:32", "stratified-8:32", "uniform:64"],
                     help="timesteps:T, timesteps as the task's config (uniform, stratified-S)")
     ap.add_argument("--seeds", nargs=2, type=int, default=[0, 1])
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--out", default="runs/reproducibility/reproducibility.json")
+    ap.add_argument("--out", help="JSON output (default <run_root>/reproducibility/reproducibility.json)")
     a = ap.parse_args()
+    a.checkpoint = a.checkpoint or f"{a.run_root}/fit/last.ckpt"
+    a.store = a.store or f"{a.run_root}/store"
+    a.unlearned = a.unlearned or [f"{a.run_root}/unlearned/q000.safetensors"]
+    a.out = a.out or f"{a.run_root}/reproducibility/reproducibility.json"
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
 
     store = LatentStore(a.store)
