@@ -54,6 +54,34 @@ def score(task, model, params, unlearned, batches, seed: int, draws: int) -> tup
     return torch.cat(taus).numpy(), torch.cat(ses).numpy(), time.perf_counter() - t0
 
 
+def adaptive(task, model, params, unlearned, store, tau, se, seed: int, draws: int, k: int, folder: Path,
+             budget: float = 1.0, step: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
+    """The pass refined at the top-k boundary (``musicattr.attribution.adaptive``): (tau, SE, extra draws)."""
+    import pandas as pd
+
+    from musicattr.attribution.adaptive import DrawSums, refine
+
+    original = {k_: p.detach().clone() for k_, p in params.items()}
+    index = store.items["index"].astype(int).to_numpy()
+    pos_of = {int(i): p for p, i in enumerate(index)}
+
+    def extra(indices, first, n):
+        b = collate_items([store[pos_of[i]] for i in indices])
+        with torch.no_grad():
+            for k_, p in params.items():
+                p.data = unlearned[k_]
+            lu = task.draw_losses(model, b, seed, n, draw_offset=first).numpy()
+            for k_, p in params.items():
+                p.data = original[k_]
+            l0 = task.draw_losses(model, b, seed, n, draw_offset=first).numpy()
+        return lu, l0
+
+    rows = pd.DataFrame({"index": index, "score": tau, "score_se": se, "unlearned_loss": tau, "baseline_loss": 0.0})
+    sums = DrawSums.from_table(rows, draws)
+    rounds = refine(sums, extra, folder, k, 2.0, step, budget)
+    return sums.tau, sums.se, sum(r["draws_added"] for r in rounds)
+
+
 def compare(a: tuple, b: tuple, k: int = 10) -> dict:
     """Agreement of two (tau, SE) passes of the same query."""
     import pandas as pd
@@ -76,7 +104,8 @@ def main() -> None:
     ap.add_argument("--unlearned", nargs="+", help="unlearned files of `musicattr unlearn` (default "
                                                    "<run_root>/unlearned/q000.safetensors)")
     ap.add_argument("--designs", nargs="+", default=["uniform:32", "stratified-8:32", "uniform:64"],
-                    help="timesteps:T, timesteps as the task's config (uniform, stratified-S)")
+                    help="timesteps:T[:aK], timesteps as the task's config (uniform, stratified-S); aK: "
+                         "adaptive draws at the top-K boundary after the pass (budget 1 x N T)")
     ap.add_argument("--seeds", nargs=2, type=int, default=[0, 1])
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--out", help="JSON output (default <run_root>/reproducibility/reproducibility.json)")
@@ -99,7 +128,8 @@ def main() -> None:
     for path in a.unlearned:
         tensors, meta = load_unlearned(path)
         for design in a.designs:
-            timesteps, _, draws = design.partition(":")
+            timesteps, _, rest = design.partition(":")
+            draws, _, race = rest.partition(":")  # timesteps:T[:aK] - aK: adaptive draws at the top-K boundary
             draws = int(draws or REFERENCE_T)
             task = SATDiffusionTask(timesteps=timesteps)
             model = task.load(a.checkpoint)
@@ -107,19 +137,37 @@ def main() -> None:
             params = {k: named[k] for k in tensors}
             unlearned = {k: v.to(named[k].dtype) for k, v in tensors.items()}
             passes = [score(task, model, params, unlearned, batches, s, draws) for s in a.seeds]
-            row = {"query_id": meta["query_id"], "unlearned": path, "design": timesteps, "num_draws": draws,
-                   "cost": draws / REFERENCE_T, "seconds_per_pass": float(np.mean([p[2] for p in passes])),
+            cost = draws / REFERENCE_T
+            if race:
+                import shutil
+                import tempfile
+
+                refined, added = [], []
+                for s, (tau, se, sec) in zip(a.seeds, passes):
+                    folder = Path(tempfile.mkdtemp())
+                    t0 = time.perf_counter()
+                    tau2, se2, n = adaptive(task, model, params, unlearned, store, tau, se, s, draws,
+                                            int(race.lstrip("a")), folder)
+                    shutil.rmtree(folder)
+                    refined.append((tau2, se2, sec + time.perf_counter() - t0))
+                    added.append(n)
+                passes = refined
+                cost += float(np.mean(added)) / (len(store) * REFERENCE_T)
+            row = {"query_id": meta["query_id"], "unlearned": path, "design": timesteps + (f"+{race}" if race else ""),
+                   "num_draws": draws, "cost": cost, "seconds_per_pass": float(np.mean([p[2] for p in passes])),
                    **compare(passes[0][:2], passes[1][:2])}
             rows.append(row)
-            print(f"{row['query_id']:<10} {timesteps + ' T=' + str(draws):<18} {row['cost']:>4.1f}x "
+            print(f"{row['query_id']:<10} {row['design'] + ' T=' + str(draws):<18} {row['cost']:>4.1f}x "
                   f"{row['spearman']:>9.3f} {row['top10_overlap']:>4}/10 {row['share_l1']:>9.2f} "
                   f"{row['median_se']:>10.2e} {row['top10_separated']:>4}/10 {row['seconds_per_pass']:>7.1f}",
                   flush=True)
             out.write_text(json.dumps(rows, indent=1))
     print("\nmean over queries:")
     for design in a.designs:
-        sel = [r for r in rows if f"{r['design']}:{r['num_draws']}" == design or
-               (":" not in design and r["design"] == design)]
+        name, _, rest = design.partition(":")
+        t, _, race = rest.partition(":")
+        sel = [r for r in rows if r["design"] == name + (f"+{race}" if race else "") and
+               r["num_draws"] == int(t or REFERENCE_T)]
         if sel:
             print(f"  {design:<18} spearman {np.mean([r['spearman'] for r in sel]):.3f}  top-10 "
                   f"{np.mean([r['top10_overlap'] for r in sel]):.1f}/10  share L1 "
