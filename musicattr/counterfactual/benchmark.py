@@ -276,7 +276,10 @@ def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[s
         rows.append(f"| null: {null_vectors} random vectors per query | {_fmt(null['mean'], (null['lo'], null['hi']))}"
                     " (95% range) | | | | |")
         result["null"] = {k2: null[k2] for k2 in ("mean", "lo", "hi")}
-        lines += rows + [""]
+        lines += rows + ["", "LDS: mean over queries of Spearman over subsets of (summed scores, -loss); its interval "
+                         "resamples queries and subsets. p vs null: (1 + random vectors whose LDS >= the method's) / "
+                         f"({null_vectors} + 1), on these queries and subsets. The training-item queries are a sanity "
+                         "row (each sits in about half the subsets), never in the LDS.", ""]
         lines += ["Paired differences (row minus column; same queries, subsets and bootstrap draws); * where the "
                   "95% interval excludes 0:", ""]
         names = list(scores)
