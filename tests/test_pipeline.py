@@ -91,7 +91,7 @@ def test_autoencoder_encode_fit_generate(folder, tmp_path):
         "--out_dir", str(out), "--prompts", '["a sine tone at 440 Hz"]', "--durations", "[1.5]", "--steps", "3")
     wav, sr = sf.read(out / "q000.wav")
     assert sr == SR and len(wav) == int(1.5 * SR) and np.isfinite(wav).all()
-    from musicattr.models.generate import load_query
+    from musicattr.data.queries import load_query
 
     q = load_query(str(out / "q000.query.safetensors"))
     assert q["latents"].shape == (32, 16) and q["valid_frames"] == int(np.ceil(1.5 * SR / 2048))

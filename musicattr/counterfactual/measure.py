@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from musicattr.atomic import atomic_write_json
 from musicattr.counterfactual.queries import Query, query_losses, queries_fingerprint
 
