@@ -210,3 +210,22 @@ def test_bank_end_to_end(tmp_path):
     expect = np.nanmean(st.row_spearman(st.subset_sums(scores, kept), -loss))
     assert result["lds"]["unlearning"]["lds"] == pytest.approx(expect)
     assert (tmp_path / "out" / "benchmark.md").read_text().startswith("Counterfactual benchmark")
+    # a compare run that generated its own latents instead of the bank's is refused
+    from musicattr.counterfactual.benchmark import check_compare
+
+    latent = compare / "generated" / "q000.query.safetensors"
+    latent.write_bytes(latent.read_bytes() + b" ")
+    with pytest.raises(BankError, match="q000"):
+        check_compare(bank, compare)
+
+
+def test_bank_errors_name_the_file_and_the_fix(tmp_path):
+    from musicattr.counterfactual.bank import Bank, run_bank
+    from musicattr.counterfactual.benchmark import run_benchmark
+
+    with pytest.raises(FileNotFoundError, match="manifest.json.*fix"):
+        Bank(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="manifest.json.*fix"):
+        run_benchmark(str(tmp_path / "nowhere"), "store", "compare", str(tmp_path / "out"))
+    with pytest.raises(BankError, match="DDP"):
+        run_bank("store", str(tmp_path / "b"), str(tmp_path / "w"), trainer={"strategy": "ddp"})
