@@ -189,7 +189,7 @@ $(BD)/index/index.json: $(BD)/fisher.safetensors $(CFG)/index.yaml
 		--model.checkpoint $(BANK)/model.ckpt --model.fisher $(BD)/fisher.safetensors --model.out $(BD)/index \
 		--trainer.default_root_dir $(BD)/index
 
-$(BD)/compare/comparison.json: $(BD)/index/index.json $(BANK)/queries/queries.csv $(CFG)/compare.yaml $(CFG)/benchmark.yaml
+$(BD)/compare/comparison.json: $(BD)/index/index.json $(BANK)/queries/queries.csv $(CFG)/compare.yaml
 	$(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN) --prepare true
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) compare --config $(CFG)/compare.yaml \
 		--config $(BD)/compare/compare_args.yaml $(RUN) --use_wandb false
