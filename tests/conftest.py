@@ -111,14 +111,18 @@ def cli(args, cwd, check=True, timeout=400, **popen):
 
 
 def kill_when_parts_appear(proc, parts, pattern: str, timeout: float) -> None:
-    """SIGKILL a running stage as soon as its first part file exists (a crash mid-run)."""
+    """SIGKILL a running stage as soon as its first finished part file exists (a crash mid-run)."""
     import signal
     import time
+
+    from musicattr.atomic import finished_files
 
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:
-            if parts.exists() and list(parts.glob(pattern)):
+            # a finished part, not the temporary of a write in progress (whose name also matches the pattern):
+            # killing on the temporary leaves no part at all, a race that a slower machine loses more often
+            if parts.exists() and finished_files(parts.glob(pattern)):
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before any part appeared:\n" + proc.stdout.read().decode()[-3000:]
