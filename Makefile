@@ -131,7 +131,7 @@ index-query: venv $(D)/index/index.json $(D)/generated/queries.json
 	$(MA) query --config $(CFG)/query.yaml $(RUN)
 
 index-fidelity: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) index-fidelity --config $(CFG)/index_fidelity.yaml $(RUN)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) index-fidelity --config $(CFG)/index-fidelity.yaml $(RUN)
 
 index-scale: venv
 	$(PY) scripts/index_paper_scale.py --bench runs/bench/attribution.json --out runs/bench/index_paper_scale.json

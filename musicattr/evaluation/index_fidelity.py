@@ -1,7 +1,7 @@
 """``musicattr index-fidelity``: fidelity of the attribution index to exact unlearning, measured on a run
 (`make index-fidelity` on the demo).
 
-    musicattr index-fidelity --config configs/demo/index_fidelity.yaml
+    musicattr index-fidelity --config configs/demo/index-fidelity.yaml
 
 1. builds the index at the largest k (`musicattr index`'s module in this process; resumable) in <out>/index;
 2. queries: the first --generated prompts of <config_dir>/compare.yaml, generated as `musicattr compare`
