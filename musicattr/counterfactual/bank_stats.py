@@ -8,8 +8,9 @@ losses L_s(q, j) under training seed s.
     bootstrap    queries AND subsets resampled with replacement (the same draws for every method), so the
                  interval of a paired difference LDS_m - LDS_m' holds the shared subsets' and queries' spread
     null         R random score vectors per query (u ~ U(0,1)^N, independent across queries): the LDS of chance
-    ceiling      two seeds a, b of the same subsets: L_s(q, j) = mu(q, j) + e_s(q, j) with seed noise of variance
-                 sigma_q^2 = mean_j (L_a - L_b)^2 / 2. A perfect predictor of the expected loss mu reaches
+    ceiling      two seeds a, b of the same subsets: L_s(q, j) = mu(q, j) + c_s(q) + e_s(q, j), a seed offset c_s
+                 common to every subset (it moves no rank within a seed) and seed noise of variance
+                 sigma_q^2 = var_j (L_a - L_b) / 2 (the offset removed). A perfect predictor of the expected loss mu reaches
                  corr(mu, L_a) = sqrt(1 - sigma_q^2 / var_j L_a(q, j)) (Pearson), i.e. the square root of the
                  seed-to-seed correlation; on the Spearman scale of the LDS (6/pi) asin(r/2) (Gaussian case)
     leave-K-out  increase(q, R, s) = L(q, theta_{-R}^s) - L(q, theta0'^s); a method's top-K against the mean of
@@ -106,7 +107,7 @@ def noise_ceiling(loss_a: np.ndarray, loss_b: np.ndarray, paired: np.ndarray, dr
     """The retraining-noise ceiling of the LDS from the subsets retrained with two seeds.
 
     loss_a [Q, M]: every subset under seed a; loss_b [Q, M]: NaN except the paired subsets (``paired``: their
-    column indices, J of them). Per query: sigma^2 = mean_J (L_a - L_b)^2 / 2, reliability = 1 - sigma^2 /
+    column indices, J of them). Per query: sigma^2 = var_J (L_a - L_b) / 2, reliability = 1 - sigma^2 /
     var_M L_a, ceiling (Pearson) = sqrt(reliability), on the LDS's Spearman scale (6/pi) asin(ceiling / 2);
     the seed-to-seed Spearman over the J pairs is reported beside it. Bootstrap: queries, subsets and pairs."""
     a, b = np.asarray(loss_a, np.float64), np.asarray(loss_b, np.float64)
@@ -115,7 +116,7 @@ def noise_ceiling(loss_a: np.ndarray, loss_b: np.ndarray, paired: np.ndarray, dr
     def ceiling(qs, ms, js):
         la = a[qs][:, ms]
         pa, pb = a[qs][:, paired[js]], b[qs][:, paired[js]]
-        sigma2 = ((pa - pb) ** 2).mean(1) / 2
+        sigma2 = (pa - pb).var(1, ddof=1) / 2      # centred: a seed's offset common to all subsets is no noise
         var = la.var(1, ddof=1)
         rel = np.clip(1 - sigma2 / np.where(var > 0, var, np.nan), 0, 1)
         return spearman_of_pearson(np.sqrt(rel)), rel, row_spearman(pa, pb)
