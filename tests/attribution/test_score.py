@@ -124,35 +124,31 @@ def ref(pipe):
     return pd.read_parquet(pipe / "attr_ref" / "scores.parquet")
 
 
-def draw_losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0):
-    """L_{t_j}(z_i, theta) [N, T] in item-index order, computed here (theta0, or with the unlearned tensors)."""
+def model_in_test(d, unlearned=None):
+    """theta0 of ``d``, or theta0 with the unlearned tensors of ``d/unlearned`` copied in."""
     m = load_diffusion_module(str(d / "theta0.ckpt"))
     if unlearned is not None:
         named = dict(m.net.named_parameters())
         with torch.no_grad():
             for k, v in load_unlearned(str(d / unlearned))[0].items():
                 named[k].copy_(v)
+    return m
+
+
+def draw_losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
+    """L_{t_j}(z_i, theta) [N, T] in item-index order, computed here with the task's draw_losses."""
     store = LatentStore(d / "store")
     b = collate_items([store[p] for p in range(len(store))])
     with torch.no_grad():
-        out = SATDiffusionTask().draw_losses(m, b, seed, num_draws, draws_per_forward=num_draws)
+        out = SATDiffusionTask().draw_losses(model_in_test(d, unlearned), b, seed, num_draws, mask=mask,
+                                             draws_per_forward=num_draws)
     return out[np.argsort(b["index"].numpy())].numpy()
 
 
 def losses_in_test(d, unlearned=None, num_draws=T_SCORE, seed=0, mask=False):
-    """L(z_i, theta) for every item, computed here with the task's item_loss (theta0, or theta0 with the unlearned
-    tensors)."""
-    m = load_diffusion_module(str(d / "theta0.ckpt"))
-    if unlearned is not None:
-        named = dict(m.net.named_parameters())
-        with torch.no_grad():
-            for k, v in load_unlearned(str(d / unlearned))[0].items():
-                named[k].copy_(v)
-    store = LatentStore(d / "store")
-    b = collate_items([store[p] for p in range(len(store))])
-    with torch.no_grad():
-        out = SATDiffusionTask().item_loss(m, b, seed, num_draws, mask=mask, draws_per_forward=num_draws)
-    return dict(zip(b["index"].tolist(), out.numpy()))
+    """L(z_i, theta) for every item (index -> loss): the mean of ``draw_losses_in_test``."""
+    losses = draw_losses_in_test(d, unlearned, num_draws, seed, mask).mean(1)
+    return dict(zip(np.sort(LatentStore(d / "store").items["index"].to_numpy()).tolist(), losses))
 
 
 # ---------------------------------------------------------------- (a) the table of `musicattr attribute`
