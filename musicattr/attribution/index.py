@@ -21,10 +21,16 @@ preconditioner kept exactly (``musicattr.attribution.gradients``).
 a ``PartsWriter`` writes each rank's rows as shards, rank 0 merges them. Layout of the index folder:
 
     shards/run.json                         the provenance: what the index was built from (the run key)
-    shards/part-r<rank>-<id>.safetensors    phi [n, k] float32, sensitivity [n] and baseline_loss [n] float64
-                                            (item indices in the metadata; each shard written atomically)
+    shards/part-r<rank>-<id>.safetensors    phi [n, k] at the index's precision (float32; float16 or int8 with
+                                            phi_scale [n], ``index_store``), sensitivity [n] and baseline_loss [n]
+                                            float64 (item indices in the metadata; each shard written atomically)
     items.parquet                           index, item_id, shard, row, sensitivity, baseline_loss
-    index.json                              provenance, N, k and the shards (written last: the index is done)
+    index.json                              provenance, N, k, precision and the shards (written last: the index
+                                            is done; no precision entry: float32)
+
+Reading (``AttributionIndex``): the shards are memory-mapped and streamed in blocks; ``scores`` gives the
+dense N x Q table (what ``musicattr query`` writes), ``top`` only the exact top-m per query with a running
+top-m (memory O(block + m Q), never N x Q); ``musicattr.attribution.index_search`` adds faiss.
 
 The merge also fills the baseline and sensitivity caches of the store (``<store>/baselines/``,
 ``<store>/sensitivity/``), so a later exact ``musicattr attribute`` with the same keys reuses them.
@@ -34,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
@@ -44,6 +50,8 @@ import torch
 from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.attribution.cache import baseline_key, cache_path, sensitivity_key, write_cache
 from musicattr.attribution.gradients import preconditioned_gradients
+from musicattr.attribution.index_store import (PRECISIONS, TopK, bytes_per_item, check_precision, encode,
+                                               stream)
 from musicattr.attribution.preconditioner import DiagonalFisher
 from musicattr.attribution.sketch import make_projection
 from musicattr.attribution.task import AttributionTask, attach_task
@@ -69,14 +77,16 @@ class IndexModule(L.LightningModule):
     def __init__(self, checkpoint: str, fisher: str, out: str, task: AttributionTask | None = None,
                  target: str = "all", damping: float = 1e-3, num_draws: int = 32, seed: int = 0,
                  mask_loss: bool = False, draws_per_forward: int = 32, k: int | None = 32768,
-                 projection: str = "sketch", projection_seed: int = 0, flush_every: int = 10,
-                 overwrite: bool = False, write_caches: bool = True):
+                 projection: str = "sketch", projection_seed: int = 0, precision: str = "float32",
+                 flush_every: int = 10, overwrite: bool = False, write_caches: bool = True):
         """Args: ``fisher`` the diagonal Fisher of ``checkpoint``; ``target`` the tensors (a layer group or regex;
         as the unlearning target); ``damping`` lambda = damping * mean(F) (as Eq. 2); ``num_draws`` T, ``seed`` and
         ``mask_loss`` M_L: the scoring draws of Eq. 1; ``draws_per_forward`` draws per forward (>= T: the item's
         gradient is never whole, see ``gradients``); ``k`` the sketch size (``projection`` 'sketch'; 'identity'
-        stores phi itself, k = number of parameters); ``write_caches`` fills the store's baseline and
-        sensitivity caches."""
+        stores phi itself, k = number of parameters); ``precision`` of the stored rows: float32, float16 or int8
+        (the last two with a per-row scale; error bounds in ``index_store``); ``write_caches`` fills the store's
+        baseline and sensitivity caches."""
+        check_precision(precision)
         super().__init__()
         self.save_hyperparameters(ignore=["task"])
         attach_task(self, task, checkpoint, target)  # task, theta0, params, checkpoint_fp
@@ -89,7 +99,8 @@ class IndexModule(L.LightningModule):
         self.out = Path(out)
         self.parts = Parts(self.out / SHARDS, TensorFormat("cat"), self.provenance, IndexMismatchError(
             f"{self.out} holds an index (or shards of one) built with other settings (checkpoint, Fisher, store, "
-            f"task, tensors, damping, T, seed, M_L, k or projection: see {self.out / SHARDS / 'run.json'}); fix: "
+            f"task, tensors, damping, T, seed, M_L, k, projection or precision: see "
+            f"{self.out / SHARDS / 'run.json'}); fix: "
             "choose another out, or pass --model.overwrite true to rebuild it"))
 
     # ---------------------------------------------------------------- provenance
@@ -104,6 +115,8 @@ class IndexModule(L.LightningModule):
                 "damping": float(h.damping), "num_draws": int(h.num_draws), "seed": int(h.seed),
                 "mask_loss": bool(h.mask_loss), "projection": h.projection, "k": self.k,
                 "projection_seed": int(h.projection_seed),
+                # float32 is not recorded: an index built before precisions existed keeps its key
+                **({"precision": h.precision} if h.precision != "float32" else {}),
                 "dtype": str(next(iter(self.params.values())).dtype), "device": self.device.type}
 
     # ---------------------------------------------------------------- the pass
@@ -141,7 +154,8 @@ class IndexModule(L.LightningModule):
         loss = preconditioned_gradients(self.task, self.theta0, self.params, self.precond, batch, h.seed,
                                         h.num_draws, take,
                                         mask=h.mask_loss, draws_per_forward=h.draws_per_forward)
-        return {"index": [int(i) for i in batch["index"]], "phi": phi.float(), "sensitivity": sq.sqrt().cpu(),
+        return {"index": [int(i) for i in batch["index"]], **encode(phi, h.precision),
+                "sensitivity": sq.sqrt().cpu(),
                 "baseline_loss": loss.mean(1), "baseline_draws": loss}
 
     # ---------------------------------------------------------------- the merge
@@ -173,11 +187,13 @@ class IndexModule(L.LightningModule):
                 write_cache(items[["index", *columns]], cache_path(store.root, kind, self.cache_keys[kind]),
                             self.cache_keys[kind])
         shards = items.groupby("shard", sort=True).size()
+        precision, size = self.hparams.precision, bytes_per_item(self.k, self.hparams.precision)
         atomic_write_json(self.out / INDEX_FILE, {"provenance": self.key, "num_items": len(items), "k": self.k,
+                                                  "precision": precision,
                                                   "shards": [{"file": f, "rows": int(n)} for f, n in shards.items()],
-                                                  "bytes_per_item": 4 * self.k + 16})
-        log.info("index: %s (%d items x k = %d, %.1f MB)", self.out, len(items), self.k,
-                 len(items) * (4 * self.k + 16) / 1e6)
+                                                  "bytes_per_item": size})
+        log.info("index: %s (%d items x k = %d, %s, %.1f MB)", self.out, len(items), self.k, precision,
+                 len(items) * size / 1e6)
 
 
 class AttributionIndex:
@@ -192,6 +208,11 @@ class AttributionIndex:
         info = json.loads(meta.read_text())
         self.provenance: dict[str, Any] = info["provenance"]
         self.k, self.num_items = int(info["k"]), int(info["num_items"])
+        self.precision = str(info.get("precision", self.provenance.get("precision", "float32")))
+        if self.precision not in PRECISIONS:
+            raise IndexMismatchError(f"{meta} gives precision {self.precision!r}, which this version does not read "
+                                     f"({', '.join(PRECISIONS)}); fix: rebuild the index with `musicattr index "
+                                     "--model.precision float32|float16|int8`, or update musicattr")
         self.items = pd.read_parquet(self.root / ITEMS_FILE)
         if len(self.items) != self.num_items:
             raise IndexMismatchError(f"{self.root / ITEMS_FILE} has {len(self.items)} rows, {meta} says "
@@ -209,24 +230,43 @@ class AttributionIndex:
                 f"`musicattr index` and these settings ({', '.join('--model.' + o for o in options)}) into another "
                 f"--model.out, or query with the index's settings")
 
-    def scores(self, psi: torch.Tensor, k: int | None = None) -> np.ndarray:
-        """<P phi_i, P psi_q> for every item i (rows in ``items`` order) and query q: psi [k, Q] -> [N, Q]
-        (float64), one pass over the shards (a blocked matrix product; one shard in memory at a time).
-        ``k``: the scores of the sketch at a divisor k of the index's (both sides folded, ``sketch.fold``)."""
-        from safetensors import safe_open
-
+    def _query(self, psi: torch.Tensor, k: int | None) -> tuple[np.ndarray, int]:
+        """psi [k_index, Q] folded to ``k`` as float32 [k, Q] (checked), and that k."""
         from musicattr.attribution.sketch import fold
 
-        if psi.shape[0] != self.k:
-            raise ValueError(f"query vectors have {psi.shape[0]} rows, the index has k = {self.k}")
+        if psi.ndim != 2 or psi.shape[0] != self.k:
+            raise ValueError(f"query vectors have shape {tuple(psi.shape)}, the index {self.root} needs "
+                             f"[k = {self.k}, Q]")
         if k is not None and k != self.k and self.provenance["projection"] != "sketch":
             raise ValueError(f"only a sketch folds to a smaller k; this index's projection is "
                              f"{self.provenance['projection']!r}")
         k = k or self.k
+        return fold(psi.T.double(), k).T.float().cpu().numpy(), k
+
+    def blocks(self, psi: torch.Tensor, k: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in ``items``, tau^ [b, Q] float64) block by block: the shards memory-mapped and streamed
+        (one block of about ``index_store.BLOCK_BYTES`` in memory), rows decoded to float32 and folded to ``k``."""
+        q, k = self._query(psi, k)
+        for pos, rows in stream(self.root, self.items, self.k, k if k != self.k else None):
+            yield pos, (rows @ q).astype(np.float64)
+
+    def scores(self, psi: torch.Tensor, k: int | None = None) -> np.ndarray:
+        """<P phi_i, P psi_q> for every item i (rows in ``items`` order) and query q: psi [k, Q] -> [N, Q]
+        (float64; a float32 product per block), one streamed pass over the shards.
+        ``k``: the scores of the sketch at a divisor k of the index's (both sides folded, ``sketch.fold``)."""
         out = np.zeros((self.num_items, psi.shape[1]), dtype=np.float64)
-        q = fold(psi.T.double(), k).T.float().cpu()
-        for shard, rows in self.items.groupby("shard", sort=False):
-            with safe_open(str(self.root / shard), "pt") as f:
-                phi = f.get_tensor("phi")[torch.as_tensor(rows["row"].to_numpy())]
-            out[rows.index.to_numpy()] = (fold(phi, k) @ q).double().numpy()
+        for pos, tau in self.blocks(psi, k):
+            out[pos] = tau
         return out
+
+    def top(self, psi: torch.Tensor, m: int, k: int | None = None, relative: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-``m`` items per query without the N x Q table: (positions in ``items`` [m, Q], tau^ [m, Q]),
+        largest first (ties: lower position first), by tau^ or, with ``relative``, by tau^_i / s_i. One streamed
+        pass; memory one block plus O(m Q)."""
+        sens = self.items["sensitivity"].to_numpy(dtype=np.float64) if relative else None
+        head = TopK(min(m, self.num_items), psi.shape[1])
+        for pos, tau in self.blocks(psi, k):
+            head.add(pos, tau / sens[pos, None] if relative else tau, tau)
+        pos, _, tau = head.result()
+        return pos, tau
