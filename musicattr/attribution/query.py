@@ -10,7 +10,9 @@ with psi, the query's preconditioned unlearning step, from either
     an unlearned file of ``musicattr unlearn``:  psi = (F + lambda)^1/2 (theta_unlearned - theta0)
         (free: <phi_i, psi> = <g_i, theta_unlearned - theta0>, the first order of that file's own Eq. 1).
 
-All queries of a call share one pass over the index shards (a blocked matrix product). Each query gets the
+All queries of a call share one pass over the index shards (memory-mapped and streamed block by block). With
+``head`` = m only the exact top-m per query is kept (a running top-m: memory O(block + m Q), never N x Q) and
+the table holds those rows; without it every item is scored. Each query gets the
 table of exact scoring (``scores.parquet``, method ``index``: score = tau^, unlearned_loss = baseline_loss +
 tau^, the first-order prediction), ``run.json`` and ``noise.json`` in ``<out_dir>/<query>/``, so the report,
 ``compare`` and the dashboards read it like an ``attribute`` result.
@@ -88,13 +90,14 @@ def folder_names(query_ids: list[str]) -> list[str]:
     return names
 
 
-def index_table(index: AttributionIndex, store, tau: np.ndarray, query_id: str, relative: bool) -> pd.DataFrame:
-    """The scoring table of one query from its index scores tau^ (in ``index.items`` order), with the columns of
-    exact scoring; ``score_se`` is NaN: the index keeps no per-draw gradients, so its draw noise is not known per
-    item (its projection error is in the query's ``noise.json``)."""
+def index_table(index: AttributionIndex, store, tau: np.ndarray, query_id: str, relative: bool,
+                positions: np.ndarray | None = None) -> pd.DataFrame:
+    """The scoring table of one query from its index scores tau^ (in ``index.items`` order, or of the items at
+    ``positions`` only: a head), with the columns of exact scoring; ``score_se`` is NaN: the index keeps no per-draw
+    gradients, so its draw noise is not known per item (its projection error is in the query's ``noise.json``)."""
     from musicattr.attribution.score import ranked_table
 
-    items = index.items
+    items = index.items if positions is None else index.items.iloc[np.asarray(positions)].reset_index(drop=True)
     rows = pd.DataFrame({"index": items["index"].astype(int), "baseline_loss": items["baseline_loss"],
                          "unlearned_loss": items["baseline_loss"] + tau, "score": tau,
                          "score_se": np.full(len(items), np.nan),
@@ -153,6 +156,34 @@ class QueryContext:
         """tau^ [N, Q] (rows in ``index.items`` order) of several psi: one pass over the index."""
         return self.index.scores(torch.stack([project(self.projection, psi) for psi in psis], 1))
 
+    def heads(self, psis: list[Mapping[str, torch.Tensor]], m: int,
+              relative: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per psi, (positions, tau^) of the union of its exact top-m by tau^ and, with ``relative``, by tau^_i / s_i:
+        one streamed pass, never the N x Q table."""
+        return head_scores(self.index, torch.stack([project(self.projection, psi) for psi in psis], 1), m, relative)
+
+
+def head_scores(index: AttributionIndex, psi: torch.Tensor, m: int, relative: bool
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per column of psi [k, Q]: (positions in ``index.items``, tau^) of the exact top-m by tau^ united with the
+    top-m by tau^ / s (``relative``); one pass with a running top-m per order (``index_store.TopK``)."""
+    from musicattr.attribution.index_store import TopK
+
+    q = psi.shape[1]
+    by_score, by_rel = TopK(min(m, index.num_items), q), TopK(min(m, index.num_items), q)
+    sens = index.items["sensitivity"].to_numpy(dtype=np.float64)
+    for pos, tau in index.blocks(psi):
+        by_score.add(pos, tau)
+        if relative:
+            by_rel.add(pos, tau / sens[pos, None], tau)
+    heads = []
+    (ps, _, ts), (pr, _, tr) = by_score.result(), by_rel.result()
+    for c in range(q):
+        pos, tau = np.concatenate([ps[:, c], pr[:, c]]), np.concatenate([ts[:, c], tr[:, c]])
+        pos, first = np.unique(pos, return_index=True)
+        heads.append((pos, tau[first]))
+    return heads
+
 
 def open_query(index: str, checkpoint: str, fisher: str, store: str | None = None, strategy: str = "mixed",
                mask_unlearn: bool | None = None, target: str | None = None, damping: float | None = None,
@@ -193,7 +224,7 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
               seed: int = 0, target: str | None = None, damping: float | None = None,
               score_draws: int | None = None, score_seed: int | None = None, k: int | None = None,
               relative: bool = True, top_k: int = 10, draws_per_forward: int = 16, device: str = "cpu",
-              task: AttributionTask | None = None) -> list[dict]:
+              head: int | None = None, task: AttributionTask | None = None) -> list[dict]:
     """Score every training item for each query with the index; write ``<out_dir>/<query>/scores.parquet``.
 
     Args:
@@ -206,6 +237,9 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
         target, damping, score_draws, score_seed, k: what the index must have been built with (T = score_draws
             and score_seed are the scoring draws); None takes the index's. Another value is refused.
         relative: also the relative score tau^_i / s_i (s_i exact, stored in the index) and its rank.
+        head: None scores every item (the full table); m writes only the exact top-m by tau^ (and by tau^ / s
+            with ``relative``) per query, from one streamed pass that never holds the N x Q table; ranks up to m
+            are then the global ranks.
     """
     from musicattr.attribution.score import log_top
 
@@ -220,8 +254,13 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
     answers = ([ctx.from_query(query=q, **gradient) for q in queries]
                + [ctx.from_query(query_item=q, **gradient) for q in query_items]
                + [ctx.from_unlearned(path) for path in unlearned])
+    if head is not None and int(head) < 1:
+        raise ValueError(f"head = {head}: choose m >= 1 (the top-m per query), or null for every item")
     t0 = time.perf_counter()
-    tau = ctx.scores([psi for psi, _ in answers])
+    if head is None:
+        tau, heads = ctx.scores([psi for psi, _ in answers]), None
+    else:
+        tau, heads = None, ctx.heads([psi for psi, _ in answers], int(head), relative)
     lookup = time.perf_counter() - t0
     idx, prov = ctx.index, ctx.index.provenance
     log.info("query: %d queries against %d items x k = %d in %.3f s (one pass over the index)",
@@ -229,21 +268,25 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
     out, summary = Path(out_dir), []
     for q, ((psi, info), name) in enumerate(zip(answers, folder_names([i["query_id"] for _, i in answers]))):
         qdir = out / name
-        df = index_table(idx, ctx.store, tau[:, q], info["query_id"], relative)
+        if heads is None:
+            df = index_table(idx, ctx.store, tau[:, q], info["query_id"], relative)
+        else:
+            df = index_table(idx, ctx.store, heads[q][1], info["query_id"], relative, positions=heads[q][0])
         with atomic_path(qdir / "scores.parquet") as tmp:
             df.to_parquet(tmp, index=False)
         # the projection's error of tau^_i is about s_i ||psi|| sqrt(2 / k) (sketch.py); its median, for reading
         norm = float(sum(v.double().pow(2).sum() for v in psi.values()) ** 0.5)
         sd = float(np.median(idx.items["sensitivity"])) * norm * (2 / idx.k) ** 0.5
         atomic_write_json(qdir / "noise.json", {"float_error": None, "projection_error": sd,
-                                                "median_abs_score": float(np.median(np.abs(tau[:, q])))})
+                                                "median_abs_score": None if tau is None
+                                                else float(np.median(np.abs(tau[:, q]))), "head": head})
         atomic_write_json(qdir / "run.json", {
             "method": METHOD, "index": str(idx.root), "index_provenance": prov,
             "store": str(ctx.store.root.resolve()), "checkpoint": ctx.common["checkpoint"],
             "checkpoint_fingerprint": ctx.common["checkpoint_fingerprint"], "num_draws": prov["num_draws"],
             "seed": prov["seed"], "mask_loss": prov["mask_loss"], "relative": relative, "query_source": info["source"],
             "unlearned": info["unlearned"], "unlearned_fingerprint": info.get("unlearned_fingerprint"),
-            "query_seconds": info["seconds"], "lookup_seconds": lookup})
+            "query_seconds": info["seconds"], "lookup_seconds": lookup, "head": head})
         log_top(df, top_k)
         summary.append({"query_id": info["query_id"], "source": info["source"], "folder": str(qdir),
                         "query_seconds": info["seconds"], "lookup_seconds": lookup})

@@ -124,3 +124,23 @@ def test_index_module_builds_int8_and_float16_close_to_float32(work):  # noqa: F
         assert np.abs(got - want).max() <= rtol * np.abs(want).max()
     with pytest.raises(ValueError, match="precision 'int4'"):
         build(d, "bad", k=256, precision="int4")
+
+
+def test_query_head_writes_the_exact_top_rows_of_the_full_table(work, tmp_path):  # noqa: F811
+    import pandas as pd
+
+    from test_index import query
+
+    full = query(work, tmp_path / "full", unlearned=[str(work / "q3.safetensors")])
+    head = query(work, tmp_path / "head", unlearned=[str(work / "q3.safetensors")], head=3)
+    a = pd.read_parquet(f"{full[0]['folder']}/scores.parquet")
+    b = pd.read_parquet(f"{head[0]['folder']}/scores.parquet")
+    top = a.sort_values("rank").head(3)
+    rel = a.sort_values("relative_rank").head(3)
+    assert set(b["index"]) == set(top["index"]) | set(rel["index"])  # the union of the two heads, nothing else
+    got = b.set_index("index")
+    np.testing.assert_allclose(got.loc[top["index"], "score"], top["score"], rtol=1e-6)
+    assert list(got.loc[top["index"], "rank"]) == [1, 2, 3]  # ranks up to m are the global ones
+    assert list(got.loc[rel["index"], "relative_rank"]) == [1, 2, 3]
+    with pytest.raises(ValueError, match="head = 0"):
+        query(work, tmp_path / "bad", unlearned=[str(work / "q3.safetensors")], head=0)
