@@ -146,7 +146,7 @@ SI_TARGETS ?= 16
 SI_DRAWS ?= 64
 self-influence: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(MA) evaluate --config $(CFG)/evaluate.yaml $(RUN) --out_dir $(D)/self_influence --num_targets $(SI_TARGETS) \
-		--score_draws $(SI_DRAWS) \
+		--scoring.draws $(SI_DRAWS) \
 		--configs '[{target: all, strategy: mixed, lr: 1.0e-6, steps: 1}]'
 
 figure1: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors $(D)/index/index.json

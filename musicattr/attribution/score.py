@@ -38,6 +38,7 @@ from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.attribution.cache import baseline_key, cache_path, read_cache, sensitivity_key, write_cache
 from musicattr.attribution.masks import resolve_masks
 from musicattr.attribution.preconditioner import DiagonalFisher
+from musicattr.attribution.scores_table import scores_table
 from musicattr.attribution.sensitivity import item_sensitivity
 from musicattr.attribution.task import AttributionTask, load_theta
 from musicattr.attribution.unlearn import load_unlearned
@@ -282,24 +283,17 @@ def merge_scores(rows: pd.DataFrame, folder, store, query_id: str | None, relati
 
 
 def ranked_table(store, rows: pd.DataFrame, query_id: str | None, relative: bool, method: str) -> pd.DataFrame:
-    """The scoring table (``scores.parquet``): the store's items joined with ``rows`` (index, baseline_loss,
-    unlearned_loss, score, and score_se and sensitivity where given), ranked by score (rank 1 = largest; ties by
-    index) and, with ``relative``, by score / sensitivity (relative_rank, its standard error score_se / s)."""
-    extra = [c for c in ("score_se", "num_draws", "sensitivity") if c in rows and (c != "sensitivity" or relative)]
-    df = store.items[["index", "item_id", "caption", "file_name", "duration_s", "valid_frames"]].merge(
-        rows[["index", "baseline_loss", "unlearned_loss", "score", *extra]], on="index")
-    if relative:
-        df["relative_score"] = df["score"] / df["sensitivity"].astype(np.float64)
-        if "score_se" in df:
-            df["relative_score_se"] = df["score_se"] / df["sensitivity"].astype(np.float64)
-        order = df.sort_values(["relative_score", "index"], ascending=[False, True]).index
-        df.loc[order, "relative_rank"] = np.arange(1, len(df) + 1)
-        df["relative_rank"] = df["relative_rank"].astype(np.int64)
-    df = df.sort_values(["score", "index"], ascending=[False, True]).reset_index(drop=True)
-    df["rank"] = np.arange(1, len(df) + 1)
-    df["method"] = method
-    df["query_id"] = query_id
-    return df
+    """The scoring table (``scores.parquet``, the schema of :mod:`musicattr.attribution.scores_table`): the
+    store's items joined with ``rows`` (index, baseline_loss, unlearned_loss, score, and score_se, num_draws and
+    sensitivity where given), ranked by score (rank 1 = largest; ties by index) and, with ``relative``, by
+    score / sensitivity (relative_rank, its standard error score_se / s)."""
+    items = store.items[store.items["index"].astype(int).isin(set(rows["index"].astype(int)))]
+    r = rows.set_index(rows["index"].astype(int)).loc[items["index"].astype(int)]
+    extra = {c: r[c].to_numpy() for c in ("num_draws", "sensitivity") if c in r and (c != "sensitivity" or relative)}
+    return scores_table(items, r["score"].to_numpy(), method, query_id,
+                        score_se=r["score_se"].to_numpy() if "score_se" in r else None,
+                        baseline_loss=r["baseline_loss"].to_numpy(), unlearned_loss=r["unlearned_loss"].to_numpy(),
+                        extra=extra, relative=relative)
 
 
 SEPARATION_Z = 2.0  # "clear of": a gap larger than 2 combined standard errors (about 95% one-sided, normal)

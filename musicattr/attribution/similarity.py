@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from musicattr.atomic import atomic_dir
+from musicattr.attribution.scores_table import COLUMNS, scores_table
 
 if TYPE_CHECKING:
     import pandas
@@ -43,9 +44,7 @@ __all__ = [
     "TABLE_COLUMNS",
 ]
 
-# Same columns as musicattr.attribution.score.merge_scores (the unlearning scorer's scores.parquet).
-TABLE_COLUMNS = ["item_id", "index", "caption", "file_name", "duration_s", "valid_frames", "score", "score_se", "rank",
-                 "baseline_loss", "unlearned_loss", "method", "query_id"]
+TABLE_COLUMNS = COLUMNS  # the one scores-table schema
 
 _SEGMENTS_FILE = "segments.bin"
 _OFFSETS_FILE = "offsets.npy"
@@ -247,32 +246,15 @@ def _write_train_embeddings(items, encoder, tmp, item_ids, dtype: str, progress:
 
 def similarity_table(scores: Tensor, items: Sequence[dict], method: str = "similarity",
                      query_id: str | None = None) -> "pandas.DataFrame":
-    """Scores -> DataFrame with the unlearning scorer's layout (:data:`TABLE_COLUMNS`), sorted by rank.
+    """Scores -> the scores-table schema (:data:`TABLE_COLUMNS`, :mod:`musicattr.attribution.scores_table`),
+    sorted by rank.
 
     ``items[i]`` describes training item i (keys ``item_id``, optional ``index`` (default i),
     ``caption``, ``file_name``, ``duration_s``, ``valid_frames``; missing ``valid_frames`` -> <NA>).
-    Rank 1 = highest score; ties share no rank (stable
-    order by index). ``baseline_loss`` / ``unlearned_loss`` are NaN for similarity methods, ``score_se`` 0.
+    Rank 1 = highest score; ties by index. ``baseline_loss`` / ``unlearned_loss`` are NaN for similarity
+    methods, ``score_se`` 0 (a similarity is computed, not estimated from random draws).
     ``method`` e.g. ``"similarity/all-against-all[aisfx]"``."""
-    import pandas as pd
-
     s = torch.as_tensor(scores).detach().cpu().double().numpy().reshape(-1)
     if len(items) != s.size:
         raise ValueError(f"{s.size} scores but {len(items)} items")
-    df = pd.DataFrame({
-        "item_id": [str(it.get("item_id", i)) for i, it in enumerate(items)],
-        "index": np.asarray([int(it.get("index", i)) for i, it in enumerate(items)], dtype=np.int64),
-        "caption": [it.get("caption", "") for it in items],
-        "file_name": [it.get("file_name", "") for it in items],
-        "duration_s": np.asarray([float(it.get("duration_s", np.nan)) for it in items], dtype=np.float64),
-        "valid_frames": pd.array([it.get("valid_frames") for it in items], dtype="Int64"),
-        "score": s.astype(np.float64),
-    })
-    df = df.sort_values(["score", "index"], ascending=[False, True], kind="mergesort", na_position="last")
-    df["rank"] = np.arange(1, len(df) + 1, dtype=np.int64)
-    df["score_se"] = 0.0  # a similarity is computed, not estimated from random draws
-    df["baseline_loss"] = np.nan
-    df["unlearned_loss"] = np.nan
-    df["method"] = method
-    df["query_id"] = query_id
-    return df.reset_index(drop=True)[TABLE_COLUMNS]
+    return scores_table(list(items), s, method, query_id, score_se=np.zeros(s.size))

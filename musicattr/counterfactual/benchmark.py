@@ -28,19 +28,11 @@ import pandas as pd
 from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.counterfactual import bank_stats as st
 from musicattr.counterfactual.bank import Bank, BankError, _file_fingerprint, _query_info
-from musicattr.counterfactual.methods import RANDOM, Method, parse_methods, read_scores
+from musicattr.attribution.methods import default_methods
+from musicattr.counterfactual.methods import method_scores, parse_methods
 from musicattr.counterfactual.subsets import top_k
 
 log = logging.getLogger(__name__)
-DEFAULT_METHODS = [
-    {"name": "unlearning", "table": "queries/{query_id}/unlearning/scores.parquet"},
-    {"name": "unlearning-relative", "table": "queries/{query_id}/unlearning/scores.parquet",
-     "column": "relative_score"},
-    {"name": "index", "table": "queries/{query_id}/index/scores.parquet", "optional": True},
-    {"name": "all-against-all[aisfx]", "table": "queries/{query_id}/all-against-all.parquet"},
-    {"name": "average[aisfx]", "table": "queries/{query_id}/average.parquet"},
-    {"name": RANDOM},
-]
 
 
 # ---------------------------------------------------------------------------------------------- prepare compare
@@ -147,29 +139,8 @@ def bank_losses(bank: Bank, qids: list[str]) -> dict:
     return out
 
 
-def method_scores(methods: list[Method], compare_dir: Path, qids: list[str], item_ids: list[str], seed: int
-                  ) -> dict[str, np.ndarray]:
-    """Scores [Q, N] per available method; ``random``: an independent uniform vector per query (seeded)."""
-    out = {}
-    for m in methods:
-        if m.table is None:
-            out[m.name] = np.random.default_rng([seed, 0x7A4D]).random((len(qids), len(item_ids)))
-            continue
-        paths = [m.path(compare_dir, q) for q in qids]
-        missing = [p for p in paths if not p.exists()]
-        if missing and m.optional:
-            log.info("benchmark: method %s left out: no table %s (optional)", m.name, missing[0])
-            continue
-        if missing:
-            raise FileNotFoundError(f"method {m.name!r}: {missing[0]} not found ({len(missing)} of {len(qids)} "
-                                    "queries); fix: run `make benchmark` (compare on the bank's queries) or mark the "
-                                    "method optional: true")
-        out[m.name] = np.stack([read_scores(p, m.column, item_ids) for p in paths])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- the stage
-def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods: list[dict] | None = None,
+def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods: list[str | dict] | None = None,
                   prepare: bool = False, fisher: str | None = None, index: str | None = None,
                   bootstrap: int = 2000, null_vectors: int = 200, k: int | None = None, seed: int = 0) -> dict:
     """Check every method's scores against the bank (see the module docstring).
@@ -179,7 +150,8 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
         store: the latent store the bank was made on.
         compare: the out_dir of ``musicattr compare`` on the benchmark model and the bank's queries.
         out_dir: where benchmark.md and benchmark.json go.
-        methods: {name, table, column, optional} per method (tables relative to ``compare``); ``random`` is an
+        methods: registered method names, or {name, table, column, optional} (tables relative to ``compare``);
+            default: the registry's default methods (``musicattr.attribution.methods``); ``random`` is an
             independent uniform vector per query.
         prepare: place the bank's queries for compare and write its options (compare_args.yaml), then stop.
         fisher / index: the benchmark model's Fisher and index (for ``prepare``).
@@ -200,7 +172,8 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
     table = bank.queries_table()
     qids = list(table["query_id"])
     kinds = np.array(table["kind"])
-    scores = method_scores(parse_methods(methods or DEFAULT_METHODS), compare_dir, qids, bank.item_ids, seed)
+    scores = method_scores(parse_methods(methods) if methods else default_methods(), compare_dir, qids, bank.item_ids,
+                           seed, random_per_query=True, fix="run `make benchmark` (compare on the bank's queries)")
     data = bank_losses(bank, qids)
     result, text = summarize(bank, table, kinds, scores, data, bootstrap, null_vectors, k, seed)
     out = Path(out_dir)

@@ -27,6 +27,7 @@ import numpy as np
 from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.attribution.task import AttributionTask, resolve_task
 from musicattr.counterfactual.measure import cached, loss_keys, measure_losses, measure_planted, planted_keys
+from musicattr.attribution.methods import default_methods
 from musicattr.counterfactual.methods import RANDOM, method_scores, parse_methods
 from musicattr.counterfactual.queries import Query, read_queries, select_queries
 from musicattr.counterfactual.recipe import Recipe, recipe_from_checkpoint
@@ -36,15 +37,6 @@ from musicattr.data.latent_store import LatentStore
 
 log = logging.getLogger(__name__)
 EXPERIMENTS = ("lds", "leave-k-out")
-DEFAULT_METHODS = [
-    {"name": "unlearning", "table": "queries/{query_id}/unlearning/scores.parquet"},
-    {"name": "unlearning-relative", "table": "queries/{query_id}/unlearning/scores.parquet",
-     "column": "relative_score"},
-    {"name": "index", "table": "queries/{query_id}/index/scores.parquet", "optional": True},
-    {"name": "all-against-all", "table": "queries/{query_id}/all-against-all.parquet"},
-    {"name": "average", "table": "queries/{query_id}/average.parquet"},
-    {"name": RANDOM},
-]
 
 
 @dataclass
@@ -114,7 +106,7 @@ class Campaign:
         return out / "retrains" / r.name(self.context)
 
 
-def build_campaign(experiments, store: LatentStore, compare: str, methods: list[dict], recipe: Recipe,
+def build_campaign(experiments, store: LatentStore, compare: str, methods: list[str | dict], recipe: Recipe,
                    lds: LDSSettings, lko: LeaveKOutSettings, seed: int) -> Campaign:
     """Queries, method scores and the deduplicated plan of retrains for the experiments."""
     ids = list(store.items["item_id"].astype(str))
@@ -177,7 +169,7 @@ def write_plan(out: Path, c: Campaign, recipe: Recipe, experiments) -> Path:
 
 
 def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
-                       experiments: list[str] = ("lds", "leave-k-out"), methods: list[dict] | None = None,
+                       experiments: list[str] = ("lds", "leave-k-out"), methods: list[str | dict] | None = None,
                        steps: int | None = None, recipe: dict | None = None, lds: LDSSettings = LDSSettings(),
                        leave_k_out: LeaveKOutSettings = LeaveKOutSettings(), loss_draws: int = 64,
                        mask_loss: bool = False, seed: int = 0, checkpoint_every: int = 100, plan: bool = False,
@@ -191,8 +183,9 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
         compare: the out_dir of a ``musicattr compare`` run: the queries and their score tables.
         out_dir: the campaign's folder (retrains/, the plans, the tables).
         experiments: ``lds`` and/or ``leave-k-out``.
-        methods: the methods, each {name, table, column, optional} (see ``counterfactual.methods``); default
-            Eq. 1, the relative score, the index (optional), the two similarity baselines and random.
+        methods: registered method names or {name, table, column, optional} (see ``counterfactual.methods``);
+            default: the registry's defaults (Eq. 1, relative, the index and its relative score (optional), the two
+            aisfx similarity baselines, random).
         steps: optimizer steps of every retrain and of theta0' (default: theta0's).
         recipe: other overrides of theta0's recipe (lr, warmup_steps, batch_size, gradient_clip_val, ...).
         lds: the LDS experiment's settings.
@@ -218,7 +211,7 @@ def run_counterfactual(checkpoint: str, store: str, compare: str, out_dir: str,
     s = LatentStore(store)
     rec = recipe_from_checkpoint(checkpoint, steps, recipe)
     task = resolve_task(task)
-    c = build_campaign(experiments, s, compare, methods or DEFAULT_METHODS, rec, lds, leave_k_out, seed)
+    c = build_campaign(experiments, s, compare, methods or default_methods(), rec, lds, leave_k_out, seed)
     plan_file = write_plan(out, c, rec, experiments)
     log.info("counterfactual: %d retrains (%s; %s), %d queries", len(c.plan), ", ".join(experiments), rec.describe(),
              len(c.queries))

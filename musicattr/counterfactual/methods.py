@@ -1,65 +1,34 @@
-"""The attribution methods a campaign validates: a method is a named table of scores per query.
+"""The attribution methods a campaign or the benchmark validates: a method is a named table of scores per query.
 
-Each method names a Parquet table per query (``table``, with ``{query_id}`` for the query's id; a relative
-path is under the compare run, so another compare run beside it is ``../figure1-clap/queries/...``) and the
-column holding its score (``column``, default ``score``), e.g.
-
-    - {name: unlearning, table: "queries/{query_id}/unlearning/scores.parquet"}                 # Eq. 1
-    - {name: unlearning-relative, table: "queries/{query_id}/unlearning/scores.parquet", column: relative_score}
-    - {name: index, table: "queries/{query_id}/index/scores.parquet", optional: true}
-    - {name: random}                                                                            # no table
+Methods come from the registry (:mod:`musicattr.attribution.methods`): a config's ``methods`` lists names
+(``unlearning``, ``unlearning-relative``, ``index``, ``all-against-all[aisfx]``, ``random``, a peer's name) or
+entries ``{name, table, column, optional}`` that override or add a table (a relative path is under the compare
+run, so another compare run beside it is ``../figure1-clap/queries/...``).
 
 A table must score every item of the store once (matched by ``item_id``, in any row order). A method
 marked ``optional`` whose table is missing for some query is left out with a log line (e.g. the index
-before it is built); any other missing table stops the campaign with the file and the fix. The method
-``random`` has no table: uniform scores from a seed, the same for every query (its LDS is the chance level,
-its top-K is leave-K-out's random-K removal).
+before it is built); any other missing table stops the stage with the file and the fix. The method
+``random`` has no table: uniform scores from a seed (its LDS is the chance level, its top-K is leave-K-out's
+random-K removal).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from musicattr.counterfactual.queries import Query
+from musicattr.attribution.methods import RANDOM, Method, resolve_methods
+from musicattr.attribution.scores_table import check_scores_table
 
 log = logging.getLogger(__name__)
-RANDOM = "random"
+__all__ = ["RANDOM", "Method", "parse_methods", "read_scores", "method_scores"]
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    table: str | None = None
-    column: str = "score"
-    optional: bool = False
-
-    def path(self, compare: Path, query_id: str) -> Path:
-        p = Path(self.table.format(query_id=query_id))
-        return p if p.is_absolute() else compare / p
-
-
-def parse_methods(specs: list[dict]) -> list[Method]:
-    """Methods from the config's list of {name, table, column, optional}; only ``random`` may have no table."""
-    methods = []
-    for spec in specs:
-        unknown = set(spec) - {"name", "table", "column", "optional"}
-        if "name" not in spec or unknown:
-            raise ValueError(f"method {spec}: give name, table and optionally column and optional (unknown: "
-                             f"{sorted(unknown)})")
-        m = Method(str(spec["name"]), spec.get("table"), str(spec.get("column") or "score"),
-                   bool(spec.get("optional", False)))
-        if m.table is None and m.name != RANDOM:
-            raise ValueError(f"method {m.name!r} names no table; fix: give its scores table per query, e.g. "
-                             "table: 'queries/{query_id}/unlearning/scores.parquet' (only 'random' has none)")
-        methods.append(m)
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"method names repeat in {names}; fix: name each method once")
-    return methods
+def parse_methods(specs: list) -> list[Method]:
+    """Methods from the config's list (names or {name, table, column, optional}), resolved by the registry."""
+    return resolve_methods(specs)
 
 
 def read_scores(path: Path, column: str, item_ids: list[str]) -> np.ndarray:
@@ -69,11 +38,8 @@ def read_scores(path: Path, column: str, item_ids: list[str]) -> np.ndarray:
         raise KeyError(f"{path} has no column {column!r} (columns: {list(df.columns)}); fix: name the score column "
                        "of this table in the method's `column`, or rerun the stage that writes it (e.g. compare with "
                        "relative: true for relative_score)")
+    check_scores_table(df, path, item_ids, columns=["item_id", column])
     s = df.set_index(df["item_id"].astype(str))[column]
-    if s.index.duplicated().any() or set(s.index) != set(item_ids):
-        raise ValueError(f"{path} does not score every item of the store exactly once ({len(s)} rows, "
-                         f"{len(set(s.index) ^ set(item_ids))} ids differ); fix: score this store (rerun the method "
-                         "on it)")
     values = s.loc[item_ids].to_numpy(dtype=np.float64)
     if not np.isfinite(values).all():
         raise ValueError(f"{path}: {int((~np.isfinite(values)).sum())} scores in {column!r} are not finite; fix: "
@@ -81,24 +47,31 @@ def read_scores(path: Path, column: str, item_ids: list[str]) -> np.ndarray:
     return values
 
 
-def method_scores(methods: list[Method], compare: str | Path, queries: list[Query], item_ids: list[str],
-                  random_seed: int = 0) -> dict[str, np.ndarray]:
-    """Scores [Q, N] of each available method: row q in the order of ``queries``, column i in the store's order."""
-    compare = Path(compare)
+def method_scores(methods: list[Method], root: str | Path, queries: list, item_ids: list[str],
+                  random_seed: int = 0, random_per_query: bool = False, fix: str = "run the stage that writes it "
+                  "(`musicattr compare` for the compare run's tables)") -> dict[str, np.ndarray]:
+    """Scores [Q, N] of each available method: row q in the order of ``query_ids``, column i in the store's order.
+    ``queries``: query ids or :class:`~musicattr.counterfactual.queries.Query`. ``random``: one seeded uniform
+    vector for every query, or with ``random_per_query`` one per query."""
+    root = Path(root)
+    query_ids = [getattr(q, "query_id", q) for q in queries]
     out = {}
     for m in methods:
         if m.table is None:
-            from musicattr.counterfactual.subsets import random_scores
+            if random_per_query:
+                out[m.name] = np.random.default_rng([random_seed, 0x7A4D]).random((len(query_ids), len(item_ids)))
+            else:
+                from musicattr.counterfactual.subsets import random_scores
 
-            out[m.name] = np.tile(random_scores(len(item_ids), random_seed), (len(queries), 1))
+                out[m.name] = np.tile(random_scores(len(item_ids), random_seed), (len(query_ids), 1))
             continue
-        missing = [m.path(compare, q.query_id) for q in queries if not m.path(compare, q.query_id).exists()]
+        paths = [m.path(root, q) for q in query_ids]
+        missing = [p for p in paths if not p.exists()]
         if missing and m.optional:
-            log.info("counterfactual: method %s left out: no table %s (optional)", m.name, missing[0])
+            log.info("method %s left out: no table %s (optional)", m.name, missing[0])
             continue
         if missing:
-            raise FileNotFoundError(f"method {m.name!r}: {missing[0]} not found ({len(missing)} of {len(queries)} "
-                                    "queries); fix: run the stage that writes it (`musicattr compare` for the "
-                                    "compare run's tables), or mark the method optional: true")
-        out[m.name] = np.stack([read_scores(m.path(compare, q.query_id), m.column, item_ids) for q in queries])
+            raise FileNotFoundError(f"method {m.name!r}: {missing[0]} not found ({len(missing)} of {len(query_ids)} "
+                                    f"queries); fix: {fix}, or mark the method optional: true")
+        out[m.name] = np.stack([read_scores(p, m.column, item_ids) for p in paths])
     return out

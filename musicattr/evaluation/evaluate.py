@@ -25,6 +25,7 @@ import itertools
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,7 @@ import torch
 
 from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.attribution.masks import resolve_masks
+from musicattr.attribution.settings import ScoreSettings, UnlearnSettings
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn
 from musicattr.data.latent_store import LatentStore
 from musicattr.attribution.task import AttributionTask, resolve_task
@@ -88,10 +90,10 @@ def frechet_of_model(checkpoint: str, unlearned: str | None, store: LatentStore,
 def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets: int = 8,
              target_items: list[str] | None = None, configs: list[dict] | None = None,
              lrs: list[float] = (1e-6,), steps: list[int] = (1,), groups: list[str] = ("all",),
-             strategies: list[str] = ("mixed",), num_draws: int = 256, score_draws: int = 8, damping: float = 1e-3,
-             top_k: int | None = None, audio_encoder: str = "aisfx", audio_encoder_checkpoint: str | None = None,
-             fd_samples: int = 8, fd_steps: int = 25, fd_targets: int = 1, seed: int = 0, batch_size: int = 16,
-             use_wandb: bool = True, relative: bool = True, index: str | None = None,
+             strategies: list[str] = ("mixed",), unlearning: UnlearnSettings = UnlearnSettings(num_draws=256),
+             scoring: ScoreSettings = ScoreSettings(draws=8), top_k: int | None = None, audio_encoder: str = "aisfx",
+             audio_encoder_checkpoint: str | None = None, fd_samples: int = 8, fd_steps: int = 25,
+             fd_targets: int = 1, seed: int = 0, use_wandb: bool = True, index: str | None = None,
              task: AttributionTask | None = None, trainer: dict | None = None) -> pd.DataFrame:
     """Run the self-influence grid and write table1.md / table1.csv / runs.csv under ``out_dir``.
 
@@ -100,12 +102,13 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
         num_targets: targets chosen by k-means over training audio embeddings (the paper: 40),
             unless ``target_items`` names them. Planted duplicates are never chosen.
         configs: explicit list of {target, strategy, lr, steps}; else the product of lrs, steps, groups, strategies.
-        num_draws: K query timesteps for unlearning; score_draws: T draws per item when scoring.
+        unlearning: Eq. 2's K query draws (num_draws) and damping; the grid sets target, strategy, lr and steps.
+        scoring: Eq. 1's T draws per item, batch size, and ``relative`` (also rank by tau_i / s_i, one extra
+            gradient pass per target group and mask, cached).
         top_k: k of sim_topk / sim_botk (the paper: 100 of 115k); default max(5, N // 32).
         audio_encoder: embeddings for target selection, similarities and FD ('aisfx' offline; 'clap' with a checkpoint).
         fd_samples / fd_steps / fd_targets: generations per FD, sampler steps, and how many targets get an FD.
-        relative: also rank by tau_i / s_i (one extra gradient pass per target group and mask, cached).
-        index: an attribution index of this checkpoint, Fisher, damping and T = score_draws: also rank the target
+        index: an attribution index of this checkpoint, Fisher, damping and T = scoring.draws: also rank the target
             by its scores (R_index, R_index_rel) for the configurations with the index's tensors and M_L.
         task: the attribution task (default: the SAT DiT of ``musicattr fit``); the FD generations use SAT's
             sampler whatever the task.
@@ -116,72 +119,52 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = LatentStore(store)
-    n = len(s)
-    k = top_k or max(5, n // 32)
+    k = top_k or max(5, len(s) // 32)
     encoder = build_audio_encoder(audio_encoder, audio_encoder_checkpoint)
     emb = train_audio_embeddings(s, encoder)
     track_emb = emb.track_means().float()
     ids = list(s.items["item_id"])
-    if target_items:
-        targets = [ids.index(t) for t in target_items]
-    else:
-        targets = diverse_items(s, track_emb, num_targets, seed)
+    # 1. the targets, the grid, and the settings every row is keyed by
+    targets = [ids.index(t) for t in target_items] if target_items else diverse_items(s, track_emb, num_targets, seed)
     grid = grid_configs(configs, list(lrs), list(steps), list(groups), list(strategies))
-    settings = {"num_draws": num_draws, "score_draws": score_draws, "damping": damping, "seed": seed, "top_k": k,
-                "checkpoint_fingerprint": file_fingerprint(checkpoint), "fisher_fingerprint": file_fingerprint(fisher),
-                "store_fingerprint": s.fingerprint, "audio_encoder": encoder.name,
-                "audio_encoder_fingerprint": emb.meta.get("checkpoint_fingerprint"), "fd_samples": fd_samples,
-                "fd_steps": fd_steps, "fd_targets": fd_targets, "relative": relative,
-                **resolve_task(task).identity()}
+    settings = {"num_draws": unlearning.num_draws, "score_draws": scoring.draws, "damping": unlearning.damping,
+                "seed": seed, "top_k": k, "checkpoint_fingerprint": file_fingerprint(checkpoint),
+                "fisher_fingerprint": file_fingerprint(fisher), "store_fingerprint": s.fingerprint,
+                "audio_encoder": encoder.name, "audio_encoder_fingerprint": emb.meta.get("checkpoint_fingerprint"),
+                "fd_samples": fd_samples, "fd_steps": fd_steps, "fd_targets": fd_targets,
+                "relative": scoring.relative, **resolve_task(task).identity()}
     ctx = None
     if index:
         from musicattr.attribution.query import open_query
 
-        ctx = open_query(index, checkpoint, fisher, store, damping=damping, score_draws=score_draws, score_seed=seed,
-                         task=task)
+        ctx = open_query(index, checkpoint, fisher, store, damping=unlearning.damping, score_draws=scoring.draws,
+                         score_seed=seed, task=task)
         prov = json.dumps(ctx.index.provenance, sort_keys=True).encode()
         settings["index_fingerprint"] = hashlib.blake2b(prov, digest_size=8).hexdigest()  # rows are keyed by it
     atomic_write_json(out / "setup.json", {"targets": [ids[t] for t in targets], "configs": grid, **settings})
+    # 2. one row per (configuration, target), appended to runs.csv as it finishes (a rerun resumes)
     runs_csv = out / "runs.csv"
     done = pd.read_csv(runs_csv) if runs_csv.exists() else pd.DataFrame()
     if len(done) and "run_key" not in done:
         done["run_key"] = ""  # rows written before rows were keyed: never reused
     keys = {(ci, ti): run_key(settings, cfg, ids[t]) for ci, cfg in enumerate(grid) for ti, t in enumerate(targets)}
-    fd_ref = track_emb  # the reference set of the Frechet distance: every training track
     total = len(grid) * len(targets)
     for ci, cfg in enumerate(grid):
         for ti, t in enumerate(targets):
-            key = (config_name(cfg), ids[t])
             if len(done) and (done["run_key"] == keys[ci, ti]).any():
                 continue
-            run_dir = out / "runs" / key[0] / f"target{ti:03d}"
-            unlearned = str(run_dir / "unlearned.safetensors")
-            run_unlearn(checkpoint, fisher, unlearned, query_item=ids[t], store=store, lr=cfg["lr"],
-                        steps=cfg["steps"], num_draws=num_draws, target=cfg["target"], strategy=cfg["strategy"],
-                        damping=damping, seed=seed, device=unlearn_device(trainer), reuse=True, task=task)
-            table = score_store(checkpoint, store, unlearned, str(run_dir), score_draws, seed, batch_size, trainer,
-                                mask_loss=resolve_masks(cfg["strategy"])[1], relative=relative, task=task)
-            by_index = table.sort_values("index")
-            scores = torch.tensor(by_index["score"].to_numpy())
-            top, bot = topk_bottomk_similarity(scores, track_emb, track_emb[t], k, exclude_index=t)
-            row = {"run_key": keys[ci, ti], "config": key[0], **cfg, **settings, "target_item": ids[t],
-                   "target_duration_s": float(s.items["duration_s"][t]),
-                   "rank": target_rank(scores, t), "sim_topk": top, "sim_botk": bot,
-                   "score_target": float(scores[t]), "score_median": float(scores.median()), "fd": math.nan,
-                   "rank_rel": (target_rank(torch.tensor(by_index["relative_score"].to_numpy()), t)
-                                if relative else math.nan)}
-            if ctx is not None:
-                row.update(index_ranks(ctx, cfg, unlearned, t, ids[t]))
-            if ti < fd_targets:
-                row["fd"] = frechet_of_model(checkpoint, unlearned, s, encoder, fd_ref, fd_samples, fd_steps, seed)
+            row = grid_row(cfg, t, ti, ids, out, checkpoint, fisher, store, s, encoder, track_emb, k, unlearning,
+                           scoring, seed, trainer, task, ctx, fd_samples, fd_steps, fd_targets)
+            row = {"run_key": keys[ci, ti], **row, **settings}
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
             atomic_write_text(runs_csv, done.to_csv(index=False))
             log.info("[grid %d/%d] %s target=%s rank=%s rank_rel=%s top%d=%.3f bot%d=%.3f fd=%.2f",
-                     ci * len(targets) + ti + 1, total, key[0], ids[t], row["rank"], row["rank_rel"], k, top, k, bot,
-                     row["fd"])
+                     ci * len(targets) + ti + 1, total, row["config"], ids[t], row["rank"], row["rank_rel"], k,
+                     row["sim_topk"], k, row["sim_botk"], row["fd"])
+    # 3. Table 1: the mean over targets per configuration, next to theta0's FD
     current = done[done["run_key"].isin(set(keys.values()))]
-    fd_original = frechet_of_model(checkpoint, None, s, encoder, fd_ref, fd_samples, fd_steps, seed)
-    table = summarize(current, grid, encoder.name, k, fd_original, n)
+    fd_original = frechet_of_model(checkpoint, None, s, encoder, track_emb, fd_samples, fd_steps, seed)
+    table = summarize(current, grid, encoder.name, k, fd_original, len(s))
     write_table(table, out, encoder.name, k, fd_original)
     run = open_wandb("table1", {"checkpoint": checkpoint, "targets": len(targets), "top_k": k}, use_wandb)
     if run is not None:
@@ -190,6 +173,36 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
         run.log({"table1": wandb.Table(dataframe=table), "runs": wandb.Table(dataframe=current)})
         run.finish()
     return table
+
+
+def grid_row(cfg: dict, t: int, ti: int, ids: list[str], out: Path, checkpoint: str, fisher: str, store: str,
+             s: LatentStore, encoder, track_emb: torch.Tensor, k: int, unlearning: UnlearnSettings,
+             scoring: ScoreSettings, seed: int, trainer, task, ctx, fd_samples: int, fd_steps: int,
+             fd_targets: int) -> dict:
+    """One configuration on one target: unlearn it (Eq. 2), score the store (Eq. 1), and measure its rank,
+    the top-k / bottom-k similarities, the index's ranks and (for the first ``fd_targets``) the FD. The
+    reference set of the FD is every training track."""
+    name = config_name(cfg)
+    run_dir = out / "runs" / name / f"target{ti:03d}"
+    unlearned = str(run_dir / "unlearned.safetensors")
+    settings = replace(unlearning, lr=cfg["lr"], steps=cfg["steps"], target=cfg["target"], strategy=cfg["strategy"])
+    run_unlearn(checkpoint, fisher, unlearned, query_item=ids[t], store=store, **settings.kwargs(), seed=seed,
+                device=unlearn_device(trainer), reuse=True, task=task)
+    table = score_store(checkpoint, store, unlearned, str(run_dir), scoring.draws, seed, scoring.batch_size, trainer,
+                        mask_loss=resolve_masks(cfg["strategy"])[1], relative=scoring.relative, task=task)
+    by_index = table.sort_values("index")
+    scores = torch.tensor(by_index["score"].to_numpy())
+    top, bot = topk_bottomk_similarity(scores, track_emb, track_emb[t], k, exclude_index=t)
+    row = {"config": name, **cfg, "target_item": ids[t], "target_duration_s": float(s.items["duration_s"][t]),
+           "rank": target_rank(scores, t), "sim_topk": top, "sim_botk": bot, "score_target": float(scores[t]),
+           "score_median": float(scores.median()), "fd": math.nan,
+           "rank_rel": (target_rank(torch.tensor(by_index["relative_score"].to_numpy()), t)
+                        if scoring.relative else math.nan)}
+    if ctx is not None:
+        row.update(index_ranks(ctx, cfg, unlearned, t, ids[t]))
+    if ti < fd_targets:
+        row["fd"] = frechet_of_model(checkpoint, unlearned, s, encoder, track_emb, fd_samples, fd_steps, seed)
+    return row
 
 
 def index_ranks(ctx, cfg: dict, unlearned: str, t: int, item_id: str) -> dict[str, float]:

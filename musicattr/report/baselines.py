@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from musicattr.attribution.methods import registered
+from musicattr.attribution.scores_table import check_scores_table
 from musicattr.report.inputs import QueryInputs
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "compute", "none")
-COMPARE_FILES = ("all-against-all.parquet", "average.parquet")
+COMPARE_FILES = tuple(Path(registered(m).table).name for m in ("all-against-all", "average"))  # the registry's tables
 
 
 @dataclass
@@ -44,7 +46,8 @@ def from_compare(folder: Path) -> SimilarityScores | None:
     tables = {}
     for name in COMPARE_FILES:
         if (folder / name).exists():
-            t = pd.read_parquet(folder / name)
+            t = check_scores_table(pd.read_parquet(folder / name), folder / name, columns=["index", "score", "rank",
+                                                                                          "method"])
             tables[label(str(t["method"].iloc[0]))] = t[["index", "score", "rank"]]
     if not tables:
         return None

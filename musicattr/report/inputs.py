@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from musicattr.attribution.scores_table import READ_COLUMNS, ScoresTableError, check_scores_table
 from musicattr.data.audio_folder import MetadataError, read_metadata
 from musicattr.data.latent_store import LatentStore, StoreError
 
@@ -67,9 +68,10 @@ def read_scores(path: str | Path) -> tuple[Path, pd.DataFrame]:
         raise ReportInputError(f"{file} not found; fix: pass the out_dir of `musicattr attribute` (it holds "
                                f"{SCORES_FILE}) or the path of a {SCORES_FILE}")
     df = pd.read_parquet(file)
-    missing = [c for c in ("item_id", "index", "caption", "file_name", "score", "rank") if c not in df]
-    if missing:
-        raise ReportInputError(f"{file} lacks the columns {missing}; fix: rerun `musicattr attribute`")
+    try:
+        check_scores_table(df, file, columns=[*READ_COLUMNS, "caption", "file_name"])
+    except ScoresTableError as e:
+        raise ReportInputError(f"{e}; for Eq. 1: rerun `musicattr attribute`") from e
     return file.parent, df.sort_values("rank", kind="mergesort").reset_index(drop=True)
 
 

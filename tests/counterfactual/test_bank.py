@@ -138,6 +138,7 @@ def test_bank_end_to_end(tmp_path):
     from conftest import build_planted_setup
     from musicattr.counterfactual.bank import Bank, run_bank
     from musicattr.counterfactual.benchmark import run_benchmark
+    from musicattr.attribution.settings import ScoreSettings, UnlearnSettings
     from musicattr.evaluation.compare import run_comparison
 
     s = build_planted_setup(tmp_path)
@@ -183,7 +184,8 @@ def test_bank_end_to_end(tmp_path):
 
     args = yaml.safe_load((compare / "compare_args.yaml").read_text())
     args.pop("index")
-    run_comparison(**args, lr=1e-5, num_draws=8, score_draws=2, use_wandb=False)
+    run_comparison(**args, unlearning=UnlearnSettings(lr=1e-5, num_draws=8), scoring=ScoreSettings(draws=2),
+                   use_wandb=False)
     # the methods' top-K, chosen from the compare run's scores and frozen, then retrained (leave-K-out)
     top = BankTopK(scores=str(compare), methods=[{"name": "unlearning", "table": "queries/{query_id}/unlearning/scores.parquet"},
                                                  {"name": "average[aisfx]", "table": "queries/{query_id}/average.parquet"}],

@@ -21,12 +21,13 @@ METHODS = {"unlearning": ("unlearning/scores.parquet", "score"),
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from musicattr.attribution.settings import ScoreSettings, UnlearnSettings
     from musicattr.evaluation.compare import run_comparison
 
     s = build_planted_setup(tmp_path_factory.mktemp("counterfactual"))
     s["compare"] = str(s["root"] / "compare")
-    run_comparison(s["ckpt"], s["store"], s["fisher"], s["compare"], prompts=["a low tone"], durations=[1.0], lr=1e-5,
-                   num_draws=8, score_draws=2, gen_steps=2, use_wandb=False, query_items=["index:3"])
+    run_comparison(s["ckpt"], s["store"], s["fisher"], s["compare"], prompts=["a low tone"], durations=[1.0],
+                   unlearning=UnlearnSettings(lr=1e-5, num_draws=8), scoring=ScoreSettings(draws=2), gen_steps=2, use_wandb=False, query_items=["index:3"])
     return s
 
 

@@ -5,6 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from musicattr.attribution.settings import ScoreSettings, UnlearnSettings
+
 from conftest import build_planted_setup
 
 
@@ -50,7 +52,8 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
     out = setup["root"] / "grid"
     configs = [{"target": "all", "strategy": "mixed", "lr": 1e-5, "steps": 1},
                {"target": "to_kv", "strategy": "both", "lr": 1e-5, "steps": 1}]
-    kw = dict(num_targets=2, configs=configs, num_draws=8, score_draws=2, fd_samples=2, fd_steps=2, top_k=3,
+    kw = dict(num_targets=2, configs=configs, unlearning=UnlearnSettings(num_draws=8), scoring=ScoreSettings(draws=2),
+              fd_samples=2, fd_steps=2, top_k=3,
               use_wandb=False, index=setup["index"])
     table = self_influence.run_grid(setup["ckpt"], setup["store"], setup["fisher"], str(out), **kw)
     assert len(table) == 2 and set(table["target"]) == {"all", "to_kv"}
@@ -86,7 +89,7 @@ def test_tiny_grid_writes_table1_resumes_and_recomputes_on_other_settings(setup,
     # another setting (T = 3 scoring draws): every row is recomputed, none relabelled
     monkeypatch.setattr(self_influence, "run_unlearn", real_unlearn)
     table3 = self_influence.run_grid(setup["ckpt"], setup["store"], setup["fisher"], str(out),
-                                     **{**kw, "score_draws": 3, "index": None})
+                                     **{**kw, "scoring": ScoreSettings(draws=3), "index": None})
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs["score_draws"]) == [2] * 4 + [3] * 4  # the T=2 rows kept as they were
     t3 = runs[runs["score_draws"] == 3]
@@ -103,7 +106,8 @@ def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
     from musicattr.evaluation.compare import run_comparison
 
     out = setup["root"] / "compare"
-    kw = dict(prompts=["a low tone"], durations=[1.0], lr=1e-5, num_draws=8, score_draws=2, gen_steps=2,
+    kw = dict(prompts=["a low tone"], durations=[1.0], unlearning=UnlearnSettings(lr=1e-5, num_draws=8),
+              scoring=ScoreSettings(draws=2), gen_steps=2,
               use_wandb=False, query_items=["index:3"], training_queries=1)
     summary = run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), index=setup["index"], **kw)
     assert summary["queries"] == 2 and summary["planted_queries"] == 1 and summary["training_queries"] == 2
@@ -150,7 +154,7 @@ def test_tiny_comparison_writes_correlations_recall_and_figure(setup):
 
     wav = out / "generated" / "q000.wav"
     mtime = wav.stat().st_mtime_ns
-    run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), **{**kw, "lr": 2e-5})
+    run_comparison(setup["ckpt"], setup["store"], setup["fisher"], str(out), **{**kw, "unlearning": UnlearnSettings(lr=2e-5, num_draws=8)})
     assert wav.stat().st_mtime_ns == mtime
     for qid in ("q000", "q001"):
         assert load_unlearned(str(out / "queries" / qid / "unlearned.safetensors"))[1]["lr"] == 2e-5
