@@ -247,8 +247,9 @@ class AttributionIndex:
         """(positions in ``items``, tau^ [b, Q] float64) block by block: the shards memory-mapped and streamed
         (one block of about ``index_store.BLOCK_BYTES`` in memory), rows decoded to float32 and folded to ``k``."""
         q, k = self._query(psi, k)
-        for pos, rows in stream(self.root, self.items, self.k, k if k != self.k else None):
-            yield pos, (rows @ q).astype(np.float64)
+        for pos, rows, scale in stream(self.root, self.items, self.k, k if k != self.k else None, scaled=False):
+            tau = (rows @ q).astype(np.float64)
+            yield pos, tau if scale is None else tau * scale[:, None]
 
     def scores(self, psi: torch.Tensor, k: int | None = None) -> np.ndarray:
         """<P phi_i, P psi_q> for every item i (rows in ``items`` order) and query q: psi [k, Q] -> [N, Q]

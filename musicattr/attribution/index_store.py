@@ -53,13 +53,15 @@ def encode(phi: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
     check_precision(precision)
     if precision == "float32":
         return {PHI: phi.float()}
-    x = phi.double()
-    peak = x.abs().amax(1)
+    x = phi if phi.dtype == torch.float64 else phi.float()  # float32 rows stay float32 (one pass each)
+    low, high = torch.aminmax(x, dim=1)
+    peak = torch.maximum(high, -low)  # max_j |x_ij| in one pass
     peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     if precision == "float16":
         return {PHI: (x / peak[:, None]).half(), SCALE: peak.float()}
-    scale = peak / 127
-    return {PHI: torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8), SCALE: scale.float()}
+    scale = (peak / 127).float()
+    y = x / scale.to(x.dtype)[:, None]
+    return {PHI: y.round_().clamp_(-127, 127).to(torch.int8), SCALE: scale}
 
 
 def decode(rows: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
@@ -131,9 +133,11 @@ def block_rows(k: int, budget: int = BLOCK_BYTES) -> int:
     return max(1, budget // (4 * int(k)))
 
 
-def stream(root: Path, items, k: int, fold_to: int | None = None, budget: int = BLOCK_BYTES
-           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(positions in ``items``, float32 rows [b, fold_to or k] decoded and folded) block by block over the shards.
+def stream(root: Path, items, k: int, fold_to: int | None = None, budget: int = BLOCK_BYTES, scaled: bool = True
+           ) -> Iterator[tuple]:
+    """(positions in ``items``, float32 rows [b, fold_to or k] decoded and folded) block by block over the shards;
+    with ``scaled`` False, (positions, rows before their row scale, the scales [b] or None): a product with the
+    rows is then scaled after it (one pass over the block fewer).
 
     ``items``: a frame with ``shard`` (path relative to ``root``) and ``row``; rows of one shard are read in
     ascending order, contiguous runs as slices of the memory map."""
@@ -150,7 +154,11 @@ def stream(root: Path, items, k: int, fold_to: int | None = None, budget: int = 
         for a in range(0, len(rows), step):
             r, p = rows[a:a + step], pos[a:a + step]
             sl = slice(int(r[0]), int(r[-1]) + 1) if r[-1] - r[0] + 1 == len(r) else r
-            yield p, fold_rows(decode(phi[sl], None if scale is None else scale[sl]), fold_to)
+            if scaled:
+                yield p, fold_rows(decode(phi[sl], None if scale is None else scale[sl]), fold_to)
+            else:
+                yield p, fold_rows(np.asarray(phi[sl], dtype=np.float32), fold_to), \
+                    None if scale is None else np.asarray(scale[sl], dtype=np.float64)
 
 
 class TopK:
@@ -205,10 +213,10 @@ def write_index(root: str | Path, phi_blocks, k: int, precision: str = "float32"
         nonlocal buf, n_total
         if not buf:
             return
-        phi = torch.cat([torch.as_tensor(b[0]) for b in buf])
+        phi = torch.as_tensor(buf[0][0]) if len(buf) == 1 else torch.cat([torch.as_tensor(b[0]) for b in buf])
         n = len(phi)
         sens = torch.cat([torch.as_tensor(b[1], dtype=torch.float64) if b[1] is not None
-                          else torch.as_tensor(b[0]).double().norm(dim=1) for b in buf])
+                          else torch.as_tensor(b[0]).float().norm(dim=1).double() for b in buf])
         base = torch.cat([torch.as_tensor(b[2], dtype=torch.float64) if b[2] is not None
                           else torch.zeros(len(b[0]), dtype=torch.float64) for b in buf])
         idx = list(range(n_total, n_total + n))
