@@ -40,7 +40,8 @@ help:
 	@echo "make index-query    - the generated queries against the index in seconds (runs/demo/index_queries)"
 	@echo "make index-fidelity - index vs exact unlearning on 8 generated + 8 training queries, k curve"
 	@echo "                      (runs/demo/index_fidelity: fidelity.md, k_curve.png)"
-	@echo "make index-scale    - the index at the paper's scale: size, build and query time (from FLOP counts)"
+	@echo "make index-scale    - the index at the paper's scale (FLOP counts), then at 10^4..10^6 synthetic items:"
+	@echo "                      precision fidelity, write, query time, memory, faiss recall (runs/bench/index_scale.json)"
 	@echo "make bank     - grow the shipped counterfactual bank (assets/bank/demo): one retrain after another, one"
 	@echo "                thread, resumable; BANK_ARGS='--commit true' commits each finished retrain's losses"
 	@echo "make bank-plan - the bank's plan, what is done and the time left"
@@ -135,6 +136,7 @@ index-fidelity: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 
 index-scale: venv
 	$(PY) scripts/index_paper_scale.py --bench runs/bench/attribution.json --out runs/bench/index_paper_scale.json
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/index_scale.py --out runs/bench/index_scale.json
 
 clean-demo:
 	rm -rf $(D)
