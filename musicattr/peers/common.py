@@ -1,0 +1,130 @@
+"""What the peers share: the queries of a compare run, one-item batches and their concatenation, the linear layers
+of a target group, and the resumable per-query scores tables."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from musicattr.atomic import atomic_write_json
+from musicattr.attribution.scores_table import scores_table
+
+log = logging.getLogger(__name__)
+SETTINGS_FILE = "settings.json"
+
+
+def settings_key(settings: Mapping[str, Any]) -> str:
+    """A short stable hash of a settings dict (names factor and score folders)."""
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
+
+
+def concat_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One batch from batches (of the store's format): tensors concatenated along dim 0, lists joined; only the keys
+    every batch has."""
+    keys = [k for k in batches[0] if all(k in b for b in batches)]
+    out = {}
+    for k in keys:
+        vals = [b[k] for b in batches]
+        out[k] = torch.cat(vals, 0) if torch.is_tensor(vals[0]) else [x for v in vals for x in v]
+    return out
+
+
+def store_batches(store) -> list[dict[str, Any]]:
+    """Every item of a latent store as a one-item batch, in the store's order (latents float32)."""
+    from musicattr.data.datamodules import collate_items
+
+    out = []
+    for i in range(len(store)):
+        item = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in store[i].items()
+                if v is not None}
+        out.append(collate_items([item]))
+    return out
+
+
+def compare_queries(compare: str | Path, store: str, query_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The queries of a ``musicattr compare`` run: [{query_id, kind, query, query_item, batch}] in queries.csv's
+    order (generated and planted: ``generated/<id>.query.safetensors``; training: the store item ``query_item``)."""
+    from musicattr.data.queries import query_batch
+
+    compare = Path(compare)
+    listing = compare / "queries.csv"
+    if not listing.exists():
+        raise FileNotFoundError(f"{listing} not found: {compare} is no finished `musicattr compare` run; fix: run "
+                                "compare first (`make benchmark` for the bank's queries) or point --compare at its "
+                                "out_dir")
+    table = pd.read_csv(listing, dtype={"query_id": str, "query_item": str})
+    missing_cols = {"query_id", "kind"} - set(table.columns)
+    if missing_cols:
+        raise ValueError(f"{listing} lacks the columns {sorted(missing_cols)}; fix: rerun `musicattr compare`")
+    if query_ids:
+        unknown = sorted(set(query_ids) - set(table["query_id"]))
+        if unknown:
+            raise ValueError(f"queries {unknown[:5]} are not in {listing}; fix: name query ids of that run")
+        table = table[table["query_id"].isin(set(query_ids))]
+    out = []
+    for r in table.to_dict("records"):
+        qid, kind = r["query_id"], r["kind"]
+        if kind == "training":
+            item = r.get("query_item")
+            if not isinstance(item, str) or not item:
+                raise ValueError(f"{listing}: training query {qid} names no query_item; fix: rerun `musicattr compare`")
+            batch = query_batch(None, item, store)
+            out.append({"query_id": qid, "kind": kind, "query": None, "query_item": item, "batch": batch})
+        else:
+            path = compare / "generated" / f"{qid}.query.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found (query {qid} of {listing}); fix: rerun `musicattr compare` "
+                                        "(it writes the query latents to generated/)")
+            out.append({"query_id": qid, "kind": kind, "query": str(path), "query_item": None,
+                        "batch": query_batch(str(path))})
+    return out
+
+
+def linear_layers(task, model, target: str = "all") -> dict[str, dict[str, str | None]]:
+    """The ``nn.Linear`` modules of ``task.net(model)`` with a parameter in the target group: module name relative to
+    ``model`` -> {"weight", "bias"}: the parameter names relative to the net (as ``select_parameters`` names them)."""
+    net = task.net(model)
+    prefix = next((n for n, m in model.named_modules() if m is net), None)
+    if prefix is None:
+        raise ValueError("task.net(model) is not a submodule of the model; fix: the task's net must be part of it")
+    params = set(task.select_parameters(model, target))
+    out = {}
+    for n, m in net.named_modules():
+        if isinstance(m, torch.nn.Linear) and f"{n}.weight" in params:
+            out[f"{prefix}.{n}" if prefix else n] = {"weight": f"{n}.weight",
+                                                     "bias": f"{n}.bias" if m.bias is not None else None}
+    if not out:
+        raise ValueError(f"the target group {target!r} holds no linear layer; fix: choose a group with linear layers")
+    return out
+
+
+def table_path(out_dir: str | Path, query_id: str, peer: str) -> Path:
+    return Path(out_dir) / "queries" / query_id / peer / "scores.parquet"
+
+
+def is_done(out_dir: str | Path, query_id: str, peer: str, settings: Mapping[str, Any]) -> bool:
+    """The query's table exists and was made with these settings."""
+    p = table_path(out_dir, query_id, peer)
+    s = p.parent / SETTINGS_FILE
+    if not (p.exists() and s.exists()):
+        return False
+    return json.loads(s.read_text()) == json.loads(json.dumps(settings, default=str))
+
+
+def write_table(out_dir: str | Path, query_id: str, peer: str, items: pd.DataFrame, score: np.ndarray,
+                settings: Mapping[str, Any], **columns) -> Path:
+    """The schema's scores table of one query (``scores_table``) and its settings beside it."""
+    p = table_path(out_dir, query_id, peer)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    df = scores_table(items, score, peer, query_id, **columns)
+    tmp = p.with_suffix(".tmp.parquet")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(p)
+    atomic_write_json(p.parent / SETTINGS_FILE, json.loads(json.dumps(settings, default=str)))
+    return p
