@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from musicattr.attribution.methods import registered
+from musicattr.attribution.methods import resolve_method
 from musicattr.attribution.settings import ScoreSettings, UnlearnSettings
 from musicattr.attribution.similarity import all_against_all, average, similarity_table
 from musicattr.attribution.unlearn import run_unlearn
@@ -221,7 +221,7 @@ def score_query(q: dict, info: dict, out: Path, checkpoint: str, fisher: str, s:
     run_unlearn(checkpoint, fisher, str(unlearned), **source, **unlearning.kwargs(), seed=seed, reuse=True, task=task,
                 device=unlearn_device(trainer))
     tables = {"unlearning": score_store(checkpoint, str(s.root), str(unlearned),
-                                        str(registered("unlearning").path(out, qid).parent), scoring.draws, seed,
+                                        str(resolve_method("unlearning").path(out, qid).parent), scoring.draws, seed,
                                         scoring.batch_size, trainer, relative=scoring.relative, task=task)}
     if scoring.relative:
         t = tables["unlearning"]
@@ -229,14 +229,14 @@ def score_query(q: dict, info: dict, out: Path, checkpoint: str, fisher: str, s:
                                                   method="unlearning-relative").sort_values("rank"))
     row_index = {}
     if ctx is not None:
-        row_index = _index_tables(ctx, tables, str(unlearned), qid, registered("index").path(out, qid).parent,
+        row_index = _index_tables(ctx, tables, str(unlearned), qid, resolve_method("index").path(out, qid).parent,
                                   scoring.relative)
     items = s.items.to_dict("records")
     query_audio = store_folder(s) / items[q["position"]]["file_name"] if item else gen_dir / info["audio"]
     qseg = emb.item(q["position"]) if item else encoder.embed_segments(*load_audio(str(query_audio)))
     for name, fn in ((f"all-against-all[{encoder.name}]", all_against_all), (f"average[{encoder.name}]", average)):
         tables[name] = similarity_table(fn(qseg, emb), items, method=f"similarity/{name}", query_id=qid)
-        with atomic_path(registered(name).path(out, qid)) as tmp:
+        with atomic_path(resolve_method(name).path(out, qid)) as tmp:
             tables[name].to_parquet(tmp, index=False)
     return tables, row_index, query_audio
 

@@ -16,7 +16,8 @@ from conftest import build_planted_setup, cli
 pytestmark = pytest.mark.slow
 METHODS = {"unlearning": ("unlearning/scores.parquet", "score"),
            "unlearning-relative": ("unlearning/scores.parquet", "relative_score"),
-           "all-against-all": ("all-against-all.parquet", "score"), "average": ("average.parquet", "score")}
+           "all-against-all[aisfx]": ("all-against-all.parquet", "score"),
+           "average[aisfx]": ("average.parquet", "score")}
 
 
 @pytest.fixture(scope="module")
