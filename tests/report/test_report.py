@@ -209,8 +209,8 @@ def test_report_of_a_real_compare_run(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")  # compare caches embeddings and baselines in the store
     compare, out = tmp_path / "compare", tmp_path / "report"
     cli(["compare", "--checkpoint", run["ckpt"], "--store", run["store"], "--fisher", run["fisher"], "--out_dir", compare,
-         "--prompts", '["a low tone"]', "--durations", "[1.0]", "--include_planted", "false", "--lr", "1e-5",
-         "--num_draws", "8", "--score_draws", "2", "--gen_steps", "2", "--use_wandb", "false"], cwd=tmp_path)
+         "--prompts", '["a low tone"]', "--durations", "[1.0]", "--include_planted", "false", "--unlearning.lr", "1e-5",
+         "--unlearning.num_draws", "8", "--scoring.draws", "2", "--gen_steps", "2", "--use_wandb", "false"], cwd=tmp_path)
     r = cli(["report", "--compare", compare, "--out_dir", out, "--top_k", "3", "--group_by", "[composer]"], cwd=tmp_path)
     assert r.stdout.strip().splitlines()[-1] == str(out / "index.html")
     index = (out / "index.html").read_text()
