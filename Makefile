@@ -19,7 +19,7 @@ RUN := --run_root $(D)
 AE := assets/demo_autoencoder
 
 .PHONY: all venv demo test test-fast bench reproducibility table1 self-influence figure1 report adherence autoencoder clean-demo help \
-	lds leave-k-out index index-query index-fidelity index-scale bank bank-plan benchmark
+	lds leave-k-out index index-query index-fidelity index-scale bank bank-plan benchmark peers
 
 help:
 	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
@@ -47,6 +47,8 @@ help:
 	@echo "make bank-plan - the bank's plan, what is done and the time left"
 	@echo "make benchmark - every method's scores on the bank's queries against the bank: LDS with intervals,"
 	@echo "                paired differences, null, noise ceiling, leave-K-out, group credit (runs/demo/benchmark)"
+	@echo "make peers    - EK-FAC influence (kronfluence), TRAK, D-TRAK (traker) and EK-FAC unlearning on the benchmark's"
+	@echo "                compare run (one table per query and peer; resumable); then make benchmark includes them"
 
 venv: $(VENV)/.installed
 
@@ -198,3 +200,8 @@ $(BD)/compare/comparison.json: $(BD)/index/index.json $(BANK)/queries/queries.cs
 
 benchmark: venv $(BD)/compare/comparison.json
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN)
+
+# The peers on the benchmark's compare run (configs/demo/peers.yaml): kronfluence's EK-FAC influence, traker's TRAK
+# and D-TRAK, EK-FAC-preconditioned unlearning; their tables sit beside compare's, where `make benchmark` reads them.
+peers: venv $(BD)/compare/comparison.json
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) peers --config $(CFG)/peers.yaml $(RUN) $(PEERS_ARGS)

@@ -85,7 +85,10 @@ STAGES = {
                             "musicattr.evaluation.index_fidelity:run_index_fidelity"),
     "report": Stage("an HTML page to listen to a query beside its attributed tracks, with credit shares",
                     "musicattr.report.stage:run_report"),
+    "peers": Stage("EK-FAC influence (kronfluence), TRAK / D-TRAK (traker) and EK-FAC unlearning for a compare run's "
+                   "queries: one scores table per query and peer", "musicattr.peers.stage:run_peers"),
 }
+METHOD_MODULES = ("musicattr.peers.methods",)  # register their methods (musicattr.attribution.methods) for every stage
 
 
 def _load(target: str | None):
@@ -168,6 +171,8 @@ def _function(name: str, stage: Stage, argv: list[str], root: str | None) -> Non
 
 def run(name: str, argv: list[str]) -> None:
     stage = STAGES[name]
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
     argv, root = with_run_root(argv)
     if root:  # the wandb runs of this stage live under its run root (<run_root>/wandb)
         os.environ[WANDB_DIR_ENV] = root

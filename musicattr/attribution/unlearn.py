@@ -116,7 +116,7 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
                 store: str | None = None, lr: float = 1e-6, steps: int = 1, num_draws: int = 256,
                 target: str = "all", strategy: str = "mixed", mask_unlearn: bool | None = None,
                 damping: float = 1e-3, seed: int = 0, draws_per_forward: int = 16, device: str = "cpu",
-                reuse: bool = False, task: AttributionTask | None = None) -> dict:
+                reuse: bool = False, task: AttributionTask | None = None, ekfac: str | None = None) -> dict:
     """Unlearn one query from theta0 (Eq. 2) and write the changed tensors to ``out``.
 
     Args:
@@ -133,6 +133,9 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
         reuse: keep an existing ``out`` whose metadata matches this run on every ``RUN_KEYS`` entry
             (fingerprints of checkpoint, Fisher and query included); otherwise it is recomputed.
         task: the attribution task (default: the SAT DiT of ``musicattr fit``).
+        ekfac: a folder of EK-FAC factors (kronfluence's, fitted by ``musicattr peers``): P is then EK-FAC on the
+            linear layers it covers and the diagonal Fisher on the other target tensors ("AbU+"); None (the default):
+            the diagonal Fisher everywhere.
     """
     from musicattr.attribution.masks import resolve_masks
 
@@ -148,9 +151,13 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
             "task": task.identity(), "num_items": None, "lr": lr, "steps": steps,
             "num_draws": num_draws, "target": target, "strategy": strategy, "mask_unlearn": mu, "mask_loss": ml,
             "damping": damping, "seed": seed}
+    if ekfac:
+        meta.update(preconditioner="ekfac", ekfac=ekfac, ekfac_fingerprint=file_fingerprint(
+            str(Path(ekfac) / "lambda_matrix.safetensors")))
     if reuse and os.path.exists(out):
         old = load_unlearned(out)[1]
-        if all(old.get(k) == json.loads(json.dumps(meta[k])) for k in RUN_KEYS if k != "num_items"):
+        same_p = all(old.get(k) == meta.get(k) for k in ("preconditioner", "ekfac_fingerprint"))
+        if same_p and all(old.get(k) == json.loads(json.dumps(meta[k])) for k in RUN_KEYS if k != "num_items"):
             log.info("unlearn: %s is up to date (same query, checkpoint, Fisher and settings): reused", out)
             return old
     _, model = load_theta(task, checkpoint)
@@ -159,6 +166,10 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
     params = task.select_parameters(model, target)
     precond = DiagonalFisher.load(fisher, params, damping, ckpt_fp).to(device)
     meta["num_items"] = precond.provenance()["num_items"]
+    if ekfac:
+        from musicattr.attribution.ekfac import EKFAC
+
+        precond = EKFAC.load(ekfac, list(params), damping, fallback=precond, checkpoint_fingerprint=ckpt_fp).to(device)
     theta0 = {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
     new = unlearn_query(task, model, batch, precond, meta["num_items"], target, lr, steps, num_draws, seed, mu,
                         draws_per_forward)

@@ -150,3 +150,45 @@ def test_eq2_with_ekfac_through_unlearn_query(fitted):
     with torch.no_grad():
         after = float(task.item_loss(model, q, 0, 8, namespace=UNLEARN, mask=True))
     assert after > before
+
+
+@pytest.mark.slow
+def test_run_unlearn_takes_ekfac_factors_and_keeps_the_diagonal_default(tmp_path):
+    """`musicattr unlearn --ekfac DIR`: P = EK-FAC on the linear layers + the diagonal Fisher elsewhere; without it
+    the run (and its metadata) is the diagonal Fisher's as before, and neither reuses the other's file."""
+    import lightning as L
+
+    from conftest import save_checkpoint
+    from musicattr.attribution.fisher import FisherModule
+    from musicattr.attribution.unlearn import load_unlearned, run_unlearn
+    from musicattr.data.datamodules import StorePredictDataModule
+    from musicattr.fingerprint import file_fingerprint
+    from musicattr.models.sat_task import SATDiffusionTask
+    from musicattr.peers.common import linear_layers, store_batches
+    from musicattr.peers.kronfluence_peer import fit_factors, make_analyzer
+
+    store = make_store(tmp_path / "store", n=6)
+    ckpt = save_checkpoint(make_module(), tmp_path / "theta0.ckpt")
+    fisher = tmp_path / "fisher.safetensors"
+    L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
+              enable_progress_bar=False).predict(FisherModule(ckpt, str(fisher), num_draws=2),
+                                                 datamodule=StorePredictDataModule(str(tmp_path / "store")))
+    task = SATDiffusionTask()
+    model = task.load(ckpt)
+    layers = linear_layers(task, model, "all")
+    analyzer, _ = make_analyzer(task, model, list(layers), tmp_path / "kf")
+    _, folder, _ = fit_factors(analyzer, store_batches(store), layers, 2, 6, "empirical",
+                               {"checkpoint_fingerprint": file_fingerprint(ckpt)})
+    item = store.items["item_id"].iloc[1]
+    kw = dict(query_item=item, store=str(tmp_path / "store"), lr=1e-3, num_draws=4)
+    diag = run_unlearn(ckpt, str(fisher), str(tmp_path / "diag.safetensors"), **kw)
+    ek = run_unlearn(ckpt, str(fisher), str(tmp_path / "ek.safetensors"), ekfac=str(folder), **kw)
+    assert "preconditioner" not in diag and ek["preconditioner"] == "ekfac"
+    a, b = load_unlearned(str(tmp_path / "diag.safetensors"))[0], load_unlearned(str(tmp_path / "ek.safetensors"))[0]
+    assert set(a) == set(b)
+    w = next(p["weight"] for p in layers.values())
+    assert not torch.equal(a[w], b[w])
+    gain = next(k for k in a if k.endswith("gamma"))  # off the linear layers: the diagonal Fisher in both
+    torch.testing.assert_close(a[gain], b[gain], rtol=1e-6, atol=1e-8)
+    again = run_unlearn(ckpt, str(fisher), str(tmp_path / "ek.safetensors"), reuse=True, **kw)  # diagonal: not reused
+    assert "preconditioner" not in again
