@@ -23,6 +23,7 @@ over the blocks.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -128,6 +129,20 @@ class ShardReader:
         return self.array(PHI), (self.array(SCALE) if SCALE in self else None)
 
 
+def prefetch(path: Path) -> None:
+    """Ask the kernel to read ``path`` ahead (posix_fadvise WILLNEED; a no-op where that is missing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass
+    finally:
+        os.close(fd)
+
+
 def block_rows(k: int, budget: int = BLOCK_BYTES) -> int:
     """Rows per streamed block: about ``budget`` bytes of float32 rows."""
     return max(1, budget // (4 * int(k)))
@@ -142,7 +157,10 @@ def stream(root: Path, items, k: int, fold_to: int | None = None, budget: int = 
     ``items``: a frame with ``shard`` (path relative to ``root``) and ``row``; rows of one shard are read in
     ascending order, contiguous runs as slices of the memory map."""
     step = block_rows(k, budget)
-    for shard, group in items.groupby("shard", sort=False):
+    groups = list(items.groupby("shard", sort=False))
+    for i, (shard, group) in enumerate(groups):
+        if i + 1 < len(groups):
+            prefetch(root / groups[i + 1][0])  # the kernel reads the next shard while this one is scored
         reader = ShardReader(root / shard)
         phi, scale = reader.rows()
         if phi.ndim != 2 or phi.shape[1] != k:
