@@ -68,8 +68,9 @@ def _kronfluence_task_class():
 
         def __init__(self, task, modules: Sequence[str], seed: int = 0, train_draws: int = 32,
                      query_draws: int = 128, query_mask: bool = True, train_mask: bool = False,
-                     fit_mask: bool = False):
+                     fit_mask: bool = False, fit_seed: int | None = None):
             self.task, self.modules, self.seed = task, list(modules), seed
+            self.fit_seed = seed if fit_seed is None else fit_seed
             self.train_draws, self.query_draws = train_draws, query_draws
             self.query_mask, self.train_mask, self.fit_mask = query_mask, train_mask, fit_mask
 
@@ -77,7 +78,8 @@ def _kronfluence_task_class():
             """L_{t_j}(z_b) for row b's draw ``draws[b]`` (one network call, the items as rows) -> [B]."""
             z = batch["latents"]
             keys = draw_keys(namespace, batch["item_id"])
-            pairs = [self.task.draws(self.seed, [k], [int(j)], tuple(z.shape[1:])) for k, j in zip(keys, draws)]
+            seed = self.fit_seed if namespace == FISHER else self.seed
+            pairs = [self.task.draws(seed, [k], [int(j)], tuple(z.shape[1:])) for k, j in zip(keys, draws)]
             t = torch.cat([p[0].reshape(1) for p in pairs]).to(z)
             eps = torch.cat([p[1].reshape(1, *z.shape[1:]) for p in pairs]).to(z)
             z_t, target = self.task.noise(z, t, eps)

@@ -47,7 +47,7 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
               query_mask: bool = True, batch_size: int = 16, fit_draws: int = 8, fisher_kind: str = "empirical",
               ekfac_damping: float | None = None, proj_dim: int = 2048, proj_seed: int = 0, trak_damping: float = 1e-3,
               query_batch_size: int = 4, unlearn_lr: float = 1e-6, unlearn_steps: int = 1, unlearn_damping: float = 1e-3,
-              score_draws: int = 32, threads: int | None = None) -> dict:
+              score_draws: int = 32, fit_seed: int | None = None, threads: int | None = None) -> dict:
     """Write every peer's scores table for the queries of a compare run.
 
     Args:
@@ -69,6 +69,8 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
             lambda_reg = damping x mean eigenvalue of Phi^T Phi, and queries per vmapped batch.
         unlearn_lr, unlearn_steps, unlearn_damping, score_draws: Eq. 2 (lr, steps, lambda = damping x mean
             eigenvalue, as the diagonal Fisher's) and Eq. 1's T for unlearning-ekfac (K = query_draws).
+        fit_seed: the draw seed of the EK-FAC factors (None: ``seed``); a rerun with another ``seed`` and the same
+            fit_seed reuses the fitted factors (the curvature is fitted once per model) and redraws the rest.
         threads: torch threads (default: leave as set, e.g. by OMP_NUM_THREADS).
     """
     from musicattr.attribution.task import load_theta, resolve_task
@@ -103,8 +105,8 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
         _, model = load_theta(task, checkpoint)
         layers = linear_layers(task, model, target)
         analyzer, _ = make_analyzer(task, model, list(layers), work / "kronfluence", seed=seed, train_draws=train_draws,
-                                    query_draws=query_draws, query_mask=query_mask)
-        fit_prov = {**base, "batch_size": batch_size}
+                                    query_draws=query_draws, query_mask=query_mask, fit_seed=fit_seed)
+        fit_prov = {**base, **({} if fit_seed is None else {"seed": fit_seed}), "batch_size": batch_size}
         fname, factors, fit_s = fit_factors(analyzer, train, layers, fit_draws, batch_size, fisher_kind, fit_prov)
         settings = {**base, "peer": "ekfac", "factors": fname, "fit_draws": fit_draws, "fisher_kind": fisher_kind,
                     "damping": ekfac_damping, "train_draws": train_draws, "query_draws": query_draws,
