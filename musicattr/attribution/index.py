@@ -50,8 +50,8 @@ import torch
 from musicattr.atomic import atomic_path, atomic_write_json
 from musicattr.attribution.cache import baseline_key, cache_path, sensitivity_key, write_cache
 from musicattr.attribution.gradients import preconditioned_gradients
-from musicattr.attribution.index_store import (PRECISIONS, TopK, bytes_per_item, check_precision, encode,
-                                               stream)
+from musicattr.attribution.index_store import (INDEX_FILE, ITEMS_FILE, PRECISIONS, SHARDS, TopK, bytes_per_item,
+                                               check_precision, encode, stream)
 from musicattr.attribution.preconditioner import DiagonalFisher
 from musicattr.attribution.sketch import make_projection
 from musicattr.attribution.task import AttributionTask, attach_task
@@ -59,7 +59,6 @@ from musicattr.parts import Parts, PartsWriter, RunMismatchError, TensorFormat
 
 log = logging.getLogger(__name__)
 FORMAT = 1
-INDEX_FILE, ITEMS_FILE, SHARDS = "index.json", "items.parquet", "shards"
 # provenance entries a query checks, with the option that sets each when building
 CHECKED = {"checkpoint_fingerprint": "checkpoint", "fisher_fingerprint": "fisher", "store_fingerprint": "store",
            "task": "task", "tensors": "target", "damping": "damping", "num_draws": "num_draws", "seed": "seed",

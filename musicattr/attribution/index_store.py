@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+INDEX_FILE, ITEMS_FILE, SHARDS = "index.json", "items.parquet", "shards"  # the index folder' layout
 PRECISIONS = {"float32": 4, "float16": 2, "int8": 1}  # bytes per stored number
 PHI, SCALE = "phi", "phi_scale"
 BLOCK_BYTES = 1 << 26  # 64 MiB of float32 per streamed block
@@ -220,7 +221,6 @@ def write_index(root: str | Path, phi_blocks, k: int, precision: str = "float32"
     from safetensors.torch import save_file
 
     from musicattr.atomic import atomic_path, atomic_write_json
-    from musicattr.attribution.index import INDEX_FILE, ITEMS_FILE, SHARDS
 
     check_precision(precision)
     root = Path(root)
