@@ -65,8 +65,9 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
         fit_draws: (item, draw) examples per item for the EK-FAC factors (the Fisher's draws); fisher_kind:
             'empirical' or 'sampled'; ekfac_damping: kronfluence's damping factor (None: its heuristic, 0.1 x mean
             eigenvalue per layer).
-        proj_dim, proj_seed, trak_damping, query_batch_size: TRAK's projection (traker's BasicProjector), its seed,
-            lambda_reg = damping x mean eigenvalue of Phi^T Phi, and queries per vmapped batch.
+        proj_dim, proj_seed, trak_damping: TRAK's projection (traker's BasicProjector), its seed, lambda_reg =
+            damping x mean eigenvalue of Phi^T Phi.
+        query_batch_size: queries per batch (TRAK's vmapped batch; EK-FAC's query-gradient batch).
         unlearn_lr, unlearn_steps, unlearn_damping, score_draws: Eq. 2 (lr, steps, lambda = damping x mean
             eigenvalue, as the diagonal Fisher's) and Eq. 1's T for unlearning-ekfac (K = query_draws).
         fit_seed: the draw seed of the EK-FAC factors (None: ``seed``); a rerun with another ``seed`` and the same
@@ -116,7 +117,8 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
             log.info("peers/ekfac: scoring %d queries (%d already done)", len(todo), len(qs) - len(todo))
             t0 = time.time()
             key = settings_key({**settings, "queries": [q["query_id"] for q in todo]})
-            sc = pairwise_scores(analyzer, fname, [q["batch"] for q in todo], train, batch_size, ekfac_damping, key)
+            sc = pairwise_scores(analyzer, fname, [q["batch"] for q in todo], train, batch_size, ekfac_damping, key,
+                                 query_batch_size)
             for q, row in zip(todo, sc):
                 write_table(out, q["query_id"], "ekfac", items, row, settings, score_se=np.zeros(len(row)))
             dt = time.time() - t0
