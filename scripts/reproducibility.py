@@ -104,8 +104,9 @@ def main() -> None:
     ap.add_argument("--unlearned", nargs="+", help="unlearned files of `musicattr unlearn` (default "
                                                    "<run_root>/unlearned/q000.safetensors)")
     ap.add_argument("--designs", nargs="+", default=["uniform:32", "stratified-8:32", "uniform:64"],
-                    help="timesteps:T[:aK], timesteps as the task's config (uniform, stratified-S); aK: "
-                         "adaptive draws at the top-K boundary after the pass (budget 1 x N T)")
+                    help="timesteps[+shared]:T[:aK], timesteps as the task's config (uniform, stratified-S); "
+                         "+shared: every item takes the same draws (the task's shared_draws); aK: adaptive draws at "
+                         "the top-K boundary after the pass (budget 1 x N T)")
     ap.add_argument("--seeds", nargs=2, type=int, default=[0, 1])
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--out", help="JSON output (default <run_root>/reproducibility/reproducibility.json)")
@@ -131,7 +132,8 @@ def main() -> None:
             timesteps, _, rest = design.partition(":")
             draws, _, race = rest.partition(":")  # timesteps:T[:aK] - aK: adaptive draws at the top-K boundary
             draws = int(draws or REFERENCE_T)
-            task = SATDiffusionTask(timesteps=timesteps)
+            timesteps, shared, _ = timesteps.partition("+shared")
+            task = SATDiffusionTask(timesteps=timesteps, shared_draws=bool(shared))
             model = task.load(a.checkpoint)
             named = dict(task.net(model).named_parameters())
             params = {k: named[k] for k in tensors}
@@ -153,7 +155,8 @@ def main() -> None:
                     added.append(n)
                 passes = refined
                 cost += float(np.mean(added)) / (len(store) * REFERENCE_T)
-            row = {"query_id": meta["query_id"], "unlearned": path, "design": timesteps + (f"+{race}" if race else ""),
+            row = {"query_id": meta["query_id"], "unlearned": path,
+                   "design": timesteps + shared + (f"+{race}" if race else ""),
                    "num_draws": draws, "cost": cost, "seconds_per_pass": float(np.mean([p[2] for p in passes])),
                    **compare(passes[0][:2], passes[1][:2])}
             rows.append(row)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.func import grad, vmap
 
 from musicattr.atomic import atomic_path
-from musicattr.attribution.loss import FISHER, draw_keys, repeat_conditioning
+from musicattr.attribution.loss import FISHER, repeat_conditioning
 from musicattr.attribution.task import AttributionTask, attach_task
 from musicattr.parts import Parts, PartsWriter, TensorFormat
 
@@ -43,7 +43,7 @@ def _examples(task: AttributionTask, model, batch, seed: int, draws, namespace: 
     """Flatten items x draws into single-draw examples (z, t, eps, cond, mask), item-major."""
     z = batch["latents"]
     b, d = z.shape[0], len(draws)
-    t, eps = task.draws(seed, draw_keys(namespace, batch["item_id"]), draws, tuple(z.shape[1:]))
+    t, eps = task.draws(seed, task.draw_keys(namespace, batch["item_id"]), draws, tuple(z.shape[1:]))
     with torch.no_grad():
         cond = task.conditioning(model, batch)
     c = {k: v for k, v in repeat_conditioning(cond, d).items() if v is not None}

@@ -42,11 +42,16 @@ class AttributionTask(ABC):
 
     parameter_groups: Mapping[str, str] = {}
     timesteps = UNIFORM
+    shared_draws = False
 
-    def __init__(self, timesteps: str | None = None):
-        """``timesteps``: the draw design of t, 'uniform', 'stratified-S' or 'discrete-N' (None: the task's own)."""
+    def __init__(self, timesteps: str | None = None, shared_draws: bool | None = None):
+        """``timesteps``: the draw design of t, 'uniform', 'stratified-S' or 'discrete-N' (None: the task's own).
+        ``shared_draws``: every item takes the same draws (t_j, eps_j) of a purpose (common random numbers), so
+        the noise that the items' scores share does not move their ranking (None: the task's own, per item)."""
         if timesteps is not None:
             self.timesteps = timesteps_from(timesteps)
+        if shared_draws is not None:
+            self.shared_draws = bool(shared_draws)
 
     # ---------------------------------------------------------------- the model
     @abstractmethod
@@ -59,7 +64,8 @@ class AttributionTask(ABC):
 
     def identity(self) -> dict[str, Any]:
         """What distinguishes this task's losses from another's (part of every cache and run key)."""
-        return {"task": f"{type(self).__module__}.{type(self).__qualname__}", **self.timesteps.identity()}
+        return {"task": f"{type(self).__module__}.{type(self).__qualname__}", **self.timesteps.identity(),
+                **({"draws": "shared"} if self.shared_draws else {})}
 
     # ---------------------------------------------------------------- the data
     @abstractmethod
@@ -82,6 +88,11 @@ class AttributionTask(ABC):
         (``torch.func.functional_call``), as per-sample gradients need."""
 
     # ---------------------------------------------------------------- built from the above
+    def draw_keys(self, namespace: str, item_ids) -> list[str]:
+        """The keys of the items' draws for one purpose: ``namespace + item_id``, or with ``shared_draws`` one key
+        ``namespace + '*'`` for every item (draw j is then the same (t_j, eps_j) for all of them)."""
+        return draw_keys(namespace, ["*"] * len(item_ids) if self.shared_draws else item_ids)
+
     def draws(self, seed: int, keys, draws, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B, D] and eps [B, D, *shape] of draws ``draws`` of ``keys`` (this task's timestep sampler)."""
         return make_draws(seed, keys, draws, shape, self.timesteps)
@@ -105,7 +116,7 @@ class AttributionTask(ABC):
         ``draws_per_forward`` at a time to bound memory; ``cond`` reuses conditioning computed once by the caller."""
         z = batch["latents"]
         b = z.shape[0]
-        keys = draw_keys(namespace, batch["item_id"])
+        keys = self.draw_keys(namespace, batch["item_id"])
         cond = self.conditioning(model, batch) if cond is None else cond
         m = self.frame_mask(model, batch) if mask else None
         chunks = []

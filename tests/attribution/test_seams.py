@@ -190,3 +190,31 @@ def test_the_2d_task_through_loss_fisher_unlearning_scoring_and_index():
     slope = (small - base) / h
     print("tau / h:", slope.tolist(), "first order:", first.tolist())
     torch.testing.assert_close(slope, first, rtol=0.05, atol=0.01 * float(first.abs().max()))
+
+
+def test_shared_draws_give_every_item_the_same_draws_and_key_their_caches():
+    """Common random numbers: with shared_draws draw j is one (t_j, eps_j) for every item, in every purpose that
+    asks the task for its keys (scoring, the Fisher); the default stays per item, and the identity says which."""
+    from musicattr.attribution.fisher import squared_grads_loop
+
+    _, model, batch = _setup()
+    shared, own = Task2d(shared_draws=True), Task2d()
+    assert shared.identity() == {**own.identity(), "draws": "shared"} and "draws" not in own.identity()
+    assert shared.draw_keys("score/", ["a", "b"]) == ["score/*", "score/*"]
+    t, eps = shared.draws(0, shared.draw_keys("", ["a", "b", "c"]), range(4), (2, 4, 8))
+    assert torch.equal(t[0], t[1]) and torch.equal(eps[0], eps[2])
+    t_own, _ = own.draws(0, own.draw_keys("", ["a", "b"]), range(4), (2, 4, 8))
+    assert not torch.equal(t_own[0], t_own[1])
+    # the per-draw losses of two identical items are identical only when their draws are shared
+    twin = {**batch, "latents": batch["latents"][[0, 0]], "valid_frames": batch["valid_frames"][[0, 0]],
+            "item_id": ["a", "b"]}
+    with torch.no_grad():
+        ls, lo = shared.draw_losses(model, twin, 3, 4), own.draw_losses(model, twin, 3, 4)
+    assert torch.equal(ls[0], ls[1]) and not torch.allclose(lo[0], lo[1])
+    # the Fisher takes its draws from the task too: under shared draws the twins' sum is twice one of them
+    params = shared.select_parameters(model, "all")
+    one = {k: v[:1] if torch.is_tensor(v) else ["z"] for k, v in twin.items()}
+    sq_twin = squared_grads_loop(shared, model, params, twin, 0, range(2))
+    sq_one = squared_grads_loop(shared, model, params, one, 0, range(2))
+    for k in sq_one:
+        assert torch.allclose(sq_twin[k], 2 * sq_one[k], rtol=1e-6, atol=1e-15)
