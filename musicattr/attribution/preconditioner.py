@@ -12,7 +12,8 @@ over the tensors it covers, F from ``musicattr fisher`` (the fit).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -43,8 +44,8 @@ class Preconditioner(ABC):
         return {k: self.apply_tensor(k, v, -0.5) for k, v in values.items()}
 
 
-def damped_inverse(fisher: Mapping[str, torch.Tensor], names, damping: float) -> dict[str, torch.Tensor]:
-    """(F + lambda)^-1 on the tensors ``names`` (float64), lambda = damping * mean(F) over those tensors."""
+def damping_lambda(fisher: Mapping[str, torch.Tensor], names, damping: float) -> float:
+    """lambda = damping * mean(F) over the tensors ``names`` (the sum in float64); refuses missing or all-zero F."""
     names = list(names)
     missing = [k for k in names if k not in fisher]
     if missing:
@@ -56,22 +57,50 @@ def damped_inverse(fisher: Mapping[str, torch.Tensor], names, damping: float) ->
         raise ValueError("the Fisher is zero on every target tensor: these parameters do not affect the loss "
                          "(e.g. a cross-attention that ignores its context); fix: check the model config or "
                          "choose another target group")
-    lam = damping * total / max(count, 1)
+    return damping * total / max(count, 1)
+
+
+def damped_inverse(fisher: Mapping[str, torch.Tensor], names, damping: float) -> dict[str, torch.Tensor]:
+    """(F + lambda)^-1 on the tensors ``names`` (float64), lambda = damping * mean(F) over those tensors."""
+    lam = damping_lambda(fisher, names, damping)
     return {k: 1.0 / (fisher[k].double() + lam) for k in names}
+
+
+class _PerTensor(Mapping):
+    """A read-only mapping name -> fn(name), computed at each access and never held (memory: one tensor)."""
+
+    def __init__(self, names, fn):
+        self._names, self._fn = list(names), fn
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._fn(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class DiagonalFisher(Preconditioner):
     """P = (F + lambda)^-1, elementwise; lambda = damping * mean(F) over ``names``.
 
-    The inverse is kept in float64 (``inverse``); for float32 gradients (phi_i, s_i) its square root also in
-    ``root_dtype`` (float32 by default); float64 inputs (Eq. 2, psi) get float64 math throughout."""
+    Only F is held, as stored (float32 from ``musicattr fisher``: 4 bytes per parameter); the inverse
+    1 / (F + lambda) (float64, ``inverse``) and, for float32 gradients (phi_i, s_i), its square root in
+    ``root_dtype`` (float32 by default, ``root``) are computed tensor by tensor when applied, with the same float64
+    math as holding them (at 1 B parameters that would be 8 + 4 GB). Float64 inputs (Eq. 2, psi) get float64
+    math throughout."""
 
     def __init__(self, fisher: Mapping[str, torch.Tensor], names, damping: float,
                  provenance: Mapping[str, Any] | None = None, root_dtype: torch.dtype = torch.float32):
         self.names = list(names)
         self.damping = float(damping)
-        self.inverse = damped_inverse(fisher, self.names, self.damping)
-        self.root = {k: v.sqrt().to(root_dtype) for k, v in self.inverse.items()}
+        self.lam = damping_lambda(fisher, self.names, self.damping)
+        self.fisher = {k: fisher[k] for k in self.names}
+        self.inverse = _PerTensor(self.names, lambda k: 1.0 / (self.fisher[k].double() + self.lam))
+        self.root = _PerTensor(self.names, lambda k: self.inverse[k].sqrt().to(root_dtype))
         self._provenance = {"preconditioner": "diagonal-fisher", **dict(provenance or {}), "damping": self.damping}
 
     @classmethod
@@ -89,16 +118,17 @@ class DiagonalFisher(Preconditioner):
         return dict(self._provenance)
 
     def to(self, device: torch.device | str) -> "DiagonalFisher":
-        self.inverse = {k: v.to(device) for k, v in self.inverse.items()}
-        self.root = {k: v.to(device) for k, v in self.root.items()}
+        self.fisher = {k: v.to(device) for k, v in self.fisher.items()}
         return self
 
     def apply_tensor(self, name: str, g: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+        if power == 0.5 and g.dtype != torch.float64:
+            return g * self.root[name].to(g.device, g.dtype)
         inv = self.inverse[name].to(g.device)
         if power == 1.0:
             return g.double() * inv
         if power == 0.5:
-            return g * self.root[name].to(g.device, g.dtype) if g.dtype != torch.float64 else g * inv.sqrt()
+            return g * inv.sqrt()
         if power == -0.5:
             return g.double() / inv.sqrt()
         return g.double() * inv.pow(power)

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -41,29 +41,56 @@ METHOD = "index"
 
 def project(projection, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """P psi for psi given tensor by tensor (float64 [k], on the CPU)."""
+    return project_norm(projection, tensors.items())[0]
+
+
+def project_norm(projection, tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, float]:
+    """(P psi as float64 [k] on the CPU, ||psi||) for psi handed over one (name, tensor) at a time: with a
+    generator of tensors psi never exists whole (at 1 B parameters it would be 8 GB in float64)."""
     out = torch.zeros(projection.k, dtype=torch.float64)
-    for name, v in tensors.items():
+    sq = 0
+    for name, v in tensors:
         projection.add(out, name, v.cpu())
-    return out
+        sq = sq + v.double().pow(2).sum()
+        del v
+    return out, float(sq) ** 0.5
+
+
+def gradient_psi_tensors(task: AttributionTask, model, params, precond: Preconditioner, batch, lr: float,
+                         num_items: int, num_draws: int, seed: int, mask: bool, draws_per_forward: int = 16
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """psi = lr/N P^1/2 g_q tensor by tensor (float64), g_q the query's gradient of Eq. 2 (K draws keyed
+    unlearn/<id>, M_U), summed over the draws in float32 (one forward's draws: exactly the float64 total; over
+    several, a relative rounding of about 1e-7 per chunk, far below the sketch's error). Each tensor of g_q is
+    freed once its psi is handed over, so memory holds the float32 gradient and one float64 tensor."""
+    from musicattr.attribution.loss import UNLEARN
+    from musicattr.attribution.unlearn import loss_gradient
+
+    g = loss_gradient(task, model, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
+                      draws_per_forward=draws_per_forward, dtype=torch.float32)
+    for k in list(g):
+        yield k, (lr / num_items) * precond.apply_tensor(k, g.pop(k).double(), 0.5)
 
 
 def gradient_psi(task: AttributionTask, model, params, precond: Preconditioner, batch, lr: float,
                  num_items: int, num_draws: int, seed: int, mask: bool, draws_per_forward: int = 16
                  ) -> dict[str, torch.Tensor]:
     """psi = lr/N P^1/2 g_q, g_q the query's gradient of Eq. 2 (K draws keyed unlearn/<id>, M_U)."""
-    from musicattr.attribution.loss import UNLEARN
-    from musicattr.attribution.unlearn import loss_gradient
+    return dict(gradient_psi_tensors(task, model, params, precond, batch, lr, num_items, num_draws, seed, mask,
+                                     draws_per_forward))
 
-    g = loss_gradient(task, model, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
-                      draws_per_forward=draws_per_forward)
-    return {k: (lr / num_items) * v for k, v in precond.apply_sqrt(g).items()}
+
+def unlearned_psi_tensors(theta0: Mapping[str, torch.Tensor], unlearned: Mapping[str, torch.Tensor],
+                          precond: Preconditioner) -> Iterator[tuple[str, torch.Tensor]]:
+    """psi = P^-1/2 (theta_unlearned - theta0) tensor by tensor (float64, CPU)."""
+    for k in unlearned:
+        yield k, precond.apply_tensor(k, unlearned[k].double() - theta0[k].detach().cpu().double(), -0.5).cpu()
 
 
 def unlearned_psi(theta0: Mapping[str, torch.Tensor], unlearned: Mapping[str, torch.Tensor],
                   precond: Preconditioner) -> dict[str, torch.Tensor]:
     """psi = P^-1/2 (theta_unlearned - theta0), so that <phi_i, psi> = <g_i, theta_unlearned - theta0>."""
-    return {k: v.cpu() for k, v in precond.apply_root(
-        {k: unlearned[k].double() - theta0[k].detach().cpu().double() for k in unlearned}).items()}
+    return dict(unlearned_psi_tensors(theta0, unlearned, precond))
 
 
 def check_unlearned(meta: Mapping[str, Any], path: str, index: AttributionIndex) -> None:
@@ -119,38 +146,64 @@ class QueryContext:
         self.precond, self.projection, self.num_items = precond, projection, num_items
         self.mask_unlearn, self.common, self.device = mask_unlearn, common, device
 
-    def from_query(self, query: str | None = None, query_item: str | None = None, *, lr: float, num_draws: int,
-                   seed: int, strategy: str, draws_per_forward: int = 16) -> tuple[dict[str, torch.Tensor], dict]:
-        """psi = lr/N (F + lambda)^-1/2 g_q of a generated query file or a training item."""
+    def _gradient(self, query, query_item, lr, num_draws, seed, strategy, draws_per_forward):
         from musicattr.data.queries import query_batch, query_fingerprint
 
-        t0 = time.perf_counter()
         batch = query_batch(query, query_item, str(self.store.root))
         batch = {key: (v.to(self.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-        psi = gradient_psi(self.task, self.model, self.params, self.precond, batch, lr, self.num_items, num_draws, seed,
-                           self.mask_unlearn, draws_per_forward)
+        psi = gradient_psi_tensors(self.task, self.model, self.params, self.precond, batch, lr, self.num_items,
+                                   num_draws, seed, self.mask_unlearn, draws_per_forward)
         qid = batch["item_id"][0]
         meta = {**self.common, "query_id": qid, "query": query, "query_item": query_item,
                 "query_fingerprint": query_fingerprint(query, query_item, str(self.store.root)), "lr": lr,
                 "steps": 1, "num_draws": num_draws, "strategy": strategy, "mask_unlearn": self.mask_unlearn,
                 "seed": seed, "task": self.task.identity()}
-        return psi, {"query_id": qid, "source": "gradient", "seconds": time.perf_counter() - t0, "unlearned": meta}
+        return psi, {"query_id": qid, "source": "gradient", "unlearned": meta}
 
-    def from_unlearned(self, path: str) -> tuple[dict[str, torch.Tensor], dict]:
-        """psi = (F + lambda)^1/2 (theta_unlearned - theta0) of an unlearned file of ``musicattr unlearn``."""
+    def from_query(self, query: str | None = None, query_item: str | None = None, *, lr: float, num_draws: int,
+                   seed: int, strategy: str, draws_per_forward: int = 16) -> tuple[dict[str, torch.Tensor], dict]:
+        """psi = lr/N (F + lambda)^-1/2 g_q of a generated query file or a training item."""
+        t0 = time.perf_counter()
+        psi, info = self._gradient(query, query_item, lr, num_draws, seed, strategy, draws_per_forward)
+        psi = dict(psi)
+        return psi, {**info, "seconds": time.perf_counter() - t0}
+
+    def projected_query(self, query: str | None = None, query_item: str | None = None, *, lr: float,
+                        num_draws: int, seed: int, strategy: str, draws_per_forward: int = 16
+                        ) -> tuple[torch.Tensor, float, dict]:
+        """(P psi, ||psi||, record) of ``from_query``'s psi, projected tensor by tensor: psi is never held whole."""
+        t0 = time.perf_counter()
+        psi, info = self._gradient(query, query_item, lr, num_draws, seed, strategy, draws_per_forward)
+        p, norm = project_norm(self.projection, psi)
+        return p, norm, {**info, "seconds": time.perf_counter() - t0}
+
+    def _unlearned(self, path: str):
         from musicattr.attribution.unlearn import load_unlearned
         from musicattr.fingerprint import file_fingerprint
 
-        t0 = time.perf_counter()
         tensors, meta = load_unlearned(path)
         check_unlearned(meta, path, self.index)
         outside = sorted(set(tensors) - set(self.params))
         if outside:
             raise IndexMismatchError(f"{path} changes tensors the index does not hold ({outside[:3]}...); fix: build "
                                      "the index with the unlearning target (--model.target)")
-        psi = unlearned_psi({n: p.detach() for n, p in self.params.items()}, tensors, self.precond)
-        return psi, {"query_id": meta["query_id"], "source": "unlearned", "seconds": time.perf_counter() - t0,
-                     "unlearned": meta, "unlearned_fingerprint": file_fingerprint(path)}
+        psi = unlearned_psi_tensors({n: p.detach() for n, p in self.params.items()}, tensors, self.precond)
+        return psi, {"query_id": meta["query_id"], "source": "unlearned", "unlearned": meta,
+                     "unlearned_fingerprint": file_fingerprint(path)}
+
+    def from_unlearned(self, path: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """psi = (F + lambda)^1/2 (theta_unlearned - theta0) of an unlearned file of ``musicattr unlearn``."""
+        t0 = time.perf_counter()
+        psi, info = self._unlearned(path)
+        psi = dict(psi)
+        return psi, {**info, "seconds": time.perf_counter() - t0}
+
+    def projected_unlearned(self, path: str) -> tuple[torch.Tensor, float, dict]:
+        """(P psi, ||psi||, record) of ``from_unlearned``'s psi, projected tensor by tensor."""
+        t0 = time.perf_counter()
+        psi, info = self._unlearned(path)
+        p, norm = project_norm(self.projection, psi)
+        return p, norm, {**info, "seconds": time.perf_counter() - t0}
 
     def scores(self, psis: list[Mapping[str, torch.Tensor]]) -> np.ndarray:
         """tau^ [N, Q] (rows in ``index.items`` order) of several psi: one pass over the index."""
@@ -251,22 +304,23 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
                      score_seed, k, device, task)
     gradient = {"lr": lr, "num_draws": num_draws, "seed": seed, "strategy": strategy,
                 "draws_per_forward": draws_per_forward}
-    answers = ([ctx.from_query(query=q, **gradient) for q in queries]
-               + [ctx.from_query(query_item=q, **gradient) for q in query_items]
-               + [ctx.from_unlearned(path) for path in unlearned])
+    answers = ([ctx.projected_query(query=q, **gradient) for q in queries]  # (P psi, ||psi||, record) each
+               + [ctx.projected_query(query_item=q, **gradient) for q in query_items]
+               + [ctx.projected_unlearned(path) for path in unlearned])
     if head is not None and int(head) < 1:
         raise ValueError(f"head = {head}: choose m >= 1 (the top-m per query), or null for every item")
     t0 = time.perf_counter()
+    projected = torch.stack([p for p, _, _ in answers], 1)
     if head is None:
-        tau, heads = ctx.scores([psi for psi, _ in answers]), None
+        tau, heads = ctx.index.scores(projected), None
     else:
-        tau, heads = None, ctx.heads([psi for psi, _ in answers], int(head), relative)
+        tau, heads = None, head_scores(ctx.index, projected, int(head), relative)
     lookup = time.perf_counter() - t0
     idx, prov = ctx.index, ctx.index.provenance
     log.info("query: %d queries against %d items x k = %d in %.3f s (one pass over the index)",
              len(answers), idx.num_items, idx.k, lookup)
     out, summary = Path(out_dir), []
-    for q, ((psi, info), name) in enumerate(zip(answers, folder_names([i["query_id"] for _, i in answers]))):
+    for q, ((_, norm, info), name) in enumerate(zip(answers, folder_names([i["query_id"] for _, _, i in answers]))):
         qdir = out / name
         if heads is None:
             df = index_table(idx, ctx.store, tau[:, q], info["query_id"], relative)
@@ -275,7 +329,6 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
         with atomic_path(qdir / "scores.parquet") as tmp:
             df.to_parquet(tmp, index=False)
         # the projection's error of tau^_i is about s_i ||psi|| sqrt(2 / k) (sketch.py); its median, for reading
-        norm = float(sum(v.double().pow(2).sum() for v in psi.values()) ** 0.5)
         sd = float(np.median(idx.items["sensitivity"])) * norm * (2 / idx.k) ** 0.5
         atomic_write_json(qdir / "noise.json", {"float_error": None, "projection_error": sd,
                                                 "median_abs_score": None if tau is None

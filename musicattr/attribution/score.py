@@ -147,7 +147,8 @@ class ScoringModule(L.LightningModule):
     def prepare(self, device: torch.device | str = "cpu") -> None:
         """Move theta0 to ``device`` and keep both versions of the unlearned tensors there (no Trainer needed)."""
         self.theta0.to(device)
-        self.original = {k: p.detach().clone() for k, p in self.params.items()}
+        # theta0's own tensors (no copy: ``use`` swaps by assignment and nothing writes into them)
+        self.original = {k: p.detach() for k, p in self.params.items()}
         self.unlearned_values = {k: v.to(device, self.params[k].dtype) for k, v in self.changed.items()}
         if self.hparams.relative:
             self.precond.to(device)

@@ -37,41 +37,66 @@ MIN_CHANGED_FRACTION = 0.5  # warn when fewer target elements than this moved
 
 def loss_gradient(task: AttributionTask, model, params: Mapping[str, torch.nn.Parameter], batch, seed: int,
                   num_draws: int, *, namespace: str = "", mask: bool = False, draws_per_forward: int = 16,
-                  cond=None) -> dict[str, torch.Tensor]:
+                  cond=None, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """grad_theta of the summed per-item loss L(z_b, theta; M) of ``batch`` over ``num_draws`` draws keyed
-    ``namespace + id`` (float64, accumulated ``draws_per_forward`` draws at a time). For a one-item batch
-    with ``namespace=UNLEARN`` and M = M_U this is the query gradient of Eq. 2."""
+    ``namespace + id`` (accumulated in ``dtype``, float64 by default, ``draws_per_forward`` draws at a time). For a
+    one-item batch with ``namespace=UNLEARN`` and M = M_U this is the query gradient of Eq. 2.
+
+    Each tensor's gradient is added to the total as soon as the backward pass has produced it and then freed
+    (a hook per tensor), so memory holds the total plus one tensor's gradient, not a second copy of the model."""
+    from musicattr.attribution.gradients import _tensor_hooks
+
     names = list(params)
-    total = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    total = {k: torch.zeros_like(p, dtype=dtype) for k, p in params.items()}
     if cond is None:
         with torch.no_grad():
             cond = task.conditioning(model, batch)
-    with torch.enable_grad():
-        for start in range(0, num_draws, draws_per_forward):
-            n = min(draws_per_forward, num_draws - start)
-            loss = task.item_loss(model, batch, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
-                                  draw_offset=start, cond=cond)
-            grads = torch.autograd.grad(loss.sum() * (n / num_draws), [params[k] for k in names])
-            for k, g in zip(names, grads):
-                total[k] += g.double()
+
+    def take(name: str, g: torch.Tensor) -> None:
+        total[name] += g.to(dtype)
+
+    saved = {k: p.grad for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    try:
+        with _tensor_hooks(params, take) as state, torch.enable_grad():
+            state["armed"] = True
+            for start in range(0, num_draws, draws_per_forward):
+                n = min(draws_per_forward, num_draws - start)
+                loss = task.item_loss(model, batch, seed, n, namespace=namespace, mask=mask, draws_per_forward=n,
+                                      draw_offset=start, cond=cond)
+                (loss.sum() * (n / num_draws)).backward(inputs=[params[k] for k in names])
+    finally:
+        for k, p in params.items():
+            p.grad = saved[k]
     return total
+
+
+def _per_tensor(precond: Preconditioner) -> bool:
+    """Whether P applies tensor by tensor (``Preconditioner.apply`` not overridden, as the diagonal Fisher)."""
+    return type(precond).apply is Preconditioner.apply
 
 
 def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor], precond: Preconditioner,
                lr: float, num_items: int) -> dict[str, torch.Tensor]:
     """theta + lr / N * P grad (float64 math, cast back to theta's dtype); P = (F + lambda)^-1 for the diagonal
     Fisher."""
+    if _per_tensor(precond):  # the same numbers, one float64 step at a time
+        return {k: (theta[k].double() + lr / num_items * precond.apply_tensor(k, grad[k], 1.0)).to(theta[k].dtype)
+                for k in grad}
     step = precond.apply(grad)
     return {k: (theta[k].double() + lr / num_items * step[k]).to(theta[k].dtype) for k in grad}
 
 
 def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, num_items: int,
                   target: str = "all", lr: float = 1e-6, steps: int = 1, num_draws: int = 256, seed: int = 0,
-                  mask: bool = True, draws_per_forward: int = 16) -> dict[str, torch.Tensor]:
+                  mask: bool = True, draws_per_forward: int = 16, on_update=None) -> dict[str, torch.Tensor]:
     """Apply Eq. 2 ``steps`` times in place on the target parameters of ``model`` for the one-item ``batch``
     (draws keyed ``unlearn/<id>``, ``mask`` M_U); return their new values (CPU).
 
-    The caller keeps theta0 (e.g. reload the checkpoint) if it needs it afterwards.
+    With a per-tensor preconditioner each tensor is updated (and its float64 gradient freed) before the next
+    one's step is formed. ``on_update(name, old, new)``, if given, sees each tensor's values before and after
+    each step. The caller keeps theta0 (e.g. reload the checkpoint) if it needs it afterwards.
     """
     params = task.select_parameters(model, target)
     with torch.no_grad():
@@ -79,10 +104,18 @@ def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, 
     for _ in range(steps):
         g = loss_gradient(task, model, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
                           draws_per_forward=draws_per_forward, cond=cond)
-        new = eq2_update({k: p.detach() for k, p in params.items()}, g, precond, lr, num_items)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(new[k])
+        if _per_tensor(precond):
+            updates = ((k, eq2_update({k: params[k].detach()}, {k: g.pop(k)}, precond, lr, num_items)[k])
+                       for k in list(g))
+        else:
+            updates = iter(eq2_update({k: p.detach() for k, p in params.items()}, g, precond, lr, num_items).items())
+        for k, new in updates:
+            with torch.no_grad():
+                if on_update is not None:
+                    on_update(k, params[k].detach(), new)
+                params[k].copy_(new)
+            del new
+        del g
     return {k: p.detach().clone().cpu() for k, p in params.items()}
 
 
@@ -170,10 +203,17 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
         from musicattr.attribution.ekfac import EKFAC
 
         precond = EKFAC.load(ekfac, list(params), damping, fallback=precond, checkpoint_fingerprint=ckpt_fp).to(device)
-    theta0 = {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+    count = {"changed": 0}
+    if steps == 1:  # elements changed = elements the one step moved: counted as it is applied, no copy of theta0
+        def seen(name, old, new_value):
+            count["changed"] += int((new_value != old).sum())
+        theta0 = None
+    else:
+        seen, theta0 = None, {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
     new = unlearn_query(task, model, batch, precond, meta["num_items"], target, lr, steps, num_draws, seed, mu,
-                        draws_per_forward)
-    changed, total = count_changed(theta0, new)
+                        draws_per_forward, on_update=seen)
+    changed, total = (count["changed"], sum(v.numel() for v in new.values())) if theta0 is None \
+        else count_changed(theta0, new)
     meta.update(changed_elements=changed, target_elements=total)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_unlearned(out, new, meta)
