@@ -19,7 +19,7 @@ RUN := --run_root $(D)
 AE := assets/demo_autoencoder
 
 .PHONY: all venv demo test test-fast bench reproducibility table1 self-influence figure1 report adherence autoencoder clean-demo help \
-	lds leave-k-out index index-query index-fidelity index-scale bank bank-plan benchmark peers
+	lds leave-k-out index index-query index-fidelity index-scale bank bank-plan benchmark peers rehearse
 
 help:
 	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
@@ -42,6 +42,8 @@ help:
 	@echo "                      (runs/demo/index_fidelity: fidelity.md, k_curve.png)"
 	@echo "make index-scale    - the index at the paper's scale (FLOP counts), then at 10^4..10^6 synthetic items:"
 	@echo "                      precision fidelity, write, query time, memory, faiss recall (runs/bench/index_scale.json)"
+	@echo "make rehearse - every stage (fit .. report) with configs/paper's DiT at the paper's latent shape on the CPU:"
+	@echo "                wall time, peak memory, FLOPs, 8-GPU extrapolation (runs/rehearse/rehearse.md)"
 	@echo "make bank     - grow the shipped counterfactual bank (assets/bank/demo): one retrain after another, one"
 	@echo "                thread, resumable; BANK_ARGS='--commit true' commits each finished retrain's losses"
 	@echo "make bank-plan - the bank's plan, what is done and the time left"
@@ -206,3 +208,12 @@ benchmark: venv $(BD)/compare/comparison.json
 # and D-TRAK, EK-FAC-preconditioned unlearning; their tables sit beside compare's, where `make benchmark` reads them.
 peers: venv $(BD)/compare/comparison.json
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) peers --config $(CFG)/peers.yaml $(RUN) $(PEERS_ARGS)
+
+# ---- the paper-scale rehearsal (README "Limits and what runs where") ----
+# Every stage that touches the model, as the real CLI with configs/paper, on synthetic latents of the paper's shape
+# (64 x 2584) on the CPU: wall time, peak memory, FLOPs per item-timestep, the 8-GPU extrapolation. REHEARSE_ARGS
+# picks the size: the default is one block of the paper's 24 at its width (about 12 min on one thread here); the
+# full DiT is REHEARSE_ARGS='--scale 1' (its stages each take 10 to 40 min per item on this CPU, see README).
+REHEARSE_ARGS ?= --scale 0.0417 --items 2 --precision 32-true
+rehearse: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/rehearse.py --out runs/rehearse $(REHEARSE_ARGS)

@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""A paper-scale rehearsal (``make rehearse``): every stage that touches the model, run as the real CLI stage
+with configs/paper's DiT on the CPU, on a handful of synthetic latents of the paper's shape.
+
+    .venv/bin/python scripts/rehearse.py [--scale 1] [--items 4] [--out runs/rehearse]
+
+Writes a synthetic latent store (``--items`` latents of 64 channels x 2584 frames, one 512-d text token as CLAP
+gives, timing of a two-minute track), then runs, each as ``musicattr <stage> --config configs/paper/<stage>.yaml
+--run_root <out>/run ...`` in its own process on one CPU device (no wandb):
+
+    fit (a few AdamW steps, the config's precision: bf16-mixed through Lightning's plugin) -> fisher -> unlearn
+    (a training item as the query) -> attribute (Eq. 1, relative) -> index (k of the config) -> query (a query
+    gradient and the unlearned file against the index) -> report (the attribute table's page)
+
+and prints per stage: wall time, peak resident memory of the stage's process (``os.wait4``'s ru_maxrss), FLOPs
+per item-timestep (torch's FlopCounterMode on the meta device, ``scripts/index_paper_scale.flops_per_draw``), the
+CPU's achieved FLOP/s, and the extrapolation
+
+    time = units x FLOPs per unit / (gpus x MFU x peak)        (default 8 GPUs, 40% of an H100's 989 TFLOP/s bf16)
+
+with units = 115k tracks x 16 timesteps for the per-item stages (fit: 16 epochs of one timestep per track) and
+K = 2048 query draws for unlearn and query. ``--scale`` s < 1 keeps every stage but builds the DiT with
+round(s x depth) blocks (the paper's width, so a block's memory and FLOPs are the paper's); ``--width`` also
+shrinks the width (the test's tiny model). Figures go to ``<out>/rehearse.json`` and ``<out>/rehearse.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from index_paper_scale import PAPER_ITEMS, flops_per_draw  # noqa: E402  the shared FLOP counter
+
+STAGES = ("fit", "fisher", "unlearn", "attribute", "index", "query", "report")
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
+QUERY_ITEM = "synthetic/track000.wav"  # the query of unlearn and query: a training item (train-to-train)
+PAPER_T = 16              # scoring timesteps per track (configs/paper/attribute.yaml, index.yaml)
+
+
+def matmul_gflops(dtype_name: str, threads: int, seconds: float = 1.0) -> float:
+    """This CPU's rate for a [256, 1536] x [1536, 1536] matmul (the DiT's width) in ``dtype_name``, GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(256, 1536).to(dtype), torch.randn(1536, 1536).to(dtype)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 256 * 1536 * 1536 * n / (time.perf_counter() - t0) / 1e9
+
+
+def paper_config(config_dir: Path) -> dict:
+    return yaml.safe_load((config_dir / "fit.yaml").read_text())
+
+
+def scaled_model_config(fit: dict, scale: float, width: int | None) -> dict:
+    """The fit config's model_config with round(scale x depth) blocks (at least 1) and, with ``width``, that
+    embedding width (heads of 64 dims, at least 1)."""
+    mc = copy.deepcopy(fit["model"]["model_config"])
+    dit = mc["model"]["diffusion"]["config"]
+    dit["depth"] = max(1, round(scale * int(dit["depth"])))
+    if width:
+        dit["embed_dim"] = int(width)
+        dit["num_heads"] = max(1, int(width) // 64)
+    return mc
+
+
+def write_store(root: Path, items: int, channels: int, frames: int, text_dim: int, seed: int = 0) -> None:
+    """A latent store of ``items`` synthetic latents [channels, frames] (unit normal, float16 as encode writes),
+    one text token of ``text_dim`` each, two-minute timing; one shard per item."""
+    import numpy as np
+
+    from musicattr.data.latent_store import LatentStoreWriter
+
+    g = np.random.default_rng(seed)
+    seconds = int(round(frames * 2048 / 44100))
+    w = LatentStoreWriter(root, {"format": 1, "latent_channels": channels, "max_frames": frames, "sample_rate": 44100,
+                                 "audio_channels": 2, "downsampling_ratio": 2048, "text_encoder": "synthetic",
+                                 "text_dim": text_dim})
+    for i in range(items):
+        lat = g.standard_normal((1, channels, frames)).astype(np.float32)
+        text = g.standard_normal((1, 1, text_dim)).astype(np.float32)
+        w.write_shard(f"r0-{i:09d}", lat, text, [{"index": i, "item_id": f"synthetic/track{i:03d}.wav",
+                                                   "caption": f"synthetic track {i}",
+                                                   "file_name": f"synthetic/track{i:03d}.wav", "valid_frames": frames,
+                                                   "seconds_start": 0, "seconds_total": seconds,
+                                                   "duration_s": frames * 2048 / 44100}])
+    w.finalize(expected=items)
+
+
+def run_stage(cmd: list[str], env: dict, log: Path) -> dict:
+    """Run one stage; its wall time and peak resident memory (ru_maxrss of that process from os.wait4, and the
+    largest VmRSS seen by polling /proc every 0.2 s as a check)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        peak = {"kb": 0}
+        done = threading.Event()
+
+        def poll():
+            while not done.is_set():
+                try:
+                    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            peak["kb"] = max(peak["kb"], int(line.split()[1]))
+                except (FileNotFoundError, ProcessLookupError, ValueError):
+                    pass
+                done.wait(0.2)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        watcher.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
+            "polled_rss_gb": peak["kb"] * 1024 / 1e9, "returncode": proc.returncode, "log": str(log)}
+
+
+def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, list[str]]:
+    """The CLI command of each stage: the paper config, this machine's device, a few steps / draws / items."""
+    ma = [str(ROOT / ".venv" / "bin" / "musicattr")] if (ROOT / ".venv" / "bin" / "musicattr").exists() else \
+        [sys.executable, "-m", "musicattr.cli"]
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+           "--trainer.num_nodes", "1"]
+    data = ["--data.batch_size", "1", "--data.num_workers", "0"]
+    rr = ["--run_root", str(run)]
+    unlearned = str(run / "unlearned" / "q000.safetensors")
+    ckpt_cb = (f"[{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {run / 'fit'}, "
+               f"save_last: true, save_weights_only: {str(a.weights_only).lower()}, "
+               f"every_n_train_steps: {a.steps}}}}}]")
+    fit = [*ma, "fit", "--config", str(cfg / "fit.yaml"), *(["--config", str(override)] if override else []), *rr,
+           *cpu, *data, "--data.val_items", "1", "--trainer.max_steps", str(a.steps), "--trainer.limit_val_batches", "0",
+           "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+           "--trainer.log_every_n_steps", "1", "--trainer.callbacks", ckpt_cb, "--model.warmup_steps", "1"]
+    if a.precision:
+        fit += ["--trainer.precision", a.precision]
+    return {
+        "fit": fit,
+        "fisher": [*ma, "fisher", "--config", str(cfg / "fisher.yaml"), *rr, *cpu, *data, "--model.num_draws",
+                   str(a.draws), "--model.chunk_size", "1", "--model.overwrite", "true"],
+        "unlearn": [*ma, "unlearn", "--config", str(cfg / "unlearn.yaml"), *rr, "--query", "null", "--query_item",
+                    QUERY_ITEM, "--num_draws", str(a.query_draws), "--draws_per_forward", "1", "--device", "cpu"],
+        "attribute": [*ma, "attribute", "--config", str(cfg / "attribute.yaml"), *rr, *cpu, *data,
+                      "--model.num_draws", str(a.draws), "--model.draws_per_forward", "1", "--model.overwrite", "true"],
+        "index": [*ma, "index", "--config", str(cfg / "index.yaml"), *rr, *cpu, *data, "--model.num_draws",
+                  str(a.draws), "--model.draws_per_forward", "1", "--model.overwrite", "true",
+                  *(["--model.k", str(a.k)] if a.k else [])],
+        "query": [*ma, "query", "--config", str(cfg / "query.yaml"), *rr, "--queries", "[]", "--query_items",
+                  f"[{QUERY_ITEM}]", "--unlearned", f"[{unlearned}]", "--num_draws", str(a.query_draws),
+                  "--draws_per_forward", "1", "--device", "cpu"],
+        "report": [*ma, "report", "--config", str(cfg / "report.yaml"), *rr, "--scores",
+                   str(run / "attribution" / "q000"), "--compare", "null", "--similarity", "none",
+                   "--track_spectrograms", "false", "--audio_format", "wav"],
+    }
+
+
+def stage_flops(stage: str, f_fwd: float, f_fb: float, checkpointing: bool) -> tuple[float, str]:
+    """FLOPs per unit of a stage (forward f_fwd, forward + backward f_fb of one item-timestep) and the unit."""
+    return {
+        "fit": (f_fb + (f_fwd if checkpointing else 0.0), "item-timestep (one training example)"),
+        "fisher": (f_fb, "item-timestep (a per-sample gradient)"),
+        "unlearn": (f_fb, "query draw"),
+        "attribute": (2 * f_fwd + f_fb, "item-timestep (theta0 and unlearned forwards + the relative score's "
+                                        "gradient)"),
+        "index": (f_fb, "item-timestep"),
+        "query": (f_fb, "query draw (+ the lookup)"),
+        "report": (0.0, "-"),
+    }[stage]
+
+
+def executed_units(stage: str, a) -> float:
+    """How many units the rehearsal's stage ran (for the CPU's achieved FLOP/s)."""
+    return {"fit": a.steps, "fisher": a.items * a.draws, "unlearn": a.query_draws,
+            "attribute": a.items * a.draws + a.draws / 3.0,  # + the float-error probe's forward (1/3 of a unit)
+            "index": a.items * a.draws, "query": a.query_draws, "report": 0}[stage]
+
+
+def paper_units(stage: str, items: int, query_draws: int) -> float:
+    return query_draws if stage in ("unlearn", "query") else items * PAPER_T
+
+
+def fmt_time(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def combine(paths: list[str], depth: int, out: Path) -> dict:
+    """The full-depth figures from two rehearsals at depths d1 < d2 (the same width, frames, items and draws):
+    blocks are identical, so a stage's peak memory and wall time are linear in depth, y(D) = y1 + (D - d1)
+    (y2 - y1) / (d2 - d1): the fixed part (Python, torch, the embedders, I/O) and the per-block part (weights,
+    gradients, optimizer moments, the Fisher, sketch hashes, activations) measured separately."""
+    runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["depth"])
+    (a, b), keys = runs, ("width", "frames", "items", "draws", "query_draws", "fit_steps", "fit_precision")
+    diff = {k: (a[k], b[k]) for k in keys if a[k] != b[k]}
+    if len(runs) != 2 or a["depth"] == b["depth"] or diff:
+        raise SystemExit(f"rehearse --combine: needs two rehearse.json of different depths and the same {keys} "
+                         f"(differences: {diff}); fix: rerun one with the other's options")
+    span = b["depth"] - a["depth"]
+    sa, sb = ({s["stage"]: s for s in r["stages"]} for r in (a, b))
+    rows = []
+    for st in [s for s in STAGES if s in sa and s in sb]:
+        x, y = sa[st], sb[st]
+        lin = {k: x[k] + (depth - a["depth"]) * (y[k] - x[k]) / span for k in ("seconds", "peak_rss_gb")}
+        rows.append({"stage": st, "seconds": lin["seconds"], "peak_rss_gb": lin["peak_rss_gb"],
+                     "per_block_gb": (y["peak_rss_gb"] - x["peak_rss_gb"]) / span,
+                     "fixed_gb": x["peak_rss_gb"] - a["depth"] * (y["peak_rss_gb"] - x["peak_rss_gb"]) / span,
+                     "measured": {a["depth"]: x["peak_rss_gb"], b["depth"]: y["peak_rss_gb"]},
+                     "measured_seconds": {a["depth"]: x["seconds"], b["depth"]: y["seconds"]}})
+    res = {"depth": depth, "from_depths": [a["depth"], b["depth"]], "width": a["width"], "frames": a["frames"],
+           "items": a["items"], "draws": a["draws"], "stages": rows}
+    md = [f"Depth {depth} extrapolated from measured depths {a['depth']} and {b['depth']} (width {a['width']}, "
+          f"{a['frames']} frames, {a['items']} items, {a['draws']} draw(s), fit {a['fit_steps']} steps "
+          f"{a['fit_precision']}; linear in depth)", "",
+          f"| stage | peak RSS GB, depth {a['depth']} | depth {b['depth']} | per block GB | depth {depth} GB | "
+          f"wall s, depth {a['depth']} | depth {b['depth']} | depth {depth} s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, t = list(r["measured"].values()), list(r["measured_seconds"].values())
+        md.append(f"| {r['stage']} | {m[0]:.2f} | {m[1]:.2f} | {r['per_block_gb']:.3f} | {r['peak_rss_gb']:.1f} | "
+                  f"{t[0]:.0f} | {t[1]:.0f} | {r['seconds']:.0f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rehearse_full_depth.json").write_text(json.dumps(res, indent=2))
+    (out / "rehearse_full_depth.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config_dir", default="configs/paper")
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the DiT's depth built (1: the paper's)")
+    ap.add_argument("--width", type=int, help="embedding width (default: the config's); heads of 64 dims")
+    ap.add_argument("--frames", type=int, help="latent frames (default: the config's sample_size / 2048 = 2584)")
+    ap.add_argument("--items", type=int, default=4, help="synthetic training latents")
+    ap.add_argument("--steps", type=int, default=2, help="fit steps (batch 1)")
+    ap.add_argument("--draws", type=int, default=1, help="timesteps per item in fisher, attribute and index")
+    ap.add_argument("--query_draws", type=int, default=1, help="K of unlearn and query")
+    ap.add_argument("--k", type=int, help="the index's k (default: the config's)")
+    ap.add_argument("--precision", help="fit's trainer.precision (default: the config's)")
+    ap.add_argument("--weights_only", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+                    help="fit's checkpoint without the optimizer state (the later stages read the weights only)")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--mfu", type=float, default=0.40)
+    ap.add_argument("--peak_flops", type=float, default=H100_BF16_FLOPS)
+    ap.add_argument("--paper_items", type=int, default=PAPER_ITEMS)
+    ap.add_argument("--paper_query_draws", type=int, default=2048)
+    ap.add_argument("--out", default="runs/rehearse")
+    ap.add_argument("--combine", nargs=2, metavar="REHEARSE_JSON",
+                    help="instead of running: the full-depth memory and time from two rehearsals at two depths")
+    a = ap.parse_args(argv)
+    if a.combine:
+        combine(a.combine, int(paper_config(Path(a.config_dir))["model"]["model_config"]["model"]["diffusion"]
+                               ["config"]["depth"]), Path(a.out))
+        return 0
+    stages = [s for s in a.stages.split(",") if s]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"rehearse: unknown stages {bad}; fix: choose from {','.join(STAGES)}")
+    cfg = Path(a.config_dir)
+    if not (cfg / "fit.yaml").is_file():
+        raise SystemExit(f"rehearse: {cfg / 'fit.yaml'} not found; fix: pass --config_dir configs/paper")
+    out = Path(a.out)
+    run = out / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    fit = paper_config(cfg)
+    mc = scaled_model_config(fit, a.scale, a.width)
+    frames = a.frames or int(mc["sample_size"]) // 2048
+    mc["sample_size"] = frames * 2048
+    override = None
+    if mc != fit["model"]["model_config"]:
+        override = out / "model_override.yaml"
+        override.write_text(yaml.safe_dump({"model": {"model_config": mc}}))
+    channels, text_dim = int(mc["model"]["io_channels"]), int(mc["model"]["conditioning"]["cond_dim"])
+    precision = a.precision or fit["trainer"].get("precision", "32-true")
+    checkpointing = bool(fit["model"].get("use_checkpointing", True))
+
+    import torch
+    params, f_fwd, f_fb, all_params = flops_per_draw(mc, frames, "all")
+    print(f"rehearsal: DiT of {all_params / 1e9:.3f} B parameters (depth {mc['model']['diffusion']['config']['depth']}, "
+          f"width {mc['model']['diffusion']['config']['embed_dim']}), latents {channels} x {frames}, text 1 x "
+          f"{text_dim}; {a.items} items, fit {a.steps} steps in {precision}, {a.draws} draw(s) per item, K = "
+          f"{a.query_draws}; {a.threads} thread(s); torch {torch.__version__}")
+    print(f"  FLOPs per item-timestep (FlopCounterMode, meta device): forward {f_fwd / 1e12:.3f} TFLOP, forward + "
+          f"backward {f_fb / 1e12:.3f} TFLOP")
+
+    rates = {d: matmul_gflops(d, a.threads) for d in ("float32", "bfloat16")}
+    print(f"  this CPU's matmul at the DiT's shape: float32 {rates['float32']:.1f} GFLOP/s, bfloat16 "
+          f"{rates['bfloat16']:.2f} GFLOP/s ({a.threads} thread(s))")
+    store = run / "store"
+    if "fit" in stages or not (store / "index.parquet").exists():
+        import shutil
+        shutil.rmtree(store, ignore_errors=True)
+        write_store(store, a.items, channels, frames, text_dim)
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
+           "MUSICATTR_TEST_THREADS": str(a.threads), "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    cmds = stage_commands(a, run, cfg, override)
+    rate = a.gpus * a.mfu * a.peak_flops
+    (out / "logs").mkdir(exist_ok=True)
+    results = {}
+    if (out / "rehearse.json").exists():  # a run of some stages keeps the figures of the others
+        old = json.loads((out / "rehearse.json").read_text())
+        if old.get("dit_parameters") == all_params and old.get("frames") == frames:
+            results = {s["stage"]: s for s in old.get("stages", [])}
+    for stage in stages:
+        r = run_stage(cmds[stage], env, out / "logs" / f"{stage}.log")
+        per_unit, unit = stage_flops(stage, f_fwd, f_fb, checkpointing)
+        units = executed_units(stage, a)
+        paper = paper_units(stage, a.paper_items, a.paper_query_draws)
+        r.update(stage=stage, command=" ".join(cmds[stage]), flops_per_unit=per_unit, unit=unit,
+                 units_run=units, cpu_flops_per_s=per_unit * units / r["seconds"] if per_unit else None,
+                 paper_units=paper if per_unit else 0,
+                 paper_seconds=paper * per_unit / rate if per_unit else 0.0)
+        status = "ok" if r["returncode"] == 0 else f"FAILED (exit {r['returncode']}, see {r['log']})"
+        print(f"  {stage:<9} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_gb']:6.2f} GB  "
+              f"{per_unit / 1e12:7.3f} TFLOP per unit  {status}", flush=True)
+        results[stage] = r
+        if r["returncode"] != 0:
+            print(Path(r["log"]).read_text()[-3000:])
+            break
+    ok = all(results.get(s, {}).get("returncode") == 0 for s in stages)
+    report = {"dit_parameters": all_params, "target_parameters": params, "frames": frames, "channels": channels,
+              "text_dim": text_dim, "depth": mc["model"]["diffusion"]["config"]["depth"],
+              "width": mc["model"]["diffusion"]["config"]["embed_dim"], "scale": a.scale, "items": a.items,
+              "fit_steps": a.steps, "draws": a.draws, "query_draws": a.query_draws, "fit_precision": precision,
+              "threads": a.threads, "cpu_matmul_gflops": rates, "flops_forward": f_fwd, "flops_forward_backward": f_fb,
+              "assumption": {"gpus": a.gpus, "mfu": a.mfu, "peak_flops": a.peak_flops, "paper_items": a.paper_items,
+                             "paper_T": PAPER_T, "paper_query_draws": a.paper_query_draws},
+              "memory_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+              "all_ok": ok, "stages": [results[s] for s in STAGES if s in results]}
+    (out / "rehearse.json").write_text(json.dumps(report, indent=2))
+    md = [f"DiT {all_params / 1e9:.3f} B parameters (depth {report['depth']}, width {report['width']}), latents "
+          f"{channels} x {frames}, {a.items} items, {a.threads} thread(s); extrapolation: {a.gpus} GPUs at "
+          f"{100 * a.mfu:.0f}% of {a.peak_flops / 1e12:.0f} TFLOP/s, {a.paper_items:,} tracks x {PAPER_T} timesteps "
+          f"(unlearn, query: K = {a.paper_query_draws})", "",
+          "| stage | wall s | peak RSS GB | TFLOP per unit | unit | CPU GFLOP/s | paper scale on GPUs |",
+          "|---|---|---|---|---|---|---|"]
+    for s in report["stages"]:
+        cpu = f"{s['cpu_flops_per_s'] / 1e9:.0f}" if s.get("cpu_flops_per_s") else "-"
+        paper = fmt_time(s["paper_seconds"]) if s["paper_seconds"] else "-"
+        md.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} | {s['flops_per_unit'] / 1e12:.3f} | "
+                  f"{s['unit']} | {cpu} | {paper} |")
+    (out / "rehearse.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
