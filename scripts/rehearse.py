@@ -148,36 +148,42 @@ def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, 
            "--trainer.log_every_n_steps", "1", "--trainer.callbacks", ckpt_cb, "--model.warmup_steps", "1"]
     if a.precision:
         fit += ["--trainer.precision", a.precision]
+    task = "{class_path: musicattr.models.sat_task.SATDiffusionTask, init_args: {checkpointing: true}}"
+    lt, ft = (["--model.task", task], ["--task", task]) if a.checkpointing else ([], [])
     return {
         "fit": fit,
         "fisher": [*ma, "fisher", "--config", str(cfg / "fisher.yaml"), *rr, *cpu, *data, "--model.num_draws",
                    str(a.draws), "--model.chunk_size", "1", "--model.overwrite", "true"],
         "unlearn": [*ma, "unlearn", "--config", str(cfg / "unlearn.yaml"), *rr, "--query", "null", "--query_item",
-                    QUERY_ITEM, "--num_draws", str(a.query_draws), "--draws_per_forward", "1", "--device", "cpu"],
+                    QUERY_ITEM, "--num_draws", str(a.query_draws), "--draws_per_forward", "1", "--device", "cpu", *ft],
         "attribute": [*ma, "attribute", "--config", str(cfg / "attribute.yaml"), *rr, *cpu, *data,
-                      "--model.num_draws", str(a.draws), "--model.draws_per_forward", "1", "--model.overwrite", "true"],
+                      "--model.num_draws", str(a.draws), "--model.draws_per_forward", "1", "--model.overwrite", "true",
+                      *lt],
         "index": [*ma, "index", "--config", str(cfg / "index.yaml"), *rr, *cpu, *data, "--model.num_draws",
                   str(a.draws), "--model.draws_per_forward", "1", "--model.overwrite", "true",
-                  *(["--model.k", str(a.k)] if a.k else [])],
+                  *(["--model.k", str(a.k)] if a.k else []), *lt],
         "query": [*ma, "query", "--config", str(cfg / "query.yaml"), *rr, "--queries", "[]", "--query_items",
                   f"[{QUERY_ITEM}]", "--unlearned", f"[{unlearned}]", "--num_draws", str(a.query_draws),
-                  "--draws_per_forward", "1", "--device", "cpu"],
+                  "--draws_per_forward", "1", "--device", "cpu", *ft],
         "report": [*ma, "report", "--config", str(cfg / "report.yaml"), *rr, "--scores",
                    str(run / "attribution" / "q000"), "--compare", "null", "--similarity", "none",
                    "--track_spectrograms", "false", "--audio_format", "wav"],
     }
 
 
-def stage_flops(stage: str, f_fwd: float, f_fb: float, checkpointing: bool) -> tuple[float, str]:
-    """FLOPs per unit of a stage (forward f_fwd, forward + backward f_fb of one item-timestep) and the unit."""
+def stage_flops(stage: str, f_fwd: float, f_fb: float, checkpointing: bool, task_checkpointing: bool = False
+                ) -> tuple[float, str]:
+    """FLOPs per unit of a stage (forward f_fwd, forward + backward f_fb of one item-timestep) and the unit; gradient
+    checkpointing (fit's; the task's in unlearn, attribute, index, query) adds one forward to each gradient."""
+    re = f_fwd if task_checkpointing else 0.0
     return {
         "fit": (f_fb + (f_fwd if checkpointing else 0.0), "item-timestep (one training example)"),
         "fisher": (f_fb, "item-timestep (a per-sample gradient)"),
-        "unlearn": (f_fb, "query draw"),
-        "attribute": (2 * f_fwd + f_fb, "item-timestep (theta0 and unlearned forwards + the relative score's "
-                                        "gradient)"),
-        "index": (f_fb, "item-timestep"),
-        "query": (f_fb, "query draw (+ the lookup)"),
+        "unlearn": (f_fb + re, "query draw"),
+        "attribute": (2 * f_fwd + f_fb + re, "item-timestep (theta0 and unlearned forwards + the relative score's "
+                                             "gradient)"),
+        "index": (f_fb + re, "item-timestep"),
+        "query": (f_fb + re, "query draw (+ the lookup)"),
         "report": (0.0, "-"),
     }[stage]
 
@@ -197,11 +203,12 @@ def fmt_time(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def combine(paths: list[str], depth: int, out: Path) -> dict:
+def combine(paths: list[str], depth: int, out: Path, config_dir: str = "configs/paper") -> dict:
     """The full-depth figures from two rehearsals at depths d1 < d2 (the same width, frames, items and draws):
-    blocks are identical, so a stage's peak memory and wall time are linear in depth, y(D) = y1 + (D - d1)
-    (y2 - y1) / (d2 - d1): the fixed part (Python, torch, the embedders, I/O) and the per-block part (weights,
-    gradients, optimizer moments, the Fisher, sketch hashes, activations) measured separately."""
+    blocks are identical, so a stage's peak memory is linear in depth, M(D) = M1 + (D - d1) (M2 - M1) / (d2 - d1):
+    the fixed part (Python, torch, the embedders, I/O) and the per-block part (weights, gradients, optimizer
+    moments, the Fisher, sketch hashes, activations) measured separately. Wall time on this CPU: the deeper run's
+    time scaled by the FLOPs, t(D) = t2 F(D) / F(d2) (a shared machine's times are too noisy for a line)."""
     runs = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["depth"])
     (a, b), keys = runs, ("width", "frames", "items", "draws", "query_draws", "fit_steps", "fit_precision")
     diff = {k: (a[k], b[k]) for k in keys if a[k] != b[k]}
@@ -209,12 +216,18 @@ def combine(paths: list[str], depth: int, out: Path) -> dict:
         raise SystemExit(f"rehearse --combine: needs two rehearse.json of different depths and the same {keys} "
                          f"(differences: {diff}); fix: rerun one with the other's options")
     span = b["depth"] - a["depth"]
+    mc = paper_config(Path(config_dir))["model"]["model_config"]
+    _, f_fwd, f_fb, _ = flops_per_draw(mc, b["frames"], "all")
+    flops = {st: stage_flops(st, f_fwd, f_fb, True, s.get("task_checkpointing", False))[0]
+             for st, s in ((s["stage"], s) for s in b["stages"])}
     sa, sb = ({s["stage"]: s for s in r["stages"]} for r in (a, b))
     rows = []
     for st in [s for s in STAGES if s in sa and s in sb]:
         x, y = sa[st], sb[st]
-        lin = {k: x[k] + (depth - a["depth"]) * (y[k] - x[k]) / span for k in ("seconds", "peak_rss_gb")}
-        rows.append({"stage": st, "seconds": lin["seconds"], "peak_rss_gb": lin["peak_rss_gb"],
+        mem = x["peak_rss_gb"] + (depth - a["depth"]) * (y["peak_rss_gb"] - x["peak_rss_gb"]) / span
+        ratio = flops[st] / y["flops_per_unit"] if y["flops_per_unit"] else 1.0
+        rows.append({"stage": st, "seconds": y["seconds"] * ratio, "peak_rss_gb": mem,
+                     "task_checkpointing": y.get("task_checkpointing", False),
                      "per_block_gb": (y["peak_rss_gb"] - x["peak_rss_gb"]) / span,
                      "fixed_gb": x["peak_rss_gb"] - a["depth"] * (y["peak_rss_gb"] - x["peak_rss_gb"]) / span,
                      "measured": {a["depth"]: x["peak_rss_gb"], b["depth"]: y["peak_rss_gb"]},
@@ -225,11 +238,12 @@ def combine(paths: list[str], depth: int, out: Path) -> dict:
           f"{a['frames']} frames, {a['items']} items, {a['draws']} draw(s), fit {a['fit_steps']} steps "
           f"{a['fit_precision']}; linear in depth)", "",
           f"| stage | peak RSS GB, depth {a['depth']} | depth {b['depth']} | per block GB | depth {depth} GB | "
-          f"wall s, depth {a['depth']} | depth {b['depth']} | depth {depth} s |", "|---|---|---|---|---|---|---|---|"]
+          f"wall s, depth {a['depth']} | depth {b['depth']} | depth {depth} (by FLOPs) | task checkpointing |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, t = list(r["measured"].values()), list(r["measured_seconds"].values())
         md.append(f"| {r['stage']} | {m[0]:.2f} | {m[1]:.2f} | {r['per_block_gb']:.3f} | {r['peak_rss_gb']:.1f} | "
-                  f"{t[0]:.0f} | {t[1]:.0f} | {r['seconds']:.0f} |")
+                  f"{t[0]:.0f} | {t[1]:.0f} | {fmt_time(r['seconds'])} | {'yes' if r['task_checkpointing'] else 'no'} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "rehearse_full_depth.json").write_text(json.dumps(res, indent=2))
     (out / "rehearse_full_depth.md").write_text("\n".join(md) + "\n")
@@ -251,6 +265,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", help="fit's trainer.precision (default: the config's)")
     ap.add_argument("--weights_only", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                     help="fit's checkpoint without the optimizer state (the later stages read the weights only)")
+    ap.add_argument("--checkpointing", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
+                    help="the SAT task's gradient checkpointing in unlearn, attribute, index and query (the same "
+                         "numbers; activations of one block instead of all)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--gpus", type=int, default=8)
@@ -264,7 +281,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.combine:
         combine(a.combine, int(paper_config(Path(a.config_dir))["model"]["model_config"]["model"]["diffusion"]
-                               ["config"]["depth"]), Path(a.out))
+                               ["config"]["depth"]), Path(a.out), a.config_dir)
         return 0
     stages = [s for s in a.stages.split(",") if s]
     bad = [s for s in stages if s not in STAGES]
@@ -317,10 +334,11 @@ def main(argv=None) -> int:
             results = {s["stage"]: s for s in old.get("stages", [])}
     for stage in stages:
         r = run_stage(cmds[stage], env, out / "logs" / f"{stage}.log")
-        per_unit, unit = stage_flops(stage, f_fwd, f_fb, checkpointing)
+        per_unit, unit = stage_flops(stage, f_fwd, f_fb, checkpointing, a.checkpointing)
         units = executed_units(stage, a)
         paper = paper_units(stage, a.paper_items, a.paper_query_draws)
-        r.update(stage=stage, command=" ".join(cmds[stage]), flops_per_unit=per_unit, unit=unit,
+        r.update(stage=stage, task_checkpointing=a.checkpointing and stage in ("unlearn", "attribute", "index", "query"),
+                 command=" ".join(cmds[stage]), flops_per_unit=per_unit, unit=unit,
                  units_run=units, cpu_flops_per_s=per_unit * units / r["seconds"] if per_unit else None,
                  paper_units=paper if per_unit else 0,
                  paper_seconds=paper * per_unit / rate if per_unit else 0.0)
@@ -336,7 +354,7 @@ def main(argv=None) -> int:
               "text_dim": text_dim, "depth": mc["model"]["diffusion"]["config"]["depth"],
               "width": mc["model"]["diffusion"]["config"]["embed_dim"], "scale": a.scale, "items": a.items,
               "fit_steps": a.steps, "draws": a.draws, "query_draws": a.query_draws, "fit_precision": precision,
-              "threads": a.threads, "cpu_matmul_gflops": rates, "flops_forward": f_fwd, "flops_forward_backward": f_fb,
+              "threads": a.threads, "checkpointing": a.checkpointing, "cpu_matmul_gflops": rates, "flops_forward": f_fwd, "flops_forward_backward": f_fb,
               "assumption": {"gpus": a.gpus, "mfu": a.mfu, "peak_flops": a.peak_flops, "paper_items": a.paper_items,
                              "paper_T": PAPER_T, "paper_query_draws": a.paper_query_draws},
               "memory_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,

@@ -161,6 +161,11 @@ class FisherModule(L.LightningModule):
     def configure_callbacks(self):
         return [PartsWriter(self.parts, self.merge, self.hparams.flush_every, self.hparams.overwrite)]
 
+    def on_predict_start(self) -> None:
+        # the PartsWriter takes each batch's sums as they come; the loop must not also keep them (at 1 B parameters
+        # every batch's sums are 8 GB of float64)
+        self.trainer.predict_loop.return_predictions = False
+
     def merge(self, parts: Parts) -> None:
         merge_fisher(parts, self.out, self.run_key(), list(self.params))
 
