@@ -214,6 +214,6 @@ peers: venv $(BD)/compare/comparison.json
 # (64 x 2584) on the CPU: wall time, peak memory, FLOPs per item-timestep, the 8-GPU extrapolation. REHEARSE_ARGS
 # picks the size: the default is one block of the paper's 24 at its width (about 12 min on one thread here); the
 # full DiT is REHEARSE_ARGS='--scale 1' (its stages each take 10 to 40 min per item on this CPU, see README).
-REHEARSE_ARGS ?= --scale 0.0417 --items 2 --precision 32-true
+REHEARSE_ARGS ?= --scale 0.0417 --items 2 --precision 32-true --checkpointing true
 rehearse: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/rehearse.py --out runs/rehearse $(REHEARSE_ARGS)

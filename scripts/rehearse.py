@@ -47,6 +47,26 @@ QUERY_ITEM = "synthetic/track000.wav"  # the query of unlearn and query: a train
 PAPER_T = 16              # scoring timesteps per track (configs/paper/attribute.yaml, index.yaml)
 
 
+try:  # fit's checkpoints written straight to their file (the stage imports it as rehearse.FileCheckpointIO)
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class FileCheckpointIO(TorchCheckpointIO):
+        """Lightning's TorchCheckpointIO serializes a checkpoint into an in-memory buffer and copies it out (two
+        copies of the weights: 8 GB at 1 B parameters); this one streams torch.save into a temporary file beside
+        the target and renames it (atomic, no copy in memory). The same file."""
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            import torch
+
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+except ImportError:  # pragma: no cover
+    FileCheckpointIO = None
+
+
 def matmul_gflops(dtype_name: str, threads: int, seconds: float = 1.0) -> float:
     """This CPU's rate for a [256, 1536] x [1536, 1536] matmul (the DiT's width) in ``dtype_name``, GFLOP/s."""
     import torch
@@ -145,7 +165,8 @@ def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, 
     fit = [*ma, "fit", "--config", str(cfg / "fit.yaml"), *(["--config", str(override)] if override else []), *rr,
            *cpu, *data, "--data.val_items", "1", "--trainer.max_steps", str(a.steps), "--trainer.limit_val_batches", "0",
            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-           "--trainer.log_every_n_steps", "1", "--trainer.callbacks", ckpt_cb, "--model.warmup_steps", "1"]
+           "--trainer.log_every_n_steps", "1", "--trainer.callbacks", ckpt_cb, "--model.warmup_steps", "1",
+           "--trainer.plugins", "rehearse.FileCheckpointIO"]
     if a.precision:
         fit += ["--trainer.precision", a.precision]
     task = "{class_path: musicattr.models.sat_task.SATDiffusionTask, init_args: {checkpointing: true}}"
@@ -322,7 +343,8 @@ def main(argv=None) -> int:
         import shutil
         shutil.rmtree(store, ignore_errors=True)
         write_store(store, a.items, channels, frames, text_dim)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "MUSICATTR_TEST_THREADS": str(a.threads), "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     cmds = stage_commands(a, run, cfg, override)
     rate = a.gpus * a.mfu * a.peak_flops
