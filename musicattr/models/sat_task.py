@@ -30,11 +30,11 @@ class SATDiffusionTask(AttributionTask):
 
     parameter_groups = SAT_GROUPS
 
-    def __init__(self, timesteps: str | None = None, checkpointing: bool = False):
+    def __init__(self, timesteps: str | None = None, checkpointing: bool = False, shared_draws: bool | None = None):
         """``checkpointing``: SAT's gradient checkpointing of the transformer blocks in passes that take gradients
         (not under torch.func): the same losses and gradients, one more forward, and activation memory of one
         block instead of all (at 1 B parameters and 2584 frames about 0.6 GB per block, 15 GB for 24)."""
-        super().__init__(timesteps)
+        super().__init__(timesteps, shared_draws)
         self.checkpointing = bool(checkpointing)
 
     def load(self, checkpoint: str) -> torch.nn.Module:
