@@ -247,7 +247,11 @@ def combine(paths: list[str], depth: int, out: Path, config_dir: str = "configs/
         x, y = sa[st], sb[st]
         mem = x["peak_rss_gb"] + (depth - a["depth"]) * (y["peak_rss_gb"] - x["peak_rss_gb"]) / span
         ratio = flops[st] / y["flops_per_unit"] if y["flops_per_unit"] else 1.0
-        rows.append({"stage": st, "seconds": y["seconds"] * ratio, "peak_rss_gb": mem,
+        asm = b["assumption"]
+        rate = asm["gpus"] * asm["mfu"] * asm["peak_flops"]
+        paper = paper_units(st, asm["paper_items"], asm["paper_query_draws"]) * flops[st] / rate
+        rows.append({"stage": st, "seconds": y["seconds"] * ratio, "peak_rss_gb": mem, "flops_per_unit": flops[st],
+                     "paper_seconds": paper, "unit": y["unit"],
                      "task_checkpointing": y.get("task_checkpointing", False),
                      "per_block_gb": (y["peak_rss_gb"] - x["peak_rss_gb"]) / span,
                      "fixed_gb": x["peak_rss_gb"] - a["depth"] * (y["peak_rss_gb"] - x["peak_rss_gb"]) / span,
@@ -259,12 +263,13 @@ def combine(paths: list[str], depth: int, out: Path, config_dir: str = "configs/
           f"{a['frames']} frames, {a['items']} items, {a['draws']} draw(s), fit {a['fit_steps']} steps "
           f"{a['fit_precision']}; linear in depth)", "",
           f"| stage | peak RSS GB, depth {a['depth']} | depth {b['depth']} | per block GB | depth {depth} GB | "
-          f"wall s, depth {a['depth']} | depth {b['depth']} | depth {depth} (by FLOPs) | task checkpointing |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          f"wall s, depth {a['depth']} | depth {b['depth']} | depth {depth} (by FLOPs) | task checkpointing | "
+          f"TFLOP per unit, depth {depth} | paper scale on GPUs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, t = list(r["measured"].values()), list(r["measured_seconds"].values())
         md.append(f"| {r['stage']} | {m[0]:.2f} | {m[1]:.2f} | {r['per_block_gb']:.3f} | {r['peak_rss_gb']:.1f} | "
-                  f"{t[0]:.0f} | {t[1]:.0f} | {fmt_time(r['seconds'])} | {'yes' if r['task_checkpointing'] else 'no'} |")
+                  f"{t[0]:.0f} | {t[1]:.0f} | {fmt_time(r['seconds'])} | {'yes' if r['task_checkpointing'] else 'no'} | "
+                  f"{r['flops_per_unit'] / 1e12:.2f} | {fmt_time(r['paper_seconds']) if r['paper_seconds'] else '-'} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "rehearse_full_depth.json").write_text(json.dumps(res, indent=2))
     (out / "rehearse_full_depth.md").write_text("\n".join(md) + "\n")
