@@ -159,11 +159,12 @@ def run_comparison(checkpoint: str, store: str, fisher: str, out_dir: str, promp
         sources += ["index", "index-relative"] if scoring.relative else ["index"]
     methods = {m: [] for m in sources + sims}
     groups = planted_groups(s)
+    items = s.items.to_dict("records")
     rows = []
     for q, info in zip(queries, infos, strict=True):
         qid = info["query_id"]
-        tables, row_index, query_audio = score_query(q, info, out, checkpoint, fisher, s, emb, encoder, unlearning,
-                                                     scoring, seed, trainer, task, ctx)
+        tables, row_index, query_audio = score_query(q, info, out, checkpoint, fisher, s, items, emb, encoder,
+                                                     unlearning, scoring, seed, trainer, task, ctx)
         by_index = {m: torch.tensor(t.sort_values("index")["score"].to_numpy()) for m, t in tables.items()}
         if not q.get("query_item"):
             for m in methods:
@@ -206,11 +207,12 @@ def training_query_list(s: LatentStore, emb, query_items, training_queries: int,
              "query_item": str(items[pos]["item_id"]), "position": pos} for pos in picks]
 
 
-def score_query(q: dict, info: dict, out: Path, checkpoint: str, fisher: str, s: LatentStore, emb, encoder,
-                unlearning: UnlearnSettings, scoring: ScoreSettings, seed: int, trainer, task, ctx
+def score_query(q: dict, info: dict, out: Path, checkpoint: str, fisher: str, s: LatentStore, items: list[dict],
+                emb, encoder, unlearning: UnlearnSettings, scoring: ScoreSettings, seed: int, trainer, task, ctx
                 ) -> tuple[dict[str, pd.DataFrame], dict, Path]:
     """One query's scores tables by every method (unlearning: Eq. 2 then Eq. 1; the index; the similarity
-    baselines), each written where the method registry says; also the index's agreement and the query's audio."""
+    baselines), each written where the method registry says; also the index's agreement and the query's audio.
+    ``items``: the store's items as records, made once per run."""
     from musicattr.embeddings.audio import load_audio
 
     qid, item = info["query_id"], q.get("query_item")
@@ -231,7 +233,6 @@ def score_query(q: dict, info: dict, out: Path, checkpoint: str, fisher: str, s:
     if ctx is not None:
         row_index = _index_tables(ctx, tables, str(unlearned), qid, resolve_method("index").path(out, qid).parent,
                                   scoring.relative)
-    items = s.items.to_dict("records")
     query_audio = store_folder(s) / items[q["position"]]["file_name"] if item else gen_dir / info["audio"]
     qseg = emb.item(q["position"]) if item else encoder.embed_segments(*load_audio(str(query_audio)))
     for name, fn in ((f"all-against-all[{encoder.name}]", all_against_all), (f"average[{encoder.name}]", average)):
