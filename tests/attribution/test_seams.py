@@ -205,12 +205,13 @@ def test_shared_draws_give_every_item_the_same_draws_and_key_their_caches():
     assert torch.equal(t[0], t[1]) and torch.equal(eps[0], eps[2])
     t_own, _ = own.draws(0, own.draw_keys("", ["a", "b"]), range(4), (2, 4, 8))
     assert not torch.equal(t_own[0], t_own[1])
-    # the per-draw losses of two identical items are identical only when their draws are shared
+    # the per-draw losses of two identical items agree only when their draws are shared
     twin = {**batch, "latents": batch["latents"][[0, 0]], "valid_frames": batch["valid_frames"][[0, 0]],
             "item_id": ["a", "b"]}
     with torch.no_grad():
         ls, lo = shared.draw_losses(model, twin, 3, 4), own.draw_losses(model, twin, 3, 4)
-    assert torch.equal(ls[0], ls[1]) and not torch.allclose(lo[0], lo[1])
+    # two rows of one batched forward: equal up to float rounding (kernels may differ by row on other CPUs)
+    assert torch.allclose(ls[0], ls[1], rtol=1e-6, atol=0) and not torch.allclose(lo[0], lo[1])
     # the Fisher takes its draws from the task too: under shared draws the twins' sum is twice one of them
     params = shared.select_parameters(model, "all")
     one = {k: v[:1] if torch.is_tensor(v) else ["z"] for k, v in twin.items()}
