@@ -30,6 +30,7 @@ from musicattr.counterfactual import bank_stats as st
 from musicattr.counterfactual.bank import Bank, BankError, _file_fingerprint, _query_info
 from musicattr.attribution.methods import default_methods
 from musicattr.counterfactual.methods import method_scores, parse_methods
+from musicattr.counterfactual.split import HALVES, read_split
 from musicattr.counterfactual.subsets import top_k
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def bank_losses(bank: Bank, qids: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------- the stage
 def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods: list[str | dict] | None = None,
                   prepare: bool = False, fisher: str | None = None, index: str | None = None,
-                  bootstrap: int = 2000, null_vectors: int = 200, k: int | None = None, seed: int = 0) -> dict:
+                  bootstrap: int = 2000, null_vectors: int = 200, k: int | None = None, seed: int = 0,
+                  half: str = "all") -> dict:
     """Check every method's scores against the bank (see the module docstring).
 
     Args:
@@ -158,6 +160,9 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
         bootstrap: bootstrap draws of every interval; null_vectors: random score vectors per query (>= 100).
         k: K of leave-K-out (default: the bank's random-K size).
         seed: the seed of the bootstrap, the null and the random method.
+        half: ``all`` the bank's queries, or one half of ``musicattr.counterfactual.split``: ``tuning`` (where
+            methods may be chosen) or ``report`` (held back for the final numbers); written as
+            benchmark-<half>.md / .json.
     """
     bank = Bank(bank_dir)
     compare_dir = Path(compare)
@@ -170,16 +175,25 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
     _check_store(bank, store)
     check_compare(bank, compare_dir)
     table = bank.queries_table()
+    if half != "all":
+        if half not in HALVES:
+            raise ValueError(f"half = {half!r}; fix: one of all, {', '.join(HALVES)}")
+        table = table[(read_split(bank.root, table).reindex(table["query_id"]) == half).to_numpy()]
+        table = table.reset_index(drop=True)
     qids = list(table["query_id"])
     kinds = np.array(table["kind"])
     scores = method_scores(parse_methods(methods) if methods else default_methods(), compare_dir, qids, bank.item_ids,
                            seed, random_per_query=True, fix="run `make benchmark` (compare on the bank's queries)")
     data = bank_losses(bank, qids)
     result, text = summarize(bank, table, kinds, scores, data, bootstrap, null_vectors, k, seed)
+    if half != "all":
+        text = f"Queries: the {half} half of the bank's ({len(qids)} of them; queries/split.csv).\n\n" + text
+        result["half"] = {"half": half, "queries": qids}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "benchmark.md", text)
-    atomic_write_json(out / "benchmark.json", result)
+    name = "benchmark" if half == "all" else f"benchmark-{half}"
+    atomic_write_text(out / f"{name}.md", text)
+    atomic_write_json(out / f"{name}.json", result)
     print(text, flush=True)
     return result
 

@@ -212,6 +212,14 @@ def test_bank_end_to_end(tmp_path):
     expect = np.nanmean(st.row_spearman(st.subset_sums(scores, kept), -loss))
     assert result["lds"]["unlearning"]["lds"] == pytest.approx(expect)
     assert (tmp_path / "out" / "benchmark.md").read_text().startswith("Counterfactual benchmark")
+    # the held-back half (one query of each kind: floor(1/2) = 0 go to tuning, so all three are held back)
+    held = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out"), bootstrap=100,
+                         null_vectors=100, half="report")
+    assert held["half"]["queries"] == list(table["query_id"])
+    assert held["lds"]["unlearning"]["lds"] == pytest.approx(result["lds"]["unlearning"]["lds"])
+    assert (tmp_path / "out" / "benchmark-report.md").read_text().startswith("Queries: the report half")
+    with pytest.raises(ValueError, match="half.*fix"):
+        run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out"), half="test")
     # a compare run that generated its own latents instead of the bank's is refused
     from musicattr.counterfactual.benchmark import check_compare
 
