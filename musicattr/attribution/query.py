@@ -16,6 +16,9 @@ the table holds those rows; without it every item is scored. Each query gets the
 table of exact scoring (``scores.parquet``, method ``index``: score = tau^, unlearned_loss = baseline_loss +
 tau^, the first-order prediction), ``run.json`` and ``noise.json`` in ``<out_dir>/<query>/``, so the report,
 ``compare`` and the dashboards read it like an ``attribute`` result.
+
+With ``exact_top`` = M the query is two-stage (``musicattr.attribution.two_stage``): exact Eq. 1 re-scores each
+query's top M candidates, and the table marks those rows ``exact``.
 """
 from __future__ import annotations
 
@@ -169,11 +172,16 @@ class QueryContext:
         return psi, {**info, "seconds": time.perf_counter() - t0}
 
     def projected_query(self, query: str | None = None, query_item: str | None = None, *, lr: float,
-                        num_draws: int, seed: int, strategy: str, draws_per_forward: int = 16
-                        ) -> tuple[torch.Tensor, float, dict]:
-        """(P psi, ||psi||, record) of ``from_query``'s psi, projected tensor by tensor: psi is never held whole."""
+                        num_draws: int, seed: int, strategy: str, draws_per_forward: int = 16,
+                        step: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, float, dict]:
+        """(P psi, ||psi||, record) of ``from_query``'s psi, projected tensor by tensor: psi is never held whole.
+        ``step``: a dict that receives theta' = theta0 + P^1/2 psi, the Eq. 2 step (``two_stage.keep_step``)."""
         t0 = time.perf_counter()
         psi, info = self._gradient(query, query_item, lr, num_draws, seed, strategy, draws_per_forward)
+        if step is not None:
+            from musicattr.attribution.two_stage import keep_step
+
+            psi = keep_step(self.params, self.precond, psi, step)
         p, norm = project_norm(self.projection, psi)
         return p, norm, {**info, "seconds": time.perf_counter() - t0}
 
@@ -277,7 +285,8 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
               seed: int = 0, target: str | None = None, damping: float | None = None,
               score_draws: int | None = None, score_seed: int | None = None, k: int | None = None,
               relative: bool = True, top_k: int = 10, draws_per_forward: int = 16, device: str = "cpu",
-              head: int | None = None, task: AttributionTask | None = None) -> list[dict]:
+              head: int | None = None, exact_top: int | None = None, task: AttributionTask | None = None
+              ) -> list[dict]:
     """Score every training item for each query with the index; write ``<out_dir>/<query>/scores.parquet``.
 
     Args:
@@ -293,6 +302,10 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
         head: None scores every item (the full table); m writes only the exact top-m by tau^ (and by tau^ / s
             with ``relative``) per query, from one streamed pass that never holds the N x Q table; ranks up to m
             are then the global ranks.
+        exact_top: None (the index alone), or M: the two-stage query (``musicattr.attribution.two_stage``): exact
+            Eq. 1 (the index's T, seed and M_L; baselines from the store's cache) re-scores each query's top M by tau^
+            (and by tau^ / s with ``relative``); those rows, marked ``exact``, rank first by their exact score, the
+            others below them by tau^. With ``head`` m the table holds the top max(m, M).
     """
     from musicattr.attribution.score import log_top
 
@@ -300,29 +313,46 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
     if not (queries or query_items or unlearned):
         raise ValueError("no query given; fix: pass --queries (generated .query.safetensors files), --query_items "
                          "(training item ids) or --unlearned (files of `musicattr unlearn`)")
+    if head is not None and int(head) < 1:
+        raise ValueError(f"head = {head}: choose m >= 1 (the top-m per query), or null for every item")
+    if exact_top is not None and int(exact_top) < 1:
+        raise ValueError(f"exact_top = {exact_top}: choose M >= 1 (exact Eq. 1 for the index's top M per query), "
+                         "or null for the index alone")
     ctx = open_query(index, checkpoint, fisher, store, strategy, mask_unlearn, target, damping, score_draws,
                      score_seed, k, device, task)
     gradient = {"lr": lr, "num_draws": num_draws, "seed": seed, "strategy": strategy,
                 "draws_per_forward": draws_per_forward}
-    answers = ([ctx.projected_query(query=q, **gradient) for q in queries]  # (P psi, ||psi||, record) each
-               + [ctx.projected_query(query_item=q, **gradient) for q in query_items]
-               + [ctx.projected_unlearned(path) for path in unlearned])
-    if head is not None and int(head) < 1:
-        raise ValueError(f"head = {head}: choose m >= 1 (the top-m per query), or null for every item")
+    two = exact_top is not None
+    # theta_unlearned of each query for the exact stage: the Eq. 2 step kept while psi is formed, or the file
+    thetas = [{} if two else None for _ in [*queries, *query_items]] + list(unlearned)
+    answers = ([ctx.projected_query(query=q, step=t, **gradient) for q, t in zip(queries, thetas)]
+               + [ctx.projected_query(query_item=q, step=t, **gradient)
+                  for q, t in zip(query_items, thetas[len(queries):])]
+               + [ctx.projected_unlearned(path) for path in unlearned])  # (P psi, ||psi||, record) each
     t0 = time.perf_counter()
     projected = torch.stack([p for p, _, _ in answers], 1)
     if head is None:
         tau, heads = ctx.index.scores(projected), None
     else:
-        tau, heads = None, head_scores(ctx.index, projected, int(head), relative)
+        tau, heads = None, head_scores(ctx.index, projected, max(int(head), int(exact_top or 0)), relative)
     lookup = time.perf_counter() - t0
     idx, prov = ctx.index, ctx.index.provenance
     log.info("query: %d queries against %d items x k = %d in %.3f s (one pass over the index)",
              len(answers), idx.num_items, idx.k, lookup)
     out, summary = Path(out_dir), []
+    scorer = None
+    if two:
+        from musicattr.attribution.two_stage import ExactScorer
+
+        scorer = ExactScorer(ctx, draws_per_forward)
     for q, ((_, norm, info), name) in enumerate(zip(answers, folder_names([i["query_id"] for _, _, i in answers]))):
         qdir = out / name
-        if heads is None:
+        exact = None
+        if two:
+            df, exact = _two_stage(ctx, scorer, qdir, info, thetas[q], tau[:, q] if heads is None else heads[q],
+                                   int(exact_top), relative)
+            thetas[q] = None  # the Eq. 2 step of a gradient query is no longer needed
+        elif heads is None:
             df = index_table(idx, ctx.store, tau[:, q], info["query_id"], relative)
         else:
             df = index_table(idx, ctx.store, heads[q][1], info["query_id"], relative, positions=heads[q][0])
@@ -332,16 +362,53 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
         sd = float(np.median(idx.items["sensitivity"])) * norm * (2 / idx.k) ** 0.5
         atomic_write_json(qdir / "noise.json", {"float_error": None, "projection_error": sd,
                                                 "median_abs_score": None if tau is None
-                                                else float(np.median(np.abs(tau[:, q]))), "head": head})
+                                                else float(np.median(np.abs(tau[:, q]))), "head": head,
+                                                **({} if exact is None else {
+                                                    "exact_rows": int(df["exact"].sum()),
+                                                    "median_exact_score_se": float(
+                                                        df.loc[df["exact"], "score_se"].median())})})
         atomic_write_json(qdir / "run.json", {
             "method": METHOD, "index": str(idx.root), "index_provenance": prov,
             "store": str(ctx.store.root.resolve()), "checkpoint": ctx.common["checkpoint"],
             "checkpoint_fingerprint": ctx.common["checkpoint_fingerprint"], "num_draws": prov["num_draws"],
             "seed": prov["seed"], "mask_loss": prov["mask_loss"], "relative": relative, "query_source": info["source"],
             "unlearned": info["unlearned"], "unlearned_fingerprint": info.get("unlearned_fingerprint"),
-            "query_seconds": info["seconds"], "lookup_seconds": lookup, "head": head})
+            "query_seconds": info["seconds"], "lookup_seconds": lookup, "head": head, "exact_top": exact_top,
+            "two_stage": exact})
         log_top(df, top_k)
         summary.append({"query_id": info["query_id"], "source": info["source"], "folder": str(qdir),
-                        "query_seconds": info["seconds"], "lookup_seconds": lookup})
+                        "query_seconds": info["seconds"], "lookup_seconds": lookup,
+                        **({} if exact is None else {"exact_seconds": exact["seconds"]})})
     atomic_write_json(out / "queries.json", summary)
     return summary
+
+
+def _two_stage(ctx: QueryContext, scorer, qdir: Path, info: dict, theta, scored, m: int, relative: bool
+               ) -> tuple[pd.DataFrame, dict]:
+    """One query's two-stage table and its record: the candidates from its index scores (``scored``: tau^ of every
+    item, or the head's (positions, tau^)), exact Eq. 1 on them (``theta``: the Eq. 2 step, or an unlearned file)."""
+    from musicattr.attribution.two_stage import RANK_RULE, candidates, rescore, two_stage_table
+
+    idx = ctx.index
+    positions, tau = (np.arange(idx.num_items), scored) if isinstance(scored, np.ndarray) else scored
+    sens = idx.items["sensitivity"].to_numpy(dtype=np.float64)[positions] if relative else None
+    chosen = positions[candidates(tau, m, sens)]
+    indices = idx.items["index"].to_numpy()[chosen]
+    key = {"index": {k: v for k, v in idx.provenance.items() if k != "tensors"}, "query": info["unlearned"],
+           "unlearned_fingerprint": info.get("unlearned_fingerprint")}
+    if isinstance(theta, str):
+        from musicattr.attribution.unlearn import load_unlearned
+
+        def theta_of():
+            return load_unlearned(theta)[0]
+        source = f"unlearned file {theta}"
+    else:
+        def theta_of():
+            return theta
+        source = "theta0 + P^1/2 psi (the Eq. 2 step of the query gradient)"
+    rows, record = rescore(scorer, qdir, indices, theta_of, key)
+    df = two_stage_table(idx, ctx.store, positions, tau, rows, info["query_id"], relative, METHOD)
+    log.info("two-stage: %s: exact Eq. 1 for %d candidates (top %d%s), T = %d, seed %d, %.2f s%s", info["query_id"],
+             len(indices), m, " by tau^ and by tau^ / s" if relative else "", scorer.num_draws, scorer.seed,
+             record["seconds"], " (reused)" if record["reused"] else "")
+    return df, {"exact_top": m, **record, **scorer.settings(), "theta_unlearned": source, "rank_rule": RANK_RULE}
