@@ -22,9 +22,21 @@ independent and SE_i is conservative (it ignores the variance the strata remove)
 
 With ``relative``, the table also holds the relative score tau_i / s_i and its rank (see
 ``musicattr.attribution.sensitivity``); s_i is cached in ``<store>/sensitivity/`` like the baselines.
+
+Precision. tau_i is the difference of two nearly equal losses (on the demo's q000 the median |tau| is
+8e-5 of the mean loss, the largest 1.4e-3), so both are computed in theta0's own precision (float32) whatever
+the Trainer's precision: under ``--trainer.precision bf16-mixed`` (or 16-mixed) Lightning's plugin runs
+``predict_step`` under autocast, and ``full_precision`` switches autocast off again around every loss, the
+sensitivity pass and the adaptive draws (and, on CUDA, TF32, which torch allows cuDNN by default). A bf16
+forward carries a relative error of about 1e-4 to 2e-3 per loss (measured on the tests' tiny DiT), different
+for theta0 and theta_unlearned, which would swamp the score; it would also write bf16 losses into the baseline
+cache, whose key does not name the precision. So a scoring pass at bf16-mixed runs the 32-true pass's kernels
+and gives its table (bit for bit on the CPU, tests/test_bf16_path.py), at float32's speed. Refused: the
+``-true`` half precisions, which cast theta0 itself (fix: ``--trainer.precision 32-true``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,7 +59,41 @@ from musicattr.fingerprint import file_fingerprint
 from musicattr.parts import Parts, PartsWriter, RunMismatchError, TableFormat
 
 log = logging.getLogger(__name__)
-__all__ = ["ScoringModule", "RunMismatchError", "merge_scores", "write_noise_report", "log_top"]
+__all__ = ["ScoringModule", "RunMismatchError", "merge_scores", "write_noise_report", "log_top", "full_precision",
+           "check_scoring_precision"]
+
+# the Trainer precisions a scoring pass accepts (Lightning's names): the mixed ones run in float32 all the same
+SCORING_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device | str = "cpu"):
+    """The losses of Eq. 1 (and anything cached beside them) in the weights' own precision, whatever the Lightning
+    step runs under: autocast off for ``device``'s type and the CPU's and, on CUDA, no TF32 (torch lets cuDNN
+    convolutions use TF32 by default, 10 mantissa bits like bf16's 7: the SAT DiT's 1x1 output convolution would
+    round theta0's and theta_unlearned's outputs differently); the TF32 flags are restored on exit."""
+    kind = torch.device(device).type
+    with contextlib.ExitStack() as stack:
+        for k in sorted({kind, "cpu"}):
+            stack.enter_context(torch.autocast(k, enabled=False))
+        if kind == "cuda":
+            flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+            def restore():
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+            stack.callback(restore)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield
+
+
+def check_scoring_precision(precision: str, stage: str = "attribute") -> None:
+    """Refuse Trainer precisions that cast theta0 itself (the half ``-true`` ones)."""
+    if precision not in SCORING_PRECISIONS:
+        raise ValueError(f"{stage} cannot run at --trainer.precision {precision}: it casts theta0 itself, and Eq. 1's "
+                         "score is a difference of two nearly equal losses that bf16 / float16 weights cannot "
+                         "resolve; fix: --trainer.precision 32-true (bf16-mixed is accepted and computes the losses "
+                         "in float32 all the same)")
 
 
 class ScoringModule(L.LightningModule):
@@ -130,9 +176,14 @@ class ScoringModule(L.LightningModule):
 
     # ---------------------------------------------------------------- the pass
     def configure_callbacks(self):
+        check_scoring_precision(str(self.trainer.precision))  # before any part or cache is touched
         return [PartsWriter(self.parts, self.merge, self.hparams.flush_every, self.hparams.overwrite)]
 
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.endswith("-mixed"):
+            log.info("attribute: --trainer.precision %s: the losses of Eq. 1 are computed in float32 all the same "
+                     "(autocast off; see musicattr.attribution.score)", precision)
         self.prepare(self.device)
         root = self.store.root
         self.keys = {"baselines": self.baseline_key(), "run": self.run_key()}  # kept: at merge time the model is on the CPU
@@ -187,6 +238,10 @@ class ScoringModule(L.LightningModule):
                                 mask=self.mask_loss, draws_per_forward=h.draws_per_forward).numpy()
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:
+        with full_precision(self.device):
+            return self._predict(batch)
+
+    def _predict(self, batch) -> dict[str, Any]:
         idx = [int(i) for i in batch["index"]]
         with torch.no_grad():
             self.use(unlearned=True)
@@ -225,7 +280,7 @@ class ScoringModule(L.LightningModule):
             batch = collate_items([store[pos_of[i]] for i in indices])
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             kw = dict(mask=self.mask_loss, draws_per_forward=h.draws_per_forward, draw_offset=first)
-            with torch.no_grad():
+            with torch.no_grad(), full_precision(device):
                 self.use(unlearned=True)
                 lu = self.task.draw_losses(self.theta0, batch, h.seed, n, **kw).cpu().numpy()
                 self.use(unlearned=False)

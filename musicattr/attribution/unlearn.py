@@ -11,9 +11,19 @@ blowing the step up). The update ascends the query's loss: the model forgets z_h
 The update is computed in float64 and cast back to the parameters' dtype: an element whose step is
 below that dtype's resolution (|step| < ~eps |theta| / 2) does not move. ``run_unlearn`` counts the
 elements that actually changed and warns when they are few.
+
+Precision. theta0 stays float32 and the step (gradient total, (F + lambda)^-1, lr / N, theta + step) is float64
+in every case. ``precision="bf16-mixed"`` runs only the query's forward and backward passes under bfloat16
+autocast (Lightning's ``MixedPrecision`` plugin, as ``--trainer.precision bf16-mixed`` does for the Lightning
+stages); the gradient is float32 (theta0's dtype) and is summed in float64. That changes the step by bf16's
+rounding: 1.2e-2 of its norm on the tests' tiny DiT at K = 4 (tests/test_bf16_path.py; allowed: 5e-2), to first
+order a change of about that fraction of the scores' typical size, well below their draw noise on the demo
+(median SE / |tau| about 0.7 on q000). The default is ``32-true``; the precision, when not ``32-true``, is
+written to the unlearned file and is part of what ``reuse`` compares.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +43,20 @@ from musicattr.fingerprint import file_fingerprint
 
 log = logging.getLogger(__name__)
 MIN_CHANGED_FRACTION = 0.5  # warn when fewer target elements than this moved
+UNLEARN_PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names
+
+
+def precision_context(precision: str, device: torch.device | str = "cpu"):
+    """The autocast of the query gradient: none for ``32-true``, Lightning's bf16 ``MixedPrecision`` plugin's
+    for ``bf16-mixed`` (on ``device``'s type)."""
+    if precision in ("32-true", "32"):
+        return contextlib.nullcontext()
+    if precision == "bf16-mixed":
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        return MixedPrecision("bf16-mixed", torch.device(device).type).forward_context()
+    raise ValueError(f"unlearn precision {precision!r}; fix: 32-true (the default) or bf16-mixed (the query's "
+                     "forward and backward under bf16 autocast; the update stays float64)")
 
 
 def loss_gradient(task: AttributionTask, model, params: Mapping[str, torch.nn.Parameter], batch, seed: int,
@@ -90,20 +114,24 @@ def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tenso
 
 def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, num_items: int,
                   target: str = "all", lr: float = 1e-6, steps: int = 1, num_draws: int = 256, seed: int = 0,
-                  mask: bool = True, draws_per_forward: int = 16, on_update=None) -> dict[str, torch.Tensor]:
+                  mask: bool = True, draws_per_forward: int = 16, on_update=None,
+                  precision: str = "32-true") -> dict[str, torch.Tensor]:
     """Apply Eq. 2 ``steps`` times in place on the target parameters of ``model`` for the one-item ``batch``
     (draws keyed ``unlearn/<id>``, ``mask`` M_U); return their new values (CPU).
 
     With a per-tensor preconditioner each tensor is updated (and its float64 gradient freed) before the next
     one's step is formed. ``on_update(name, old, new)``, if given, sees each tensor's values before and after
-    each step. The caller keeps theta0 (e.g. reload the checkpoint) if it needs it afterwards.
+    each step. The caller keeps theta0 (e.g. reload the checkpoint) if it needs it afterwards. ``precision``:
+    the query gradient's (``precision_context``); the update is float64 either way.
     """
     params = task.select_parameters(model, target)
     with torch.no_grad():
         cond = task.conditioning(model, batch)
+    device = next(iter(params.values())).device
     for _ in range(steps):
-        g = loss_gradient(task, model, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
-                          draws_per_forward=draws_per_forward, cond=cond)
+        with precision_context(precision, device):
+            g = loss_gradient(task, model, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
+                              draws_per_forward=draws_per_forward, cond=cond)
         if _per_tensor(precond):
             updates = ((k, eq2_update({k: params[k].detach()}, {k: g.pop(k)}, precond, lr, num_items)[k])
                        for k in list(g))
@@ -149,7 +177,8 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
                 store: str | None = None, lr: float = 1e-6, steps: int = 1, num_draws: int = 256,
                 target: str = "all", strategy: str = "mixed", mask_unlearn: bool | None = None,
                 damping: float = 1e-3, seed: int = 0, draws_per_forward: int = 16, device: str = "cpu",
-                reuse: bool = False, task: AttributionTask | None = None, ekfac: str | None = None) -> dict:
+                reuse: bool = False, task: AttributionTask | None = None, ekfac: str | None = None,
+                precision: str = "32-true") -> dict:
     """Unlearn one query from theta0 (Eq. 2) and write the changed tensors to ``out``.
 
     Args:
@@ -169,9 +198,12 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
         ekfac: a folder of EK-FAC factors (kronfluence's, fitted by ``musicattr peers``): P is then EK-FAC on the
             linear layers it covers and the diagonal Fisher on the other target tensors ("AbU+"); None (the default):
             the diagonal Fisher everywhere.
+        precision: '32-true' (the default) or 'bf16-mixed': the query's forward and backward passes under bf16
+            autocast (the update stays float64; see the module's docstring).
     """
     from musicattr.attribution.masks import resolve_masks
 
+    precision_context(precision)  # refuses an unknown precision before any work
     ckpt_fp = file_fingerprint(checkpoint)
     mu, ml = resolve_masks(strategy, mask_unlearn=mask_unlearn)
     batch = query_batch(query, query_item, store)
@@ -184,12 +216,14 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
             "task": task.identity(), "num_items": None, "lr": lr, "steps": steps,
             "num_draws": num_draws, "target": target, "strategy": strategy, "mask_unlearn": mu, "mask_loss": ml,
             "damping": damping, "seed": seed}
+    if precision not in ("32-true", "32"):  # 32-true is not recorded: files written before keep matching
+        meta["precision"] = precision
     if ekfac:
         meta.update(preconditioner="ekfac", ekfac=ekfac, ekfac_fingerprint=file_fingerprint(
             str(Path(ekfac) / "lambda_matrix.safetensors")))
     if reuse and os.path.exists(out):
         old = load_unlearned(out)[1]
-        same_p = all(old.get(k) == meta.get(k) for k in ("preconditioner", "ekfac_fingerprint"))
+        same_p = all(old.get(k) == meta.get(k) for k in ("preconditioner", "ekfac_fingerprint", "precision"))
         if same_p and all(old.get(k) == json.loads(json.dumps(meta[k])) for k in RUN_KEYS if k != "num_items"):
             log.info("unlearn: %s is up to date (same query, checkpoint, Fisher and settings): reused", out)
             return old
@@ -211,7 +245,7 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
     else:
         seen, theta0 = None, {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
     new = unlearn_query(task, model, batch, precond, meta["num_items"], target, lr, steps, num_draws, seed, mu,
-                        draws_per_forward, on_update=seen)
+                        draws_per_forward, on_update=seen, precision=precision)
     changed, total = (count["changed"], sum(v.numel() for v in new.values())) if theta0 is None \
         else count_changed(theta0, new)
     meta.update(changed_elements=changed, target_elements=total)

@@ -11,6 +11,13 @@ cosine decay to ``min_lr_ratio * lr`` at the trainer's ``max_steps`` (``lr_sched
 ends training near a minimum, as influence-style attribution assumes of theta0.
 ``use_checkpointing`` (SAT gradient checkpointing of the transformer blocks) saves memory on large
 models; a small model trains about 1.4x faster without it.
+
+Precision (configs/paper/fit.yaml: ``trainer.precision: bf16-mixed``, Lightning's ``MixedPrecision`` plugin): the
+training and validation steps run under bfloat16 autocast, so the DiT's matrix multiplies are bf16; what stays
+float32 is the weights, their gradients and AdamW's moments (the checkpoint, theta0, is float32), the v-objective's
+inputs and target, and the loss: ``masked_mse`` casts the prediction to float32 before the squared error and its
+mean. Nothing here depends on the precision; tests/test_bf16_path.py runs a few steps at bf16-mixed on the CPU
+and compares them with 32-true.
 """
 from __future__ import annotations
 
