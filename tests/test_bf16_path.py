@@ -397,3 +397,22 @@ def test_full_precision_turns_tf32_off_on_cuda_and_restores_it():
             assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# ---------------------------------------------------------------------------------------------- index
+def test_index_bf16_mixed_keeps_theta0_losses_in_float32(work):
+    """The index writes L(z_i, theta0) into the baseline cache that `attribute` reads: at bf16-mixed they are the
+    32-true losses bit for bit (autocast off around the losses and gradients), and so are phi and s_i."""
+    from musicattr.attribution.index import AttributionIndex, IndexModule
+
+    built = {}
+    with chdir(work):
+        for precision in ("32-true", "bf16-mixed"):
+            out = f"index-{precision}"
+            trainer(precision).predict(IndexModule("theta0.ckpt", "fisher.safetensors", out, num_draws=2, k=256,
+                                                   flush_every=1, write_caches=False),
+                                       datamodule=StorePredictDataModule("store", 3))
+            built[precision] = AttributionIndex(work / out)
+    a, b = built["32-true"], built["bf16-mixed"]
+    assert np.array_equal(a.items["baseline_loss"].to_numpy(), b.items["baseline_loss"].to_numpy())
+    assert np.array_equal(a.items["sensitivity"].to_numpy(), b.items["sensitivity"].to_numpy())

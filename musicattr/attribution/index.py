@@ -53,6 +53,7 @@ from musicattr.attribution.gradients import preconditioned_gradients
 from musicattr.attribution.index_store import (INDEX_FILE, ITEMS_FILE, PRECISIONS, SHARDS, TopK, bytes_per_item,
                                                check_precision, encode, stream)
 from musicattr.attribution.preconditioner import DiagonalFisher
+from musicattr.attribution.score import full_precision
 from musicattr.attribution.sketch import make_projection
 from musicattr.attribution.task import AttributionTask, attach_task
 from musicattr.parts import Parts, PartsWriter, RunMismatchError, TensorFormat
@@ -151,9 +152,10 @@ class IndexModule(L.LightningModule):
             sq[j] += g.double().pow(2).sum()
             self.projection.add(phi[j], name, g)
 
-        loss = preconditioned_gradients(self.task, self.theta0, self.params, self.precond, batch, h.seed,
-                                        h.num_draws, take,
-                                        mask=h.mask_loss, draws_per_forward=h.draws_per_forward)
+        with full_precision(self.device):  # theta0's losses go into the float32 baseline cache: never bf16
+            loss = preconditioned_gradients(self.task, self.theta0, self.params, self.precond, batch, h.seed,
+                                            h.num_draws, take,
+                                            mask=h.mask_loss, draws_per_forward=h.draws_per_forward)
         return {"index": [int(i) for i in batch["index"]], **encode(phi, h.precision),
                 "sensitivity": sq.sqrt().cpu(),
                 "baseline_loss": loss.mean(1), "baseline_draws": loss}
