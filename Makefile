@@ -118,13 +118,18 @@ bench: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	$(PY) scripts/bench_attribution.py --run_root $(D) --out runs/bench/attribution.json
 
 # ---- reproducibility of Eq. 1 under its random draws (README "Reproducible credit") ----
-# The demo query, plus the generated queries of `make figure1` when they exist, scored twice with two draw seeds
-# under each draw design (timesteps:T); REPRO_DESIGNS overrides the designs.
-REPRO_DESIGNS ?= uniform:32 stratified-8:32 uniform:64
-reproducibility: venv $(D)/attribution/q000/scores.parquet
+# The demo query, plus generated queries q001..q008 of `make figure1` when they exist, scored twice with two draw seeds
+# under each draw design (timesteps[+shared]:T; the first is the reference of the paired differences), and by two
+# indexes built with two scoring seeds; REPRO_DESIGNS overrides the designs. Resumes from its JSON.
+REPRO_DESIGNS ?= uniform:32 stratified-8+shared:64 uniform:64
+$(D)/index-seed1/index.json: $(D)/fisher.safetensors $(CFG)/index.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) index --config $(CFG)/index.yaml $(RUN) --model.seed 1 \
+		--model.out $(D)/index-seed1 --model.write_caches false --trainer.default_root_dir $(D)/index-seed1
+
+reproducibility: venv $(D)/attribution/q000/scores.parquet $(D)/index/index.json $(D)/index-seed1/index.json
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/reproducibility.py --run_root $(D) \
-		--unlearned $(D)/unlearned/q000.safetensors $(sort $(wildcard $(D)/figure1/queries/q*/unlearned.safetensors)) \
-		--designs $(REPRO_DESIGNS)
+		--unlearned $(D)/unlearned/q000.safetensors $(sort $(wildcard $(D)/figure1/queries/q00[1-8]/unlearned.safetensors)) \
+		--designs $(REPRO_DESIGNS) --indexes $(D)/index $(D)/index-seed1
 
 # ---- the attribution index (README "The attribution index") ----
 $(D)/index/index.json: $(D)/fisher.safetensors $(CFG)/index.yaml

@@ -29,25 +29,37 @@ from musicattr.attribution.score import separated
 from musicattr.attribution.unlearn import load_unlearned
 from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
+from musicattr.fingerprint import file_fingerprint
 from musicattr.models.sat_task import SATDiffusionTask
 from musicattr.report.credits import credit_shares
 
 REFERENCE_T = 32  # the demo's plain scoring pass (configs/demo/attribute.yaml)
 
 
-def score(task, model, params, unlearned, batches, seed: int, draws: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """(tau [N], SE [N], seconds) of one pass: d_ij = L_j(theta_u) - L_j(theta0) on the same draws."""
+def score(task, model, params, unlearned, batches, seed: int, draws: int,
+          baseline: list | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(tau [N], SE [N], seconds) of one pass: d_ij = L_j(theta_u) - L_j(theta0) on the same draws.
+
+    ``baseline``: the per-draw losses L_j(z_i, theta0) of this (design, seed, T), one tensor per batch; they do
+    not depend on the query (as `attribute`'s baseline cache), so they are computed once (into an empty list)
+    and reused by every later query. Seconds count the theta_u side only once the baseline is cached."""
     original = {k: p.detach().clone() for k, p in params.items()}
     t0 = time.perf_counter()
     taus, ses = [], []
+    fill = baseline is not None and not baseline
     with torch.no_grad():
-        for b in batches:
+        for n, b in enumerate(batches):
             for k, p in params.items():
                 p.data = unlearned[k]
             lu = task.draw_losses(model, b, seed, draws, draws_per_forward=16)
             for k, p in params.items():
                 p.data = original[k]
-            l0 = task.draw_losses(model, b, seed, draws, draws_per_forward=16)
+            if baseline is None or fill:
+                l0 = task.draw_losses(model, b, seed, draws, draws_per_forward=16)
+                if fill:
+                    baseline.append(l0)
+            else:
+                l0 = baseline[n]
             d = lu - l0
             taus.append(d.mean(1))
             ses.append(d.std(1, correction=1) / draws ** 0.5)
@@ -103,12 +115,16 @@ def main() -> None:
     ap.add_argument("--store", help="the latent store (default <run_root>/store)")
     ap.add_argument("--unlearned", nargs="+", help="unlearned files of `musicattr unlearn` (default "
                                                    "<run_root>/unlearned/q000.safetensors)")
-    ap.add_argument("--designs", nargs="+", default=["uniform:32", "stratified-8:32", "uniform:64"],
+    ap.add_argument("--designs", nargs="+", default=["uniform:32", "stratified-8+shared:64", "uniform:64"],
                     help="timesteps[+shared]:T[:aK], timesteps as the task's config (uniform, stratified-S); "
                          "+shared: every item takes the same draws (the task's shared_draws); aK: adaptive draws at "
                          "the top-K boundary after the pass (budget 1 x N T)")
     ap.add_argument("--seeds", nargs=2, type=int, default=[0, 1])
     ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--indexes", nargs=2, metavar=("INDEX_A", "INDEX_B"),
+                    help="two indexes of `musicattr index` built with two scoring-draw seeds: each query is also "
+                         "scored by both (its psi from the unlearned file) and the two compared as a design 'index'")
+    ap.add_argument("--fisher", help="the Fisher of the indexes (default <run_root>/fisher.safetensors)")
     ap.add_argument("--out", help="JSON output (default <run_root>/reproducibility/reproducibility.json)")
     a = ap.parse_args()
     a.checkpoint = a.checkpoint or f"{a.run_root}/fit/last.ckpt"
@@ -120,25 +136,47 @@ def main() -> None:
     store = LatentStore(a.store)
     batches = [collate_items([store[p] for p in range(s, min(len(store), s + a.batch_size))])
                for s in range(0, len(store), a.batch_size)]
-    rows = []
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{len(store)} items; designs {a.designs}; seeds {a.seeds}; reference: uniform T = {REFERENCE_T}")
-    print(f"{'query':<10} {'design':<18} {'cost':>5} {'spearman':>9} {'top10':>6} {'share L1':>9} "
+    rows = json.loads(out.read_text()) if out.exists() else []  # resume: rows already measured are kept
+    setting = {"checkpoint": a.checkpoint, "store": a.store, "seeds": list(a.seeds)}
+    rows = [r for r in rows if all(r.get(k) == v for k, v in setting.items())]  # another model's rows: dropped
+    prints = {p: file_fingerprint(p) for p in a.unlearned}
+    rows = [r for r in rows if prints.get(r["unlearned"]) == r.get("unlearned_fingerprint")]  # the same file only
+    done = {(r["unlearned"], r["design"], r["num_draws"]) for r in rows}
+    models, baselines = {}, {}
+    print(f"{len(store)} items; designs {a.designs}; seeds {a.seeds}; reference: uniform T = {REFERENCE_T}"
+          + (f"; {len(rows)} rows resumed from {out}" if rows else ""))
+    print(f"{'query':<10} {'design':<28} {'cost':>5} {'spearman':>9} {'top10':>6} {'share L1':>9} "
           f"{'median SE':>10} {'clear':>6} {'s/pass':>7}")
     for path in a.unlearned:
         tensors, meta = load_unlearned(path)
         for design in a.designs:
-            timesteps, _, rest = design.partition(":")
-            draws, _, race = rest.partition(":")  # timesteps:T[:aK] - aK: adaptive draws at the top-K boundary
-            draws = int(draws or REFERENCE_T)
-            timesteps, shared, _ = timesteps.partition("+shared")
-            task = SATDiffusionTask(timesteps=timesteps, shared_draws=bool(shared))
-            model = task.load(a.checkpoint)
+            timesteps, draws, race, shared = parse_design(design)
+            name = timesteps + shared + (f"+{race}" if race else "")
+            if (path, name, draws) in done:
+                continue
+            if (timesteps, shared) not in models:
+                task = SATDiffusionTask(timesteps=timesteps, shared_draws=bool(shared))
+                models[timesteps, shared] = (task, task.load(a.checkpoint))
+            task, model = models[timesteps, shared]
             named = dict(task.net(model).named_parameters())
             params = {k: named[k] for k in tensors}
             unlearned = {k: v.to(named[k].dtype) for k, v in tensors.items()}
-            passes = [score(task, model, params, unlearned, batches, s, draws) for s in a.seeds]
+            passes = []
+            for s in a.seeds:
+                key = (timesteps, shared, s, draws)
+                if key not in baselines:  # theta0's per-draw losses of this design: on disk, beside the JSON
+                    baselines[key] = [], out.parent / "baselines" / (
+                        f"{file_fingerprint(a.checkpoint)}-{store.fingerprint}-{timesteps}{shared}-s{s}-T{draws}.pt")
+                    if baselines[key][1].exists():
+                        baselines[key][0].extend(torch.load(baselines[key][1]))
+                cached, file = baselines[key]
+                fresh = not cached
+                passes.append(score(task, model, params, unlearned, batches, s, draws, cached))
+                if fresh:
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(cached, file)
             cost = draws / REFERENCE_T
             if race:
                 import shutil
@@ -155,27 +193,111 @@ def main() -> None:
                     added.append(n)
                 passes = refined
                 cost += float(np.mean(added)) / (len(store) * REFERENCE_T)
-            row = {"query_id": meta["query_id"], "unlearned": path,
-                   "design": timesteps + shared + (f"+{race}" if race else ""),
+            row = {"query_id": meta["query_id"], "unlearned": path, "unlearned_fingerprint": prints[path],
+                   "design": name, **setting,
                    "num_draws": draws, "cost": cost, "seconds_per_pass": float(np.mean([p[2] for p in passes])),
                    **compare(passes[0][:2], passes[1][:2])}
             rows.append(row)
-            print(f"{row['query_id']:<10} {row['design'] + ' T=' + str(draws):<18} {row['cost']:>4.1f}x "
+            print(f"{row['query_id']:<10} {row['design'] + ' T=' + str(draws):<28} {row['cost']:>4.1f}x "
                   f"{row['spearman']:>9.3f} {row['top10_overlap']:>4}/10 {row['share_l1']:>9.2f} "
                   f"{row['median_se']:>10.2e} {row['top10_separated']:>4}/10 {row['seconds_per_pass']:>7.1f}",
                   flush=True)
             out.write_text(json.dumps(rows, indent=1))
-    print("\nmean over queries:")
-    for design in a.designs:
-        name, _, rest = design.partition(":")
-        t, _, race = rest.partition(":")
-        sel = [r for r in rows if r["design"] == name + (f"+{race}" if race else "") and
-               r["num_draws"] == int(t or REFERENCE_T)]
-        if sel:
-            print(f"  {design:<18} spearman {np.mean([r['spearman'] for r in sel]):.3f}  top-10 "
-                  f"{np.mean([r['top10_overlap'] for r in sel]):.1f}/10  share L1 "
-                  f"{np.mean([r['share_l1'] for r in sel]):.2f}  ({len(sel)} queries)")
-    print(f"written: {out}")
+    if a.indexes:
+        rows += index_rows(a, rows, setting, out)
+    summary = summarize(rows, a.designs + (["index:0"] if a.indexes else []), list(a.unlearned))
+    out.with_name(out.stem + "_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"written: {out} and {out.with_name(out.stem + '_summary.json')}")
+
+
+def index_rows(a, rows: list[dict], setting: dict, out: Path) -> list[dict]:
+    """The index's reproducibility: each query scored by two indexes whose per-item gradients average other
+    draws (built with two scoring seeds), compared like two exact passes (no SE: every positive score is
+    credited). Cost: a lookup, after one build per index."""
+    import pandas as pd
+
+    from musicattr.attribution.query import open_query
+
+    done = {r["unlearned"] for r in rows if r["design"] == "index" and r.get("indexes") == list(a.indexes)}
+    todo = [p for p in a.unlearned if p not in done]
+    if not todo:
+        return []
+    fisher = a.fisher or f"{a.run_root}/fisher.safetensors"
+    ctxs = [open_query(i, a.checkpoint, fisher, store=a.store) for i in a.indexes]
+    order = [c.index.items["index"].astype(int).to_numpy() for c in ctxs]
+    new = []
+    for path in todo:
+        taus = []
+        for c, o in zip(ctxs, order):
+            t0 = time.perf_counter()
+            psi, info = c.from_unlearned(path)
+            tau = pd.Series(c.scores([psi])[:, 0], index=o).sort_index().to_numpy()
+            taus.append((tau, np.zeros_like(tau), time.perf_counter() - t0))
+        row = {"query_id": info["query_id"], "unlearned": path, "unlearned_fingerprint": file_fingerprint(path),
+               "design": "index", "num_draws": 0, **setting,
+               "indexes": list(a.indexes), "cost": 0.0,
+               "seconds_per_pass": float(np.mean([t[2] for t in taus])), **compare(taus[0][:2], taus[1][:2])}
+        new.append(row)
+        print(f"{row['query_id']:<10} {'index (two builds)':<28} {'-':>5} {row['spearman']:>9.3f} "
+              f"{row['top10_overlap']:>4}/10 {row['share_l1']:>9.2f} {'':>10} {'':>6} {row['seconds_per_pass']:>7.1f}",
+              flush=True)
+        out.write_text(json.dumps(rows + new, indent=1))
+    return new
+
+
+def parse_design(design: str) -> tuple[str, int, str, str]:
+    """'timesteps[+shared]:T[:aK]' -> (timesteps, T, 'aK' or '', '+shared' or '')."""
+    timesteps, _, rest = design.partition(":")
+    draws, _, race = rest.partition(":")
+    timesteps, shared, _ = timesteps.partition("+shared")
+    return timesteps, int(draws or REFERENCE_T), race, shared
+
+
+METRICS = ("spearman", "top10_overlap", "share_l1")
+
+
+def interval(values: np.ndarray, seed: int = 0, resamples: int = 10000) -> tuple[float, float, float]:
+    """(mean, 2.5%, 97.5%) of ``values``: a seeded bootstrap over the queries (the rows)."""
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+    return float(values.mean()), *map(float, np.quantile(means, [0.025, 0.975]))
+
+
+def summarize(rows: list[dict], designs: list[str], paths: list[str]) -> dict:
+    """Per design: the mean of each metric over the queries with a 95% bootstrap interval; and each design's
+    paired difference against the first (the same queries, the queries resampled together)."""
+    table = {}
+    for design in designs:
+        timesteps, draws, race, shared = parse_design(design)
+        name = timesteps + shared + (f"+{race}" if race else "")
+        by_path = {r["unlearned"]: r for r in rows if r["design"] == name and r["num_draws"] == draws}
+        table[design] = {p: by_path[p] for p in paths if p in by_path}
+    reference = designs[0]
+    print("\nmean over queries (95% bootstrap interval over queries); paired difference against " + reference)
+    summary = {"reference": reference, "designs": {}}
+    for design, got in table.items():
+        if not got:
+            continue
+        entry = {"queries": len(got), "cost": float(np.mean([r["cost"] for r in got.values()]))}
+        line = f"  {design:<26} {entry['cost']:.1f}x  {len(got)} queries"
+        for m in METRICS:
+            mean, lo, hi = interval([r[m] for r in got.values()])
+            entry[m] = {"mean": mean, "lo": lo, "hi": hi}
+            line += f"  {m} {mean:.3f} [{lo:.3f}, {hi:.3f}]"
+        common = [p for p in got if p in table[reference]]
+        if design != reference and common:
+            for m in METRICS:
+                mean, lo, hi = interval([got[p][m] - table[reference][p][m] for p in common])
+                entry[f"{m}_minus_reference"] = {"mean": mean, "lo": lo, "hi": hi, "queries": len(common)}
+            line += "\n" + " " * 30 + "minus reference: " + "  ".join(
+                f"{m} {entry[m + '_minus_reference']['mean']:+.3f} [{entry[m + '_minus_reference']['lo']:+.3f}, "
+                f"{entry[m + '_minus_reference']['hi']:+.3f}]" for m in METRICS) + f"  ({len(common)} paired)"
+        summary["designs"][design] = entry
+        print(line)
+    return summary
 
 
 if __name__ == "__main__":

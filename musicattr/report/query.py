@@ -105,7 +105,8 @@ def _provenance(q: QueryInputs, sims: SimilarityScores, opt: ReportOptions) -> l
         ("masking strategy", f"{u.get('strategy', na)} (M_U {u.get('mask_unlearn', na)}, M_L "
                              f"{run.get('mask_loss', na)})"),
         ("Eq. 1 scoring", f"T = {run.get('num_draws', na)} draws per item, seed {run.get('seed', na)}, "
-                          f"timesteps {run.get('timesteps', 'uniform')}, "
+                          f"timesteps {run.get('timesteps', 'uniform')}, draws "
+                          f"{'shared by every item' if run.get('draws') == 'shared' else 'per item'}, "
                           f"relative {'on' if 'relative_rank' in q.scores else 'off'}"),
         ("draw noise", na if "score_se" not in q.scores else
          f"median standard error of a score {float(q.scores['score_se'].median()):.2e}; share intervals: "
