@@ -25,7 +25,7 @@ help:
 	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
 	@echo "make test     - set up, then run the test suite"
 	@echo "make bench    - attribution benchmark (prints figures, writes runs/bench/attribution.json)"
-	@echo "make reproducibility - Eq. 1 scored twice with two draw seeds per draw design: Spearman, top-10, share L1"
+	@echo "make reproducibility - Eq. 1 scored twice with two draw seeds per draw design, and two index builds: Spearman, top-10, share L1"
 	@echo "make table1   - self-influence grid search on the demo model (Table 1)"
 	@echo "make self-influence - the best Table 1 row (mixed, all blocks, lr 1e-6) on SI_TARGETS k-means targets"
 	@echo "                      (default 16) with SI_DRAWS scoring draws (default 64)"
