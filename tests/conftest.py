@@ -10,9 +10,13 @@ tolerances below and are marked ``paths``; ``make test`` reruns them with 2 thre
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import os
 import random
+import sys
+from pathlib import Path
 
 THREADS = int(os.environ.get("MUSICATTR_TEST_THREADS", "1"))
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
@@ -30,6 +34,37 @@ torch.set_num_threads(THREADS)
 # float32 rounding of its reductions: measured up to 3e-8 relative (Intel AVX-512/AMX against AMD EPYC, batch
 # shape 4 vs 16 draws per forward). LOSS_RTOL keeps a 30x margin over that; README "Reproducibility" states it.
 LOSS_RTOL = 1e-6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def chdir(d):
+    """Run the block in folder ``d`` (the stages resolve the tests' relative paths there)."""
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def stage_trainer(**kw):
+    """The Lightning Trainer of the in-process stage tests: CPU, one device, no logger, progress bar or summary,
+    no distributed sampler, gradients on (``inference_mode=False``); ``kw`` adds or overrides options."""
+    import lightning as L
+
+    return L.Trainer(**{"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                        "enable_model_summary": False, "use_distributed_sampler": False, "inference_mode": False,
+                        "default_root_dir": "lightning", **kw})
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as module ``name`` (the benchmark scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(autouse=True)
@@ -182,6 +217,19 @@ def make_store(root, n: int = 12, channels: int = 4, frames: int = 16, text_dim:
                  for i, v in zip(idx, valid)]
         w.write_shard(f"r0-{start:09d}", lat, text, items)
     return w.finalize(expected=n)
+
+
+def build_fisher_setup(d, n: int) -> None:
+    """In folder ``d``: a store of ``n`` synthetic items, theta0.ckpt and its Fisher fisher.safetensors (T = 4
+    draws, batches of 6), as `musicattr fisher` writes it."""
+    from musicattr.attribution.fisher import FisherModule
+    from musicattr.data.datamodules import StorePredictDataModule
+
+    make_store(d / "store", n=n)
+    save_checkpoint(make_module(), d / "theta0.ckpt")
+    with chdir(d):
+        stage_trainer().predict(FisherModule("theta0.ckpt", "fisher.safetensors", num_draws=4, flush_every=100),
+                                datamodule=StorePredictDataModule("store", 6))
 
 
 @pytest.fixture

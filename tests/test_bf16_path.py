@@ -16,7 +16,6 @@ tiny fixtures of conftest.py; bf16 matrix multiplies are about 60x slower than f
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import make_module, make_store, save_checkpoint, tiny_config
+from conftest import chdir, make_module, make_store, save_checkpoint, stage_trainer, tiny_config
 from musicattr.attribution import fisher as fisher_mod
 from musicattr.attribution.fisher import FisherMismatchError, FisherModule, choose_vectorize, load_fisher
 from musicattr.attribution.score import ScoringModule, full_precision
@@ -49,20 +48,8 @@ FISHER_RTOL = 0.1     # per tensor, ||F_bf16 - F_32|| / ||F_32||: bf16 forwards 
 UNLEARN_RTOL = 5e-2   # ||step_bf16 - step_32|| / ||step_32|| (measured 1.2e-2 here at K = 4)
 
 
-@contextlib.contextmanager
-def chdir(d):
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def trainer(precision: str, inference_mode: bool = False, **kw) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False, default_root_dir="lightning", inference_mode=inference_mode,
-                     precision=precision, **kw)
+def trainer(precision: str, **kw) -> L.Trainer:
+    return stage_trainer(precision=precision, **kw)
 
 
 def run_fisher(d: Path, out: str, precision: str, vectorize="auto", **kw) -> tuple[dict, dict]:

@@ -5,7 +5,6 @@ paper config's other settings, fit in its bf16-mixed) and checks the figures it 
 that the memory-lean forms compute the same numbers as before (bit for bit)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,15 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("rehearse", ROOT / "scripts" / "rehearse.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rehearse"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("rehearse")
 
 
 def test_scaled_config_and_extrapolation():

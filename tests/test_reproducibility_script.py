@@ -2,24 +2,16 @@
 queries give the scores of a pass that computes them itself, and the summary's paired differences and intervals."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def repro():
-    spec = importlib.util.spec_from_file_location("reproducibility", ROOT / "scripts" / "reproducibility.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproducibility"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("reproducibility")
 
 
 def test_parse_design(repro):

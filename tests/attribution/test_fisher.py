@@ -8,13 +8,12 @@ import os
 import shutil
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
+from conftest import chdir, cli, kill_when_parts_appear, make_module, make_store, save_checkpoint, stage_trainer
 from musicattr.attribution.fisher import (FisherMismatchError, FisherModule, load_fisher, squared_grads_loop,
                                           squared_grads_vmap)
 from musicattr.attribution.loss import make_draws
@@ -42,16 +41,9 @@ def fisher_args(out, num_draws=T_DRAWS, batch_size=4, flush_every=1, **extra):
 
 def run_fisher_inprocess(cwd, out, num_draws=T_DRAWS, batch_size=4, flush_every=1, **kw):
     """The same pass as `musicattr fisher`, in this process (no interpreter start-up)."""
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
+    with chdir(cwd):
         m = FisherModule("theta0.ckpt", out, num_draws=num_draws, flush_every=flush_every, **kw)
-        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
-                            default_root_dir="lightning")
-        trainer.predict(m, datamodule=StorePredictDataModule("store", batch_size))
-    finally:
-        os.chdir(old)
+        stage_trainer().predict(m, datamodule=StorePredictDataModule("store", batch_size))
 
 
 def part_indices(parts: Path) -> dict[str, list[int]]:

@@ -4,18 +4,17 @@ build resumes, 1 and 2 DDP ranks build the same index, and an index built with o
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import cli, kill_when_parts_appear, make_module, make_store, save_checkpoint
+from conftest import (build_fisher_setup, chdir, cli, kill_when_parts_appear, make_module, make_store, save_checkpoint,
+                      stage_trainer)
 from musicattr.attribution.cache import cache_path
-from musicattr.attribution.fisher import FisherModule, load_fisher
+from musicattr.attribution.fisher import load_fisher
 from musicattr.attribution.index import AttributionIndex, IndexMismatchError, IndexModule
 from musicattr.attribution.loss import UNLEARN
 from musicattr.attribution.query import run_query
@@ -33,21 +32,12 @@ N_ITEMS, T, K, LR, DAMPING = 12, 4, 6, 1e-6, 1e-3
 TRAINER = ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", "lightning"]
 
 
-def trainer() -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False, inference_mode=False, default_root_dir="lightning")
-
-
 def build(d: Path, out: str, batch_size: int = 5, **kw) -> AttributionIndex:
     """`musicattr index` in this process (the same module, data module and writer)."""
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        kw = {"num_draws": T, "k": 1024, "flush_every": 1, **kw}
-        trainer().predict(IndexModule("theta0.ckpt", "fisher.safetensors", out, **kw),
-                          datamodule=StorePredictDataModule("store", batch_size))
-    finally:
-        os.chdir(old)
+    kw = {"num_draws": T, "k": 1024, "flush_every": 1, **kw}
+    with chdir(d):
+        stage_trainer().predict(IndexModule("theta0.ckpt", "fisher.safetensors", out, **kw),
+                                datamodule=StorePredictDataModule("store", batch_size))
     return AttributionIndex(d / out)
 
 
@@ -55,17 +45,10 @@ def build(d: Path, out: str, batch_size: int = 5, **kw) -> AttributionIndex:
 def work(tmp_path_factory):
     """A store, theta0, its Fisher, one unlearned training item and an identity index (phi itself)."""
     d = tmp_path_factory.mktemp("index")
-    make_store(d / "store", n=N_ITEMS)
-    save_checkpoint(make_module(), d / "theta0.ckpt")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        trainer().predict(FisherModule("theta0.ckpt", "fisher.safetensors", num_draws=4, flush_every=100),
-                          datamodule=StorePredictDataModule("store", 6))
+    build_fisher_setup(d, N_ITEMS)
+    with chdir(d):
         run_unlearn("theta0.ckpt", "fisher.safetensors", "q3.safetensors", query_item="3", store="store", lr=1e-5,
                     num_draws=K, damping=DAMPING)
-    finally:
-        os.chdir(old)
     build(d, "identity", projection="identity", k=None)
     return d
 
@@ -160,14 +143,10 @@ def test_identity_index_score_equals_exact_first_order_product(work, hand, tmp_p
 
 def score_exact(work, out) -> pd.DataFrame:
     """`musicattr attribute --model.relative true` of q3.safetensors in this process."""
-    old = os.getcwd()
-    os.chdir(work)
-    try:
+    with chdir(work):
         m = ScoringModule("theta0.ckpt", "q3.safetensors", str(out), num_draws=T, relative=True,
                           use_baseline_cache=False)
-        trainer().predict(m, datamodule=StorePredictDataModule("store", 4))
-    finally:
-        os.chdir(old)
+        stage_trainer().predict(m, datamodule=StorePredictDataModule("store", 4))
     return pd.read_parquet(Path(out) / "scores.parquet")
 
 
@@ -299,20 +278,18 @@ def test_index_built_with_other_settings_is_refused_with_the_fix(work, tmp_path)
 def test_attribute_reuses_the_sensitivities_of_the_index(work, tmp_path):
     """The index fills the sensitivity cache under the key of `musicattr attribute --model.relative true`."""
     index = build(work, str(tmp_path / "ix"))
-    old = os.getcwd()
-    os.chdir(work)
-    try:
+    with chdir(work):
         m = ScoringModule("theta0.ckpt", "q3.safetensors", str(tmp_path / "a"), num_draws=T, relative=True)
         path = cache_path(work / "store", "sensitivity", m.sensitivity_key(LatentStore(work / "store")))
-        assert path.exists()
-        cached = pd.read_parquet(path).sort_values("index")
-        np.testing.assert_array_equal(cached["sensitivity"], index.items.sort_values("index")["sensitivity"])
-        cached.assign(sensitivity=cached["sensitivity"] * 2).to_parquet(path, index=False)  # proof of reading
-        trainer().predict(m, datamodule=StorePredictDataModule("store", 4))
-    finally:
-        os.chdir(old)
-        if path.exists():
-            path.unlink()
+        try:
+            assert path.exists()
+            cached = pd.read_parquet(path).sort_values("index")
+            np.testing.assert_array_equal(cached["sensitivity"], index.items.sort_values("index")["sensitivity"])
+            cached.assign(sensitivity=cached["sensitivity"] * 2).to_parquet(path, index=False)  # proof of reading
+            stage_trainer().predict(m, datamodule=StorePredictDataModule("store", 4))
+        finally:
+            if path.exists():
+                path.unlink()
     df = by_index(tmp_path / "a" / "scores.parquet")
     np.testing.assert_array_equal(df["sensitivity"], 2 * index.items.sort_values("index")["sensitivity"].to_numpy())
 

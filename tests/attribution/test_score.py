@@ -3,7 +3,6 @@ attribute flow: the table, invariance to batching and world size, the baseline c
 the first-order (influence) approximation and self-influence on the synthetic store."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -15,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import (assert_losses_close, assert_same_ranking, assert_scores_close, cli, kill_when_parts_appear,
-                      make_module, make_store, save_checkpoint, score_tolerance)
+from conftest import (assert_losses_close, assert_same_ranking, assert_scores_close, chdir, cli,
+                      kill_when_parts_appear, make_module, make_store, save_checkpoint, score_tolerance)
 from musicattr.attribution.fisher import FisherModule
 from musicattr.attribution.fisher import load_fisher
 from musicattr.attribution.cache import cache_path
@@ -47,16 +46,6 @@ def attribute_args(unlearned, out_dir, num_draws=T_SCORE, batch_size=4, flush_ev
             "--model.flush_every", flush_every, "--model.draws_per_forward", draws_per_forward,
             "--model.use_baseline_cache", str(cache).lower(), "--trainer.accelerator", "cpu", *trainer,
             "--trainer.default_root_dir", "lightning"]
-
-
-@contextlib.contextmanager
-def chdir(d):
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def _trainer(inference_mode=True):

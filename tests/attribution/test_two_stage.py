@@ -4,17 +4,14 @@ exact and ranked as exact Eq. 1 ranks, and the ``exact`` column marks the candid
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_scores_close, make_module, make_store, save_checkpoint, score_tolerance
-from musicattr.attribution.fisher import FisherModule
+from conftest import assert_scores_close, build_fisher_setup, chdir, score_tolerance, stage_trainer
 from musicattr.attribution.index import IndexModule
 from musicattr.attribution.query import open_query, run_query
 from musicattr.attribution.score import ScoringModule
@@ -26,32 +23,20 @@ from musicattr.data.latent_store import LatentStore
 N_ITEMS, T, K, LR = 12, 4, 6, 1e-5  # lr 1e-5: scores well above the float error of the tiny model's losses
 
 
-def trainer() -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False, inference_mode=False, default_root_dir="lightning")
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A store, theta0, its Fisher, a sketched index (k = 256, T draws; it fills the baseline cache), item 3
     unlearned by `unlearn` and that file's exact Eq. 1 by `attribute` (relative)."""
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("two_stage")
-    make_store(d / "store", n=N_ITEMS)
-    save_checkpoint(make_module(), d / "theta0.ckpt")
-    old = os.getcwd()
-    os.chdir(d)
-    try:
-        trainer().predict(FisherModule("theta0.ckpt", "fisher.safetensors", num_draws=4, flush_every=100),
-                          datamodule=StorePredictDataModule("store", 6))
-        trainer().predict(IndexModule("theta0.ckpt", "fisher.safetensors", "index", num_draws=T, k=256,
-                                      flush_every=1), datamodule=StorePredictDataModule("store", 5))
+    build_fisher_setup(d, N_ITEMS)
+    with chdir(d):
+        stage_trainer().predict(IndexModule("theta0.ckpt", "fisher.safetensors", "index", num_draws=T, k=256,
+                                            flush_every=1), datamodule=StorePredictDataModule("store", 5))
         run_unlearn("theta0.ckpt", "fisher.safetensors", "q3.safetensors", query_item="3", store="store", lr=LR,
                     num_draws=K)
-        trainer().predict(ScoringModule("theta0.ckpt", "q3.safetensors", "exact", num_draws=T, relative=True,
-                                        use_baseline_cache=False), datamodule=StorePredictDataModule("store", 4))
-    finally:
-        os.chdir(old)
+        stage_trainer().predict(ScoringModule("theta0.ckpt", "q3.safetensors", "exact", num_draws=T, relative=True,
+                                              use_baseline_cache=False), datamodule=StorePredictDataModule("store", 4))
     return d
 
 
