@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from musicattr.attribution.score import separated
+from musicattr.attribution.score import separated, swapped
 from musicattr.attribution.unlearn import load_unlearned
 from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
@@ -43,17 +43,13 @@ def score(task, model, params, unlearned, batches, seed: int, draws: int,
     ``baseline``: the per-draw losses L_j(z_i, theta0) of this (design, seed, T), one tensor per batch; they do
     not depend on the query (as `attribute`'s baseline cache), so they are computed once (into an empty list)
     and reused by every later query. Seconds count the theta_u side only once the baseline is cached."""
-    original = {k: p.detach().clone() for k, p in params.items()}
     t0 = time.perf_counter()
     taus, ses = [], []
     fill = baseline is not None and not baseline
     with torch.no_grad():
         for n, b in enumerate(batches):
-            for k, p in params.items():
-                p.data = unlearned[k]
-            lu = task.draw_losses(model, b, seed, draws, draws_per_forward=16)
-            for k, p in params.items():
-                p.data = original[k]
+            with swapped(params, unlearned):
+                lu = task.draw_losses(model, b, seed, draws, draws_per_forward=16)
             if baseline is None or fill:
                 l0 = task.draw_losses(model, b, seed, draws, draws_per_forward=16)
                 if fill:
@@ -73,18 +69,14 @@ def adaptive(task, model, params, unlearned, store, tau, se, seed: int, draws: i
 
     from musicattr.attribution.adaptive import DrawSums, refine
 
-    original = {k_: p.detach().clone() for k_, p in params.items()}
     index = store.items["index"].astype(int).to_numpy()
     pos_of = {int(i): p for p, i in enumerate(index)}
 
     def extra(indices, first, n):
         b = collate_items([store[pos_of[i]] for i in indices])
         with torch.no_grad():
-            for k_, p in params.items():
-                p.data = unlearned[k_]
-            lu = task.draw_losses(model, b, seed, n, draw_offset=first).numpy()
-            for k_, p in params.items():
-                p.data = original[k_]
+            with swapped(params, unlearned):
+                lu = task.draw_losses(model, b, seed, n, draw_offset=first).numpy()
             l0 = task.draw_losses(model, b, seed, n, draw_offset=first).numpy()
         return lu, l0
 

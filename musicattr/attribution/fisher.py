@@ -83,7 +83,7 @@ def _slice(ex, sl: slice):
 def _sum_vmap(task: AttributionTask, model, params: Mapping[str, torch.Tensor], ex, chunk_size: int | None
               ) -> dict[str, torch.Tensor]:
     """sum over the examples of their squared per-sample gradients (float64), vmap(grad) ``chunk_size`` at a time."""
-    z, t, eps, c, m = ex
+    z, m = ex[0], ex[4]
     detached = {k: v.detach() for k, v in params.items()}
 
     def single(p, z1, t1, e1, c1, m1):
@@ -94,10 +94,8 @@ def _sum_vmap(task: AttributionTask, model, params: Mapping[str, torch.Tensor], 
     out = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in detached.items()}
     step = chunk_size or z.shape[0]
     for a in range(0, z.shape[0], step):
-        sl = slice(a, a + step)
         try:
-            g = per_sample(detached, z[sl], t[sl], eps[sl], {k: v[sl] for k, v in c.items()},
-                           None if m is None else m[sl])
+            g = per_sample(detached, *_slice(ex, slice(a, a + step)))
         except RuntimeError as e:
             if _autocast_on(z.device):
                 raise RuntimeError(

@@ -60,7 +60,7 @@ from musicattr.parts import Parts, PartsWriter, RunMismatchError, TableFormat
 
 log = logging.getLogger(__name__)
 __all__ = ["ScoringModule", "RunMismatchError", "merge_scores", "write_noise_report", "log_top", "full_precision",
-           "check_scoring_precision"]
+           "check_scoring_precision", "swapped"]
 
 # the Trainer precisions a scoring pass accepts (Lightning's names): the mixed ones run in float32 all the same
 SCORING_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
@@ -85,6 +85,20 @@ def full_precision(device: torch.device | str = "cpu"):
             stack.callback(restore)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         yield
+
+
+@contextlib.contextmanager
+def swapped(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]):
+    """theta_unlearned in the model inside the block: each of ``params`` takes ``values[name]`` by assignment (no
+    add/subtract round-off, so the theta0 side outside the block is theta0 bit for bit), restored on exit."""
+    original = {k: p.data for k, p in params.items()}
+    try:
+        for k, p in params.items():
+            p.data = values[k]
+        yield
+    finally:
+        for k, p in params.items():
+            p.data = original[k]
 
 
 def check_scoring_precision(precision: str, stage: str = "attribute") -> None:

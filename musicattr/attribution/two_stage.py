@@ -102,38 +102,32 @@ class ExactScorer:
         theta_unlearned ``theta`` (name -> values of the changed tensors), the number of draw forwards run)."""
         from musicattr.data.datamodules import collate_items
 
+        from musicattr.attribution.score import swapped
+
         ctx, indices = self.ctx, [int(i) for i in indices]
         params = {k: ctx.params[k] for k in theta}
-        original = {k: p.data for k, p in params.items()}
-        values = {k: v.to(original[k].device, original[k].dtype) for k, v in theta.items()}
+        values = {k: v.to(params[k].device, params[k].dtype) for k, v in theta.items()}
         out, forwards = [], 0
-        try:
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                batch = collate_items([ctx.store[self.position[i]] for i in chunk])
-                batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                with torch.no_grad():
-                    for k, p in params.items():
-                        p.data = values[k]
+        for start in range(0, len(indices), self.batch_size):
+            chunk = indices[start:start + self.batch_size]
+            batch = collate_items([ctx.store[self.position[i]] for i in chunk])
+            batch = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            with torch.no_grad():
+                with swapped(params, values):
                     unlearned = self._losses(batch)
-                    for k, p in params.items():
-                        p.data = original[k]
+                forwards += len(chunk) * self.num_draws
+                if all(i in self.cache for i in chunk):
+                    baseline = torch.tensor(np.stack([self.cache[i] for i in chunk]), dtype=torch.float64)
+                else:
+                    baseline = self._losses(batch)
                     forwards += len(chunk) * self.num_draws
-                    if all(i in self.cache for i in chunk):
-                        baseline = torch.tensor(np.stack([self.cache[i] for i in chunk]), dtype=torch.float64)
-                    else:
-                        baseline = self._losses(batch)
-                        forwards += len(chunk) * self.num_draws
-                d = unlearned - baseline  # the same draws on both sides
-                se = (d.std(1, correction=1) / d.shape[1] ** 0.5 if d.shape[1] > 1
-                      else torch.full((len(chunk),), float("nan")))
-                bl, ul = baseline.mean(1).numpy(), unlearned.mean(1).numpy()
-                out.append(pd.DataFrame({"index": chunk, "baseline_loss": bl, "unlearned_loss": ul,
-                                         "score": ul.astype(np.float64) - bl, "score_se": se.numpy(),
-                                         "num_draws": self.num_draws}))
-        finally:
-            for k, p in params.items():
-                p.data = original[k]
+            d = unlearned - baseline  # the same draws on both sides
+            se = (d.std(1, correction=1) / d.shape[1] ** 0.5 if d.shape[1] > 1
+                  else torch.full((len(chunk),), float("nan")))
+            bl, ul = baseline.mean(1).numpy(), unlearned.mean(1).numpy()
+            out.append(pd.DataFrame({"index": chunk, "baseline_loss": bl, "unlearned_loss": ul,
+                                     "score": ul.astype(np.float64) - bl, "score_se": se.numpy(),
+                                     "num_draws": self.num_draws}))
         return pd.concat(out, ignore_index=True), forwards
 
 

@@ -25,8 +25,8 @@ def split_queries(table: pd.DataFrame, used_for_tuning=USED_FOR_TUNING) -> pd.Da
     """query_id, kind, half (``tuning`` or ``report``) for every row of the bank's query table."""
     rows = []
     for kind, g in table.groupby("kind", sort=True):
-        ids = sorted(g["query_id"], key=lambda q: (q not in used_for_tuning,
-                                                   _order(q, str(g.set_index("query_id").at[q, "fingerprint"]))))
+        fingerprint = dict(zip(g["query_id"], g["fingerprint"].astype(str)))
+        ids = sorted(fingerprint, key=lambda q: (q not in used_for_tuning, _order(q, fingerprint[q])))
         n = len(ids) // 2
         rows += [{"query_id": q, "kind": kind, "half": HALVES[0] if i < n else HALVES[1]} for i, q in enumerate(ids)]
     return pd.DataFrame(rows).sort_values("query_id").reset_index(drop=True)

@@ -165,6 +165,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device: torch.device | str, repeats: int) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``, each between two device synchronisations."""
+    device = torch.device(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def _autocast(precision: str, device: torch.device):
     import contextlib
 
@@ -212,13 +225,7 @@ def bench(mc: dict, device: str = "cuda", precisions=PRECISIONS, frames: int | N
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             once()  # warm-up: kernels chosen, memory allocated
-            times = []
-            for _ in range(repeats):
-                _sync(dev)
-                start = time.perf_counter()
-                once()
-                _sync(dev)
-                times.append(time.perf_counter() - start)
+            times = timed(once, dev, repeats)
             seconds = statistics.median(times)
             total = batch * flops["forward_backward" if grad else "forward"]
             peak, kind = peak_for(peaks or {}, precision)

@@ -11,36 +11,18 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 from bench.common import log, summary
+from musicattr.models.throughput import timed
 
 BUILD_TARGET, QUERY_TARGET = 3.0, 0.01  # build <= 3 exact passes, a query <= 1% of one
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _to(batch: dict, device: str) -> dict:
     import torch
 
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _seconds(fn, device: str, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def synthetic_index(root: Path, rows: int, k: int, shard_rows: int = 512, seed: int = 0) -> Path:
@@ -80,7 +62,7 @@ def bench_lookup(work: Path, rows: int, k: int, queries: int, repeats: int) -> d
     index = AttributionIndex(folder if folder.exists() else synthetic_index(folder, rows, k))
     psi = torch.randn(k, queries, dtype=torch.float64)
     index.scores(psi)  # warm-up (page cache)
-    times = _seconds(lambda: index.scores(psi), "cpu", repeats)
+    times = timed(lambda: index.scores(psi), "cpu", repeats)
     size = sum(p.stat().st_size for p in (index.root / "shards").glob("part-*"))
     return {"rows": rows, "k": k, "queries": queries, "bytes_per_item": size / rows, **summary(times)}
 
@@ -104,15 +86,15 @@ def bench_index(checkpoint: str, fisher: str, unlearned: str, work: Path, batche
     exact.prepare(device)
     exact.baseline_cache = {i: float(x) for b in batches for o in [exact.predict_step(b, 0)]
                             for i, x in zip(o["index"], o["baseline_loss"])}
-    t_exact = _seconds(lambda: [exact.predict_step(b, 0) for b in batches], device, repeats)
+    t_exact = timed(lambda: [exact.predict_step(b, 0) for b in batches], device, repeats)
     del exact
     # the build: per-item gradient (forward + backward) and sketch, at n and 4n items
     build = IndexModule(checkpoint, fisher, str(work / "index"), num_draws=draws, k=k,
                         draws_per_forward=max(draws, 1)).to(device)
     build.on_predict_start()
     build.predict_step(batches[0], 0)  # warm-up
-    t_build = _seconds(lambda: [build.predict_step(b, 0) for b in batches], device, repeats)
-    t_build4 = _seconds(lambda: [build.predict_step(b, 0) for b in batches4], device, 1)
+    t_build = timed(lambda: [build.predict_step(b, 0) for b in batches], device, repeats)
+    t_build4 = timed(lambda: [build.predict_step(b, 0) for b in batches4], device, 1)
     # a query: psi from its gradient (K draws) and its sketch
     params, precond = build.params, build.precond
     q = _to(query, device)
@@ -121,14 +103,14 @@ def bench_index(checkpoint: str, fisher: str, unlearned: str, work: Path, batche
         psi = gradient_psi(build.task, build.theta0, params, precond, q, 1e-6, store_items, query_draws, 0, True, 16)
         project(build.projection, psi)
 
-    t_grad = _seconds(gradient, device, max(1, repeats - 1))
+    t_grad = timed(gradient, device, max(1, repeats - 1))
 
     def from_unlearned():  # psi = (F + lambda)^1/2 (theta_u - theta0): read the file, no gradient
         from musicattr.attribution.unlearn import load_unlearned
 
         project(build.projection, unlearned_psi(params, load_unlearned(unlearned)[0], precond))
 
-    t_unl = _seconds(from_unlearned, device, repeats)
+    t_unl = timed(from_unlearned, device, repeats)
     lookups = {f"{rows}": bench_lookup(work, rows, k, 1, repeats)
                for rows in dict.fromkeys((store_items, 4 * store_items, lookup_rows, 4 * lookup_rows))}
     many = bench_lookup(work, store_items, k, 16, repeats)
