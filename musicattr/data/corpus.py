@@ -38,6 +38,9 @@ LICENCE = ("music21 corpus: non-commercial research/education use only "
 ESSEN_LICENCE = "Essen Folksong Collection via music21: non-commercial use only"
 
 SOURCES = ("bach", "renaissance", "fiddle", "essen")
+# Collections the demo never renders: a held-back corpus for measuring what was tuned on the demo (issue 21)
+HELD_BACK_SOURCES = ("trecento", "classical", "fife")
+ALL_SOURCES = SOURCES + HELD_BACK_SOURCES
 
 # name -> (General-MIDI program, caption phrase)
 INSTRUMENTS = {
@@ -54,7 +57,15 @@ _SOURCE_STYLE = {
     "renaissance": ((70, 130), "Motet", ["choir", "strings", "organ", "recorder", "brass"]),
     "fiddle": ((88, 160), "Fiddle tune", ["violin", "flute", "accordion", "guitar", "piano"]),
     "essen": ((66, 140), "Folk song", ["flute", "guitar", "clarinet", "piano", "harp"]),
+    "trecento": ((60, 110), "Ballata", ["recorder", "choir", "harp", "organ", "strings"]),
+    "classical": ((72, 150), "String quartet movement", ["strings", "piano", "violin", "cello", "harpsichord"]),
+    "fife": ((84, 150), "Fife tune", ["flute", "recorder", "violin", "accordion", "clarinet"]),
 }
+_CLASSICAL = {"haydn": "J. Haydn", "mozart": "W.A. Mozart"}  # one file per movement (Beethoven's parse too slowly)
+_COLLECTIONS = {"oneills1850": "O'Neill's Music of Ireland", "ryansMammoth": "Ryan's Mammoth Collection",
+                "airdsAirs": "Aird's Selection of Airs", "essenFolksong": "Essen folk song collection",
+                "miscFolk/americanfifeopus.abc": "American fife tunes",
+                "miscFolk/northumbrianminstrelsyopus.abc": "Northumbrian Minstrelsy"}
 _NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight",
                  "nine", "ten"]
 _RELEASE_S = 1.0
@@ -76,8 +87,10 @@ class Piece:
     @property
     def slug(self) -> str:
         coll, stem = self.path.split("/")[0], Path(self.path).stem
+        if self.source == "classical":  # haydn/opus74no1/movement2.mxl: one folder per work
+            stem = f"{self.path.split('/')[1]}_{stem}"
         coll = {"oneills1850": "oneills", "ryansMammoth": "ryans", "airdsAirs": "aird",
-                "essenFolksong": "essen"}.get(coll, coll)
+                "essenFolksong": "essen", "miscFolk": "fife"}.get(coll, coll)
         s = f"{coll}_{stem}" if coll != "ryans" else f"{coll}_{stem[:40]}"
         if self.number is not None:
             s += f"_x{self.number}"
@@ -116,11 +129,18 @@ def list_pieces(source: str) -> list[Piece]:
         files = sorted((root / "palestrina").glob("*.krn")) + sorted(
             (root / "monteverdi").glob("*.mxl"))
         return [Piece("renaissance", rel(p)) for p in files]
+    if source == "trecento":
+        return [Piece("trecento", rel(p)) for p in sorted((root / "trecento").glob("*.xml"))]
+    if source == "classical":
+        return [Piece("classical", rel(p)) for d in _CLASSICAL for p in sorted((root / d).glob("*/movement*.mxl"))]
     dirs = {"fiddle": ["oneills1850", "ryansMammoth", "airdsAirs"], "essen": ["essenFolksong"]}
-    if source not in dirs:
-        raise ValueError(f"unknown corpus source {source!r}; choose from {SOURCES}")
-    return [Piece(source, rel(p), n, f) for d in dirs[source]
-            for p in sorted((root / d).glob("*.abc")) for n, f in _abc_tunes(p)]
+    if source == "fife":
+        files = [root / f for f in _COLLECTIONS if f.startswith("miscFolk/")]
+    elif source in dirs:
+        files = [p for d in dirs[source] for p in sorted((root / d).glob("*.abc"))]
+    else:
+        raise ValueError(f"unknown corpus source {source!r}; choose from {ALL_SOURCES}")
+    return [Piece(source, rel(p), n, f) for p in files for n, f in _abc_tunes(p)]
 
 
 def candidate_order(sources: list[str], seed: int):
@@ -196,11 +216,25 @@ def describe(piece: Piece, score) -> dict:
         composer, kind = "C. Monteverdi", "Madrigal"
         title = (md.movementName if md is not None and md.movementName else stem)
         title = re.sub(r"^\d+\.\s*", "", title).title()
+    elif piece.source == "trecento":
+        composer = md.composer if md is not None and md.composer else None
+        composer = re.sub(r"\s*\(.*|\s+[A-Z]{1,2}-[A-Za-z]+\s*\d.*$", "", (composer or "").split("\n")[0])
+        composer = composer.strip() or "Anonymous"  # without its dates or manuscript siglum
+        collection = "Polyphonic Music of the Fourteenth Century"
+        title = re.sub(r"^(PMFC[\s\d]+(-|[A-Za-z]+[-\s]\d+[a-z]?[-\s]+)|[\d\s()]+\.\s*)|\s*-\s*(madrigal|ballata)\s*$",
+                       "", (title or stem).replace("_", " "), flags=re.I)
+        if re.match(r"(kyrie|gloria|credo|sanctus|agnus)", title, flags=re.I):
+            kind = "Trecento mass movement"
+        elif "madrigal" in (f.get("T") or (md.title if md is not None else "") or "").lower():
+            kind = "Trecento madrigal"
+    elif piece.source == "classical":
+        composer = _CLASSICAL[piece.path.split("/")[0]]
+        work = piece.path.split("/")[1]  # opus74no1, k458
+        work = re.sub(r"opus(\d+)no(\d+)", r"Op. \1 No. \2", work).replace("k", "K. ")
+        title = f"{work}, movement {re.sub(r'[^0-9]', '', stem)}"
+        kind = "Piano sonata movement" if work == "K. 545" else kind
     else:
-        collection = {"oneills1850": "O'Neill's Music of Ireland",
-                      "ryansMammoth": "Ryan's Mammoth Collection",
-                      "airdsAirs": "Aird's Selection of Airs",
-                      "essenFolksong": "Essen folk song collection"}[piece.path.split("/")[0]]
+        collection = _COLLECTIONS.get(piece.path) or _COLLECTIONS[piece.path.split("/")[0]]
         if piece.source == "fiddle" and f.get("R"):
             kind = f["R"].split(",")[0].strip().capitalize()
         if piece.source == "essen" and f.get("O"):
@@ -448,7 +482,8 @@ def render_corpus(out_dir: str, n_tracks: int = 320, seed: int = 0, sample_rate:
         n_planted: number of tracks to duplicate as planted memorisation ground truth.
         planted_copies: extra copies written per planted track.
         renderer: "tinysoundfont" (TimGM6mb soundfont) or "fluidsynth" (binary + FluidR3_GM).
-        sources: subset of ("bach", "renaissance", "fiddle", "essen"); default all.
+        sources: subset of ALL_SOURCES; default the demo's four (SOURCES). HELD_BACK_SOURCES ("trecento",
+            "classical", "fife") are collections the demo never renders (`make heldback`).
         soundfont: optional .sf2 path overriding the renderer's default.
 
     Returns:
@@ -464,8 +499,8 @@ def render_corpus(out_dir: str, n_tracks: int = 320, seed: int = 0, sample_rate:
         raise ValueError("channels must be 1 or 2")
     sources = list(sources or SOURCES)
     for s in sources:
-        if s not in SOURCES:
-            raise ValueError(f"unknown corpus source {s!r}; choose from {SOURCES}")
+        if s not in ALL_SOURCES:
+            raise ValueError(f"unknown corpus source {s!r}; choose from {ALL_SOURCES}")
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     (out / ".parts").mkdir(exist_ok=True)

@@ -26,6 +26,26 @@ def test_sources_are_listed_and_mixed():
     assert set(first) == set(corpus.SOURCES)
 
 
+def test_held_back_sources_are_disjoint_from_the_demo_and_captioned():
+    """The held-back corpus (make heldback) uses music21 files the demo's four sources never list."""
+    demo = {p.path for s in corpus.SOURCES for p in corpus.list_pieces(s)}
+    for s, least in (("trecento", 90), ("classical", 20), ("fife", 150)):
+        pieces = corpus.list_pieces(s)
+        assert len(pieces) >= least, s
+        assert not {p.path for p in pieces} & demo, s
+        assert len({p.slug for p in pieces}) == len(pieces), s  # one wav name per piece
+    from music21 import corpus as m21
+    p = corpus.list_pieces("fife")[0]
+    meta = corpus.describe(p, m21.parse(p.path, number=p.number))
+    meta.update(tempo="fast", bpm=120, instrument="flute")
+    cap = corpus.make_caption(meta)
+    assert cap.startswith("Fife tune '") and "(traditional, American fife tunes)" in cap
+    p = next(q for q in corpus.list_pieces("classical") if "k80/movement1" in q.path)
+    assert corpus.describe(p, m21.parse(p.path))["title"] == "K. 80, movement 1"
+    with pytest.raises(ValueError, match="unknown corpus source"):
+        corpus.list_pieces("beethoven")
+
+
 def test_plan_is_deterministic_with_duration_spread():
     pieces = corpus.list_pieces("essen")[:400]
     plans = [corpus.plan_piece(p, 0, 2.0, 16.0) for p in pieces]
