@@ -154,6 +154,15 @@ class IndexRelative(Index):
     description = "the index's score over the item's sensitivity"
 
 
+@register_method
+class IndexEnsemble(Method):
+    name = "index-ensemble"
+    table = "queries/{query_id}/index-ensemble/scores.parquet"
+    optional = True
+    description = ("the index's scores averaged (raw mean) over models of several training seeds, each with its own "
+                   "Fisher and index (musicattr ensemble)")
+
+
 class SimilarityMethod(Method):
     """A similarity baseline; ``name[encoder]`` names the audio encoder of its embeddings."""
 
