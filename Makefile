@@ -233,6 +233,13 @@ benchmark: venv $(BD)/compare/comparison.json
 peers: venv $(BD)/compare/comparison.json
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) peers --config $(CFG)/peers.yaml $(RUN) $(PEERS_ARGS)
 
+# The index ensemble (configs/demo/ensemble.yaml): the index averaged over the benchmark model and refits of the bank's
+# recipe with training seeds 1 and 2 (each with its Fisher and index; resumable); its tables sit beside compare's
+# (method index-ensemble), where `make benchmark` reads them. ENSEMBLE_ARGS adds options.
+.PHONY: ensemble
+ensemble: venv $(BD)/compare/comparison.json
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) ensemble --config $(CFG)/ensemble.yaml $(RUN) $(ENSEMBLE_ARGS)
+
 # ---- the paper-scale rehearsal (README "Limits and what runs where") ----
 # Every stage that touches the model, as the real CLI with configs/paper, on synthetic latents of the paper's shape
 # (64 x 2584) on the CPU: wall time, peak memory, FLOPs per item-timestep, the 8-GPU extrapolation. REHEARSE_ARGS

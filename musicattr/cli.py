@@ -87,6 +87,9 @@ STAGES = {
                     "musicattr.report.stage:run_report"),
     "peers": Stage("EK-FAC influence (kronfluence), TRAK / D-TRAK (traker) and EK-FAC unlearning for a compare run's "
                    "queries: one scores table per query and peer", "musicattr.peers.stage:run_peers"),
+    "ensemble": Stage("the index averaged over models of several training seeds (refits of the bank's recipe, each "
+                      "with its Fisher and index) for a compare run's queries",
+                      "musicattr.counterfactual.ensemble_stage:run_ensemble", trainer=RETRAIN),
 }
 METHOD_MODULES = ("musicattr.peers.methods",)  # register their methods (musicattr.attribution.methods) for every stage
 
