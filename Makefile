@@ -53,7 +53,8 @@ help:
 	@echo "make bank     - grow the shipped counterfactual bank (assets/bank/demo): one retrain after another, one"
 	@echo "                thread, resumable; BANK_ARGS='--commit true' commits each finished retrain's losses"
 	@echo "make bank-plan - the bank's plan, what is done and the time left"
-	@echo "make benchmark - every method's scores on the bank's queries against the bank: LDS with intervals,"
+	@echo "make benchmark - the peers and the index ensemble (BENCH_WITH=, empty, skips them), then every method's"
+	@echo "                scores on the bank's queries against the bank: LDS with intervals,"
 	@echo "                paired differences, null, noise ceiling, leave-K-out, group credit (runs/demo/benchmark)"
 	@echo "make peers    - EK-FAC influence (kronfluence), TRAK, D-TRAK (traker) and EK-FAC unlearning on the benchmark's"
 	@echo "                compare run (one table per query and peer; resumable); then make benchmark includes them"
@@ -225,7 +226,10 @@ $(BD)/compare/comparison.json: $(BD)/index/index.json $(BANK)/queries/queries.cs
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) compare --config $(CFG)/compare.yaml \
 		--config $(BD)/compare/compare_args.yaml $(RUN) --use_wandb false
 
-benchmark: venv $(BD)/compare/comparison.json
+# `make benchmark` first runs the peers and the index ensemble (resumable; each skips what is done: about 3 hours
+# of one core on a fresh clone, most of it the peers); BENCH_WITH= (empty) scores only the tables that exist.
+BENCH_WITH ?= peers ensemble
+benchmark: venv $(BD)/compare/comparison.json $(BENCH_WITH)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN)
 
 # The peers on the benchmark's compare run (configs/demo/peers.yaml): kronfluence's EK-FAC influence, traker's TRAK
