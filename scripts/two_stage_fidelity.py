@@ -59,7 +59,7 @@ def call(args, out: Path, files: list[Path], **kw) -> tuple[list[dict], float]:
     """run_query into a fresh ``out`` (no reused exact rows); (summary, wall seconds)."""
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = run_query(index=str(args.run_root / "index"), checkpoint=str(args.run_root / "fit" / "last.ckpt"),
+    summary = run_query(index=str(args.index), checkpoint=str(args.run_root / "fit" / "last.ckpt"),
                         fisher=str(args.run_root / "fisher.safetensors"), out_dir=str(out),
                         unlearned=[str(f) for f in files], store=str(args.run_root / "store"), relative=True,
                         top_k=0, **kw)
@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--run_root", type=Path, default=Path("runs/demo"))
     p.add_argument("--figure1", type=Path, default=None, help="default: <run_root>/figure1/queries")
     p.add_argument("--pattern", default="q00*", help="query folders to use (glob)")
+    p.add_argument("--index", type=Path, default=None,
+                   help="default: <run_root>/index (another index of the same model, e.g. projection identity)")
     p.add_argument("--ms", type=int, nargs="+", default=[10, 16, 32])
     p.add_argument("--exact_pass", type=int, default=2, help="queries whose exact pass (M = N) is timed")
     p.add_argument("--work", type=Path, default=Path("runs/bench/two_stage"))
@@ -78,8 +80,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     figure1 = args.figure1 or args.run_root / "figure1" / "queries"
-    prov = json.loads((args.run_root / "index" / "index.json").read_text())["provenance"]
-    n_items = json.loads((args.run_root / "index" / "index.json").read_text())["num_items"]
+    args.index = args.index or args.run_root / "index"
+    prov = json.loads((args.index / "index.json").read_text())["provenance"]
+    n_items = json.loads((args.index / "index.json").read_text())["num_items"]
     refs = reference_queries(figure1, prov, args.pattern)
     if not refs:
         raise SystemExit(f"no query under {figure1} has an unlearned file and its exact table; fix: run compare")
