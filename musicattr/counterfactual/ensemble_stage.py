@@ -37,35 +37,14 @@ SETTINGS_FILE = "settings.json"
 
 
 def compare_listing(compare: str | Path, query_ids: list[str] | None = None) -> list[dict[str, Any]]:
-    """The queries of a ``musicattr compare`` run: [{query_id, kind, query, query_item}] in queries.csv's order."""
-    compare = Path(compare)
-    listing = compare / "queries.csv"
-    if not listing.exists():
-        raise EnsembleError(f"{listing} not found: {compare} is no finished `musicattr compare` run; fix: run compare "
-                            "first (`make benchmark` for the bank's queries) or point compare at its out_dir")
-    table = pd.read_csv(listing, dtype={"query_id": str, "query_item": str})
-    if not {"query_id", "kind"} <= set(table.columns):
-        raise EnsembleError(f"{listing} lacks the columns query_id and kind; fix: rerun `musicattr compare`")
-    if query_ids:
-        unknown = sorted(set(query_ids) - set(table["query_id"]))
-        if unknown:
-            raise EnsembleError(f"queries {unknown[:5]} are not in {listing}; fix: name query ids of that run")
-        table = table[table["query_id"].isin(set(query_ids))]
-    out = []
-    for r in table.to_dict("records"):
-        qid = r["query_id"]
-        if r["kind"] == "training":
-            item = r.get("query_item")
-            if not isinstance(item, str) or not item:
-                raise EnsembleError(f"{listing}: training query {qid} names no query_item; fix: rerun compare")
-            out.append({"query_id": qid, "kind": "training", "query": None, "query_item": item})
-        else:
-            path = compare / "generated" / f"{qid}.query.safetensors"
-            if not path.exists():
-                raise EnsembleError(f"{path} not found (query {qid} of {listing}); fix: rerun `musicattr compare` (it "
-                                    "writes the query latents to generated/)")
-            out.append({"query_id": qid, "kind": r["kind"], "query": str(path), "query_item": None})
-    return out
+    """The queries of a ``musicattr compare`` run (:func:`musicattr.data.queries.compare_listing`); its errors as
+    :class:`EnsembleError`."""
+    from musicattr.data.queries import compare_listing as listing
+
+    try:
+        return listing(compare, query_ids)
+    except (FileNotFoundError, ValueError) as e:
+        raise EnsembleError(str(e)) from e
 
 
 def member_table(work_dir: str | Path, member: Member, query_id: str) -> Path:

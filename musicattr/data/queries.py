@@ -64,3 +64,41 @@ def query_fingerprint(query: str | None, query_item: str | None, store: str | No
         return file_fingerprint(query)
     s = LatentStore(store)
     return f"{s.fingerprint}:{s.items['item_id'].iloc[s.resolve(query_item)]}"
+
+
+def compare_listing(compare: str | Path, query_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """The queries of a finished ``musicattr compare`` run: [{query_id, kind, query, query_item}] in queries.csv's
+    order (generated and planted: ``generated/<id>.query.safetensors``; training: the store item ``query_item``).
+    ``query_ids`` keeps those queries only. A missing file raises FileNotFoundError, a bad listing ValueError."""
+    import pandas as pd
+
+    compare = Path(compare)
+    listing = compare / "queries.csv"
+    if not listing.exists():
+        raise FileNotFoundError(f"{listing} not found: {compare} is no finished `musicattr compare` run; fix: run "
+                                "compare first (`make benchmark` for the bank's queries) or point --compare at its "
+                                "out_dir")
+    table = pd.read_csv(listing, dtype={"query_id": str, "query_item": str})
+    missing_cols = {"query_id", "kind"} - set(table.columns)
+    if missing_cols:
+        raise ValueError(f"{listing} lacks the columns {sorted(missing_cols)}; fix: rerun `musicattr compare`")
+    if query_ids:
+        unknown = sorted(set(query_ids) - set(table["query_id"]))
+        if unknown:
+            raise ValueError(f"queries {unknown[:5]} are not in {listing}; fix: name query ids of that run")
+        table = table[table["query_id"].isin(set(query_ids))]
+    out = []
+    for r in table.to_dict("records"):
+        qid, kind = r["query_id"], r["kind"]
+        if kind == "training":
+            item = r.get("query_item")
+            if not isinstance(item, str) or not item:
+                raise ValueError(f"{listing}: training query {qid} names no query_item; fix: rerun `musicattr compare`")
+            out.append({"query_id": qid, "kind": kind, "query": None, "query_item": item})
+        else:
+            path = compare / "generated" / f"{qid}.query.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found (query {qid} of {listing}); fix: rerun `musicattr compare` "
+                                        "(it writes the query latents to generated/)")
+            out.append({"query_id": qid, "kind": kind, "query": str(path), "query_item": None})
+    return out
