@@ -138,7 +138,8 @@ class IndexModule(L.LightningModule):
                  len(store), len(self.params), sum(self.sizes.values()), self.k, h.projection, h.num_draws)
 
     def on_predict_start(self) -> None:
-        self.trainer.predict_loop.return_predictions = False  # the PartsWriter keeps the rows, not the loop (N x k)
+        if self._trainer is not None:  # outside a Trainer (scripts/bench) there is no loop to tell
+            self.trainer.predict_loop.return_predictions = False  # the PartsWriter keeps the rows, not the loop
         self.projection.to(self.device)
         self.precond.to(self.device)
 

@@ -84,8 +84,8 @@ def bench_index(checkpoint: str, fisher: str, unlearned: str, work: Path, batche
                           use_baseline_cache=False)
     exact.eval()
     exact.prepare(device)
-    exact.baseline_cache = {i: float(x) for b in batches for o in [exact.predict_step(b, 0)]
-                            for i, x in zip(o["index"], o["baseline_loss"])}
+    exact.baseline_cache = {i: x for b in batches for o in [exact.predict_step(b, 0)]
+                            for i, x in zip(o["index"], o["baseline_draws"])}  # theta0's T draws per item
     t_exact = timed(lambda: [exact.predict_step(b, 0) for b in batches], device, repeats)
     del exact
     # the build: per-item gradient (forward + backward) and sketch, at n and 4n items

@@ -41,7 +41,7 @@ def bench_scoring(checkpoint: str, unlearned: str, work: Path, batches: list[dic
         m.baseline_cache = {}
         t_recompute += timed(run_all, 0, 1)
         outs = last["outs"]
-        cache = cache or {i: float(x) for o in outs for i, x in zip(o["index"], o["baseline_loss"])}
+        cache = cache or {i: x for o in outs for i, x in zip(o["index"], o["baseline_draws"])}  # theta0's T draws
         m.baseline_cache = cache
         t_cached += timed(run_all, 0, 1)
     check = last["outs"]
