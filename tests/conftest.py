@@ -288,3 +288,23 @@ def build_planted_setup(root, n: int = 12) -> dict:
               enable_progress_bar=False).predict(FisherModule(ckpt, str(fisher), num_draws=2),
                                                  datamodule=StorePredictDataModule(str(root / "store")))
     return {"root": root, "store": str(root / "store"), "ckpt": ckpt, "fisher": str(fisher), "n": n}
+
+
+def make_compare_run(compare, store) -> str:
+    """A finished-looking `musicattr compare` run under ``compare``: one generated query q000 (seeded latents) and one
+    training query t000 (the store's item 2), as queries.csv lists them; returns t000's item id."""
+    import pandas as pd
+
+    from musicattr.data.queries import save_query
+
+    gen = Path(compare) / "generated"
+    gen.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    save_query(gen / "q000.query.safetensors", torch.randn(4, 16, generator=g), torch.randn(1, 32, generator=g),
+               {"query_id": "q000", "caption": "a prompt", "seconds_start": 0, "seconds_total": 2, "valid_frames": 16,
+                "duration_s": 2.0})
+    item = store.items["item_id"].iloc[2]
+    pd.DataFrame([{"query_id": "q000", "kind": "generated", "prompt": "a prompt", "query_item": None},
+                  {"query_id": "t000", "kind": "training", "prompt": "x", "query_item": item}]).to_csv(
+        Path(compare) / "queries.csv", index=False)
+    return item

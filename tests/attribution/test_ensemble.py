@@ -11,13 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import chdir, make_module, make_store, save_checkpoint, stage_trainer
+from conftest import chdir, make_compare_run, make_module, make_store, save_checkpoint, stage_trainer
 from musicattr.attribution.ensemble import (EnsembleError, ensemble_mean, ensemble_table, read_member_scores,
                                             write_ensemble_table)
 from musicattr.attribution.methods import resolve_methods
 from musicattr.attribution.scores_table import COLUMNS, read_scores_table, scores_table
 from musicattr.counterfactual.ensemble_members import Member, parse_members
-from musicattr.data.queries import save_query
 
 N = 8
 
@@ -125,16 +124,7 @@ def tiny(tmp_path_factory):
     for seed in (0, 1):
         save_checkpoint(make_module(seed=seed), d / f"m{seed}.ckpt")
         _fisher_and_index(d, f"m{seed}")
-    gen = d / "compare" / "generated"
-    gen.mkdir(parents=True)
-    g = torch.Generator().manual_seed(1)
-    save_query(gen / "q000.query.safetensors", torch.randn(4, 16, generator=g), torch.randn(1, 32, generator=g),
-               {"query_id": "q000", "caption": "a prompt", "seconds_start": 0, "seconds_total": 2, "valid_frames": 16,
-                "duration_s": 2.0})
-    item = store.items["item_id"].iloc[2]
-    pd.DataFrame([{"query_id": "q000", "kind": "generated", "prompt": "a prompt", "query_item": None},
-                  {"query_id": "t000", "kind": "training", "prompt": "x", "query_item": item}]).to_csv(
-        d / "compare" / "queries.csv", index=False)
+    item = make_compare_run(d / "compare", store)
     members = [{"seed": s, "checkpoint": str(d / f"m{s}.ckpt"), "fisher": str(d / f"m{s}.fisher.safetensors"),
                 "index": str(d / f"m{s}.index")} for s in (0, 1)]
     return {"dir": d, "store": store, "item": item, "members": members}

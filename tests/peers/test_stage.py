@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_module, make_store, save_checkpoint
+from conftest import make_compare_run, make_module, make_store, save_checkpoint
 from musicattr.attribution.methods import resolve_methods
 from musicattr.attribution.scores_table import COLUMNS, read_scores_table
 from musicattr.counterfactual.methods import method_scores
-from musicattr.data.queries import save_query
 from musicattr.peers.stage import PEERS, run_peers
 
 import musicattr.peers.methods  # noqa: F401  (registers the peers)
@@ -30,16 +29,7 @@ def compare_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("peers")
     store = make_store(d / "store", n=6)
     ckpt = save_checkpoint(make_module(), d / "theta0.ckpt")
-    gen = d / "compare" / "generated"
-    gen.mkdir(parents=True)
-    g = torch.Generator().manual_seed(1)
-    save_query(gen / "q000.query.safetensors", torch.randn(4, 16, generator=g), torch.randn(1, 32, generator=g),
-               {"query_id": "q000", "caption": "a prompt", "seconds_start": 0, "seconds_total": 2, "valid_frames": 16,
-                "duration_s": 2.0})
-    item = store.items["item_id"].iloc[2]
-    pd.DataFrame([{"query_id": "q000", "kind": "generated", "prompt": "a prompt", "query_item": None},
-                  {"query_id": "t000", "kind": "training", "prompt": "x", "query_item": item}]).to_csv(
-        d / "compare" / "queries.csv", index=False)
+    item = make_compare_run(d / "compare", store)
     result = run_peers(str(d / "compare"), ckpt, str(d / "store"), **TINY)
     return {"dir": d, "store": store, "ckpt": ckpt, "item": item, "result": result}
 
