@@ -21,7 +21,7 @@ AE := assets/demo_autoencoder
 CORPUS_CFG ?= $(CFG)/corpus.yaml
 COMPARE_CFG ?= $(CFG)/compare.yaml
 
-.PHONY: all venv demo test test-fast bench reproducibility table1 self-influence figure1 report adherence autoencoder clean-demo help \
+.PHONY: all venv demo test test-fast bench reproducibility reproducibility-curve table1 self-influence figure1 report adherence autoencoder clean-demo help \
 	lds leave-k-out index index-query index-fidelity two-stage-fidelity heldback index-scale bank bank-plan benchmark peers rehearse
 
 help:
@@ -29,6 +29,7 @@ help:
 	@echo "make test     - set up, then run the test suite"
 	@echo "make bench    - attribution benchmark (prints figures, writes runs/bench/attribution.json)"
 	@echo "make reproducibility - Eq. 1 scored twice with two draw seeds per draw design, and two index builds: Spearman, top-10, share L1"
+	@echo "make reproducibility-curve - the draw budget T the reproducibility goal needs, measured on the demo query (REPRO_CURVE_T, REPRO_CURVE_QUERIES)"
 	@echo "make table1   - self-influence grid search on the demo model (Table 1)"
 	@echo "make self-influence - the best Table 1 row (mixed, all blocks, lr 1e-6) on SI_TARGETS k-means targets"
 	@echo "                      (default 16) with SI_DRAWS scoring draws (default 64)"
@@ -137,6 +138,15 @@ reproducibility: venv $(D)/attribution/q000/scores.parquet $(D)/index/index.json
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/reproducibility.py --run_root $(D) \
 		--unlearned $(D)/unlearned/q000.safetensors $(sort $(wildcard $(D)/figure1/queries/q00[1-8]/unlearned.safetensors)) \
 		--designs $(REPRO_DESIGNS) --indexes $(D)/index $(D)/index-seed1
+
+# The draw budget the reproducibility goal needs, measured: the demo query (and the queries of REPRO_CURVE_QUERIES)
+# scored with REPRO_CURVE_T draws of attribute's design under two draw seeds, agreement at every budget T <= T_max
+# from the same per-draw losses (cached per chunk under runs/demo/reproducibility/draws/; resumable).
+REPRO_CURVE_T ?= 384
+REPRO_CURVE_QUERIES ?=
+reproducibility-curve: venv $(D)/attribution/q000/scores.parquet
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/reproducibility_curve.py --run_root $(D) \
+		--unlearned $(D)/unlearned/q000.safetensors $(REPRO_CURVE_QUERIES) --max_draws $(REPRO_CURVE_T)
 
 # ---- the attribution index (README "The attribution index") ----
 $(D)/index/index.json: $(D)/fisher.safetensors $(CFG)/index.yaml
