@@ -9,6 +9,14 @@ removing each item's mean), and the variance reduction that stratified sampling 
     stratified:  Var(tau) = (1/T) mean_s sigma_s^2
     Neyman:      Var(tau) = (1/T) (mean_s sigma_s)^2
 
+and what antithetic noise would give: each draw (t_j, eps_j) is also taken with -eps_j, and the correlation rho
+of the two halves' d (pooled, each item's mean removed) gives the gain of antithetic pairs at equal cost (a pair is
+two forwards): Var(pair mean) / Var(mean of two independent draws) = 1 + rho, gain 1 / (1 + rho).
+
+With ``--shared`` every item takes the same draws (the attribute default's shared_draws); the noise that reorders
+items is then e_ij = d_ij - mean_i d_ij (the part all items share moves every score together), and every gain is
+also given for e.
+
     python scripts/draw_variance.py --checkpoint assets/bank/demo/model.ckpt --store runs/demo/store \
         --unlearned runs/demo/unlearned/q000.safetensors --items 64 --draws 64 --bins 8
 """
@@ -21,10 +29,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musicattr.attribution.loss import repeat_conditioning
 from musicattr.attribution.unlearn import load_unlearned
 from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
 from musicattr.models.sat_task import SATDiffusionTask
+
+
+def signed_losses(task, model, b, t, eps, sign: float, chunk: int = 16) -> torch.Tensor:
+    """[B, D] losses of every item at its draws (t_bj, sign * eps_bj)."""
+    z = b["latents"]
+    cond = task.conditioning(model, b)
+    out = []
+    for s in range(0, t.shape[1], chunk):
+        tt, ee = t[:, s:s + chunk], eps[:, s:s + chunk]
+        n = tt.shape[1]
+        loss = task.draw_loss(model, z.repeat_interleave(n, 0), tt.reshape(-1).to(z),
+                              sign * ee.reshape(-1, *z.shape[1:]).to(z), repeat_conditioning(cond, n))
+        out.append(loss.view(z.shape[0], n).double())
+    return torch.cat(out, 1)
+
+
+def draw_gains(d: np.ndarray, d_minus: np.ndarray | None, t: np.ndarray, bins: int) -> dict:
+    """Per-draw variance of ``d`` [N, T] (each item's mean removed) and the equal-cost variance gains of
+    stratified t, Neyman allocation and (with ``d_minus``, the same draws with -eps) antithetic pairs."""
+    c = d - d.mean(1, keepdims=True)
+    b = np.minimum((t * bins).astype(int), bins - 1)
+    mu = np.array([c[b == s].mean() for s in range(bins)])
+    sig2 = np.array([c[b == s].var() for s in range(bins)])
+    # the variance of one uniform draw with every bin at its probability 1/S (not at the count it got: with shared
+    # draws only T values of t exist, and their bin counts would weigh the bins by chance)
+    total = float(sig2.mean() + mu.var())
+    out = {"per_draw_var": total, "bin_mean": mu.tolist(), "bin_var": sig2.tolist(),
+           "stratified_gain": total / float(sig2.mean()), "neyman_gain": total / float(np.sqrt(sig2).mean() ** 2)}
+    if d_minus is not None:
+        cm = d_minus - d_minus.mean(1, keepdims=True)
+        rho = float((c * cm).sum() / np.sqrt((c ** 2).sum() * (cm ** 2).sum()))
+        out.update(antithetic_rho=rho, antithetic_gain=1.0 / (1.0 + rho))
+    return out
 
 
 def main() -> None:
@@ -37,6 +79,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=64)
     ap.add_argument("--bins", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--timesteps", default="uniform", help="the task's timestep sampler (uniform, stratified-S)")
+    ap.add_argument("--shared", action="store_true", help="shared draws: the gains of the item-relative noise too")
+    ap.add_argument("--antithetic", action="store_true", help="also the draws with -eps: the antithetic gain")
     ap.add_argument("--out", help="default <run_root>/reproducibility/draw_variance.json")
     a = ap.parse_args()
     a.checkpoint = a.checkpoint or f"{a.run_root}/fit/last.ckpt"
@@ -47,37 +92,44 @@ def main() -> None:
     store = LatentStore(a.store)
     rng = np.random.default_rng(a.seed)
     positions = sorted(rng.choice(len(store), size=min(a.items, len(store)), replace=False).tolist())
-    task = SATDiffusionTask()
+    task = SATDiffusionTask(timesteps=a.timesteps, shared_draws=a.shared)
     results = []
     for path in a.unlearned:
         model = task.load(a.checkpoint)
         tensors, meta = load_unlearned(path)
         named = dict(task.net(model).named_parameters())
         original = {k: named[k].detach().clone() for k in tensors}
-        ds, ts = [], []
+        ds, ts, dms = [], [], []
         with torch.no_grad():
             for s in range(0, len(positions), 16):
                 b = collate_items([store[p] for p in positions[s:s + 16]])
-                t, _ = task.draws(a.seed, b["item_id"], range(a.draws), tuple(b["latents"].shape[1:]))
-                for k, v in tensors.items():
-                    named[k].data = v.to(named[k].dtype)
-                lu = task.draw_losses(model, b, a.seed, a.draws)
+                t, eps = task.draws(a.seed, task.draw_keys("", b["item_id"]), range(a.draws),
+                                    tuple(b["latents"].shape[1:]))
+                signs = (1.0, -1.0) if a.antithetic else (1.0,)
+                per = {}
+                for side in ("u", "0"):
+                    for k in tensors:
+                        named[k].data = tensors[k].to(named[k].dtype) if side == "u" else original[k]
+                    per[side] = [signed_losses(task, model, b, t, eps, sign) for sign in signs]
                 for k in tensors:
                     named[k].data = original[k]
-                l0 = task.draw_losses(model, b, a.seed, a.draws)
-                ds.append((lu - l0).numpy())
+                ds.append((per["u"][0] - per["0"][0]).numpy())
+                if a.antithetic:
+                    dms.append((per["u"][1] - per["0"][1]).numpy())
                 ts.append(t.numpy())
         d, t = np.concatenate(ds), np.concatenate(ts)
-        total = float(d.var(1, ddof=1).mean())  # per-draw variance within an item, averaged over items
-        bins = np.minimum((t * a.bins).astype(int), a.bins - 1)
-        centred = d - d.mean(1, keepdims=True)
-        mu = np.array([d[bins == s].mean() for s in range(a.bins)])
-        sig2 = np.array([centred[bins == s].var() for s in range(a.bins)])
-        strat, neyman = float(sig2.mean()), float(np.sqrt(sig2).mean() ** 2)
+        variants = {"d": (d, np.concatenate(dms) if dms else None)}
+        if a.shared:  # the item-relative noise: what is left after the part every item shares at draw j
+            variants["e"] = tuple(None if x is None else x - x.mean(0, keepdims=True) for x in variants["d"])
+        gains = {name: draw_gains(x, xm, t, a.bins) for name, (x, xm) in variants.items()}
+        g = gains["d"]
+        total, mu, sig2 = g["per_draw_var"], np.array(g["bin_mean"]), np.array(g["bin_var"])
         spread = float(d.mean(1).var(ddof=1))
         row = {"query_id": meta["query_id"], "items": len(positions), "draws": a.draws, "per_draw_var": total,
-               "bin_mean": mu.tolist(), "bin_var": sig2.tolist(), "stratified_gain": total / strat,
-               "neyman_gain": total / neyman, "item_spread_over_draw_var_T32": spread / (total / 32)}
+               "timesteps": a.timesteps, "shared": a.shared,
+               "bin_mean": g["bin_mean"], "bin_var": g["bin_var"], "stratified_gain": g["stratified_gain"],
+               "neyman_gain": g["neyman_gain"], "item_spread_over_draw_var_T32": spread / (total / 32),
+               "gains": gains}
         results.append(row)
         print(f"{meta['query_id']}: per-draw variance {total:.3e}; by t bin (mean / variance):")
         for s in range(a.bins):
@@ -85,6 +137,11 @@ def main() -> None:
         print(f"  at equal cost: stratified {row['stratified_gain']:.2f}x less variance, Neyman allocation "
               f"{row['neyman_gain']:.2f}x; item-to-item spread of tau / draw variance at T = 32: "
               f"{row['item_spread_over_draw_var_T32']:.1f}")
+        for name, g in gains.items():
+            print(f"  {'d (per item)' if name == 'd' else 'e (item-relative, shared draws)'}: per-draw variance "
+                  f"{g['per_draw_var']:.3e}; gains at equal cost: stratified {g['stratified_gain']:.2f}x, Neyman "
+                  f"{g['neyman_gain']:.2f}x" + (f", antithetic {g['antithetic_gain']:.2f}x (rho "
+                                                 f"{g['antithetic_rho']:+.2f})" if "antithetic_gain" in g else ""))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
