@@ -148,10 +148,17 @@ def increase_bootstrap(values: np.ndarray, draws: int = 2000, seed: int = 0) -> 
     return float(np.nanmean(v)), float(lo), float(hi)
 
 
-def group_credit(credits: dict[str, np.ndarray], truth: np.ndarray, draws: int = 2000, seed: int = 0) -> dict:
+def group_credit(credits: dict[str, np.ndarray], truth: np.ndarray, draws: int = 2000, seed: int = 0,
+                 null_credits: dict[str, np.ndarray] | None = None) -> dict:
     """Per method: top-1 agreement and Spearman across groups between its group credits [Q, G] and the truth
     [Q, G] (the loss increase when the group is removed), each a mean over queries with a bootstrap interval;
-    'chance' is the top-1 of a uniformly random group (1/G)."""
+    'chance' is the top-1 of a uniformly random group (1/G).
+
+    ``null_credits[name]`` [P, Q, G]: the method's credits under P permutations of its scores over the items of
+    each query. A sum over a group grows with the group's size wherever the scores' mean is not zero, and so does
+    the truth, so a method can rank groups by size alone; ``excess_top1`` / ``excess_spearman`` are the method's
+    values minus the mean of its permuted ones (per query, then bootstrapped like the values), what the method
+    knows beyond the groups' sizes and its scores' distribution."""
     t = np.asarray(truth, np.float64)
     q = t.shape[0]
     rng = np.random.default_rng([seed, 0x6A0])
@@ -164,5 +171,12 @@ def group_credit(credits: dict[str, np.ndarray], truth: np.ndarray, draws: int =
         b1, br = top1[idx].mean(1), np.nanmean(rho[idx], axis=1)
         out[name] = {"top1": float(top1.mean()), "top1_ci": tuple(map(float, _ci(b1))),
                      "spearman": float(np.nanmean(rho)), "spearman_ci": tuple(map(float, _ci(br)))}
+        if null_credits is not None and name in null_credits:
+            n = np.asarray(null_credits[name], np.float64)                     # [P, Q, G]
+            x1 = top1 - (n.argmax(2) == t.argmax(1)).mean(0)                     # per query: value - permuted mean
+            xr = rho - np.nanmean(row_spearman(n, np.broadcast_to(t, n.shape)), 0)
+            out[name].update(excess_top1=float(x1.mean()), excess_top1_ci=tuple(map(float, _ci(x1[idx].mean(1)))),
+                             excess_spearman=float(np.nanmean(xr)),
+                             excess_spearman_ci=tuple(map(float, _ci(np.nanmean(xr[idx], axis=1)))))
     out["chance_top1"] = 1.0 / t.shape[1]
     return out

@@ -239,3 +239,33 @@ def test_bank_errors_name_the_file_and_the_fix(tmp_path):
         run_benchmark(str(tmp_path / "nowhere"), "store", "compare", str(tmp_path / "out"))
     with pytest.raises(BankError, match="DDP"):
         run_bank("store", str(tmp_path / "b"), str(tmp_path / "w"), trainer={"strategy": "ddp"})
+
+
+def test_group_credit_permuted_null_removes_the_size_effect():
+    """Group sums of scores with a positive mean rank groups by size, and the truth grows with size too: such a
+    method scores well on its own but not beyond its permuted null; a method that knows the members does."""
+    from musicattr.counterfactual.benchmark import permuted_credits
+
+    rng = np.random.default_rng(0)
+    sizes = np.array([3, 6, 16, 18, 40, 53, 56])
+    member = np.zeros((len(sizes), sizes.sum()))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for g, (s, n) in enumerate(zip(starts, sizes)):
+        member[g, s:s + n] = 1
+    q = 30
+    effect = rng.normal(0, 1, (q, len(sizes)))                 # per query, what each group adds beyond its size
+    truth = sizes * 0.03 + effect
+    knows = (effect / sizes) @ member                         # [Q, N]: a group's effect spread over its tracks
+    knows = knows + rng.normal(0, 0.01, knows.shape)
+    blind = rng.random((q, member.shape[1]))                    # positive mean, no knowledge of the tracks
+    scores = {"knows": knows, "blind": blind}
+    credits = {m: v @ member.T for m, v in scores.items()}
+    nulls = {m: permuted_credits(v, member, 50, [0, a]) for a, (m, v) in enumerate(scores.items())}
+    out = st.group_credit(credits, truth, draws=300, null_credits=nulls)
+    assert out["blind"]["spearman"] > 0.2                       # ranks by size...
+    lo, hi = out["blind"]["excess_spearman_ci"]
+    assert lo < 0 < hi and abs(out["blind"]["excess_spearman"]) < 0.1   # ...and nothing beyond it
+    assert out["knows"]["excess_spearman"] > 0.5 and out["knows"]["excess_spearman_ci"][0] > 0
+    assert out["knows"]["excess_top1_ci"][0] > 0
+    again = permuted_credits(blind, member, 50, [0, 1])
+    assert np.array_equal(again, nulls["blind"])                # seeded
