@@ -84,3 +84,35 @@ C=($MA peers --config configs/demo/peers.yaml --run_root runs/demo --seed 0 --fi
 timed check-peers-dtrak-seed0 "${C[@]}" --peers '[dtrak]' --proj_dim 512 --query_draws 32 --batch_size 8 \
   --query_batch_size 2
 timed check-peers-ekfac-seed0 "${C[@]}" --peers '[ekfac]' --query_draws 32
+
+# The index ensemble at draw seed 1: each refit member's index rebuilt with scoring seed 1 (the benchmark model's is
+# $B/index above), then `musicattr ensemble` with seed 1 (the query's Eq. 2 draws on every member); members as the
+# seed-0 ensemble's (runs/demo/benchmark/ensemble, `make ensemble`). The seconds of the whole step: ensemble-seed1.
+E=runs/demo/benchmark/ensemble
+cat > "$B/ensemble-seed1.yaml" <<YAML
+compare: $CMP
+store: runs/demo/store
+bank_dir: assets/bank/demo
+work_dir: $B/ensemble
+out_dir: $B
+members:
+  - {seed: 0, checkpoint: $CK, fisher: $FI, index: $B/index}
+  - {seed: 1, checkpoint: $E/member-1/model.ckpt, fisher: $E/member-1/fisher.safetensors, index: $B/ensemble-index-1}
+  - {seed: 2, checkpoint: $E/member-2/model.ckpt, fisher: $E/member-2/fisher.safetensors, index: $B/ensemble-index-2}
+fisher_config: configs/demo/fisher.yaml
+index_config: configs/demo/index.yaml
+queries: $QL
+unlearning: {lr: 1.0e-6, steps: 1, num_draws: 128, target: all, strategy: mixed, damping: 0.001}
+seed: 1
+draws_per_forward: 16
+method: index-ensemble
+threads: 1
+YAML
+timed ensemble-seed1 bash -c "
+  for m in 1 2; do
+    [ -f $B/ensemble-index-\$m/index.json ] || $MA index --config configs/demo/index.yaml --run_root runs/demo \\
+      --model.checkpoint $E/member-\$m/model.ckpt --model.fisher $E/member-\$m/fisher.safetensors --model.seed 1 \\
+      --model.out $B/ensemble-index-\$m --model.write_caches false --trainer.default_root_dir $B/ensemble-index-\$m \\
+      || exit 1
+  done
+  $MA ensemble --config $B/ensemble-seed1.yaml"

@@ -68,6 +68,11 @@ METHODS = [
      "seed1": "queries/{q}/unlearning-ekfac/scores.parquet", "column": "score",
      "redrawn": "Eq. 2's query draws (K = 128), Eq. 1's scoring draws and baseline losses (T = 32); EK-FAC factors "
      "reused (fit seed 0)", "cost": ["peers-unlearning-ekfac"]},
+    {"method": "index-ensemble", "seed0": "queries/{q}/index-ensemble/scores.parquet",
+     "seed1": "queries/{q}/index-ensemble/scores.parquet", "column": "score",
+     "redrawn": "every member's index scoring draws (seed-1 builds of the three members' indexes) and the query's "
+     "Eq. 2 draws on each member (`musicattr ensemble` with seed 1); members and projection seed 0 as before",
+     "cost": ["ensemble-seed1"]},
 ]
 
 
