@@ -200,6 +200,10 @@ def test_bank_end_to_end(tmp_path):
     assert result["retrains"] == third["planned"]
     assert {"lds", "pairs", "null", "ceiling", "random_k", "groups", "top_k"} <= set(result)
     assert result["top_k"]["unlearning"]["pairs"] == 1 and result["top_k"]["unlearning"]["other_top_k"] == 0
+    tk = result["top_k"]["unlearning"]   # the ratio is to random-K's increase on the same (query, seed) pairs
+    assert tk["excess_over_random"] == pytest.approx(tk["increase"] - tk["random_k_same_pairs"])
+    if tk["ratio"] is not None:
+        assert tk["ratio"] == pytest.approx(tk["increase"] / tk["random_k_same_pairs"])
     # the LDS recomputed from the files
     bank = Bank(bank_dir)
     kept = bank.kept()
