@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from musicattr.attribution.loss import repeat_conditioning
+from musicattr.attribution.score import swapped
 from musicattr.attribution.unlearn import load_unlearned
 from musicattr.data.datamodules import collate_items
 from musicattr.data.latent_store import LatentStore
@@ -98,7 +99,8 @@ def main() -> None:
         model = task.load(a.checkpoint)
         tensors, meta = load_unlearned(path)
         named = dict(task.net(model).named_parameters())
-        original = {k: named[k].detach().clone() for k in tensors}
+        params = {k: named[k] for k in tensors}
+        unlearned = {k: v.to(named[k].dtype) for k, v in tensors.items()}
         ds, ts, dms = [], [], []
         with torch.no_grad():
             for s in range(0, len(positions), 16):
@@ -107,12 +109,9 @@ def main() -> None:
                                     tuple(b["latents"].shape[1:]))
                 signs = (1.0, -1.0) if a.antithetic else (1.0,)
                 per = {}
-                for side in ("u", "0"):
-                    for k in tensors:
-                        named[k].data = tensors[k].to(named[k].dtype) if side == "u" else original[k]
-                    per[side] = [signed_losses(task, model, b, t, eps, sign) for sign in signs]
-                for k in tensors:
-                    named[k].data = original[k]
+                with swapped(params, unlearned):
+                    per["u"] = [signed_losses(task, model, b, t, eps, sign) for sign in signs]
+                per["0"] = [signed_losses(task, model, b, t, eps, sign) for sign in signs]
                 ds.append((per["u"][0] - per["0"][0]).numpy())
                 if a.antithetic:
                     dms.append((per["u"][1] - per["0"][1]).numpy())

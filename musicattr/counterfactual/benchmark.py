@@ -340,10 +340,10 @@ def _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result) -> li
                 stale += 1                                       # the bank retrained another top-K than these scores'
                 continue
             up = v[q] - data["reference"][s][q]
-            ref = np.nanmean(inc[hpos[q], seeds.index(s)])          # random-K's increase, same query and seed
+            rk = np.nanmean(inc[hpos[q], seeds.index(s)])           # random-K's increase, same query and seed
             raw.append(up)
-            refs.append(ref)
-            vals.append(up - ref)
+            refs.append(rk)
+            vals.append(up - rk)
         if vals or stale:
             e, l2, h2 = st.increase_bootstrap(np.array(vals)[:, None, None], draws, seed) if vals else (np.nan,) * 3
             ref = float(np.mean(refs)) if refs else np.nan           # random-K over the same (query, seed) pairs
@@ -363,6 +363,10 @@ def _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result) -> li
                      "(chosen by `make bank` from the benchmark's scores, then frozen); random-K above is the "
                      "reference.")
     return lines + [""]
+
+
+GROUP_SIZE = "group size (reference)"
+GROUP_PERMUTATIONS = 100
 
 
 def _groups(bank, kinds, scores, data, draws, seed, result) -> list[str]:
@@ -405,19 +409,10 @@ def _groups(bank, kinds, scores, data, draws, seed, result) -> list[str]:
     return lines + [""]
 
 
-GROUP_SIZE = "group size (reference)"
-GROUP_PERMUTATIONS = 100
-
-
 def permuted_credits(scores: np.ndarray, member: np.ndarray, permutations: int, seed) -> np.ndarray:
     """[P, Q, G] group sums of ``scores`` [Q, N] with each query's scores permuted over the items (seeded)."""
     rng = np.random.default_rng(seed)
-    q, n = scores.shape
-    out = np.empty((permutations, q, member.shape[0]))
-    for p in range(permutations):
-        order = rng.permuted(np.tile(np.arange(n), (q, 1)), axis=1)
-        out[p] = np.take_along_axis(scores, order, 1) @ member.T
-    return out
+    return np.stack([rng.permuted(scores, axis=1) @ member.T for _ in range(permutations)])
 
 
 def _fmt_star(value: float, ci) -> str:
