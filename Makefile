@@ -111,7 +111,12 @@ $(D)/fisher.safetensors: $(D)/fit/last.ckpt $(CFG)/fisher.yaml
 $(D)/generated/queries.json: $(D)/fit/last.ckpt $(CFG)/generate.yaml
 	$(MA) generate --config $(CFG)/generate.yaml $(RUN)
 
-$(D)/unlearned/q000.safetensors: $(D)/fisher.safetensors $(D)/generated/queries.json $(CFG)/unlearn.yaml
+# EK-FAC factors of theta0 (kronfluence): unlearn.yaml's preconditioner, AbU+ (README "Peers side by side")
+$(D)/ekfac/musicattr_ekfac.json: $(D)/fit/last.ckpt $(D)/store/index.parquet $(CFG)/ekfac.yaml
+	$(MA) ekfac --config $(CFG)/ekfac.yaml $(RUN)
+
+$(D)/unlearned/q000.safetensors: $(D)/fisher.safetensors $(D)/ekfac/musicattr_ekfac.json $(D)/generated/queries.json \
+		$(CFG)/unlearn.yaml
 	$(MA) unlearn --config $(CFG)/unlearn.yaml $(RUN)
 
 $(D)/attribution/q000/scores.parquet: $(D)/unlearned/q000.safetensors $(CFG)/attribute.yaml

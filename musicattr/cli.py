@@ -59,6 +59,8 @@ STAGES = {
                     "musicattr.attribution.fisher:FisherModule", "predict",
                     "musicattr.data.datamodules:StorePredictDataModule", PREDICT_GRAD),
     "generate": Stage("generate audio and query latents from text prompts", "musicattr.models.generate:generate"),
+    "ekfac": Stage("fit the EK-FAC factors of theta0 over the latent store (kronfluence): Eq. 2's preconditioner "
+                   "(AbU+, unlearn --ekfac)", "musicattr.peers.factors:run_ekfac"),
     "unlearn": Stage("unlearn a query (generated latent or training item) from theta0 (Eq. 2)",
                      "musicattr.attribution.unlearn:run_unlearn"),
     "attribute": Stage("score every training item: tau_i = L(z_i, theta_unlearned) - L(z_i, theta0) (Eq. 1)",

@@ -104,7 +104,7 @@ plan() {
         prec=$([ $p = 32 ] && echo 32-true || echo bf16-mixed)
         printf '%s\t%s\n' "unlearn-$p" "$MA unlearn --config $CFG/unlearn.yaml --run_root $OUT \
 --checkpoint $CKPT --fisher $FISHER --store $STORE --query null --query_item index:0 \
---out $OUT/unlearned-$p.safetensors --device $DEVICE --precision $prec"
+--out $OUT/unlearned-$p.safetensors --device $DEVICE --precision $prec --ekfac null"
     done
     for p in 32 bf16; do
         prec=$([ $p = 32 ] && echo 32-true || echo bf16-mixed)

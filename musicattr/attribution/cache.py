@@ -32,9 +32,12 @@ def baseline_key(checkpoint_fingerprint: str, store, task, model, num_draws: int
             "dtype": str(dtype), "device": torch.device(device).type, "per_draw": True}
 
 
-def sensitivity_key(baseline: dict[str, Any], fisher_fingerprint: str, tensors, damping: float) -> dict[str, Any]:
-    """What s_i depends on: the baseline key, the Fisher, the tensors of g_i and the damping."""
-    return {**baseline, "fisher_fingerprint": fisher_fingerprint, "tensors": sorted(tensors), "damping": float(damping)}
+def sensitivity_key(baseline: dict[str, Any], fisher_fingerprint: str, tensors, damping: float,
+                    ekfac_fingerprint: str | None = None) -> dict[str, Any]:
+    """What s_i depends on: the baseline key, the Fisher, the tensors of g_i and the damping (and the EK-FAC factors
+    when P is EK-FAC; the diagonal Fisher's key is unchanged)."""
+    key = {**baseline, "fisher_fingerprint": fisher_fingerprint, "tensors": sorted(tensors), "damping": float(damping)}
+    return key if ekfac_fingerprint is None else {**key, "ekfac_fingerprint": ekfac_fingerprint}
 
 
 def cache_path(store_root: str | os.PathLike, kind: str, key: dict[str, Any]) -> Path:

@@ -76,12 +76,12 @@ class EKFAC(Preconditioner):
         missing = [f"{f}.safetensors" for f in FACTOR_FILES if not (d / f"{f}.safetensors").exists()]
         if missing or not mapping_path.exists():
             raise FileNotFoundError(f"{d} holds no fitted EK-FAC factors ({missing or [MAPPING_FILE]} missing); fix: "
-                                    "run `musicattr peers` with the ekfac peer (it fits them), or point at its "
-                                    "factors folder (<work_dir>/ekfac/factors_<name>)")
+                                    "run `musicattr ekfac` (make demo runs it) or `musicattr peers` with the ekfac "
+                                    "peer, or pass --ekfac null for the diagonal Fisher")
         meta = json.loads(mapping_path.read_text())
         if checkpoint_fingerprint and meta.get("checkpoint_fingerprint") not in (None, checkpoint_fingerprint):
             raise ValueError(f"{d}: EK-FAC factors of another checkpoint ({meta.get('checkpoint_fingerprint')} vs "
-                             f"{checkpoint_fingerprint}); fix: refit them for this checkpoint (`musicattr peers`)")
+                             f"{checkpoint_fingerprint}); fix: refit them for this checkpoint (`musicattr ekfac`)")
         f = {k: load_file(str(d / f"{k}.safetensors")) for k in FACTOR_FILES}
         wanted = None if names is None else set(names)
         layers = {}
@@ -121,6 +121,14 @@ class EKFAC(Preconditioner):
         if d["bias"] is None:
             return out, None
         return out[:, :-1], out[:, -1]
+
+    def coupled(self, name: str) -> tuple[str, ...]:
+        """A linear layer's weight and bias (one Kronecker block); off the layers, the fallback's grouping."""
+        module = self.owner.get(name)
+        if module is None:
+            return self.fallback.coupled(name) if self.fallback is not None else (name,)
+        d = self.layers[module]
+        return tuple(n for n in (d["weight"], d["bias"]) if n)
 
     def apply_tensor(self, name: str, g: torch.Tensor, power: float = 1.0) -> torch.Tensor:
         module = self.owner.get(name)

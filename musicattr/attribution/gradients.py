@@ -10,7 +10,8 @@ gradient as soon as the backward pass has produced it, applies the preconditione
 it: when the draws fit one forward (``draws_per_forward >= num_draws``) the item's gradient never
 exists whole, only one tensor at a time. With fewer draws per forward, the draws' gradients
 accumulate in the tensors' ``.grad`` (one item's gradient, as a training step holds it) and each
-tensor is handed over after the last chunk.
+tensor is handed over after the last chunk. Tensors that P couples (``Preconditioner.coupled``: EK-FAC's
+weight and bias of one layer) are held until the group's last one arrives and preconditioned together.
 """
 from __future__ import annotations
 
@@ -63,8 +64,23 @@ def preconditioned_gradients(task: AttributionTask, model, params: Mapping[str, 
     inputs = [params[k] for k in names]
     losses = []
     item = {"j": 0}
-    with _tensor_hooks(params, lambda name, g: consume(item["j"], name, precond.apply_tensor(name, g, 0.5))) as state, \
-            torch.enable_grad():
+    groups = {k: tuple(n for n in precond.coupled(k) if n in params) or (k,) for k in names}
+    pending: dict[str, torch.Tensor] = {}
+
+    def flush(group) -> None:
+        phi = precond.apply_sqrt({n: pending.pop(n) for n in group if n in pending})
+        for n, v in phi.items():
+            consume(item["j"], n, v)
+
+    def take(name: str, g: torch.Tensor) -> None:
+        if len(groups[name]) == 1:
+            consume(item["j"], name, precond.apply_tensor(name, g, 0.5))
+            return
+        pending[name] = g
+        if all(n in pending for n in groups[name]):
+            flush(groups[name])
+
+    with _tensor_hooks(params, take) as state, torch.enable_grad():
         for j in range(len(batch["item_id"])):
             item["j"] = j
             one = item_slice(batch, j)
@@ -78,5 +94,7 @@ def preconditioned_gradients(task: AttributionTask, model, params: Mapping[str, 
                                         draw_offset=start, cond=cond)
                 (loss.sum() / num_draws).backward(inputs=inputs)
                 per_draw.append(loss.detach().cpu()[0])
+            if pending:  # a coupled tensor the loss did not reach: its group with a zero gradient there
+                flush(list(pending))
             losses.append(torch.cat(per_draw))
     return torch.stack(losses)

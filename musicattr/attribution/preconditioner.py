@@ -34,6 +34,10 @@ class Preconditioner(ABC):
     def to(self, device: torch.device | str) -> "Preconditioner":
         return self
 
+    def coupled(self, name: str) -> tuple[str, ...]:
+        """The tensors P acts on together with ``name`` (P is block diagonal over such groups); default: itself."""
+        return (name,)
+
     def apply(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: self.apply_tensor(k, g, 1.0) for k, g in grads.items()}
 

@@ -165,7 +165,18 @@ class ScoringModule(L.LightningModule):
                                    "fix: pass that Fisher with --model.fisher")
         damping = float(self.unlearn_meta.get("damping", 1e-3))
         self.precond = DiagonalFisher.load(fisher, self.changed, damping, self.checkpoint_fp)
-        self.fisher_fp, self.damping = fisher_fp, damping
+        self.fisher_fp, self.damping, self.ekfac_fp = fisher_fp, damping, None
+        if self.unlearn_meta.get("preconditioner") == "ekfac":  # AbU+: s_i in the metric Eq. 2 used
+            from musicattr.attribution.ekfac import EKFAC
+
+            folder = self.unlearn_meta["ekfac"]
+            fp = file_fingerprint(str(Path(folder) / "lambda_matrix.safetensors"))
+            if fp != self.unlearn_meta.get("ekfac_fingerprint"):
+                raise RunMismatchError(f"{folder} holds other EK-FAC factors than {self.hparams.unlearned} was "
+                                       "unlearned with; fix: rerun `musicattr unlearn` with these factors")
+            self.precond = EKFAC.load(folder, self.changed, damping, fallback=self.precond,
+                                      checkpoint_fingerprint=self.checkpoint_fp)
+            self.ekfac_fp = fp
 
     # ---------------------------------------------------------------- keys
     @property
@@ -181,7 +192,7 @@ class ScoringModule(L.LightningModule):
 
     def sensitivity_key(self, store=None) -> dict[str, Any]:
         """What s_i depends on: the baseline key, the Fisher, the unlearned tensors and the damping."""
-        return sensitivity_key(self.baseline_key(store), self.fisher_fp, self.changed, self.damping)
+        return sensitivity_key(self.baseline_key(store), self.fisher_fp, self.changed, self.damping, self.ekfac_fp)
 
     def run_key(self) -> dict[str, Any]:
         """What the rows of this run depend on (the key of its parts)."""

@@ -192,3 +192,30 @@ def test_run_unlearn_takes_ekfac_factors_and_keeps_the_diagonal_default(tmp_path
     torch.testing.assert_close(a[gain], b[gain], rtol=1e-6, atol=1e-8)
     again = run_unlearn(ckpt, str(fisher), str(tmp_path / "ek.safetensors"), reuse=True, **kw)  # diagonal: not reused
     assert "preconditioner" not in again
+
+
+def test_preconditioned_gradients_hold_coupled_tensors_for_ekfac(fitted):
+    """The per-item pass (index, sensitivity) with EK-FAC: each layer's weight and bias are preconditioned together
+    (``Preconditioner.coupled``), so phi_i equals P^1/2 applied to the item's whole gradient; the diagonal Fisher's
+    tensors go one by one as before."""
+    from musicattr.attribution.gradients import preconditioned_gradients
+
+    f = fitted
+    task, model = f["task"], make_module()
+    params = task.select_parameters(model, "all")
+    fisher = {k: torch.rand(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.1
+              for k, v in params.items()}
+    pre = EKFAC.load(f["folder"], list(params), 1e-3, fallback=DiagonalFisher(fisher, list(params), 1e-3))
+    w, b = next((p["weight"], p["bias"]) for p in f["layers"].values() if p["bias"])
+    assert pre.coupled(w) == (w, b) and pre.coupled(b) == (w, b)
+    gain = next(k for k in params if k not in pre.owner)
+    assert pre.coupled(gain) == (gain,)
+    batch = f["batches"][1]
+    got = {}
+    preconditioned_gradients(task, model, params, pre, batch, 0, 4, lambda j, n, phi: got.__setitem__(n, phi),
+                             draws_per_forward=2)
+    want = pre.apply_sqrt(loss_gradient(task, model, params, batch, 0, 4, draws_per_forward=2))
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k].double().numpy(), want[k].double().numpy(), rtol=1e-4,
+                                   atol=1e-5 * float(want[k].abs().max()) + 1e-12)  # float32 sums in another order
