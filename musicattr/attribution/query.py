@@ -98,7 +98,8 @@ def unlearned_psi(theta0: Mapping[str, torch.Tensor], unlearned: Mapping[str, to
 
 def check_unlearned(meta: Mapping[str, Any], path: str, index: AttributionIndex) -> None:
     """An unlearned file is scored by the index only if it was unlearned from the index's checkpoint with its
-    Fisher, tensors, damping and M_L (then its relative scores are those of ``attribute``)."""
+    Fisher, tensors, damping and M_L (then its relative scores are those of ``attribute``, unless the file was
+    unlearned with EK-FAC: its scores are still its first-order Eq. 1, its relative score the diagonal s_i's)."""
     prov = index.provenance
     want = {"checkpoint_fingerprint": prov["checkpoint_fingerprint"], "fisher_fingerprint": prov["fisher_fingerprint"],
             "damping": prov["damping"], "mask_loss": prov["mask_loss"]}

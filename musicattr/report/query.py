@@ -99,6 +99,9 @@ def _provenance(q: QueryInputs, sims: SimilarityScores, opt: ReportOptions) -> l
         ("checkpoint θ0", f"{u.get('checkpoint', na)} (fingerprint {run.get('checkpoint_fingerprint', na)})"),
         ("Fisher", f"{u.get('fisher', na)} (fingerprint {u.get('fisher_fingerprint', na)}, N = "
                    f"{u.get('num_items', na)})"),
+        ("preconditioner P", (f"EK-FAC on the linear layers (AbU+; factors {u.get('ekfac')}, fingerprint "
+                              f"{u.get('ekfac_fingerprint', na)}), the diagonal Fisher elsewhere")
+         if u.get("preconditioner") == "ekfac" else "the diagonal Fisher (F + lambda)^-1"),
         ("unlearned weights", f"fingerprint {run.get('unlearned_fingerprint', na)}"),
         ("Eq. 2 unlearning", f"lr {u.get('lr', na)}, steps {u.get('steps', na)}, K = {u.get('num_draws', na)} "
                              f"query draws, target {u.get('target', na)}, damping {u.get('damping', na)}"),
