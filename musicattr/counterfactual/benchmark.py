@@ -281,8 +281,7 @@ def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[s
                     cells.append("")
                     continue
                 d, lo, hi, _ = pair
-                star = "*" if lo > 0 or hi < 0 else ""
-                cells.append(f"{d:+.3f}{star} [{lo:+.3f}, {hi:+.3f}]")
+                cells.append(_fmt_star(d, (lo, hi), sign=True))
                 result["pairs"][f"{a} - {c}"] = {"diff": d, "ci": [lo, hi], "half_width": (hi - lo) / 2}
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -403,7 +402,7 @@ def _groups(bank, kinds, scores, data, draws, seed, result) -> list[str]:
               "permuted |", "|---|---|---|---|---|"]
     for m in [*scores, GROUP_SIZE]:
         g = gc[m]
-        extra = " | ".join(_fmt_star(g[f"excess_{k}"], g[f"excess_{k}_ci"]) for k in ("top1", "spearman")) \
+        extra = " | ".join(_fmt_star(g[f"excess_{k}"], g[f"excess_{k}_ci"], sign=True) for k in ("top1", "spearman")) \
             if "excess_top1" in g else " | "
         lines.append(f"| {m} | {_fmt(g['top1'], g['top1_ci'])} | {_fmt(g['spearman'], g['spearman_ci'])} | {extra} |")
     return lines + [""]
@@ -415,6 +414,8 @@ def permuted_credits(scores: np.ndarray, member: np.ndarray, permutations: int, 
     return np.stack([rng.permuted(scores, axis=1) @ member.T for _ in range(permutations)])
 
 
-def _fmt_star(value: float, ci) -> str:
+def _fmt_star(value: float, ci, sign: bool = False) -> str:
+    """``value* [lo, hi]``: the star (the 95% interval excludes 0) right after the value, in every table."""
     lo, hi = ci
-    return _fmt(value, ci) + ("*" if lo > 0 or hi < 0 else "")
+    f = "+.3f" if sign else ".3f"
+    return f"{value:{f}}" + ("*" if lo > 0 or hi < 0 else "") + f" [{lo:{f}}, {hi:{f}}]"
