@@ -8,8 +8,8 @@ Writes a synthetic latent store (``--items`` latents of 64 channels x 2584 frame
 gives, timing of a two-minute track), then runs, each as ``musicattr <stage> --config configs/paper/<stage>.yaml
 --run_root <out>/run ...`` in its own process on one CPU device (no wandb):
 
-    fit (a few AdamW steps, the config's precision: bf16-mixed through Lightning's plugin) -> fisher -> unlearn
-    (a training item as the query) -> attribute (Eq. 1, relative) -> index (k of the config) -> query (a query
+    fit (a few AdamW steps, the config's precision: bf16-mixed through Lightning's plugin) -> fisher -> ekfac
+    (kronfluence's factors of the linear layers) -> unlearn (AbU+, the configs' default; a training item as the query) -> attribute (Eq. 1, relative) -> index (k of the config) -> query (a query
     gradient and the unlearned file against the index) -> report (the attribute table's page)
 
 and prints per stage: wall time, peak resident memory of the stage's process (``os.wait4``'s ru_maxrss), FLOPs
@@ -41,10 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from index_paper_scale import PAPER_ITEMS, flops_per_draw  # noqa: E402  the shared FLOP counter
 
-STAGES = ("fit", "fisher", "unlearn", "attribute", "index", "query", "report")
+STAGES = ("fit", "fisher", "ekfac", "unlearn", "attribute", "index", "query", "report")
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 QUERY_ITEM = "synthetic/track000.wav"  # the query of unlearn and query: a training item (train-to-train)
 PAPER_T = 16              # scoring timesteps per track (configs/paper/attribute.yaml, index.yaml)
+PAPER_FIT_DRAWS = 8       # EK-FAC's (item, draw) examples per track (configs/paper/ekfac.yaml)
 
 
 try:  # fit's checkpoints written straight to their file (the stage imports it as rehearse.FileCheckpointIO)
@@ -177,7 +178,11 @@ def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, 
                    str(a.draws), "--model.chunk_size", "1", "--model.overwrite", "true"],
         "unlearn": [*ma, "unlearn", "--config", str(cfg / "unlearn.yaml"), *rr, "--query", "null", "--query_item",
                     QUERY_ITEM, "--num_draws", str(a.query_draws), "--draws_per_forward", "1", "--device", "cpu",
-                    "--ekfac", "null", *ft],  # the diagonal Fisher: EK-FAC factors are not rehearsed at this size
+                    *ft],
+        # kronfluence hooks the layers' forward and backward: the task's gradient checkpointing (a second forward
+        # inside the backward) is not passed to it
+        "ekfac": [*ma, "ekfac", "--config", str(cfg / "ekfac.yaml"), *rr, "--fit_draws", str(a.draws),
+                  "--batch_size", "1"],
         "attribute": [*ma, "attribute", "--config", str(cfg / "attribute.yaml"), *rr, *cpu, *data,
                       "--model.num_draws", str(a.draws), "--model.draws_per_forward", "1", "--model.overwrite", "true",
                       *lt],
@@ -201,6 +206,7 @@ def stage_flops(stage: str, f_fwd: float, f_fb: float, checkpointing: bool, task
     return {
         "fit": (f_fb + (f_fwd if checkpointing else 0.0), "item-timestep (one training example)"),
         "fisher": (f_fb, "item-timestep (a per-sample gradient)"),
+        "ekfac": (2 * f_fb, "item-timestep (kronfluence's covariance and eigenvalue-correction passes)"),
         "unlearn": (f_fb + re, "query draw"),
         "attribute": (2 * f_fwd + f_fb + re, "item-timestep (theta0 and unlearned forwards + the relative score's "
                                              "gradient)"),
@@ -212,12 +218,14 @@ def stage_flops(stage: str, f_fwd: float, f_fb: float, checkpointing: bool, task
 
 def executed_units(stage: str, a) -> float:
     """How many units the rehearsal's stage ran (for the CPU's achieved FLOP/s)."""
-    return {"fit": a.steps, "fisher": a.items * a.draws, "unlearn": a.query_draws,
+    return {"fit": a.steps, "fisher": a.items * a.draws, "ekfac": a.items * a.draws, "unlearn": a.query_draws,
             "attribute": a.items * a.draws + a.draws / 3.0,  # + the float-error probe's forward (1/3 of a unit)
             "index": a.items * a.draws, "query": a.query_draws, "report": 0}[stage]
 
 
 def paper_units(stage: str, items: int, query_draws: int) -> float:
+    if stage == "ekfac":
+        return items * PAPER_FIT_DRAWS
     return query_draws if stage in ("unlearn", "query") else items * PAPER_T
 
 
