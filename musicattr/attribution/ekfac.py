@@ -15,8 +15,12 @@ takes the mean per layer, kronfluence's heuristic (damping 0.1). Tensors that no
 covers (norm gains, modulation tables) go to ``fallback`` (e.g. the diagonal Fisher). Weight and bias of one layer
 are coupled, so ``apply`` handles them together; ``apply_tensor`` on one of them alone works for bias-free layers.
 
-Needs only torch and safetensors (kronfluence writes the files; ``musicattr peers`` fits them and writes
-``musicattr_ekfac.json`` beside them: module name -> its weight and bias parameter names).
+Needs only torch and safetensors (kronfluence writes the files; ``musicattr ekfac`` / ``musicattr peers`` fit them
+and write ``musicattr_ekfac.json`` beside them: module name -> its weight and bias parameter names).
+
+Memory: the factors are about as large as the model in Lambda plus in^2 + out^2 per layer in Q_A, Q_S (1.2 GB
+per block of the paper's DiT measured); ``load(lazy=True)`` holds none of them and reads a layer's factors from
+the files when that layer is applied (the same float64 numbers): for a single application per query (Eq. 2).
 """
 from __future__ import annotations
 
@@ -38,11 +42,20 @@ class EKFAC(Preconditioner):
 
     def __init__(self, layers: Mapping[str, Mapping[str, Any]], damping: float = 1e-3,
                  fallback: Preconditioner | None = None, provenance: Mapping[str, Any] | None = None,
-                 scope: str = "global"):
-        self.layers = {m: {"weight": d["weight"], "bias": d.get("bias"), "qa": d["qa"].double(), "qs": d["qs"].double(),
-                           "lam": d["lam"].double()} for m, d in layers.items()}
-        total = sum(float(d["lam"].sum()) for d in self.layers.values())
-        count = sum(d["lam"].numel() for d in self.layers.values())
+                 scope: str = "global", source: Path | None = None):
+        self._source, self._device = source, None
+        if source is None:
+            self.layers = {m: {"weight": d["weight"], "bias": d.get("bias"), "qa": d["qa"].double(),
+                               "qs": d["qs"].double(), "lam": d["lam"].double()} for m, d in layers.items()}
+        else:  # lazy: per layer only its names, the mean and size of Lambda (streamed once for the damping)
+            self.layers = {m: {"weight": d["weight"], "bias": d.get("bias")} for m, d in layers.items()}
+        sums = {}
+        for m in self.layers:
+            lam = self._factors(m, ("lam",))[0]
+            sums[m] = (float(lam.sum()), lam.numel())
+            del lam
+        total = sum(t for t, _ in sums.values())
+        count = sum(n for _, n in sums.values())
         if total <= 0:
             raise ValueError("the EK-FAC eigenvalues are zero on every layer; fix: refit the factors on data that "
                              "reaches these layers")
@@ -50,8 +63,8 @@ class EKFAC(Preconditioner):
             raise ValueError(f"scope = {scope!r}; fix: 'global' (damping x the mean over all layers) or 'layer'")
         self.damping, self.scope = float(damping), scope
         self.lam = self.damping * total / max(count, 1)
-        for d in self.layers.values():
-            d["damp"] = self.lam if scope == "global" else self.damping * float(d["lam"].mean())
+        for m, d in self.layers.items():
+            d["damp"] = self.lam if scope == "global" else self.damping * sums[m][0] / max(sums[m][1], 1)
         self.owner = {}
         for m, d in self.layers.items():
             self.owner[d["weight"]] = m
@@ -61,14 +74,16 @@ class EKFAC(Preconditioner):
         self.names = list(self.owner) + [n for n in (fallback.names if fallback else []) if n not in self.owner]
         self._provenance = {"preconditioner": "ekfac", **dict(provenance or {}), "damping": self.damping,
                             "scope": scope, "lambda": self.lam, "layers": len(self.layers),
+                            **({"lazy": True} if source is not None else {}),
                             **({"fallback": fallback.provenance()} if fallback else {})}
 
     # ------------------------------------------------------------------ load kronfluence's factors
     @classmethod
     def load(cls, factors_dir: str | Path, names=None, damping: float = 1e-3, fallback: Preconditioner | None = None,
-             checkpoint_fingerprint: str | None = None, scope: str = "global") -> "EKFAC":
+             checkpoint_fingerprint: str | None = None, scope: str = "global", lazy: bool = False) -> "EKFAC":
         """From kronfluence's EK-FAC factors in ``factors_dir`` and the ``musicattr_ekfac.json`` beside them; only
-        the layers with a parameter in ``names`` (all if None). Refused when fitted on another checkpoint."""
+        the layers with a parameter in ``names`` (all if None). Refused when fitted on another checkpoint.
+        ``lazy``: hold no factor, read each layer's from the files when it is applied (the same numbers)."""
         from safetensors.torch import load_file
 
         d = Path(factors_dir)
@@ -82,25 +97,43 @@ class EKFAC(Preconditioner):
         if checkpoint_fingerprint and meta.get("checkpoint_fingerprint") not in (None, checkpoint_fingerprint):
             raise ValueError(f"{d}: EK-FAC factors of another checkpoint ({meta.get('checkpoint_fingerprint')} vs "
                              f"{checkpoint_fingerprint}); fix: refit them for this checkpoint (`musicattr ekfac`)")
-        f = {k: load_file(str(d / f"{k}.safetensors")) for k in FACTOR_FILES}
         wanted = None if names is None else set(names)
-        layers = {}
-        for module, p in meta["modules"].items():
-            if wanted is not None and p["weight"] not in wanted and p.get("bias") not in wanted:
-                continue
-            layers[module] = {"weight": p["weight"], "bias": p.get("bias"), "qa": f["activation_eigenvectors"][module],
-                              "qs": f["gradient_eigenvectors"][module],
-                              "lam": f["lambda_matrix"][module].double() / f["num_lambda_processed"][module].double()}
+        modules = {m: p for m, p in meta["modules"].items()
+                   if wanted is None or p["weight"] in wanted or p.get("bias") in wanted}
         prov = {"factors": str(d), **{k: meta[k] for k in ("checkpoint_fingerprint", "store_fingerprint", "fit")
                                       if k in meta}}
+        if lazy:
+            return cls({m: {"weight": p["weight"], "bias": p.get("bias")} for m, p in modules.items()}, damping,
+                       fallback, prov, scope, source=d)
+        f = {k: load_file(str(d / f"{k}.safetensors")) for k in FACTOR_FILES}
+        layers = {m: {"weight": p["weight"], "bias": p.get("bias"), "qa": f["activation_eigenvectors"][m],
+                      "qs": f["gradient_eigenvectors"][m],
+                      "lam": f["lambda_matrix"][m].double() / f["num_lambda_processed"][m].double()}
+                  for m, p in modules.items()}
         return cls(layers, damping, fallback, prov, scope)
+
+    def _factors(self, module: str, keys=("qa", "qs", "lam")) -> list[torch.Tensor]:
+        """Q_A, Q_S, Lambda of one layer (float64): held, or read from the factor files (lazy)."""
+        if self._source is None:
+            return [self.layers[module][k] for k in keys]
+        from safetensors import safe_open
+
+        def read(name: str) -> torch.Tensor:
+            with safe_open(str(self._source / f"{name}.safetensors"), framework="pt") as f:
+                return f.get_tensor(module).double()
+
+        out = {"qa": (lambda: read("activation_eigenvectors")), "qs": (lambda: read("gradient_eigenvectors")),
+               "lam": (lambda: read("lambda_matrix") / read("num_lambda_processed"))}
+        return [out[k]().to(self._device) if self._device is not None else out[k]() for k in keys]
 
     # ------------------------------------------------------------------ the interface
     def provenance(self) -> dict[str, Any]:
         return dict(self._provenance)
 
     def to(self, device: torch.device | str) -> "EKFAC":
-        for d in self.layers.values():
+        if self._source is not None:
+            self._device = device
+        for d in (self.layers.values() if self._source is None else ()):
             for k in ("qa", "qs", "lam"):
                 d[k] = d[k].to(device)
         if self.fallback is not None:
@@ -115,7 +148,7 @@ class EKFAC(Preconditioner):
         if d["bias"] is not None:
             b = torch.zeros(v.shape[0], 1, dtype=v.dtype, device=v.device) if bias is None else bias.double()[:, None]
             v = torch.cat([v, b], 1)
-        qa, qs, lam = (d[k].to(v.device) for k in ("qa", "qs", "lam"))
+        qa, qs, lam = (x.to(v.device) for x in self._factors(module))
         rot = qs.T @ v @ qa
         out = qs @ (rot * (lam + d["damp"]).pow(-power)) @ qa.T
         if d["bias"] is None:
@@ -155,7 +188,8 @@ class EKFAC(Preconditioner):
             d = self.layers[module]
             w, b = grads.get(d["weight"]), (grads.get(d["bias"]) if d["bias"] else None)
             if w is None:
-                w = torch.zeros(d["qs"].shape[0], d["qa"].shape[0] - (d["bias"] is not None), dtype=torch.float64,
+                qa, qs = self._factors(module, ("qa", "qs"))
+                w = torch.zeros(qs.shape[0], qa.shape[0] - (d["bias"] is not None), dtype=torch.float64,
                                 device=g.device)
             pw, pb = self.layer_apply(module, w, b, power)
             if d["weight"] in grads:

@@ -236,7 +236,8 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
     if ekfac:
         from musicattr.attribution.ekfac import EKFAC
 
-        precond = EKFAC.load(ekfac, list(params), damping, fallback=precond, checkpoint_fingerprint=ckpt_fp).to(device)
+        precond = EKFAC.load(ekfac, list(params), damping, fallback=precond, checkpoint_fingerprint=ckpt_fp,
+                             lazy=True).to(device)  # one application per step: each layer's factors read when used
     count = {"changed": 0}
     if steps == 1:  # elements changed = elements the one step moved: counted as it is applied, no copy of theta0
         def seen(name, old, new_value):

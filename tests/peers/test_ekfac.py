@@ -219,3 +219,21 @@ def test_preconditioned_gradients_hold_coupled_tensors_for_ekfac(fitted):
     for k in want:
         np.testing.assert_allclose(got[k].double().numpy(), want[k].double().numpy(), rtol=1e-4,
                                    atol=1e-5 * float(want[k].abs().max()) + 1e-12)  # float32 sums in another order
+
+
+def test_lazy_factors_give_the_same_numbers_and_hold_none(fitted):
+    """EKFAC.load(lazy=True) reads each layer's factors from the files when applied: P g, P^1/2 g and P^-1/2 g equal
+    the held factors' bit for bit, the damping is the same, and no factor tensor is held."""
+    f = fitted
+    model = make_module()
+    params = f["task"].select_parameters(model, "all")
+    names = [n for n in params if any(n in (p["weight"], p["bias"]) for p in f["layers"].values())]
+    g = torch.Generator().manual_seed(3)
+    grads = {n: torch.randn(params[n].shape, generator=g, dtype=torch.float64) for n in names}
+    held = EKFAC.load(f["folder"], names, 1e-3)
+    lazy = EKFAC.load(f["folder"], names, 1e-3, lazy=True)
+    assert lazy.lam == held.lam
+    assert all(set(d) == {"weight", "bias", "damp"} for d in lazy.layers.values())
+    for fn in ("apply", "apply_sqrt", "apply_root"):
+        a, b = getattr(held, fn)(grads), getattr(lazy, fn)(grads)
+        assert all(torch.equal(a[k], b[k]) for k in names), fn
