@@ -18,9 +18,11 @@ are coupled, so ``apply`` handles them together; ``apply_tensor`` on one of them
 Needs only torch and safetensors (kronfluence writes the files; ``musicattr ekfac`` / ``musicattr peers`` fit them
 and write ``musicattr_ekfac.json`` beside them: module name -> its weight and bias parameter names).
 
-Memory: the factors are about as large as the model in Lambda plus in^2 + out^2 per layer in Q_A, Q_S (1.2 GB
-per block of the paper's DiT measured); ``load(lazy=True)`` holds none of them and reads a layer's factors from
-the files when that layer is applied (the same float64 numbers): for a single application per query (Eq. 2).
+Memory: the factors are about as large as the model in Lambda plus in^2 + out^2 per layer in Q_A, Q_S (1.1 GB per
+block of the paper's DiT in kronfluence's float32 files, twice that held here in float64: 26 and 53 GB at depth 24);
+``load(lazy=True)`` holds none of them and reads a layer's factors from the files when that layer is applied (the
+same float64 numbers; the largest layer of the paper's DiT, Q_S of 12288 x 12288, is 1.2 GB): for a single
+application per query (Eq. 2).
 """
 from __future__ import annotations
 
