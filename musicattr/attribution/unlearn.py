@@ -112,6 +112,16 @@ def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tenso
     return {k: (theta[k].double() + lr / num_items * step[k]).to(theta[k].dtype) for k in grad}
 
 
+def _grouped_updates(g: dict[str, torch.Tensor], params, precond: Preconditioner, lr: float, num_items: int):
+    """(name, new value) of Eq. 2 over ``g``, one group of ``Preconditioner.coupled`` tensors at a time (popped)."""
+    for k in list(g):
+        if k not in g:
+            continue
+        part = {n: g.pop(n) for n in precond.coupled(k) if n in g} or {k: g.pop(k)}
+        yield from eq2_update({n: params[n].detach() for n in part}, part, precond, lr, num_items).items()
+        del part
+
+
 def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, num_items: int,
                   target: str = "all", lr: float = 1e-6, steps: int = 1, num_draws: int = 256, seed: int = 0,
                   mask: bool = True, draws_per_forward: int = 16, on_update=None,
@@ -135,8 +145,8 @@ def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, 
         if _per_tensor(precond):
             updates = ((k, eq2_update({k: params[k].detach()}, {k: g.pop(k)}, precond, lr, num_items)[k])
                        for k in list(g))
-        else:
-            updates = iter(eq2_update({k: p.detach() for k, p in params.items()}, g, precond, lr, num_items).items())
+        else:  # one coupled group at a time (EK-FAC: a layer's weight and bias), its gradient freed as it goes
+            updates = _grouped_updates(g, params, precond, lr, num_items)
         for k, new in updates:
             with torch.no_grad():
                 if on_update is not None:
