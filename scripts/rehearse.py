@@ -9,7 +9,8 @@ gives, timing of a two-minute track), then runs, each as ``musicattr <stage> --c
 --run_root <out>/run ...`` in its own process on one CPU device (no wandb):
 
     fit (a few AdamW steps, the config's precision: bf16-mixed through Lightning's plugin) -> fisher -> ekfac
-    (kronfluence's factors of the linear layers) -> unlearn (AbU+, the configs' default; a training item as the query) -> attribute (Eq. 1, relative) -> index (k of the config) -> query (a query
+    (kronfluence's factors of the linear layers) -> unlearn (AbU+ with those factors, the demo's default; a training item as
+    the query) -> attribute (Eq. 1, relative) -> index (k of the config) -> query (a query
     gradient and the unlearned file against the index) -> report (the attribute table's page)
 
 and prints per stage: wall time, peak resident memory of the stage's process (``os.wait4``'s ru_maxrss), FLOPs
@@ -178,7 +179,7 @@ def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, 
                    str(a.draws), "--model.chunk_size", "1", "--model.overwrite", "true"],
         "unlearn": [*ma, "unlearn", "--config", str(cfg / "unlearn.yaml"), *rr, "--query", "null", "--query_item",
                     QUERY_ITEM, "--num_draws", str(a.query_draws), "--draws_per_forward", "1", "--device", "cpu",
-                    *ft],
+                    "--ekfac", str(run / "ekfac"), *ft],  # AbU+ (the demo's default; configs/paper's is the diagonal)
         # kronfluence hooks the layers' forward and backward: the task's gradient checkpointing (a second forward
         # inside the backward) is not passed to it
         "ekfac": [*ma, "ekfac", "--config", str(cfg / "ekfac.yaml"), *rr, "--fit_draws", str(a.draws),
