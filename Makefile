@@ -262,7 +262,7 @@ ensemble: venv $(BD)/compare/comparison.json
 # ---- the paper-scale rehearsal (README "Limits and what runs where") ----
 # Every stage that touches the model, as the real CLI with configs/paper, on synthetic latents of the paper's shape
 # (64 x 2584) on the CPU: wall time, peak memory, FLOPs per item-timestep, the 8-GPU extrapolation. REHEARSE_ARGS
-# picks the size: the default is one block of the paper's 24 at its width (about 20 min on one thread here); the
+# picks the size: the default is one block of the paper's 24 at its width (about 40 min on one thread here, half of it the EK-FAC factors); the
 # full DiT is REHEARSE_ARGS='--scale 1' (its stages each take 10 to 40 min per item on this CPU, see README).
 REHEARSE_ARGS ?= --scale 0.0417 --items 2 --precision 32-true --checkpointing true
 rehearse: venv
