@@ -38,6 +38,13 @@ MAPPING_FILE = "musicattr_ekfac.json"
 FACTOR_FILES = ("activation_eigenvectors", "gradient_eigenvectors", "lambda_matrix", "num_lambda_processed")
 
 
+def factors_fingerprint(factors_dir: str | Path) -> str:
+    """The fingerprint an unlearned file records of the EK-FAC factors it was made with (of their Lambda file)."""
+    from musicattr.fingerprint import file_fingerprint
+
+    return file_fingerprint(str(Path(factors_dir) / "lambda_matrix.safetensors"))
+
+
 class EKFAC(Preconditioner):
     """P = (G_EKFAC + lambda)^-1 per linear layer; ``layers``: module -> {"weight": name, "bias": name or None,
     "qa": [in(+1), in(+1)], "qs": [out, out], "lam": [out, in(+1)]} (float64)."""

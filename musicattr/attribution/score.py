@@ -167,10 +167,10 @@ class ScoringModule(L.LightningModule):
         self.precond = DiagonalFisher.load(fisher, self.changed, damping, self.checkpoint_fp)
         self.fisher_fp, self.damping, self.ekfac_fp = fisher_fp, damping, None
         if self.unlearn_meta.get("preconditioner") == "ekfac":  # AbU+: s_i in the metric Eq. 2 used
-            from musicattr.attribution.ekfac import EKFAC
+            from musicattr.attribution.ekfac import EKFAC, factors_fingerprint
 
             folder = self.unlearn_meta["ekfac"]
-            fp = file_fingerprint(str(Path(folder) / "lambda_matrix.safetensors"))
+            fp = factors_fingerprint(folder)
             if fp != self.unlearn_meta.get("ekfac_fingerprint"):
                 raise RunMismatchError(f"{folder} holds other EK-FAC factors than {self.hparams.unlearned} was "
                                        "unlearned with; fix: rerun `musicattr unlearn` with these factors")

@@ -113,7 +113,9 @@ def eq2_update(theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tenso
 
 
 def _grouped_updates(g: dict[str, torch.Tensor], params, precond: Preconditioner, lr: float, num_items: int):
-    """(name, new value) of Eq. 2 over ``g``, one group of ``Preconditioner.coupled`` tensors at a time (popped)."""
+    """(name, new value) of Eq. 2 over ``g``, one group of ``Preconditioner.coupled`` tensors at a time, each
+    gradient popped as its group is updated (the diagonal Fisher: tensor by tensor; EK-FAC: a layer's weight and
+    bias)."""
     for k in list(g):
         if k not in g:
             continue
@@ -129,8 +131,8 @@ def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, 
     """Apply Eq. 2 ``steps`` times in place on the target parameters of ``model`` for the one-item ``batch``
     (draws keyed ``unlearn/<id>``, ``mask`` M_U); return their new values (CPU).
 
-    With a per-tensor preconditioner each tensor is updated (and its float64 gradient freed) before the next
-    one's step is formed. ``on_update(name, old, new)``, if given, sees each tensor's values before and after
+    Each group of tensors that P couples (one tensor for the diagonal Fisher, a layer's weight and bias for
+    EK-FAC) is updated, and its float64 gradient freed, before the next group's step is formed. ``on_update(name, old, new)``, if given, sees each tensor's values before and after
     each step. The caller keeps theta0 (e.g. reload the checkpoint) if it needs it afterwards. ``precision``:
     the query gradient's (``precision_context``); the update is float64 either way.
     """
@@ -142,12 +144,7 @@ def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, 
         with precision_context(precision, device):
             g = loss_gradient(task, model, params, batch, seed, num_draws, namespace=UNLEARN, mask=mask,
                               draws_per_forward=draws_per_forward, cond=cond)
-        if _per_tensor(precond):
-            updates = ((k, eq2_update({k: params[k].detach()}, {k: g.pop(k)}, precond, lr, num_items)[k])
-                       for k in list(g))
-        else:  # one coupled group at a time (EK-FAC: a layer's weight and bias), its gradient freed as it goes
-            updates = _grouped_updates(g, params, precond, lr, num_items)
-        for k, new in updates:
+        for k, new in _grouped_updates(g, params, precond, lr, num_items):
             with torch.no_grad():
                 if on_update is not None:
                     on_update(k, params[k].detach(), new)
@@ -229,8 +226,9 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
     if precision not in ("32-true", "32"):  # 32-true is not recorded: files written before keep matching
         meta["precision"] = precision
     if ekfac:
-        meta.update(preconditioner="ekfac", ekfac=ekfac, ekfac_fingerprint=file_fingerprint(
-            str(Path(ekfac) / "lambda_matrix.safetensors")))
+        from musicattr.attribution.ekfac import factors_fingerprint
+
+        meta.update(preconditioner="ekfac", ekfac=ekfac, ekfac_fingerprint=factors_fingerprint(ekfac))
     if reuse and os.path.exists(out):
         old = load_unlearned(out)[1]
         same_p = all(old.get(k) == meta.get(k) for k in ("preconditioner", "ekfac_fingerprint", "precision"))
