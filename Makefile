@@ -52,7 +52,8 @@ help:
 	@echo "make rehearse - every stage (fit .. report) with configs/paper's DiT at the paper's latent shape on the CPU:"
 	@echo "                wall time, peak memory, FLOPs, 8-GPU extrapolation (runs/rehearse/rehearse.md)"
 	@echo "make bank     - grow the shipped counterfactual bank (assets/bank/demo): one retrain after another, one"
-	@echo "                thread, resumable; BANK_ARGS='--commit true' commits each finished retrain's losses"
+	@echo "                thread, resumable; BANK_ARGS='--commit true' commits each finished retrain's losses;"
+	@echo "                BANK_WORKERS=2 runs two retrains side by side (one per core)"
 	@echo "make bank-plan - the bank's plan, what is done and the time left"
 	@echo "make benchmark - the peers and the index ensemble (BENCH_WITH=, empty, skips them), then every method's"
 	@echo "                scores on the bank's queries against the bank: LDS with intervals,"
@@ -215,14 +216,19 @@ leave-k-out: venv $(D)/figure1/comparison.json
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) counterfactual --config $(CFG)/counterfactual.yaml $(RUN) --experiments '[leave-k-out]' $(CF_ARGS)
 
 # ---- the counterfactual bank (configs/demo/bank.yaml) and the benchmark against it (configs/demo/benchmark.yaml) ----
-# The bank ships in $(BANK) and grows: `make bank` continues from the retrains it holds (one at a time, one thread).
+# The bank ships in $(BANK) and grows: `make bank` continues from the retrains it holds (one thread per worker;
+# BANK_WORKERS=2 runs two side by side, each claiming its next retrain in $(D)/bank/claims).
 # `make benchmark` scores every method on the benchmark model and the bank's queries (Fisher, index, compare), then
 # checks the scores against the bank; no retraining.
 BANK := assets/bank/demo
 BD := $(D)/benchmark
 BANK_ARGS ?=
+BANK_WORKERS ?= 1
 bank: venv $(D)/store/index.parquet
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) bank --config $(CFG)/bank.yaml $(RUN) $(BANK_ARGS)
+	@pids=""; for w in $$(seq $(BANK_WORKERS)); do \
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) bank --config $(CFG)/bank.yaml $(RUN) $(BANK_ARGS) & \
+		pids="$$pids $$!"; sleep 5; \
+	done; status=0; for p in $$pids; do wait $$p || status=1; done; exit $$status
 
 bank-plan: venv $(D)/store/index.parquet
 	$(MA) bank --config $(CFG)/bank.yaml $(RUN) --plan true

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
+from musicattr.counterfactual.claims import try_claim, wait_claim
 from musicattr.counterfactual.queries import Query
 from musicattr.counterfactual.recipe import Recipe, recipe_from_checkpoint
 from musicattr.counterfactual.retrain import MODEL, StepProgress, finished, fit_retrain
@@ -252,6 +253,12 @@ def make_design(item_ids: list[str], groups: dict[str, list[str]], lds: BankLDS,
                                            "sets": {str(s): v for s, v in random_k_sets(item_ids, rk).items()}}}
 
 
+def lds_batches(design: dict) -> list[int]:
+    """The cumulative subset counts at which the design grew: [48] for a bank drawn with 48, [48, 256] once
+    it grew to 256. A later batch's retrains run after everything planned before it."""
+    return list(design["lds"].get("batches") or [len(design["lds"]["kept"])])
+
+
 def kept_matrix(design: dict) -> np.ndarray:
     """The LDS subsets as a boolean [M, N] matrix (True = kept), columns in design['item_ids'] order."""
     return np.array([[c == "1" for c in m] for m in design["lds"]["kept"]], dtype=bool).reshape(
@@ -285,15 +292,16 @@ def bank_plan(design: dict, lds: BankLDS, groups: BankGroups, rk: BankRandomK,
     removed = [tuple(ids[i] for i in np.flatnonzero(~k)) for k in kept]
     if lds.second_subsets and lds.second_seed == lds.seed:
         raise BankError(f"lds.second_seed {lds.second_seed} is lds.seed; fix: choose another seed")
-    paired = min(lds.second_subsets, len(removed))
+    first = min(lds_batches(design)[0], len(removed))    # the subsets the bank was drawn with
+    paired = min(lds.second_subsets, first)
     if lds.interleave > 0:   # blocks: subsets under the first seed, then the same subsets under the second
         order = []
         for start in range(0, paired, lds.interleave):
             block = range(start, min(start + lds.interleave, paired))
             order += [(j, lds.seed) for j in block] + [(j, lds.second_seed) for j in block]
-        order += [(j, lds.seed) for j in range(paired, len(removed))]
+        order += [(j, lds.seed) for j in range(paired, first)]
     else:
-        order = [(j, lds.seed) for j in range(len(removed))] + [(j, lds.second_seed) for j in range(paired)]
+        order = [(j, lds.seed) for j in range(first)] + [(j, lds.second_seed) for j in range(paired)]
     for j, seed in order:
         add(removed[j], seed, {"kind": "lds", "label": f"subset {j}", "subset": j})
     top_seeds = set(top.seeds) if top is not None and design.get("top_k") else set()
@@ -310,6 +318,8 @@ def bank_plan(design: dict, lds: BankLDS, groups: BankGroups, rk: BankRandomK,
             for e in design["top_k"]["sets"]:
                 add(e["removed"], s, {"kind": "top-k", "label": f"{e['method']} {e['query_id']}",
                                       "method": e["method"], "query_id": e["query_id"]})
+    for j in range(first, len(removed)):                 # the subsets the design grew by: after all of the above
+        add(removed[j], lds.seed, {"kind": "lds", "label": f"subset {j}", "subset": j})
     return [roles[id(r)] for r in plan]
 
 
@@ -626,6 +636,51 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
     # the benchmark model: the first retrain (the store, seed lds.seed)
     first = retrains[0].retrain
     first_dir = work / "retrains" / first.name(context)
+    with wait_claim(work / "claims", "benchmark-model-and-queries"):   # one worker makes them, the others wait
+        _benchmark_model_and_queries(root, work, first, first_dir, rec, store, s, context, trainer, checkpoint_every,
+                                     prompts, durations, prompt_attributes, include_planted, training_queries,
+                                     gen_steps, seed, match_columns)
+    table = Bank(root).queries_table()
+    queries = bank_queries(root, table)
+    key = loss_key(root, table, loss_draws, seed, mask_loss, task)
+    _check_manifest(manifest, content, items_fingerprint(ids), rec, key)
+    manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
+    if commit:
+        _commit(root, f"bank: manifest, design, plan{', benchmark model and queries' if not done else ''}")
+    device = _device(trainer)
+    ran = 0
+    start = time.time()
+    for i, b in todo:
+        if max_retrains is not None and ran >= max_retrains:
+            log.info("bank: stopped after max_retrains = %d", max_retrains)
+            break
+        r = b.retrain
+        name = r.name(context)
+        claim = try_claim(work / "claims", name)
+        if claim is None:
+            log.info("bank: %s is being fitted by another worker: next", name)
+            continue
+        with claim:
+            if (root / "retrains" / f"{name}.json").exists():
+                continue                                 # another worker finished it since this run started
+            ran += _run_one(i, b, name, root, work, first_dir, rec, store, context, trainer, checkpoint_every, task,
+                            queries, seed, loss_draws, mask_loss, device, key)
+        per = _seconds_per_retrain(root)
+        manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
+        left = sum(not (root / "retrains" / f"{x.retrain.name(context)}.json").exists() for x in retrains)
+        log.info("[bank %d/%d] %s (%s); %d retrains left, about %.1f h at %.1f min each (%.0f min in this run)",
+                 len(retrains) - left, len(retrains), name, "; ".join(r.purposes[:2]), left, left * per / 3600,
+                 per / 60, (time.time() - start) / 60)
+        if commit:
+            _commit(root, f"bank: {'; '.join(r.purposes[:2])} ({len(retrains) - left}/{len(retrains)} retrains)")
+    return {"planned": len(retrains), "done": len(list((root / "retrains").glob("*.json"))), "ran": ran}
+
+
+def _benchmark_model_and_queries(root, work, first, first_dir, rec, store, s, context, trainer, checkpoint_every,
+                                 prompts, durations, prompt_attributes, include_planted, training_queries, gen_steps,
+                                 seed, match_columns) -> None:
+    """The benchmark model (the plan's first retrain: the store, seed lds.seed) and the queries it generates, if
+    the bank lacks them."""
     if not (root / BENCHMARK_MODEL).exists():
         t1 = time.time()
         _fit(first_dir, rec, store, first, context, trainer, checkpoint_every)
@@ -639,55 +694,36 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
                      list(prompt_attributes or [{}] * len(prompts or [])), include_planted, training_queries,
                      gen_steps, seed, list(match_columns))
         log.info("bank: queries generated in %.0f s", time.time() - t1)
-    table = Bank(root).queries_table()
-    queries = bank_queries(root, table)
-    key = loss_key(root, table, loss_draws, seed, mask_loss, task)
-    _check_manifest(manifest, content, items_fingerprint(ids), rec, key)
-    manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
-    if commit:
-        _commit(root, f"bank: manifest, design, plan{', benchmark model and queries' if not done else ''}")
-    device = _device(trainer)
-    ran = 0
-    start = time.time()
-    for k, (i, b) in enumerate(todo):
-        if max_retrains is not None and ran >= max_retrains:
-            log.info("bank: stopped after max_retrains = %d", max_retrains)
-            break
-        r = b.retrain
-        name = r.name(context)
-        run_dir = work / "retrains" / name
-        t1 = time.time()
-        if i == 0:
-            model = root / BENCHMARK_MODEL
-            fit_s = _read_timing(first_dir).get("fit_s")
-        else:
-            fitted = not finished(run_dir)
-            _fit(run_dir, rec, store, r, context, trainer, checkpoint_every)
-            model = run_dir / MODEL
-            fit_s = time.time() - t1 if fitted else _read_timing(run_dir).get("fit_s")
-            if fitted:
-                _timing(run_dir, fit_s=fit_s)
-        t2 = time.time()
 
-        losses = _measure_queries(task, model, queries, store, seed, loss_draws, mask_loss, device)
-        record = {"format": FORMAT, "name": name, "key": r.key(context), "roles": b.roles,
-                  "loss_key": key, "losses": losses, "model_fingerprint": _file_fingerprint(model),
-                  "fit_s": fit_s, "measure_s": time.time() - t2, "steps": rec.steps,
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine()}
-        if any(role["kind"] == "top-k" for role in b.roles):
-            record["removed"] = list(r.removed)
-        atomic_write_json(root / "retrains" / f"{name}.json", record)
-        ran += 1
-        per = _seconds_per_retrain(root)
-        manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
-        left = len(todo) - k - 1
-        log.info("[bank %d/%d] %s (%s): fit %s, losses %.0f s; %d retrains left, about %.1f h at %.1f min each "
-                 "(%.0f min in this run)", len(retrains) - left, len(retrains), name, "; ".join(r.purposes[:2]),
-                 f"{fit_s:.0f} s" if fit_s else "-", time.time() - t2, left, left * per / 3600, per / 60,
-                 (time.time() - start) / 60)
-        if commit:
-            _commit(root, f"bank: {'; '.join(r.purposes[:2])} ({len(retrains) - left}/{len(retrains)} retrains)")
-    return {"planned": len(retrains), "done": len(list((root / "retrains").glob("*.json"))), "ran": ran}
+
+def _run_one(i, b, name, root, work, first_dir, rec, store, context, trainer, checkpoint_every, task, queries, seed,
+             loss_draws, mask_loss, device, key) -> int:
+    """Fit retrain ``i`` of the plan (or reuse its finished fit), measure its query losses, write its record."""
+    r = b.retrain
+    run_dir = work / "retrains" / name
+    t1 = time.time()
+    if i == 0:
+        model = root / BENCHMARK_MODEL
+        fit_s = _read_timing(first_dir).get("fit_s")
+    else:
+        fitted = not finished(run_dir)
+        _fit(run_dir, rec, store, r, context, trainer, checkpoint_every)
+        model = run_dir / MODEL
+        fit_s = time.time() - t1 if fitted else _read_timing(run_dir).get("fit_s")
+        if fitted:
+            _timing(run_dir, fit_s=fit_s)
+    t2 = time.time()
+
+    losses = _measure_queries(task, model, queries, store, seed, loss_draws, mask_loss, device)
+    record = {"format": FORMAT, "name": name, "key": r.key(context), "roles": b.roles,
+              "loss_key": key, "losses": losses, "model_fingerprint": _file_fingerprint(model),
+              "fit_s": fit_s, "measure_s": time.time() - t2, "steps": rec.steps,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine()}
+    if any(role["kind"] == "top-k" for role in b.roles):
+        record["removed"] = list(r.removed)
+    atomic_write_json(root / "retrains" / f"{name}.json", record)
+    log.info("bank: %s: fit %s, losses %.0f s", name, f"{fit_s:.0f} s" if fit_s else "-", time.time() - t2)
+    return 1
 
 
 def _extend_design(design: dict, ids: list[str], lds: BankLDS, rk: BankRandomK) -> None:
@@ -704,7 +740,9 @@ def _extend_design(design: dict, ids: list[str], lds: BankLDS, rk: BankRandomK) 
     if fresh["lds"]["kept"][:m] != design["lds"]["kept"][:min(m, lds.subsets)]:
         raise BankError("the bank's LDS subsets differ from this run's draws; fix: keep alpha and subset_seed")
     if lds.subsets > m:
+        batches = lds_batches(design)                   # before growing: what the plan has run so far
         design["lds"]["kept"] = fresh["lds"]["kept"]
+        design["lds"]["batches"] = [*batches, lds.subsets]
     for s, sets in fresh["random_k"]["sets"].items():
         old = design["random_k"]["sets"].get(s, [])
         if sets[:len(old)] != old[:len(sets)]:

@@ -32,6 +32,11 @@ def _ci(samples: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def _half_width(samples: np.ndarray) -> float:
+    lo, hi = _ci(samples)
+    return float(hi - lo) / 2
+
+
 def row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman's correlation of each row pair of a, b [..., K] (average ranks; NaN for a constant row)."""
     ra, rb = rankdata(a, axis=-1), rankdata(b, axis=-1)
@@ -53,21 +58,39 @@ def bootstrap_draws(n_queries: int, n_subsets: int, draws: int, seed: int) -> tu
     return rng.integers(0, n_queries, (draws, n_queries)), rng.integers(0, n_subsets, (draws, n_subsets))
 
 
-def lds_bootstrap(sums: dict[str, np.ndarray], losses: np.ndarray, draws: int = 2000, seed: int = 0) -> dict:
+def _boot_lds(sums: dict[str, np.ndarray], losses: np.ndarray, qi: np.ndarray, ji: np.ndarray) -> np.ndarray:
+    """[methods, draws]: each method's LDS on the resampled queries qi [draws, Q] and subsets ji [draws, M]."""
+    boot = np.empty((len(sums), len(qi)))
+    for b in range(len(qi)):
+        lb = -losses[qi[b]][:, ji[b]]
+        for k, g in enumerate(sums.values()):
+            boot[k, b] = np.nanmean(row_spearman(g[qi[b]][:, ji[b]], lb))
+    return boot
+
+
+def lds_bootstrap(sums: dict[str, np.ndarray], losses: np.ndarray, draws: int = 2000, seed: int = 0,
+                  decompose: int = 0) -> dict:
     """LDS of each method with its interval, and every paired difference with its interval.
 
     sums: method -> g [Q, M]; losses: L_a [Q, M]. Returns {"lds": {m: (est, lo, hi, per_query)},
-    "pairs": {(m1, m2): (diff, lo, hi, share of bootstrap draws > 0)}}."""
+    "pairs": {(m1, m2): (diff, lo, hi, share of bootstrap draws > 0)}}. ``decompose`` > 0: also "widths":
+    {(m1, m2): (half-width with only the queries resampled, with only the subsets resampled)} from that many
+    draws each, which says whether more queries or more subsets narrow an interval (each shrinks about as
+    1/sqrt of its own count; the joint half-width is about the root of their squares' sum)."""
     methods = list(sums)
     q, m = losses.shape
     qi, ji = bootstrap_draws(q, m, draws, seed)
     est = {k: row_spearman(v, -losses) for k, v in sums.items()}
-    boot = np.empty((len(methods), draws))
-    for b in range(draws):
-        lb = -losses[qi[b]][:, ji[b]]
-        for k, name in enumerate(methods):
-            boot[k, b] = np.nanmean(row_spearman(sums[name][qi[b]][:, ji[b]], lb))
+    boot = _boot_lds(sums, losses, qi, ji)
     out = {"lds": {}, "pairs": {}, "draws": draws}
+    if decompose:
+        qd, jd = bootstrap_draws(q, m, decompose, seed + 1)
+        alone = {"queries": _boot_lds(sums, losses, qd, np.broadcast_to(np.arange(m), (decompose, m))),
+                 "subsets": _boot_lds(sums, losses, np.broadcast_to(np.arange(q), (decompose, q)), jd)}
+        out["widths"] = {}
+        for a in range(len(methods)):
+            for c in range(a + 1, len(methods)):
+                out["widths"][methods[a], methods[c]] = tuple(_half_width(v[a] - v[c]) for v in alone.values())
     for k, name in enumerate(methods):
         lo, hi = _ci(boot[k])
         out["lds"][name] = (float(np.nanmean(est[name])), float(lo), float(hi), est[name])

@@ -34,6 +34,7 @@ from musicattr.counterfactual.split import HALVES, read_split
 from musicattr.counterfactual.subsets import top_k
 
 log = logging.getLogger(__name__)
+DECOMPOSE_DRAWS = 500       # bootstrap draws of each part of an interval's width (queries alone, subsets alone)
 
 
 # ---------------------------------------------------------------------------------------------- prepare compare
@@ -245,7 +246,8 @@ def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[s
     else:
         loss = la[:, done]
         sums = {m: st.subset_sums(v, kept[done]) for m, v in scores.items()}
-        boot = st.lds_bootstrap({m: g[headline] for m, g in sums.items()}, loss[headline], draws, seed)
+        boot = st.lds_bootstrap({m: g[headline] for m, g in sums.items()}, loss[headline], draws, seed,
+                                decompose=min(draws, DECOMPOSE_DRAWS))
         null = st.lds_null(kept[done], loss[headline], null_vectors, seed)
         sanity = {m: np.nanmean(st.row_spearman(g[~headline], -loss[~headline])) if (~headline).any() else np.nan
                   for m, g in sums.items()}
@@ -282,9 +284,20 @@ def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[s
                     continue
                 d, lo, hi, _ = pair
                 cells.append(_fmt_star(d, (lo, hi), sign=True))
-                result["pairs"][f"{a} - {c}"] = {"diff": d, "ci": [lo, hi], "half_width": (hi - lo) / 2}
+                wq, wj = boot["widths"][a, c]
+                result["pairs"][f"{a} - {c}"] = {"diff": d, "ci": [lo, hi], "half_width": (hi - lo) / 2,
+                                                 "half_width_queries_alone": wq, "half_width_subsets_alone": wj}
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         lines.append("")
+        first = names[0]
+        widths = [f"{c} {result['pairs'][f'{first} - {c}']['half_width']:.3f} "
+                  f"({result['pairs'][f'{first} - {c}']['half_width_queries_alone']:.3f} / "
+                  f"{result['pairs'][f'{first} - {c}']['half_width_subsets_alone']:.3f})" for c in names[1:]]
+        lines += [f"Where the intervals' widths come from: half-width of {first} minus each method, then (in brackets) "
+                  f"with only the {nq} queries resampled / only the {len(done)} subsets resampled "
+                  f"({min(draws, DECOMPOSE_DRAWS)} draws each): " + "; ".join(widths) + ". Each part shrinks about "
+                  "as one over the square root of its own count (more queries, or more subsets: `make bank` grows "
+                  "the design), and the joint half-width is about the root of their squares' sum.", ""]
         lb = data["lds"].get(second)
         paired = np.flatnonzero(~np.isnan(lb[0])) if lb is not None else np.array([], int)
         paired = np.array([j for j in paired if j in set(done)], int)
@@ -329,6 +342,7 @@ def _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result) -> li
     qpos = {q: n for n, q in enumerate(table["query_id"])}
     hpos = {q: n for n, q in enumerate(np.flatnonzero(headline))}
     result["top_k"] = {}
+    per_pair = {}                                    # method -> {(query, seed): top-K increase}
     for m in scores:
         vals, raw, refs, stale = [], [], [], 0
         for (method, qid, s), (v, removed) in data["top_k"].items():
@@ -343,6 +357,7 @@ def _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result) -> li
             raw.append(up)
             refs.append(rk)
             vals.append(up - rk)
+            per_pair.setdefault(m, {})[hpos[q], seeds.index(s)] = up
         if vals or stale:
             e, l2, h2 = st.increase_bootstrap(np.array(vals)[:, None, None], draws, seed) if vals else (np.nan,) * 3
             ref = float(np.mean(refs)) if refs else np.nan           # random-K over the same (query, seed) pairs
@@ -357,11 +372,35 @@ def _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result) -> li
         lines += ["", "| method | (query, seed) pairs | top-K increase | minus random-K's (same query and seed) [95% CI] "
                   "| ratio to random-K's increase on the same queries and seeds (- where random-K is within noise) | pairs whose banked top-K differs from "
                   "these scores' |", "|---|---|---|---|---|---|", *rows]
+        lines += _paired_top_k(per_pair, inc.shape[:2], draws, seed, result)
     else:
         lines.append("No method's top-K retrain is in the bank yet: a method's leave-K-out needs its top-K retrained "
                      "(chosen by `make bank` from the benchmark's scores, then frozen); random-K above is the "
                      "reference.")
     return lines + [""]
+
+
+def _paired_top_k(per_pair: dict, shape: tuple[int, int], draws: int, seed: int, result: dict) -> list[str]:
+    """Leave-K-out method minus method on the (query, seed) pairs both have in the bank: the difference of their
+    top-K increases (random-K's reference cancels), bootstrapped over queries and seeds."""
+    names = [m for m in per_pair if per_pair[m]]
+    if len(names) < 2:
+        return []
+    rows, result["top_k_pairs"] = [], {}
+    for a in range(len(names)):
+        for c in range(a + 1, len(names)):
+            common = sorted(set(per_pair[names[a]]) & set(per_pair[names[c]]))
+            if not common:
+                continue
+            d = np.full((*shape, 1), np.nan)
+            for qs in common:
+                d[qs] = per_pair[names[a]][qs] - per_pair[names[c]][qs]
+            e, lo, hi = st.increase_bootstrap(d, draws, seed)
+            rows.append(f"| {names[a]} | {names[c]} | {len(common)} | {_fmt_star(e, (lo, hi), sign=True, nd=4)} |")
+            result["top_k_pairs"][f"{names[a]} - {names[c]}"] = {"pairs": len(common), "diff": e, "ci": [lo, hi]}
+    return ["", "Paired leave-K-out (row minus column: the difference of the two methods' top-K increases on the "
+            "(query, seed) pairs both have; interval over queries and seeds; * where it excludes 0):", "",
+            "| method | minus | (query, seed) pairs | difference [95% CI] |", "|---|---|---|---|", *rows]
 
 
 GROUP_SIZE = "group size (reference)"
@@ -414,8 +453,8 @@ def permuted_credits(scores: np.ndarray, member: np.ndarray, permutations: int, 
     return np.stack([rng.permuted(scores, axis=1) @ member.T for _ in range(permutations)])
 
 
-def _fmt_star(value: float, ci, sign: bool = False) -> str:
+def _fmt_star(value: float, ci, sign: bool = False, nd: int = 3) -> str:
     """``value* [lo, hi]``: the star (the 95% interval excludes 0) right after the value, in every table."""
     lo, hi = ci
-    f = "+.3f" if sign else ".3f"
+    f = f"+.{nd}f" if sign else f".{nd}f"
     return f"{value:{f}}" + ("*" if lo > 0 or hi < 0 else "") + f" [{lo:{f}}, {hi:{f}}]"

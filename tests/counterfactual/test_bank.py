@@ -55,6 +55,55 @@ def test_plan_order_and_sharing():
         bank_plan(design(), BankLDS(subsets=6, second_seed=0), groups, rk)
 
 
+def test_grown_design_runs_its_new_subsets_last():
+    """More subsets appended to a bank's design keep the first ones and run after everything planned before."""
+    from musicattr.counterfactual.bank import _extend_design, lds_batches
+
+    lds, groups, rk = BankLDS(subsets=6, second_subsets=3), BankGroups(seeds=[0]), BankRandomK(k=2, sets=2, seeds=[0])
+    d = design(lds, rk)
+    before = bank_plan(d, lds, groups, rk)
+    assert lds_batches(d) == [6]
+    grown = BankLDS(subsets=9, second_subsets=3)
+    _extend_design(d, IDS, grown, rk)
+    assert lds_batches(d) == [6, 9] and kept_matrix(d).shape == (9, 12)
+    assert kept_matrix(d)[:6].tolist() == kept_matrix(design(lds, rk)).tolist()
+    after = bank_plan(d, grown, groups, rk)
+    assert [b.retrain.removed for b in after[:len(before)]] == [b.retrain.removed for b in before]
+    assert [(b.roles[0]["kind"], b.roles[0]["subset"], b.retrain.seed) for b in after[len(before):]] == \
+        [("lds", 6, 0), ("lds", 7, 0), ("lds", 8, 0)]
+    _extend_design(d, IDS, BankLDS(subsets=11, second_subsets=3), rk)
+    assert lds_batches(d) == [6, 9, 11]
+    with pytest.raises(BankError, match="subset_seed"):
+        _extend_design(d, IDS, BankLDS(subsets=12, subset_seed=3), rk)
+
+
+def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
+    import os
+    import socket
+    import time
+
+    from musicattr.counterfactual.claims import try_claim
+
+    host = socket.gethostname()
+    c = try_claim(tmp_path, "r1")
+    assert c is not None and (tmp_path / "r1.claim").exists()
+    assert try_claim(tmp_path, "r1") is not None                 # this process holds it already
+    c.release()
+    assert not (tmp_path / "r1.claim").exists()
+    # a live worker (the parent process) holds r2: refused; a dead one held r3: taken over
+    (tmp_path / "r2.claim").write_text(json.dumps({"host": host, "pid": os.getppid(), "since": time.time()}))
+    assert try_claim(tmp_path, "r2") is None
+    (tmp_path / "r3.claim").write_text(json.dumps({"host": host, "pid": 2 ** 22 + 12345, "since": time.time()}))
+    with try_claim(tmp_path, "r3") as c3:
+        assert json.loads((tmp_path / "r3.claim").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "r3.claim").exists()
+    # another host's claim: held until it is stale
+    (tmp_path / "r4.claim").write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": time.time() - 10}))
+    assert try_claim(tmp_path, "r4") is None
+    assert try_claim(tmp_path, "r4", stale_s=5) is not None
+    assert c3 is not None
+
+
 def test_corpus_groups_composer_or_collection():
     meta = {"a.wav": {"composer": "J.S. Bach"}, "b.wav": {"composer": "traditional", "collection": "Essen, Luxemburg"},
             "c.wav": {"composer": "traditional", "collection": "Essen, Elsass"}, "d.wav": {"composer": "J.S. Bach"}}
@@ -90,6 +139,43 @@ def test_lds_bootstrap_perfect_random_and_paired():
     d, lo, hi, _ = out["pairs"]["noisy", "random"]
     assert lo > 0
     assert st.lds_bootstrap(sums, loss, draws=300, seed=0)["pairs"]["noisy", "random"][1:3] == (lo, hi)
+
+
+def test_interval_width_parts_follow_the_counts():
+    """Half-widths with only the queries or only the subsets resampled: each narrows with its own count, and
+    the joint width is about the root of the sum of their squares."""
+    def parts(q, m):
+        kept, tau, loss, rng = synthetic(q=q, m=m, noise=3.0, seed=1)
+        quality = rng.uniform(0, 3, (q, 1))                    # methods that differ by query
+        sums = {"a": st.subset_sums(tau + quality * rng.standard_normal(tau.shape), kept),
+                "b": st.subset_sums(tau + 2 * rng.standard_normal(tau.shape), kept)}
+        out = st.lds_bootstrap(sums, loss, draws=300, seed=0, decompose=300)
+        _, lo, hi, _ = out["pairs"]["a", "b"]
+        return (hi - lo) / 2, out["widths"]["a", "b"]
+
+    base, (wq, wj) = parts(20, 20)
+    more_subsets, (wq_m, wj_m) = parts(20, 80)
+    more_queries, (wq_q, wj_q) = parts(80, 20)
+    assert wj_m < wj / 1.5 and wq_q < wq / 1.5                    # each part narrows with its own count
+    assert wq_m > wq / 1.5
+    few, (wq_f, wj_f) = parts(6, 400)
+    assert wq_f > 2 * wj_f > 0
+    for joint, w in [(base, (wq, wj)), (more_subsets, (wq_m, wj_m)), (more_queries, (wq_q, wj_q)), (few, (wq_f, wj_f))]:
+        assert 0.7 < joint / np.hypot(*w) < 1.4
+
+
+def test_paired_leave_k_out_on_the_shared_pairs():
+    from musicattr.counterfactual.benchmark import _paired_top_k
+
+    per_pair = {"a": {(0, 0): 0.05, (1, 0): 0.04, (1, 1): 0.06, (2, 1): 0.02},
+                "b": {(0, 0): 0.03, (1, 0): 0.02, (1, 1): 0.04}, "c": {}}
+    result = {}
+    lines = _paired_top_k(per_pair, (3, 2), draws=200, seed=0, result=result)
+    assert list(result["top_k_pairs"]) == ["a - b"]                  # c has no top-K retrain: no row
+    r = result["top_k_pairs"]["a - b"]
+    assert r["pairs"] == 3 and r["diff"] == pytest.approx(0.02) and r["ci"] == pytest.approx([0.02, 0.02])
+    assert any(line.startswith("| a | b | 3 | +0.0200* [+0.0200, +0.0200]") for line in lines)
+    assert _paired_top_k({"a": per_pair["a"]}, (3, 2), 200, 0, {}) == []
 
 
 def test_null_is_centred_and_ranks_a_real_method():
@@ -163,9 +249,28 @@ def test_bank_end_to_end(tmp_path):
     assert list(table["kind"]) == ["generated", "planted", "training"]
     assert (bank_dir / "model.ckpt").exists() and (bank_dir / "queries" / "q000.flac").exists()
     names = {r["name"] for r in bank.records()}
+    # another live worker holds one retrain: this run skips it (claims in <work>/claims)
+    import os
+
+    plan = pd.read_csv(bank_dir / "plan.csv")
+    held = plan["name"][5]
+    (work / "claims").mkdir(exist_ok=True)
+    (work / "claims" / f"{held}.claim").write_text(json.dumps({"host": __import__("socket").gethostname(),
+                                                                "pid": os.getppid(), "since": __import__("time").time()}))
     second = run_bank(**{**kw, "checkpoint": None})        # continues from the bank: the recipe is in the manifest
-    assert second["ran"] == second["planned"] - 4
+    assert second["ran"] == second["planned"] - 4 - 1
     assert names <= {r["name"] for r in Bank(bank_dir).records()}
+    assert held not in {r["name"] for r in Bank(bank_dir).records()}
+    (work / "claims" / f"{held}.claim").unlink()
+    # the design grows by two subsets: they run after everything planned before; the held retrain runs now
+    kw["lds"] = BankLDS(subsets=7, second_subsets=3)
+    grown_run = run_bank(**{**kw, "checkpoint": None})
+    assert grown_run["ran"] == 3 and grown_run["done"] == grown_run["planned"] == second["planned"] + 2
+    grown = pd.read_csv(bank_dir / "plan.csv")
+    assert list(grown["roles"][-2:]) == ["lds subset 5 seed 0", "lds subset 6 seed 0"]
+    assert list(grown["name"][:len(plan)]) == list(plan["name"])
+    assert json.loads((bank_dir / "design.json").read_text())["lds"]["batches"] == [5, 7]
+    assert not list((work / "claims").glob("*.claim"))      # every claim released
     with pytest.raises(BankError, match="steps"):
         run_bank(**{**kw, "steps": 4})
     # compare on the bank's queries (its latents reused, not regenerated), then the benchmark
@@ -194,11 +299,14 @@ def test_bank_end_to_end(tmp_path):
     frozen = json.loads((bank_dir / "design.json").read_text())["top_k"]["sets"]
     assert [(e["method"], e["query_id"], len(e["removed"])) for e in frozen] == [("unlearning", "q001", 2),
                                                                                 ("average[aisfx]", "q001", 2)]
-    assert 1 <= third["ran"] <= 2 and third["planned"] == second["planned"] + third["ran"]
+    assert 1 <= third["ran"] <= 2 and third["planned"] == grown_run["planned"] + third["ran"]
     result = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out"), bootstrap=100,
                            null_vectors=100)
     assert result["retrains"] == third["planned"]
-    assert {"lds", "pairs", "null", "ceiling", "random_k", "groups", "top_k"} <= set(result)
+    assert {"lds", "pairs", "null", "ceiling", "random_k", "groups", "top_k", "top_k_pairs"} <= set(result)
+    pair = result["pairs"]["unlearning - random"]
+    assert pair["half_width"] > 0 and pair["half_width_queries_alone"] > 0 and pair["half_width_subsets_alone"] > 0
+    assert result["top_k_pairs"]["unlearning - average[aisfx]"]["pairs"] == 1
     assert result["top_k"]["unlearning"]["pairs"] == 1 and result["top_k"]["unlearning"]["other_top_k"] == 0
     tk = result["top_k"]["unlearning"]   # the ratio is to random-K's increase on the same (query, seed) pairs
     assert tk["excess_over_random"] == pytest.approx(tk["increase"] - tk["random_k_same_pairs"])
@@ -212,7 +320,7 @@ def test_bank_end_to_end(tmp_path):
     qids = [q for q, k in zip(table["query_id"], table["kind"]) if k != "training"]
     scores = np.stack([pd.read_parquet(compare / "queries" / q / "unlearning" / "scores.parquet")
                        .set_index("item_id").loc[bank.item_ids, "score"].to_numpy() for q in qids])
-    loss = np.array([[recs[j, 0]["losses"][q] for j in range(5)] for q in qids])
+    loss = np.array([[recs[j, 0]["losses"][q] for j in range(kept.shape[0])] for q in qids])
     expect = np.nanmean(st.row_spearman(st.subset_sums(scores, kept), -loss))
     assert result["lds"]["unlearning"]["lds"] == pytest.approx(expect)
     assert (tmp_path / "out" / "benchmark.md").read_text().startswith("Counterfactual benchmark")
