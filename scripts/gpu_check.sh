@@ -11,7 +11,8 @@
 #   2. fit of the demo DiT for --fit-steps steps (default 200) at 32-true and at bf16-mixed (the fit-like timing)
 #   3. fisher (configs/demo, vectorize auto) at 32-true and at bf16-mixed: which per-sample path auto took on the
 #      GPU, and whether torch's vmap works under CUDA bf16 autocast (it does not on the CPU: pytorch#184890)
-#   4. unlearn a training item (index 0) at 32-true and at bf16-mixed
+#   4. unlearn a training item (index 0) at 32-true and at bf16-mixed (the diagonal Fisher); then the EK-FAC
+#      factors (`musicattr ekfac --device cuda`: kronfluence on the GPU) and AbU+'s unlearning step with them
 #   5. attribute (configs/demo: Eq. 1 over the whole store, relative score) at 32-true and at bf16-mixed, baseline
 #      cache off; the attribute's item-timesteps/s and MFU
 #   6. the paper-size DiT (configs/paper/fit.yaml: 1.04 B parameters, 2584 frames): forward and forward + backward
@@ -106,6 +107,11 @@ plan() {
 --checkpoint $CKPT --fisher $FISHER --store $STORE --query null --query_item index:0 \
 --out $OUT/unlearned-$p.safetensors --device $DEVICE --precision $prec --ekfac null"
     done
+    printf '%s\t%s\n' ekfac "$MA ekfac --config $CFG/ekfac.yaml --run_root $OUT --checkpoint $CKPT --store $STORE \
+--out $OUT/ekfac --device $DEVICE"
+    printf '%s\t%s\n' unlearn-abu "$MA unlearn --config $CFG/unlearn.yaml --run_root $OUT \
+--checkpoint $CKPT --fisher $FISHER --store $STORE --query null --query_item index:0 \
+--out $OUT/unlearned-abu.safetensors --device $DEVICE --precision 32-true --ekfac $OUT/ekfac"
     for p in 32 bf16; do
         prec=$([ $p = 32 ] && echo 32-true || echo bf16-mixed)
         printf '%s\t%s\n' "attribute-$p" "$MA attribute --config $CFG/attribute.yaml --run_root $OUT \

@@ -183,7 +183,7 @@ def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, 
         # kronfluence hooks the layers' forward and backward: the task's gradient checkpointing (a second forward
         # inside the backward) is not passed to it
         "ekfac": [*ma, "ekfac", "--config", str(cfg / "ekfac.yaml"), *rr, "--fit_draws", str(a.draws),
-                  "--batch_size", "1"],
+                  "--batch_size", "1", "--device", "cpu"],
         "attribute": [*ma, "attribute", "--config", str(cfg / "attribute.yaml"), *rr, *cpu, *data,
                       "--model.num_draws", str(a.draws), "--model.draws_per_forward", "1", "--model.overwrite", "true",
                       *lt],

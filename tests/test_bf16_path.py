@@ -303,6 +303,7 @@ def test_gpu_check_script_parses_and_dry_runs():
     for needed in ("musicattr.cli attribute --config configs/demo/attribute.yaml",
                    "--trainer.accelerator gpu --trainer.devices 1", "--trainer.precision bf16-mixed",
                    "musicattr.cli fisher", "musicattr.cli unlearn", "--precision bf16-mixed", "--device cuda",
+                   "musicattr.cli ekfac --config configs/demo/ekfac.yaml", "--ekfac runs/gpu-check/ekfac",
                    "throughput bench --config configs/paper/fit.yaml --device cuda", "throughput stage",
                    "throughput peak"):
         assert needed in out, needed
@@ -335,6 +336,9 @@ def tiny_configs(d: Path) -> Path:
         c["model"].update(edits[name])
         c["data"]["batch_size"] = 3
         (cfg / f"{name}.yaml").write_text(yaml.safe_dump(c))
+    e = yaml.safe_load((ROOT / "configs/demo/ekfac.yaml").read_text())
+    e.update(fit_draws=2, batch_size=3)
+    (cfg / "ekfac.yaml").write_text(yaml.safe_dump(e))
     u = yaml.safe_load((ROOT / "configs/demo/unlearn.yaml").read_text())
     u.update(num_draws=4, lr=1e-3)
     (cfg / "unlearn.yaml").write_text(yaml.safe_dump(u))
@@ -359,7 +363,7 @@ def test_gpu_check_plan_runs_end_to_end_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     timings = [line.split("\t") for line in (out / "timings.tsv").read_text().splitlines()]
     assert [t[0] for t in timings] == ["gpu", "fit-32", "fit-bf16", "fisher-32", "fisher-bf16", "unlearn-32",
-                                       "unlearn-bf16", "attribute-32", "attribute-bf16", "bench-paper", "bench-demo"]
+                                       "unlearn-bf16", "ekfac", "unlearn-abu", "attribute-32", "attribute-bf16", "bench-paper", "bench-demo"]
     assert all(t[2] == "0" for t in timings)
     checks = (out / "logs" / "checks.log").read_text()
     assert "bf16-mixed scores equal the 32-true ones" in checks

@@ -145,7 +145,7 @@ def bank_losses(bank: Bank, qids: list[str]) -> dict:
 def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods: list[str | dict] | None = None,
                   prepare: bool = False, fisher: str | None = None, index: str | None = None,
                   bootstrap: int = 2000, null_vectors: int = 200, k: int | None = None, seed: int = 0,
-                  half: str = "all") -> dict:
+                  half: str = "all", subsets: int | None = None) -> dict:
     """Check every method's scores against the bank (see the module docstring).
 
     Args:
@@ -164,6 +164,8 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
         half: ``all`` the bank's queries, or one half of ``musicattr.counterfactual.split``: ``tuning`` (where
             methods may be chosen) or ``report`` (held back for the final numbers); written as
             benchmark-<half>.md / .json.
+        subsets: use only the design's first ``subsets`` LDS subsets (None: every finished one); a table stays
+            reproducible while the bank grows.
     """
     bank = Bank(bank_dir)
     compare_dir = Path(compare)
@@ -186,6 +188,12 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
     scores = method_scores(parse_methods(methods) if methods else default_methods(), compare_dir, qids, bank.item_ids,
                            seed, random_per_query=True, fix="run `make benchmark` (compare on the bank's queries)")
     data = bank_losses(bank, qids)
+    if subsets is not None:
+        m = len(bank.design["lds"]["kept"])
+        if not 0 < subsets <= m:
+            raise ValueError(f"subsets = {subsets}; fix: 1 to {m} (the bank's design has {m} LDS subsets)")
+        for v in data["lds"].values():
+            v[:, subsets:] = np.nan                     # as if not finished: the LDS uses the first ``subsets``
     result, text = summarize(bank, table, kinds, scores, data, bootstrap, null_vectors, k, seed)
     if half != "all":
         text = f"Queries: the {half} half of the bank's ({len(qids)} of them; queries/split.csv).\n\n" + text

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def run_ekfac(checkpoint: str, store: str, out: str, task: Any = None, target: str = "all", seed: int = 0,
               fit_draws: int = 8, batch_size: int = 16, fisher_kind: str = "empirical",
-              threads: int | None = None) -> dict:
+              threads: int | None = None, device: str = "cpu") -> dict:
     """Fit EK-FAC factors of ``checkpoint`` over ``store`` and write them to ``out``.
 
     Args:
@@ -40,14 +40,16 @@ def run_ekfac(checkpoint: str, store: str, out: str, task: Any = None, target: s
         fit_draws: (item, draw) examples per item; batch_size: items per batch.
         fisher_kind: 'empirical' (the diagonal Fisher's kind, so Eq. 2's damping rule means the same) or 'sampled'.
         threads: torch threads (default: leave as set, e.g. by OMP_NUM_THREADS).
+        device: where kronfluence fits ('cpu' or 'cuda'); the factors are written the same way from either.
     """
     from musicattr.attribution.ekfac import FACTOR_FILES, MAPPING_FILE
     from musicattr.attribution.task import load_theta, resolve_task
     from musicattr.data.latent_store import LatentStore
     from musicattr.fingerprint import file_fingerprint
     from musicattr.peers.common import linear_layers, store_batches
-    from musicattr.peers.kronfluence_peer import fit_factors, make_analyzer
+    from musicattr.peers.kronfluence_peer import analyzer_on_cpu, fit_factors, make_analyzer
 
+    analyzer_on_cpu(device)                                   # an unusable device fails before any work
     if threads:
         torch.set_num_threads(threads)
     if not Path(checkpoint).exists():
@@ -64,7 +66,8 @@ def run_ekfac(checkpoint: str, store: str, out: str, task: Any = None, target: s
     layers = linear_layers(task, model, target)
     mapping = out_dir / MAPPING_FILE
     t0 = time.time()
-    analyzer, _ = make_analyzer(task, model, list(layers), out_dir / "kronfluence", seed=seed, fit_seed=seed)
+    analyzer, _ = make_analyzer(task, model, list(layers), out_dir / "kronfluence", device=device, seed=seed,
+                                fit_seed=seed)
     name, folder, seconds = fit_factors(analyzer, store_batches(s), layers, fit_draws, batch_size, fisher_kind,
                                         provenance)
     fitted = json.loads((folder / MAPPING_FILE).read_text())

@@ -118,14 +118,25 @@ def _kronfluence_task_class():
     return DiffusionInfluenceTask
 
 
-def make_analyzer(task, model, modules: Sequence[str], work_dir: str | Path, **task_kw):
-    """(kronfluence Analyzer over ``model`` prepared in place, the adapter task)."""
+def analyzer_on_cpu(device: str) -> bool:
+    """kronfluence's ``cpu`` flag for ``device`` ('cpu' or 'cuda'; kronfluence moves the model and batches)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device = {device!r}; fix: 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but torch sees no GPU here; fix: --device cpu (or run on a GPU machine)")
+    return device == "cpu"
+
+
+def make_analyzer(task, model, modules: Sequence[str], work_dir: str | Path, device: str = "cpu", **task_kw):
+    """(kronfluence Analyzer over ``model`` prepared in place, the adapter task); ``device``: where kronfluence
+    fits and scores ('cpu' or 'cuda')."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.utils.dataset import DataLoaderKwargs
 
+    cpu = analyzer_on_cpu(device)
     ktask = _kronfluence_task_class()(task, modules, **task_kw)
     model = prepare_model(model, ktask)
-    analyzer = Analyzer(analysis_name="ekfac", model=model, task=ktask, cpu=True, disable_tqdm=True,
+    analyzer = Analyzer(analysis_name="ekfac", model=model, task=ktask, cpu=cpu, disable_tqdm=True,
                         output_dir=str(work_dir), disable_model_save=True)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=concat_batches, num_workers=0))
     logging.getLogger("kronfluence").setLevel(logging.WARNING)

@@ -323,6 +323,12 @@ def test_bank_end_to_end(tmp_path):
     loss = np.array([[recs[j, 0]["losses"][q] for j in range(kept.shape[0])] for q in qids])
     expect = np.nanmean(st.row_spearman(st.subset_sums(scores, kept), -loss))
     assert result["lds"]["unlearning"]["lds"] == pytest.approx(expect)
+    first5 = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out5"), bootstrap=100,
+                           null_vectors=100, subsets=5)                # the table as it was before the bank grew
+    assert first5["lds"]["unlearning"]["lds"] == pytest.approx(
+        np.nanmean(st.row_spearman(st.subset_sums(scores, kept[:5]), -loss[:, :5])))
+    with pytest.raises(ValueError, match="subsets = 9; fix: 1 to 7"):
+        run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out5"), subsets=9)
     assert (tmp_path / "out" / "benchmark.md").read_text().startswith("Counterfactual benchmark")
     # the held-back half (one query of each kind: floor(1/2) = 0 go to tuning, so all three are held back)
     held = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out"), bootstrap=100,

@@ -111,3 +111,20 @@ def test_abu_plus_relative_score_is_in_the_ekfac_metric(run):
         diag = pd.read_parquet("attr_diag/scores.parquet").sort_values("index")
     assert len(list((d / "store" / "sensitivity").glob("*.parquet"))) == 2
     assert not np.allclose(diag["sensitivity"], df["sensitivity"], rtol=1e-2)
+
+
+def test_factor_device_is_checked_before_any_work():
+    import torch
+
+    from musicattr.peers.kronfluence_peer import analyzer_on_cpu
+
+    assert analyzer_on_cpu("cpu") is True
+    with pytest.raises(ValueError, match="fix: 'cpu' or 'cuda'"):
+        analyzer_on_cpu("tpu")
+    if torch.cuda.is_available():
+        assert analyzer_on_cpu("cuda") is False
+    else:
+        with pytest.raises(RuntimeError, match="fix: --device cpu"):
+            analyzer_on_cpu("cuda")
+    with pytest.raises(ValueError, match="device"):
+        run_ekfac("missing.ckpt", "store", "out", device="tpu")
