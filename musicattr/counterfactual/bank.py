@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
-from musicattr.counterfactual.claims import try_claim, wait_claim
+from musicattr.counterfactual.claims import live_claims, try_claim, wait_claim
 from musicattr.counterfactual.queries import Query
 from musicattr.counterfactual.recipe import Recipe, recipe_from_checkpoint
 from musicattr.counterfactual.retrain import MODEL, StepProgress, finished, fit_retrain
@@ -668,9 +668,10 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
         per = _seconds_per_retrain(root)
         manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
         left = sum(not (root / "retrains" / f"{x.retrain.name(context)}.json").exists() for x in retrains)
-        log.info("[bank %d/%d] %s (%s); %d retrains left, about %.1f h at %.1f min each (%.0f min in this run)",
-                 len(retrains) - left, len(retrains), name, "; ".join(r.purposes[:2]), left, left * per / 3600,
-                 per / 60, (time.time() - start) / 60)
+        workers = max(1, live_claims(work / "claims") + 1)      # the others fitting now, and this one
+        log.info("[bank %d/%d] %s (%s); %d retrains left, about %.1f h at %.1f min each with %d worker(s) "
+                 "(%.0f min in this run)", len(retrains) - left, len(retrains), name, "; ".join(r.purposes[:2]), left,
+                 left * per / 3600 / workers, per / 60, workers, (time.time() - start) / 60)
         if commit:
             _commit(root, f"bank: {'; '.join(r.purposes[:2])} ({len(retrains) - left}/{len(retrains)} retrains)")
     return {"planned": len(retrains), "done": len(list((root / "retrains").glob("*.json"))), "ran": ran}

@@ -92,3 +92,17 @@ def wait_claim(claims_dir: str | os.PathLike, name: str, poll_s: float = 10.0) -
             log.info("bank: another worker holds %s: waiting for it", name)
             waited = True
         time.sleep(poll_s)
+
+
+def live_claims(claims_dir: str | os.PathLike, stale_s: float = 6 * 3600) -> int:
+    """How many claims in ``claims_dir`` are held by a live worker (the workers fitting right now)."""
+    host, n = socket.gethostname(), 0
+    for p in Path(claims_dir).glob("*.claim"):
+        h = _holder(p)
+        if h is None:
+            continue
+        if h.get("host") == host and h.get("pid", -1) > 0:
+            n += _alive(int(h["pid"]))
+        else:
+            n += time.time() - float(h.get("since", 0)) < stale_s
+    return n

@@ -102,6 +102,11 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert try_claim(tmp_path, "r4") is None
     assert try_claim(tmp_path, "r4", stale_s=5) is not None
     assert c3 is not None
+    from musicattr.counterfactual.claims import live_claims
+
+    # held now: r2 (the parent, alive) and r4 (this process); a dead worker's claim does not count
+    (tmp_path / "r5.claim").write_text(json.dumps({"host": host, "pid": 2 ** 22 + 12346, "since": time.time()}))
+    assert live_claims(tmp_path) == 2
 
 
 def test_corpus_groups_composer_or_collection():
