@@ -313,6 +313,7 @@ def test_bank_end_to_end(tmp_path):
     assert pair["half_width"] > 0 and pair["half_width_queries_alone"] > 0 and pair["half_width_subsets_alone"] > 0
     assert result["top_k_pairs"]["unlearning - average[aisfx]"]["pairs"] == 1
     assert result["top_k"]["unlearning"]["pairs"] == 1 and result["top_k"]["unlearning"]["other_top_k"] == 0
+    assert result["random_k"]["by_seed"] == {}                   # one seed: no split by seed
     tk = result["top_k"]["unlearning"]   # the ratio is to random-K's increase on the same (query, seed) pairs
     assert tk["excess_over_random"] == pytest.approx(tk["increase"] - tk["random_k_same_pairs"])
     if tk["ratio"] is not None:
