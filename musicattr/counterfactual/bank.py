@@ -39,7 +39,7 @@ import platform
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -347,6 +347,53 @@ def choose_top_k(design: dict, table: pd.DataFrame, top: BankTopK, k: int) -> di
             "sets": sets}
 
 
+def _choose_or_grow_top_k(root: Path, design: dict, top: BankTopK, k: int) -> None:
+    """Choose the methods' top-K sets once and freeze them in design.json; a method added to ``top.methods``
+    later gets its sets chosen then and appended (the frozen ones never change; ``top_k.added`` says when)."""
+    table = Bank.queries_table_at(root)
+    if "top_k" not in design:
+        chosen = choose_top_k(design, table, top, k)
+        if chosen is not None:
+            design["top_k"] = chosen
+            atomic_write_json(root / DESIGN, design)
+            log.info("bank: %d top-K sets chosen from %s and frozen in %s", len(chosen["sets"]), top.scores,
+                     root / DESIGN)
+        return
+    have = {e["method"] for e in design["top_k"]["sets"]}
+    new = [m for m in top.methods if m["name"] not in have]
+    if not new:
+        return
+    if int(design["top_k"]["k"]) != k:
+        raise BankError(f"{root / DESIGN}: its top-K sets have K = {design['top_k']['k']}, random_k.k is {k}; fix: "
+                        "keep K (the sets are frozen)")
+    chosen = choose_top_k(design, table, replace(top, methods=new), k)
+    if chosen is None:
+        return
+    design["top_k"]["sets"] += chosen["sets"]
+    design["top_k"].setdefault("added", []).append({"methods": [m["name"] for m in new], "source": chosen["source"],
+                                                    "chosen": chosen["chosen"]})
+    atomic_write_json(root / DESIGN, design)
+    log.info("bank: %d top-K sets of %s added to %s (the frozen ones unchanged)", len(chosen["sets"]),
+             [m["name"] for m in new], root / DESIGN)
+
+
+def _sync_roles(root: Path, retrains: list, context: dict) -> None:
+    """A finished retrain that the grown plan gives another role (a new method's top-K set that equals a set
+    already retrained under the same seed) gets that role added to its record: its losses serve both."""
+    for b in retrains:
+        path = root / "retrains" / f"{b.retrain.name(context)}.json"
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        missing = [r for r in b.roles if r not in rec["roles"]]
+        if missing:
+            rec["roles"] = rec["roles"] + missing
+            if any(r["kind"] == "top-k" for r in missing):
+                rec["removed"] = list(b.retrain.removed)
+            atomic_write_json(path, rec)
+            log.info("bank: %s also serves %s", path.name, missing)
+
+
 # ---------------------------------------------------------------------------------------------- the bank folder
 class Bank:
     """Read side of a bank folder (also what ``musicattr benchmark`` reads)."""
@@ -601,15 +648,11 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
         design = make_design(ids, corpus_groups(ids, list(s.items["file_name"]), _store_metadata(s), groups),
                              lds, random_k)
     atomic_write_json(root / DESIGN, design)
-    if "top_k" not in design and (root / "queries" / "queries.csv").exists():
-        chosen = choose_top_k(design, Bank.queries_table_at(root), top_k, random_k.k)
-        if chosen is not None:
-            design["top_k"] = chosen
-            atomic_write_json(root / DESIGN, design)
-            log.info("bank: %d top-K sets chosen from %s and frozen in %s", len(chosen["sets"]), top_k.scores,
-                     root / DESIGN)
+    if (root / "queries" / "queries.csv").exists():
+        _choose_or_grow_top_k(root, design, top_k, random_k.k)
     retrains = bank_plan(design, lds, groups, random_k, top_k)
     context = {"store": content, "recipe": rec.fingerprint()}
+    _sync_roles(root, retrains, context)
     rows = [{"index": i, "name": b.retrain.name(context), "kind": b.roles[0]["kind"], "seed": b.retrain.seed,
              "removed": len(b.retrain.removed), "roles": "; ".join(b.retrain.purposes)} for i, b in enumerate(retrains)]
     atomic_write_text(root / PLAN, pd.DataFrame(rows).to_csv(index=False))

@@ -305,6 +305,25 @@ def test_bank_end_to_end(tmp_path):
     assert [(e["method"], e["query_id"], len(e["removed"])) for e in frozen] == [("unlearning", "q001", 2),
                                                                                 ("average[aisfx]", "q001", 2)]
     assert 1 <= third["ran"] <= 2 and third["planned"] == grown_run["planned"] + third["ran"]
+    # a method added later: its sets are chosen then and appended; one equal to a retrained set shares its record
+    grown_top = BankTopK(scores=top.scores, methods=[*top.methods, {"name": "unlearning-relative", "column":
+                         "relative_score", "table": "queries/{query_id}/unlearning/scores.parquet"},
+                         {"name": "eq1-again", "table": "queries/{query_id}/unlearning/scores.parquet"}],
+                         queries=top.queries, seeds=[0])
+    fourth = run_bank(**{**kw, "checkpoint": None, "top_k": grown_top})
+    design = json.loads((bank_dir / "design.json").read_text())
+    assert [(e["method"], e["query_id"]) for e in design["top_k"]["sets"]][:2] == [(e["method"], e["query_id"])
+                                                                                  for e in frozen]
+    assert design["top_k"]["sets"][2]["method"] == "unlearning-relative"
+    assert design["top_k"]["added"][0]["methods"] == ["unlearning-relative", "eq1-again"]
+    assert design["top_k"]["sets"][3]["removed"] == frozen[0]["removed"]       # eq1-again: Eq. 1's own set
+    shared = tuple(design["top_k"]["sets"][2]["removed"]) in {tuple(e["removed"]) for e in frozen}
+    assert fourth["ran"] == (0 if shared else 1) and fourth["done"] == fourth["planned"]
+    roles = {rec["name"]: [r["method"] for r in rec["roles"] if r["kind"] == "top-k"] for rec in Bank(bank_dir).records()}
+    assert {m for ms in roles.values() for m in ms} == {"unlearning", "average[aisfx]", "unlearning-relative",
+                                                        "eq1-again"}
+    assert any({"unlearning", "eq1-again"} <= set(ms) for ms in roles.values())   # one record serves both
+    third = fourth
     result = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out"), bootstrap=100,
                            null_vectors=100)
     assert result["retrains"] == third["planned"]
