@@ -142,15 +142,17 @@ def bank_losses(bank: Bank, qids: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods: list[str | dict] | None = None,
+def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, methods: list[str | dict] | None = None,
                   prepare: bool = False, fisher: str | None = None, index: str | None = None,
                   bootstrap: int = 2000, null_vectors: int = 200, k: int | None = None, seed: int = 0,
-                  half: str = "all", subsets: int | None = None) -> dict:
+                  half: str = "all", subsets: int | None = None, scores: str | None = None,
+                  export_scores: bool = False) -> dict:
     """Check every method's scores against the bank (see the module docstring).
 
     Args:
         bank_dir: the bank (assets/bank/demo).
-        store: the latent store the bank was made on.
+        store: the latent store the bank was made on (checked to hold the bank's items; None: not checked, only
+            with ``scores``).
         compare: the out_dir of ``musicattr compare`` on the benchmark model and the bank's queries.
         out_dir: where benchmark.md and benchmark.json go.
         methods: registered method names, or {name, table, column, optional} (tables relative to ``compare``);
@@ -166,6 +168,11 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
             benchmark-<half>.md / .json.
         subsets: use only the design's first ``subsets`` LDS subsets (None: every finished one); a table stays
             reproducible while the bank grows.
+        scores: read every method's scores from this shipped folder (``<bank>/scores``, see
+            ``musicattr.counterfactual.shipped_scores``) instead of a compare run: the check in minutes on a fresh
+            clone; a method without shipped scores is left out.
+        export_scores: after checking the compare run, write its methods' scores to ``<bank>/scores`` (with
+            ``half: all``).
     """
     bank = Bank(bank_dir)
     compare_dir = Path(compare)
@@ -175,8 +182,16 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
         return {"compare_args": str(prepare_compare(bank, store, str(compare_dir), fisher, index))}
     if null_vectors < 100:
         raise ValueError(f"null_vectors = {null_vectors}; fix: at least 100 random score vectors per query")
-    _check_store(bank, store)
-    check_compare(bank, compare_dir)
+    if store is not None:
+        _check_store(bank, store)
+    elif scores is None:
+        raise ValueError("store = null needs shipped scores (--scores <bank>/scores); fix: give the store the bank "
+                         "was made on, or the shipped scores")
+    if scores is None:
+        check_compare(bank, compare_dir)
+    if export_scores and (scores is not None or half != "all"):
+        raise ValueError("export_scores writes every query's scores from a compare run; fix: use it with half: all "
+                         "and without scores")
     table = bank.queries_table()
     if half != "all":
         if half not in HALVES:
@@ -185,8 +200,24 @@ def run_benchmark(bank_dir: str, store: str, compare: str, out_dir: str, methods
         table = table.reset_index(drop=True)
     qids = list(table["query_id"])
     kinds = np.array(table["kind"])
-    scores = method_scores(parse_methods(methods) if methods else default_methods(), compare_dir, qids, bank.item_ids,
-                           seed, random_per_query=True, fix="run `make benchmark` (compare on the bank's queries)")
+    specs = parse_methods(methods) if methods else default_methods()
+    if scores is not None:
+        from musicattr.counterfactual.shipped_scores import read_shipped
+
+        shipped = read_shipped(bank, scores, [m.name for m in specs if m.table is not None], qids)
+        chance = method_scores([m for m in specs if m.table is None], compare_dir, qids, bank.item_ids, seed,
+                               random_per_query=True)
+        method_table = {m.name: shipped.get(m.name, chance.get(m.name)) for m in specs}
+        method_table = {k: v for k, v in method_table.items() if v is not None}
+    else:
+        method_table = method_scores(specs, compare_dir, qids, bank.item_ids, seed, random_per_query=True,
+                                     fix="run `make benchmark` (compare on the bank's queries)")
+        if export_scores:
+            from musicattr.counterfactual.shipped_scores import export_scores as export
+
+            export(bank, {m.name: method_table[m.name] for m in specs if m.table is not None and m.name in method_table},
+                   qids, str(compare_dir))
+    scores = method_table
     data = bank_losses(bank, qids)
     if subsets is not None:
         m = len(bank.design["lds"]["kept"])

@@ -348,6 +348,22 @@ def test_bank_end_to_end(tmp_path):
     loss = np.array([[recs[j, 0]["losses"][q] for j in range(kept.shape[0])] for q in qids])
     expect = np.nanmean(st.row_spearman(st.subset_sums(scores, kept), -loss))
     assert result["lds"]["unlearning"]["lds"] == pytest.approx(expect)
+    # the scores shipped beside the bank: the same table without the compare run (a fresh clone's check)
+    run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "outx"), bootstrap=100, null_vectors=100,
+                  export_scores=True)
+    shipped = run_benchmark(str(bank_dir), None, str(tmp_path / "nowhere"), str(tmp_path / "outs"),
+                            bootstrap=100, null_vectors=100, scores=str(bank_dir / "scores"))   # no store, no compare
+    with pytest.raises(ValueError, match="store = null needs shipped scores"):
+        run_benchmark(str(bank_dir), None, str(compare), str(tmp_path / "outs"))
+    assert shipped["methods"] == result["methods"]
+    assert {m: v["lds"] for m, v in shipped["lds"].items()} == {m: v["lds"] for m, v in result["lds"].items()}
+    manifest = json.loads((bank_dir / "scores" / "manifest.json").read_text())
+    manifest["queries"]["q000"] = "0" * 16
+    (bank_dir / "scores" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BankError, match="q000.*fix: export them again"):
+        run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "outs"), scores=str(bank_dir / "scores"))
+    with pytest.raises(ValueError, match="export_scores.*half: all"):
+        run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "outs"), half="report", export_scores=True)
     first5 = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out5"), bootstrap=100,
                            null_vectors=100, subsets=5)                # the table as it was before the bank grew
     assert first5["lds"]["unlearning"]["lds"] == pytest.approx(

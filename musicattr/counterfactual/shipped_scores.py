@@ -1,0 +1,84 @@
+"""Every method's scores for the bank's queries, shipped beside the bank, so that ``musicattr benchmark`` checks
+them against it in minutes on a fresh clone (no Fisher, index, compare run or peers to compute first).
+
+    <bank>/scores/<method>.parquet   tau_m(q, i): one row per training item (``item_id``), one column per query id
+    <bank>/scores/manifest.json      the benchmark model's and the queries' fingerprints the scores were made on,
+                                     the compare run they came from, when, and each method's file
+
+Written by ``musicattr benchmark --export_scores true`` from a checked compare run; read with ``--scores
+<bank>/scores``, which refuses files made on another benchmark model or other query latents.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from musicattr.atomic import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+FOLDER, MANIFEST = "scores", "manifest.json"
+
+
+def _file_name(method: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", method).strip("_") + ".parquet"
+
+
+def _query_fingerprints(bank) -> dict[str, str | None]:
+    table = bank.queries_table()
+    return {r["query_id"]: (None if pd.isna(r.get("fingerprint")) else str(r["fingerprint"]))
+            for r in table.to_dict("records")}
+
+
+def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: str, out: str | Path | None = None) -> Path:
+    """Write ``scores`` (method -> [Q, N] in ``qids`` x the bank's item order) with their provenance."""
+    from musicattr.counterfactual.bank import _file_fingerprint
+
+    folder = Path(out) if out else bank.root / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, v in scores.items():
+        df = pd.DataFrame(np.asarray(v, np.float64).T, columns=qids)
+        df.insert(0, "item_id", bank.item_ids)
+        with atomic_path(folder / _file_name(name)) as tmp:
+            df.to_parquet(tmp, index=False)
+        files[name] = _file_name(name)
+    atomic_write_json(folder / MANIFEST, {
+        "format": 1, "model_fingerprint": _file_fingerprint(bank.model), "queries": _query_fingerprints(bank),
+        "source": str(source), "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": files})
+    log.info("benchmark: %d methods' scores for %d queries written to %s", len(files), len(qids), folder)
+    return folder
+
+
+def read_shipped(bank, folder: str | Path, names: list[str], qids: list[str]) -> dict[str, np.ndarray]:
+    """The shipped scores [Q, N] of each of ``names`` that the folder holds (the others are left out with a log
+    line); refuses scores made on another benchmark model or other query latents."""
+    from musicattr.counterfactual.bank import BankError, _file_fingerprint
+
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: no shipped scores there; fix: point --scores at the bank's "
+                                f"scores folder ({bank.root / FOLDER}), or write it with --export_scores true")
+    manifest = json.loads(path.read_text())
+    if manifest["model_fingerprint"] != _file_fingerprint(bank.model):
+        raise BankError(f"{folder}: its scores were made on another benchmark model than {bank.model}; fix: export "
+                        "them again from a compare run on this bank (`musicattr benchmark --export_scores true`)")
+    have = _query_fingerprints(bank)
+    stale = [q for q in qids if q not in manifest["queries"] or manifest["queries"][q] != have.get(q)]
+    if stale:
+        raise BankError(f"{folder}: no scores, or scores of other latents, for queries {stale[:4]} ({len(stale)} in "
+                        "all); fix: export them again from a compare run on this bank's queries")
+    out = {}
+    for name in names:
+        if name not in manifest["methods"]:
+            log.info("benchmark: method %s has no shipped scores in %s: left out", name, folder)
+            continue
+        df = pd.read_parquet(folder / manifest["methods"][name]).set_index("item_id")
+        out[name] = df.loc[bank.item_ids, qids].to_numpy(np.float64).T
+    return out
