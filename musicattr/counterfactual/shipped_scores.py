@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from musicattr.atomic import atomic_path, atomic_write_json
+from musicattr.fingerprint import file_fingerprint
 
 log = logging.getLogger(__name__)
 FOLDER, MANIFEST = "scores", "manifest.json"
@@ -37,8 +38,6 @@ def _query_fingerprints(bank) -> dict[str, str | None]:
 
 def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: str, out: str | Path | None = None) -> Path:
     """Write ``scores`` (method -> [Q, N] in ``qids`` x the bank's item order) with their provenance."""
-    from musicattr.counterfactual.bank import _file_fingerprint
-
     folder = Path(out) if out else bank.root / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -49,7 +48,7 @@ def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: 
             df.to_parquet(tmp, index=False)
         files[name] = _file_name(name)
     atomic_write_json(folder / MANIFEST, {
-        "format": 1, "model_fingerprint": _file_fingerprint(bank.model), "queries": _query_fingerprints(bank),
+        "format": 1, "model_fingerprint": file_fingerprint(str(bank.model)), "queries": _query_fingerprints(bank),
         "source": str(source), "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": files})
     log.info("benchmark: %d methods' scores for %d queries written to %s", len(files), len(qids), folder)
     return folder
@@ -58,7 +57,7 @@ def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: 
 def read_shipped(bank, folder: str | Path, names: list[str], qids: list[str]) -> dict[str, np.ndarray]:
     """The shipped scores [Q, N] of each of ``names`` that the folder holds (the others are left out with a log
     line); refuses scores made on another benchmark model or other query latents."""
-    from musicattr.counterfactual.bank import BankError, _file_fingerprint
+    from musicattr.counterfactual.bank import BankError
 
     folder = Path(folder)
     path = folder / MANIFEST
@@ -66,7 +65,7 @@ def read_shipped(bank, folder: str | Path, names: list[str], qids: list[str]) ->
         raise FileNotFoundError(f"{path} not found: no shipped scores there; fix: point --scores at the bank's "
                                 f"scores folder ({bank.root / FOLDER}), or write it with --export_scores true")
     manifest = json.loads(path.read_text())
-    if manifest["model_fingerprint"] != _file_fingerprint(bank.model):
+    if manifest["model_fingerprint"] != file_fingerprint(str(bank.model)):
         raise BankError(f"{folder}: its scores were made on another benchmark model than {bank.model}; fix: export "
                         "them again from a compare run on this bank (`musicattr benchmark --export_scores true`)")
     have = _query_fingerprints(bank)
