@@ -3,7 +3,8 @@
 For each query that has both an unlearned file and its exact Eq. 1 table (``musicattr compare``'s
 ``<figure1>/queries/<id>/unlearned.safetensors`` and ``unlearning/scores.parquet``, made with the index's T, seed
 and M_L), and each M: the recall of exact Eq. 1's top 10 within the two-stage top 10 and within the index's top M
-(by tau^), the same for the relative score, and the seconds per query against an exact pass (exact Eq. 1 of every
+(by tau^), the same for the relative score (and, with ``--similar_ms``, the same M with the similarity proposer
+``similar_top`` = M), and the seconds per query against an exact pass (exact Eq. 1 of every
 item with the baseline cached: the same scorer at M = N, on the first ``--exact_pass`` queries, whose scores are
 also checked against the reference tables). Prints a table and writes JSON.
 
@@ -55,6 +56,27 @@ def top(df: pd.DataFrame, n: int, rank: str = "rank") -> set[int]:
     return set(df.nsmallest(n, rank)["index"].astype(int))
 
 
+def offline(figure1: Path, pattern: str, ms: list[int]) -> list[dict]:
+    """The candidate rule's recall from a compare run's own tables, with no query run: per query folder, exact Eq. 1
+    (``unlearning/scores.parquet``), the index (``index/scores.parquet``) and all-against-all similarity. The exact
+    stage re-scores the candidates with exact Eq. 1's draws, so exact Eq. 1's top 10 in the two-stage top 10 is
+    exactly its top 10 within the candidates."""
+    rows = []
+    for qdir in sorted(figure1.glob(pattern)):
+        files = [qdir / "unlearning" / "scores.parquet", qdir / "index" / "scores.parquet",
+                 qdir / "all-against-all.parquet"]
+        if not all(f.exists() for f in files):
+            continue
+        ex, ix, sim = (pd.read_parquet(f) for f in files)
+        e10 = top(ex, 10)
+        for m in ms:
+            base = top(ix, m) | top(ix, m, "relative_rank")
+            for label, c in (("index", base), ("index + similarity", base | top(sim, m))):
+                rows.append({"query": qdir.name, "M": m, "candidates": label, "rows": len(c),
+                             "recall10": len(e10 & c) / 10})
+    return rows
+
+
 def call(args, out: Path, files: list[Path], **kw) -> tuple[list[dict], float]:
     """run_query into a fresh ``out`` (no reused exact rows); (summary, wall seconds)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -74,12 +96,31 @@ def main() -> None:
     p.add_argument("--index", type=Path, default=None,
                    help="default: <run_root>/index (another index of the same model, e.g. projection identity)")
     p.add_argument("--ms", type=int, nargs="+", default=[10, 16, 32])
+    p.add_argument("--similar_ms", type=int, nargs="*", default=[],
+                   help="M values also run with the similarity proposer, similar_top = M (compare's all-against-all "
+                        "tables beside the unlearned files)")
     p.add_argument("--exact_pass", type=int, default=2, help="queries whose exact pass (M = N) is timed")
     p.add_argument("--work", type=Path, default=Path("runs/bench/two_stage"))
     p.add_argument("--out", type=Path, default=Path("runs/bench/two_stage_fidelity.json"))
+    p.add_argument("--offline", action="store_true",
+                   help="only the candidate rules' recall from the compare run's tables (index, exact Eq. 1, "
+                        "all-against-all), at --ms: no query is run")
     args = p.parse_args()
     torch.set_num_threads(1)
     figure1 = args.figure1 or args.run_root / "figure1" / "queries"
+    if args.offline:
+        df = pd.DataFrame(offline(figure1, args.pattern, args.ms))
+        if df.empty:
+            raise SystemExit(f"no query under {figure1} has its index, exact and similarity tables; fix: run compare")
+        g = df.groupby(["M", "candidates"])
+        table = pd.DataFrame({"queries": g["query"].nunique(), "rows per query": g["rows"].mean().round(1),
+                              "recall of exact top 10, mean": (10 * g["recall10"].mean()).round(2),
+                              "min": (10 * g["recall10"].min()).round(0).astype(int)})
+        print(table.to_string())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": df.to_dict("records"), "command": " ".join(sys.argv)}, indent=2))
+        print(f"wrote {args.out}")
+        return
     args.index = args.index or args.run_root / "index"
     prov = json.loads((args.index / "index.json").read_text())["provenance"]
     n_items = json.loads((args.index / "index.json").read_text())["num_items"]
@@ -96,9 +137,11 @@ def main() -> None:
              "recall10": [len(top(exact[q], 10) & top(index_tables[q], 10)) / 10 for q in ids],
              "recall10_relative": [len(top(exact[q], 10, "relative_rank") & top(index_tables[q], 10, "relative_rank"))
                                    / 10 for q in ids]}]
-    for m in args.ms:
-        summary, wall = call(args, args.work / f"M{m}", files, exact_top=m)
-        r = {"M": m, "label": f"two-stage M = {m}", "recall10": [], "recall10_relative": [], "recall_index_top_m": [],
+    for m, ms in [(m, None) for m in args.ms] + [(m, m) for m in args.similar_ms]:
+        summary, wall = call(args, args.work / (f"M{m}" if ms is None else f"M{m}-sim{ms}"), files, exact_top=m,
+                             similar_top=ms)
+        r = {"M": m, "similar_top": ms, "label": f"two-stage M = {m}" + ("" if ms is None else f" + similarity {ms}"),
+             "recall10": [], "recall10_relative": [], "recall_index_top_m": [],
              "recall_candidates": [], "candidates": [], "exact_seconds": [], "query_seconds": [], "wall_seconds": wall}
         for s in summary:
             q, t = s["query_id"], pd.read_parquet(Path(s["folder"]) / "scores.parquet")
@@ -144,7 +187,8 @@ def main() -> None:
         im = f"{np.mean(r['recall_index_top_m']):.3f} ({min(r['recall_index_top_m']):.1f})"
         rc = f"{np.mean(r['recall_candidates']):.3f}"
         qs, es = float(np.mean(r["query_seconds"])), float(np.mean(r["exact_seconds"]))
-        print(f"| {r['M']} | {np.mean(r['candidates']):.1f} | {rec} | {im} | {rc} | {rel} | {qs:.2f} ({es:.2f}) | "
+        name = r["M"] if r.get("similar_top") is None else f"{r['M']} + similarity {r['similar_top']}"
+        print(f"| {name} | {np.mean(r['candidates']):.1f} | {rec} | {im} | {rc} | {rel} | {qs:.2f} ({es:.2f}) | "
               f"{qs / pass_s:.1%} |")
     result = {"queries": ids, "num_items": n_items, "num_draws": prov["num_draws"], "k": prov["k"],
               "exact_pass_seconds": exact_pass, "exact_pass_agreement": agreement, "rows": rows,

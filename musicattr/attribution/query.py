@@ -225,23 +225,30 @@ class QueryContext:
         return head_scores(self.index, torch.stack([project(self.projection, psi) for psi in psis], 1), m, relative)
 
 
-def head_scores(index: AttributionIndex, psi: torch.Tensor, m: int, relative: bool
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
+def head_scores(index: AttributionIndex, psi: torch.Tensor, m: int, relative: bool,
+                keep: list[np.ndarray] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per column of psi [k, Q]: (positions in ``index.items``, tau^) of the exact top-m by tau^ united with the
-    top-m by tau^ / s (``relative``); one pass with a running top-m per order (``index_store.TopK``)."""
+    top-m by tau^ / s (``relative``) and with the positions ``keep[c]`` (e.g. the similarity proposer's); one pass
+    with a running top-m per order (``index_store.TopK``)."""
     from musicattr.attribution.index_store import TopK
 
     q = psi.shape[1]
     by_score, by_rel = TopK(min(m, index.num_items), q), TopK(min(m, index.num_items), q)
     sens = index.items["sensitivity"].to_numpy(dtype=np.float64)
+    kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(q)]
     for pos, tau in index.blocks(psi):
         by_score.add(pos, tau)
         if relative:
             by_rel.add(pos, tau / sens[pos, None], tau)
+        for c in range(q if keep is not None else 0):
+            hit = np.isin(pos, keep[c])
+            if hit.any():
+                kept[c].append((pos[hit], tau[hit, c]))
     heads = []
     (ps, _, ts), (pr, _, tr) = by_score.result(), by_rel.result()
     for c in range(q):
-        pos, tau = np.concatenate([ps[:, c], pr[:, c]]), np.concatenate([ts[:, c], tr[:, c]])
+        pos = np.concatenate([ps[:, c], pr[:, c], *[p for p, _ in kept[c]]])
+        tau = np.concatenate([ts[:, c], tr[:, c], *[t for _, t in kept[c]]])
         pos, first = np.unique(pos, return_index=True)
         heads.append((pos, tau[first]))
     return heads
@@ -286,8 +293,9 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
               seed: int = 0, target: str | None = None, damping: float | None = None,
               score_draws: int | None = None, score_seed: int | None = None, k: int | None = None,
               relative: bool = True, top_k: int = 10, draws_per_forward: int = 16, device: str = "cpu",
-              head: int | None = None, exact_top: int | None = None, task: AttributionTask | None = None
-              ) -> list[dict]:
+              head: int | None = None, exact_top: int | None = None, similar_top: int | None = None,
+              similarity_encoder: str = "aisfx", similarity_checkpoint: str | None = None,
+              task: AttributionTask | None = None) -> list[dict]:
     """Score every training item for each query with the index; write ``<out_dir>/<query>/scores.parquet``.
 
     Args:
@@ -307,6 +315,9 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
             Eq. 1 (the index's T, seed and M_L; baselines from the store's cache) re-scores each query's top M by tau^
             (and by tau^ / s with ``relative``); those rows, marked ``exact``, rank first by their exact score, the
             others below them by tau^. With ``head`` m the table holds the top max(m, M).
+        similar_top: None, or M_s: the exact stage also re-scores each query's top M_s training tracks by
+            all-against-all audio similarity (``similar_candidates``: compare's table beside the unlearned file, or
+            the query's audio embedded with ``similarity_encoder`` / ``similarity_checkpoint``); needs exact_top.
     """
     from musicattr.attribution.score import log_top
 
@@ -319,6 +330,10 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
     if exact_top is not None and int(exact_top) < 1:
         raise ValueError(f"exact_top = {exact_top}: choose M >= 1 (exact Eq. 1 for the index's top M per query), "
                          "or null for the index alone")
+    if similar_top is not None and (exact_top is None or int(similar_top) < 1):
+        raise ValueError(f"similar_top = {similar_top} with exact_top = {exact_top}: the similarity proposer adds "
+                         "candidates to the exact stage; fix: set exact_top M >= 1 and similar_top >= 1, or "
+                         "similar_top null")
     ctx = open_query(index, checkpoint, fisher, store, strategy, mask_unlearn, target, damping, score_draws,
                      score_seed, k, device, task)
     gradient = {"lr": lr, "num_draws": num_draws, "seed": seed, "strategy": strategy,
@@ -330,12 +345,16 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
                + [ctx.projected_query(query_item=q, step=t, **gradient)
                   for q, t in zip(query_items, thetas[len(queries):])]
                + [ctx.projected_unlearned(path) for path in unlearned])  # (P psi, ||psi||, record) each
+    proposed = None if similar_top is None else similar_positions(
+        ctx, answers, [None] * (len(answers) - len(unlearned)) + unlearned, int(similar_top), similarity_encoder,
+        similarity_checkpoint)
     t0 = time.perf_counter()
     projected = torch.stack([p for p, _, _ in answers], 1)
     if head is None:
         tau, heads = ctx.index.scores(projected), None
     else:
-        tau, heads = None, head_scores(ctx.index, projected, max(int(head), int(exact_top or 0)), relative)
+        tau, heads = None, head_scores(ctx.index, projected, max(int(head), int(exact_top or 0)), relative,
+                                       None if proposed is None else [p for p, _ in proposed])
     lookup = time.perf_counter() - t0
     idx, prov = ctx.index, ctx.index.provenance
     log.info("query: %d queries against %d items x k = %d in %.3f s (one pass over the index)",
@@ -351,7 +370,7 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
         exact = None
         if two:
             df, exact = _two_stage(ctx, scorer, qdir, info, thetas[q], tau[:, q] if heads is None else heads[q],
-                                   int(exact_top), relative)
+                                   int(exact_top), relative, None if proposed is None else proposed[q])
             thetas[q] = None  # the Eq. 2 step of a gradient query is no longer needed
         elif heads is None:
             df = index_table(idx, ctx.store, tau[:, q], info["query_id"], relative)
@@ -375,6 +394,7 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
             "seed": prov["seed"], "mask_loss": prov["mask_loss"], "relative": relative, "query_source": info["source"],
             "unlearned": info["unlearned"], "unlearned_fingerprint": info.get("unlearned_fingerprint"),
             "query_seconds": info["seconds"], "lookup_seconds": lookup, "head": head, "exact_top": exact_top,
+            "similar_top": similar_top,
             "two_stage": exact})
         log_top(df, top_k)
         summary.append({"query_id": info["query_id"], "source": info["source"], "folder": str(qdir),
@@ -384,16 +404,38 @@ def run_query(index: str, checkpoint: str, fisher: str, out_dir: str, queries: l
     return summary
 
 
-def _two_stage(ctx: QueryContext, scorer, qdir: Path, info: dict, theta, scored, m: int, relative: bool
-               ) -> tuple[pd.DataFrame, dict]:
+def similar_positions(ctx: QueryContext, answers, unlearned: list[str | None], m: int, encoder: str,
+                      checkpoint: str | None) -> list[tuple[np.ndarray, str]]:
+    """Per query: (positions in ``index.items`` of its top m training tracks by all-against-all similarity, where
+    the similarity came from) -- the two-stage query's similarity proposer (``similar_candidates``)."""
+    from musicattr.attribution.similar_candidates import query_similarity, top_by_similarity
+
+    position = {int(i): p for p, i in enumerate(ctx.index.items["index"])}
+    out = []
+    for (_, _, info), path in zip(answers, unlearned):
+        sim, source = query_similarity(ctx.store, info["unlearned"], path, encoder, checkpoint)
+        out.append((np.array(sorted(position[i] for i in top_by_similarity(sim, m)), dtype=np.int64), source))
+        log.info("two-stage: %s: %d similarity candidates from %s", info["query_id"], len(out[-1][0]), source)
+    return out
+
+
+def _two_stage(ctx: QueryContext, scorer, qdir: Path, info: dict, theta, scored, m: int, relative: bool,
+               proposed: tuple[np.ndarray, str] | None = None) -> tuple[pd.DataFrame, dict]:
     """One query's two-stage table and its record: the candidates from its index scores (``scored``: tau^ of every
-    item, or the head's (positions, tau^)), exact Eq. 1 on them (``theta``: the Eq. 2 step, or an unlearned file)."""
+    item, or the head's (positions, tau^)) and ``proposed`` (positions of the similarity proposer, and its source),
+    exact Eq. 1 on them (``theta``: the Eq. 2 step, or an unlearned file)."""
     from musicattr.attribution.two_stage import RANK_RULE, candidates, rescore, two_stage_table
 
     idx = ctx.index
     positions, tau = (np.arange(idx.num_items), scored) if isinstance(scored, np.ndarray) else scored
     sens = idx.items["sensitivity"].to_numpy(dtype=np.float64)[positions] if relative else None
     chosen = positions[candidates(tau, m, sens)]
+    similar = {}
+    if proposed is not None:
+        added = np.setdiff1d(proposed[0], chosen)
+        chosen = np.union1d(chosen, proposed[0])
+        similar = {"similar_top": int(len(proposed[0])), "similar_added": int(len(added)),
+                   "similarity_source": proposed[1]}
     indices = idx.items["index"].to_numpy()[chosen]
     key = {"index": {k: v for k, v in idx.provenance.items() if k != "tensors"}, "query": info["unlearned"],
            "unlearned_fingerprint": info.get("unlearned_fingerprint")}
@@ -412,4 +454,5 @@ def _two_stage(ctx: QueryContext, scorer, qdir: Path, info: dict, theta, scored,
     log.info("two-stage: %s: exact Eq. 1 for %d candidates (top %d%s), T = %d, seed %d, %.2f s%s", info["query_id"],
              len(indices), m, " by tau^ and by tau^ / s" if relative else "", scorer.num_draws, scorer.seed,
              record["seconds"], " (reused)" if record["reused"] else "")
-    return df, {"exact_top": m, **record, **scorer.settings(), "theta_unlearned": source, "rank_rule": RANK_RULE}
+    return df, {"exact_top": m, **similar, **record, **scorer.settings(), "theta_unlearned": source,
+                "rank_rule": RANK_RULE}

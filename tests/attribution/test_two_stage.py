@@ -143,3 +143,37 @@ def test_rerun_reuses_the_exact_rows_and_m_below_one_is_refused(work, tmp_path):
     pd.testing.assert_frame_equal(table(summary), first)
     with pytest.raises(ValueError, match="exact_top = 0"):
         query(work, tmp_path, unlearned=[f], exact_top=0)
+
+
+def test_similarity_proposer_adds_exact_rows_the_index_ranks_last(work, tmp_path):
+    """similar_top M_s: compare's all-against-all table beside the unlearned file proposes its top M_s; the index's
+    bottom items proposed that way become exact rows equal to exact Eq. 1, in the full table and in a head."""
+    import shutil
+
+    from musicattr.attribution.similar_candidates import SimilarityUnavailableError
+
+    qdir = tmp_path / "q3"
+    qdir.mkdir()
+    f = str(shutil.copy(work / "q3.safetensors", qdir / "unlearned.safetensors"))
+    index_only = table(query(work, tmp_path / "index", unlearned=[f]))
+    last3 = set(index_only.nlargest(3, "rank")["index"].astype(int))  # the index's bottom 3 by tau^
+    sim = index_only.assign(score=-index_only["score"])[["index", "score"]]  # similarity ranks them first
+    sim.to_parquet(qdir / "all-against-all.parquet")
+    top2 = set(index_only.nsmallest(2, "rank")["index"]) | set(index_only.nsmallest(2, "relative_rank")["index"])
+    for kw in ({}, {"head": 3}):
+        summary = query(work, tmp_path / f"sim{len(kw)}", unlearned=[f], exact_top=2, similar_top=3, **kw)
+        df = table(summary)
+        assert set(df.loc[df["exact"], "index"].astype(int)) == top2 | last3
+        assert_exact_rows_are_eq1(df, exact_eq1(work))
+        assert df["exact"].head(len(top2 | last3)).all() and (len(df) == N_ITEMS or kw)
+        two = json.loads((Path(summary[0]["folder"]) / "run.json").read_text())["two_stage"]
+        assert two["similar_top"] == 3 and two["similar_added"] == len(last3 - top2)
+        assert two["similarity_source"].endswith("all-against-all.parquet")
+    with pytest.raises(ValueError, match="fix: set exact_top"):
+        query(work, tmp_path / "bad", unlearned=[f], similar_top=3)
+    (qdir / "all-against-all.parquet").unlink()  # no table and no audio of item 3: the error names the fix
+    with pytest.raises(SimilarityUnavailableError, match="run `musicattr compare`"):
+        query(work, tmp_path / "none", unlearned=[f], exact_top=2, similar_top=3)
+    sim.iloc[:-1].to_parquet(qdir / "all-against-all.parquet")  # a table of other items is refused
+    with pytest.raises(SimilarityUnavailableError, match="not a similarity table of this store"):
+        query(work, tmp_path / "short", unlearned=[f], exact_top=2, similar_top=3)
