@@ -168,10 +168,11 @@ index-query: venv $(D)/index/index.json $(D)/generated/queries.json
 index-fidelity: venv $(D)/fit/last.ckpt $(D)/fisher.safetensors
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) index-fidelity --config $(CFG)/index-fidelity.yaml $(RUN)
 
-# The two-stage query (`musicattr query --exact_top M`) against exact Eq. 1 on the figure1 queries of $(D)
+# The two-stage query (`musicattr query --exact_top M`, and with --similar_top M) against exact Eq. 1 on the figure1
+# queries of $(D)
 two-stage-fidelity: venv $(D)/figure1/comparison.json
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/two_stage_fidelity.py --run_root $(D) --pattern 'q0*' \
-		--out runs/bench/two_stage_fidelity_$(notdir $(D)).json
+		--similar_ms 16 32 --out runs/bench/two_stage_fidelity_$(notdir $(D)).json
 
 # ---- a held-back corpus (issue 21): music21 collections the demo never renders (configs/heldback/corpus.yaml),
 # the demo's flow on it (its own theta0, Fisher and index at configs/demo's settings), Figure 1's queries and the
