@@ -4,8 +4,10 @@
                  decoded rows gives its top-m per query; the blocks' heads merge into the global top-m
                  (``index_store.TopK``). Same result as ``AttributionIndex.top`` (float32 rounding aside).
     approximate  two stages. (1) candidates: the sketch folded to k_c << k (``sketch.fold``: the sign sketch
-                 at k_c, Var <P'x, P'y> <= 2 ||x||^2 ||y||^2 / k_c), held in memory in a ``faiss.IndexIVFFlat``
-                 (inner product, ``nlist`` lists, ``nprobe`` probed), proposes the top M per query;
+                 at k_c, Var <P'x, P'y> <= 2 ||x||^2 ||y||^2 / k_c), held in memory, proposes the top M per query:
+                 with ``nlist`` = 1 by a flat scan of every folded row (``faiss.IndexFlatIP``: the exact top M at
+                 k_c, N k_c multiply-adds per query), else by a ``faiss.IndexIVFFlat`` (inner product, ``nlist``
+                 lists, ``nprobe`` probed: faster, but it misses what the unprobed lists hold);
                  (2) exact re-scoring: the M candidates' full rows are read from the memory-mapped shards and
                  scored at k, and the best m are kept. Memory: N k_c 4 bytes + the lists; reads M rows per query.
                  Its recall, |top-m(approx) & top-m(exact)| / m, is measured against the exact top-m
@@ -61,6 +63,16 @@ class ApproximateSearch:
         self.index, self.k_c = index, int(k_c)
         n = index.num_items
         self.nlist = int(nlist or max(1, min(4096, round(4 * np.sqrt(n)))))
+        if self.nlist == 1:  # the flat scan: the folded rows go straight into faiss, block by block
+            self.ivf = faiss.IndexFlatIP(self.k_c)
+            order = []
+            for pos, rows in stream(index.root, index.items, index.k, self.k_c):
+                self.ivf.add(np.ascontiguousarray(rows, dtype=np.float32))
+                order.append(np.asarray(pos, dtype=np.int64))
+            self.order = np.concatenate(order)  # faiss's row j is the item at position order[j]
+            self._readers: dict[str, tuple] = {}
+            return
+        self.order = None
         coarse = np.empty((n, self.k_c), dtype=np.float32)  # the folded rows: N k_c 4 bytes
         for pos, rows in stream(index.root, index.items, index.k, self.k_c):
             coarse[pos] = rows
@@ -93,8 +105,11 @@ class ApproximateSearch:
         """The approximate top-m: (positions [m, Q], tau^ [m, Q] exact at k for the rows it returns)."""
         q_full = _queries(self.index, psi)
         q_c = np.ascontiguousarray(fold_rows(q_full, self.k_c))
-        self.ivf.nprobe = int(min(nprobe, self.nlist))
+        if self.order is None:
+            self.ivf.nprobe = int(min(nprobe, self.nlist))
         _, cand = self.ivf.search(q_c, int(min(candidates, self.index.num_items)))
+        if self.order is not None:
+            cand = np.where(cand >= 0, self.order[np.maximum(cand, 0)], -1)
         heads_pos, heads_tau = [], []
         for c in range(len(q_full)):
             pos = cand[c][cand[c] >= 0]

@@ -93,6 +93,17 @@ def test_faiss_exact_equals_the_streamed_top_and_approximate_recall(tmp_path):
     np.testing.assert_allclose(atau, tau[:10], rtol=1e-5, atol=1e-6 * np.abs(tau).max())
     apos, _ = ann.top(psi, 10, candidates=100, nprobe=2)
     assert 0.0 <= recall(apos, pos[:10]) <= 1.0
+    # nlist = 1, the flat scan: the candidates are exactly the top C by the folded score (k_c = 64), over shards
+    flat = ApproximateSearch(index, k_c=64, nlist=1)
+    fold_pos, _ = index.top(torch.from_numpy(psi), 40, k=64)
+    full = index.scores(torch.from_numpy(psi))
+    apos, atau = flat.top(psi, 10, candidates=40)
+    for c in range(psi.shape[1]):
+        cand = fold_pos[:, c]
+        want = cand[np.argsort(-full[cand, c], kind="stable")][:10]
+        assert list(apos[:, c]) == list(want)
+        np.testing.assert_allclose(atau[:, c], full[want, c], rtol=1e-5, atol=1e-6 * np.abs(full).max())
+    assert recall(flat.top(psi, 10, candidates=N)[0], pos[:10]) == 1.0
 
 
 def test_an_index_written_before_precisions_still_reads(tmp_path):
