@@ -22,6 +22,9 @@ from musicattr.attribution.index import AttributionIndex
 from musicattr.attribution.index_store import ShardReader, TopK, decode, fold_rows, stream
 
 
+RESCORE_ROWS = 512  # candidate rows decoded at once in the exact re-scoring (512 x k x 4 B: 64 MiB at k = 2^15)
+
+
 def _faiss():
     try:
         import faiss
@@ -113,7 +116,8 @@ class ApproximateSearch:
         heads_pos, heads_tau = [], []
         for c in range(len(q_full)):
             pos = cand[c][cand[c] >= 0]
-            tau = self.rows(pos).astype(np.float32) @ q_full[c]
+            tau = np.concatenate([self.rows(pos[a:a + RESCORE_ROWS]) @ q_full[c]  # bounded memory: a chunk at a time
+                                  for a in range(0, len(pos), RESCORE_ROWS)]) if len(pos) else np.zeros(0, np.float32)
             head = TopK(min(m, len(pos)), 1)
             head.add(pos.astype(np.int64), tau[:, None].astype(np.float64))
             p, _, t = head.result()
