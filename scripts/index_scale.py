@@ -88,7 +88,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- 1. fidelity of the precisions on a real index
-def fidelity(index_dir: str, checkpoint: str, fisher: str, store: str, unlearned: str, work: Path) -> dict | None:
+def fidelity(index_dir: str, checkpoint: str, fisher: str, store: str, unlearned: str, work: Path,
+             k_c: int = 256) -> dict | None:
     from musicattr.attribution.query import open_query, project
 
     files = sorted(glob.glob(unlearned))
@@ -127,6 +128,19 @@ def fidelity(index_dir: str, checkpoint: str, fisher: str, store: str, unlearned
               f"  {r['top10_mean']:.2f} ({r['top10_min']})          {ratio:.3f}              "
               f"{r['max_err_over_max_tau']:.2e}")
         shutil.rmtree(folder, ignore_errors=True)
+    # the approximate search's coarse stage on real rows: the sketch folded to k_c against the full k
+    folded = idx.scores(psi, k=k_c)
+    rho = [spearman(folded[:, c], ref[:, c]) for c in range(ref.shape[1])]
+    out["folded"] = {"k_c": k_c, "spearman_mean": float(np.mean(rho)), "spearman_min": float(np.min(rho)),
+                     "recall10_in_top": {}}
+    for c_top in (10, 20, 40):
+        hits = [len(set(np.argsort(-ref[:, c])[:10]) & set(np.argsort(-folded[:, c])[:c_top])) / 10
+                for c in range(ref.shape[1])]
+        out["folded"]["recall10_in_top"][c_top] = {"mean": float(np.mean(hits)), "min": float(np.min(hits))}
+    f = out["folded"]
+    print(f"  folded to k_c = {k_c} (the approximate search's coarse stage) against k = {idx.k}: Spearman "
+          f"{f['spearman_mean']:.3f} ({f['spearman_min']:.3f}); the full top 10 within the folded top C, mean (min): "
+          + ", ".join(f"C = {c}: {v['mean']:.3f} ({v['min']:.1f})" for c, v in f["recall10_in_top"].items()))
     return out
 
 
@@ -227,7 +241,7 @@ def fit(ns, ys) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ns", type=float, nargs="+", default=[1e4, 1e5, 1e6])
+    ap.add_argument("--ns", type=float, nargs="*", default=[1e4, 1e5, 1e6], help="none: the fidelity part only")
     ap.add_argument("--precision", default="int8", choices=list(PRECISIONS))
     ap.add_argument("--precisions_at", type=float, default=1e4, help="N at which every precision is written too")
     ap.add_argument("--max_gb", type=float, default=28.0, help="the most the shards of one N may take on disk")
@@ -248,7 +262,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     result = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     if not a.skip_fidelity:
-        result["fidelity"] = fidelity(a.fidelity_index, a.checkpoint, a.fisher, a.store, a.unlearned, work)
+        result["fidelity"] = fidelity(a.fidelity_index, a.checkpoint, a.fisher, a.store, a.unlearned, work, a.k_c)
         import gc
 
         gc.collect()
@@ -297,6 +311,8 @@ def main(argv=None) -> int:
     growth = {}
     for k in sorted(set(ks.values())):
         rs = [r for r in runs if r["k"] == k and r["precision"] == a.precision]
+        if not rs:
+            continue
         ns = np.array([r["n"] for r in rs], dtype=float)
         print(f"  k = {k:,}")
         print("    N          disk GB   write s   exact query s   exact RSS GB (base)   faiss s   approx build s   "
