@@ -62,18 +62,11 @@ def _query_audio(meta: Mapping[str, Any], store) -> Path | None:
 
 
 def _from_audio(audio: Path, store, encoder_name: str, checkpoint: str | None) -> dict[int, float]:
-    from musicattr.attribution.similarity import all_against_all, load_train_embeddings
-    from musicattr.embeddings.audio import AUDIO_ENCODERS, build_audio_encoder, load_audio
+    from musicattr.attribution.similarity import all_against_all, store_audio_embeddings
+    from musicattr.embeddings.audio import build_audio_encoder, load_audio
 
     encoder = build_audio_encoder(encoder_name, checkpoint)
-    cls = AUDIO_ENCODERS.get(encoder_name.lower())
-    cache = store.root / "audio_embeddings" / (cls.name if cls else encoder_name)
-    ids = list(store.items["item_id"].astype(str))
-    emb = load_train_embeddings(str(cache)) if (cache / "meta.json").exists() else None
-    if emb is None or emb.item_ids != ids:
-        from musicattr.evaluation.common import train_audio_embeddings
-
-        emb = train_audio_embeddings(store, encoder)
+    emb = store_audio_embeddings(store, encoder)  # computed once, then reused from the store
     wav, sr = load_audio(str(audio))
     scores = all_against_all(encoder.embed_segments(wav, sr), emb).double().numpy()
     return dict(zip(store.items["index"].astype(int), scores))

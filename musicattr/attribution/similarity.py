@@ -40,6 +40,7 @@ __all__ = [
     "average",
     "compute_train_embeddings",
     "load_train_embeddings",
+    "store_audio_embeddings",
     "similarity_table",
     "TABLE_COLUMNS",
 ]
@@ -177,6 +178,26 @@ def _encoder_config(encoder) -> dict:
     return {"encoder": encoder.name, "dim": int(encoder.dim), "sample_rate": int(encoder.sample_rate),
             "segment_seconds": float(encoder.segment_seconds), "hop_seconds": float(encoder.hop_seconds),
             "checkpoint_fingerprint": file_fingerprint(checkpoint) if checkpoint else None}
+
+
+def store_audio_embeddings(store, encoder) -> TrainEmbeddings:
+    """Segment embeddings of every training track of a latent store (its audio folder, each track cropped to the
+    model's length: max_frames x downsampling_ratio / sample_rate seconds), computed once and kept in
+    ``<store>/audio_embeddings/<encoder>`` (:func:`compute_train_embeddings` reuses a matching one)."""
+    from pathlib import Path
+
+    from musicattr.embeddings.audio import load_audio
+
+    m = store.manifest
+    folder, limit = Path(m["folder"]), m["max_frames"] * m["downsampling_ratio"] / m["sample_rate"]
+
+    def items():
+        for r in store.items.itertuples():
+            audio, sr = load_audio(str(folder / r.file_name))
+            yield r.item_id, audio, sr, min(audio.shape[-1], int(limit * sr))
+
+    path = store.root / "audio_embeddings" / encoder.name
+    return compute_train_embeddings(items(), encoder, str(path), item_ids=list(store.items["item_id"]), progress=True)
 
 
 def load_train_embeddings(path: str, mmap: bool = True) -> TrainEmbeddings:

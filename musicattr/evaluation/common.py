@@ -46,20 +46,10 @@ def diverse_items(store: LatentStore, track_embeddings: torch.Tensor, k: int, se
 
 
 def train_audio_embeddings(store: LatentStore, encoder):
-    """Segment embeddings of every training track (cropped to the model's length), computed once
-    and stored in ``<store>/audio_embeddings/<encoder>``."""
-    from musicattr.attribution.similarity import compute_train_embeddings
-    from musicattr.embeddings.audio import load_audio
+    """Segment embeddings of every training track (``attribution.similarity.store_audio_embeddings``)."""
+    from musicattr.attribution.similarity import store_audio_embeddings
 
-    folder, limit = store_folder(store), max_seconds(store)
-
-    def items():
-        for r in store.items.itertuples():
-            audio, sr = load_audio(str(folder / r.file_name))
-            yield r.item_id, audio, sr, min(audio.shape[-1], int(limit * sr))
-
-    path = store.root / "audio_embeddings" / encoder.name
-    return compute_train_embeddings(items(), encoder, str(path), item_ids=list(store.items["item_id"]), progress=True)
+    return store_audio_embeddings(store, encoder)
 
 
 PREDICT_TRAINER = {"logger": False, "use_distributed_sampler": False, "enable_progress_bar": False,
