@@ -45,6 +45,7 @@ def _from_table(path: Path, items: pd.DataFrame) -> dict[int, float]:
         raise SimilarityUnavailableError(
             f"{path} is not a similarity table of this store ({len(missing)} of its items absent); fix: rerun "
             "`musicattr compare` for this query, or remove the file to compute the similarity from the query's audio")
+    t = t[t["index"].astype(int).isin(set(items["index"].astype(int)))]  # only this store's items
     return dict(zip(t["index"].astype(int), t["score"].astype(float)))
 
 
