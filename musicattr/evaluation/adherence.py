@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from musicattr.atomic import atomic_write_json, atomic_write_text
+from musicattr.attribution.similarity import store_audio_embeddings
 from musicattr.data.latent_store import LatentStore
-from musicattr.evaluation.common import (planted_groups, read_metadata_rows, store_folder, train_audio_embeddings)
+from musicattr.evaluation.common import planted_groups, read_metadata_rows, store_folder
 from musicattr.wandb_logger import open_wandb
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def run_adherence(checkpoint: str, store: str, out_dir: str, prompts: dict[str, 
     group_rows = {}
     if prompts:
         encoder = build_audio_encoder(audio_encoder, audio_encoder_checkpoint)
-        emb = train_audio_embeddings(s, encoder)
+        emb = store_audio_embeddings(s, encoder)
         means = F.normalize(emb.track_means(), dim=1)
         files = list(s.items["file_name"])
         for column, by_value in prompts.items():

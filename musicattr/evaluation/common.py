@@ -15,11 +15,6 @@ def store_folder(store: LatentStore) -> Path:
     return Path(store.manifest["folder"])
 
 
-def max_seconds(store: LatentStore) -> float:
-    m = store.manifest
-    return m["max_frames"] * m["downsampling_ratio"] / m["sample_rate"]
-
-
 def planted_groups(store: LatentStore) -> dict[str, str]:
     """file_name -> planted group (the original's file_name) for tracks planted by the corpus builder."""
     return {f: r["planted_group"] for f, r in read_metadata_rows(store).items() if r.get("planted_group")}
@@ -43,13 +38,6 @@ def diverse_items(store: LatentStore, track_embeddings: torch.Tensor, k: int, se
     eligible = [i for i, f in enumerate(store.items["file_name"]) if f not in planted]
     chosen = select_targets(track_embeddings[eligible], min(k, len(eligible)), seed=seed)
     return [eligible[c] for c in chosen]
-
-
-def train_audio_embeddings(store: LatentStore, encoder):
-    """Segment embeddings of every training track (``attribution.similarity.store_audio_embeddings``)."""
-    from musicattr.attribution.similarity import store_audio_embeddings
-
-    return store_audio_embeddings(store, encoder)
 
 
 PREDICT_TRAINER = {"logger": False, "use_distributed_sampler": False, "enable_progress_bar": False,

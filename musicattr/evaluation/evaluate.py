@@ -33,12 +33,12 @@ import torch
 
 from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.attribution.masks import resolve_masks
+from musicattr.attribution.similarity import store_audio_embeddings
 from musicattr.attribution.settings import ScoreSettings, UnlearnSettings
 from musicattr.attribution.unlearn import load_unlearned, run_unlearn
 from musicattr.data.latent_store import LatentStore
 from musicattr.attribution.task import AttributionTask, resolve_task
-from musicattr.evaluation.common import (diverse_items, generate_audio, score_store, train_audio_embeddings,
-                                         unlearn_device)
+from musicattr.evaluation.common import diverse_items, generate_audio, score_store, unlearn_device
 from musicattr.wandb_logger import open_wandb
 from musicattr.evaluation.metrics import frechet_distance, target_rank, topk_bottomk_similarity
 from musicattr.fingerprint import file_fingerprint
@@ -121,7 +121,7 @@ def run_grid(checkpoint: str, store: str, fisher: str, out_dir: str, num_targets
     s = LatentStore(store)
     k = top_k or max(5, len(s) // 32)
     encoder = build_audio_encoder(audio_encoder, audio_encoder_checkpoint)
-    emb = train_audio_embeddings(s, encoder)
+    emb = store_audio_embeddings(s, encoder)
     track_emb = emb.track_means().float()
     ids = list(s.items["item_id"])
     # 1. the targets, the grid, and the settings every row is keyed by

@@ -57,7 +57,8 @@ def from_compare(folder: Path) -> SimilarityScores | None:
 
 def compute(q: QueryInputs, encoder_name: str, checkpoint: str | None, embed_training: bool) -> SimilarityScores:
     """All-against-all and average similarity of the query's audio to every training track."""
-    from musicattr.attribution.similarity import all_against_all, average, load_train_embeddings, similarity_table
+    from musicattr.attribution.similarity import (all_against_all, average, load_train_embeddings, similarity_table,
+                                                  store_audio_embeddings)
     from musicattr.embeddings.audio import AUDIO_ENCODERS, build_audio_encoder, load_audio
 
     if q.query_audio is None or not q.query_audio.exists():
@@ -75,10 +76,8 @@ def compute(q: QueryInputs, encoder_name: str, checkpoint: str | None, embed_tra
                                          "fix: pass --similarity compute")
         encoder = build_audio_encoder(encoder_name, checkpoint)
     else:
-        from musicattr.evaluation.common import train_audio_embeddings
-
         encoder = build_audio_encoder(encoder_name, checkpoint)
-        emb = train_audio_embeddings(q.store, encoder)
+        emb = store_audio_embeddings(q.store, encoder)
     audio, sr = load_audio(str(q.query_audio))
     qseg = encoder.embed_segments(audio, sr)
     items = q.store.items.to_dict("records")
