@@ -49,8 +49,9 @@ def _from_table(path: Path, items: pd.DataFrame) -> dict[int, float]:
     return dict(zip(t["index"].astype(int), t["score"].astype(float)))
 
 
-def _query_audio(meta: Mapping[str, Any], store) -> Path | None:
-    """The audio of the query an unlearned file (or gradient query) was made from, where it should be."""
+def query_audio(meta: Mapping[str, Any], store) -> Path | None:
+    """The audio of the query an unlearned file (or gradient query) was made from, where it should be: ``qNNN.wav``
+    beside a generated ``qNNN.query.safetensors``, or a training item's own file in the store's audio folder."""
     if meta.get("query"):
         q = Path(meta["query"])
         return q.with_name(q.name.removesuffix(".query.safetensors") + ".wav")
@@ -81,7 +82,7 @@ def query_similarity(store, meta: Mapping[str, Any], unlearned: str | None, enco
     if unlearned is not None and (Path(unlearned).parent / TABLE).exists():
         path = Path(unlearned).parent / TABLE
         return _from_table(path, store.items), str(path)
-    audio = _query_audio(meta, store)
+    audio = query_audio(meta, store)
     if audio is None or not audio.exists():
         where = f" (looked for {audio})" if audio is not None else ""
         raise SimilarityUnavailableError(

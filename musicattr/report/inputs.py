@@ -113,19 +113,15 @@ def resolve_query(run: dict, store: LatentStore, query_audio: str | None, prompt
 
     Given values win; otherwise a generated query's audio is ``qNNN.wav`` beside the
     ``qNNN.query.safetensors`` named in run.json, and a training item (train-to-train) is its own audio."""
+    from musicattr.attribution.similar_candidates import query_audio as audio_of
+
     meta = run.get("unlearned", {})
-    audio = Path(query_audio) if query_audio else None
+    audio = Path(query_audio) if query_audio else audio_of(meta, store)
     qid = meta.get("query_id") or fallback_id or "query"
     item = meta.get("query_item")
-    if audio is None and meta.get("query"):
-        q = Path(meta["query"])
-        audio = q.with_name(q.name.removesuffix(".query.safetensors") + ".wav")
-    if item is not None and (audio is None or prompt is None):
+    if item is not None and prompt is None:
         key = int(item) if str(item).isdigit() else item
-        row = store.items.iloc[store.position_of(key)]
-        prompt = prompt or str(row["caption"])
-        folder = store.manifest.get("folder")
-        audio = audio or (Path(folder) / row["file_name"] if folder else None)
+        prompt = str(store.items.iloc[store.position_of(key)]["caption"])
     if prompt is None:
         info = _query_info(run, audio)
         prompt = info.get("caption") or info.get("prompt")
