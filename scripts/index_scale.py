@@ -222,7 +222,7 @@ def one_n(n: int, k: int, precision: str, work: Path, q: int, seed: int, approx:
             for kind, nprobe, cands in SWEEP:
                 if kind != coarse:
                     continue
-                ann._readers.clear()  # unmap the rows read so far: mapped pages would survive drop_cache
+                ann.release()  # unmap the rows read so far: mapped pages would survive drop_cache
                 drop_cache(folder)
                 with Peak() as p:
                     apos, _ = ann.top(psi.numpy(), 10, candidates=cands, nprobe=nprobe)

@@ -56,7 +56,8 @@ def exact_top(index: AttributionIndex, psi, m: int, k: int | None = None) -> tup
 
 
 class ApproximateSearch:
-    """Two-stage search (see the module doc): IVF over the sketch folded to ``k_c``, exact re-scoring at k."""
+    """Two-stage search (see the module doc): a flat scan (``nlist`` = 1) or an IVF over the sketch folded to
+    ``k_c``, exact re-scoring at k."""
 
     def __init__(self, index: AttributionIndex, k_c: int = 256, nlist: int | None = None, train_rows: int = 65536,
                  seed: int = 0):
@@ -67,16 +68,17 @@ class ApproximateSearch:
         self.index, self.k_c = index, int(k_c)
         n = index.num_items
         self.nlist = int(nlist or max(1, min(4096, round(4 * np.sqrt(n)))))
+        self._shards: dict[str, ShardReader] = {}  # shard headers, parsed once
+        self._maps: dict[str, tuple] = {}  # (phi, scale) memory maps of the shards read so far
+        self.order = None  # the flat scan's faiss row -> position in index.items (the IVF keeps positions as ids)
         if self.nlist == 1:  # the flat scan: the folded rows go straight into faiss, block by block
             self.ivf = faiss.IndexFlatIP(self.k_c)
             order = []
             for pos, rows in stream(index.root, index.items, index.k, self.k_c):
                 self.ivf.add(np.ascontiguousarray(rows, dtype=np.float32))
                 order.append(np.asarray(pos, dtype=np.int64))
-            self.order = np.concatenate(order)  # faiss's row j is the item at position order[j]
-            self._readers: dict[str, tuple] = {}
+            self.order = np.concatenate(order)
             return
-        self.order = None
         coarse = np.empty((n, self.k_c), dtype=np.float32)  # the folded rows: N k_c 4 bytes
         for pos, rows in stream(index.root, index.items, index.k, self.k_c):
             coarse[pos] = rows
@@ -88,14 +90,22 @@ class ApproximateSearch:
         self.ivf.train(sample)
         self.ivf.add(coarse)
         del coarse
-        self._readers: dict[str, tuple] = {}
+
+    def _shard(self, name: str) -> ShardReader:
+        if name not in self._shards:
+            self._shards[name] = ShardReader(self.index.root / name)
+        return self._shards[name]
+
+    def release(self) -> None:
+        """Unmap the shards' rows read so far (pages still mapped survive a page-cache eviction)."""
+        self._maps.clear()
 
     def prefetch(self, positions: np.ndarray) -> None:
         """Ask the kernel for the rows of items at ``positions`` ahead of ``rows`` (scattered reads overlap)."""
         items = self.index.items
         shard, row = items["shard"].to_numpy()[positions], items["row"].to_numpy()[positions]
         for s in np.unique(shard):
-            ShardReader(self.index.root / s).prefetch_rows(row[shard == s])
+            self._shard(s).prefetch_rows(row[shard == s])
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """The full decoded rows (float32 [len, k]) of items at ``positions``, read from the memory maps."""
@@ -103,9 +113,9 @@ class ApproximateSearch:
         out = np.empty((len(positions), self.index.k), dtype=np.float32)
         shard, row = items["shard"].to_numpy()[positions], items["row"].to_numpy()[positions]
         for s in np.unique(shard):
-            if s not in self._readers:
-                self._readers[s] = ShardReader(self.index.root / s).rows()
-            phi, scale = self._readers[s]
+            if s not in self._maps:
+                self._maps[s] = self._shard(s).rows()
+            phi, scale = self._maps[s]
             sel = np.flatnonzero(shard == s)
             r = row[sel]
             order = np.argsort(r)
