@@ -179,7 +179,8 @@ def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, 
                    str(a.draws), "--model.chunk_size", "1", "--model.overwrite", "true"],
         "unlearn": [*ma, "unlearn", "--config", str(cfg / "unlearn.yaml"), *rr, "--query", "null", "--query_item",
                     QUERY_ITEM, "--num_draws", str(a.query_draws), "--draws_per_forward", "1", "--device", "cpu",
-                    "--ekfac", str(run / "ekfac"), *ft],  # AbU+ (the demo's default; configs/paper's is the diagonal)
+                    # AbU+ (the demo's default) with ekfac's factors, else configs/paper's own diagonal Fisher
+                    *(["--ekfac", str(run / "ekfac")] if a.unlearn_with == "ekfac" else []), *ft],
         # kronfluence hooks the layers' forward and backward: the task's gradient checkpointing (a second forward
         # inside the backward) is not passed to it
         "ekfac": [*ma, "ekfac", "--config", str(cfg / "ekfac.yaml"), *rr, "--fit_draws", str(a.draws),
@@ -305,6 +306,9 @@ def main(argv=None) -> int:
                     help="the SAT task's gradient checkpointing in unlearn, attribute, index and query (the same "
                          "numbers; activations of one block instead of all)")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--unlearn_with", choices=("ekfac", "diagonal"),
+                    help="unlearn's preconditioner: ekfac (AbU+, the factors of the ekfac stage; the default when "
+                         "--stages has ekfac) or diagonal (configs/paper's own, ekfac: null; the default otherwise)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--mfu", type=float, default=0.40)
@@ -323,6 +327,8 @@ def main(argv=None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise SystemExit(f"rehearse: unknown stages {bad}; fix: choose from {','.join(STAGES)}")
+    if a.unlearn_with is None:
+        a.unlearn_with = "ekfac" if "ekfac" in stages else "diagonal"
     cfg = Path(a.config_dir)
     if not (cfg / "fit.yaml").is_file():
         raise SystemExit(f"rehearse: {cfg / 'fit.yaml'} not found; fix: pass --config_dir configs/paper")
@@ -391,7 +397,7 @@ def main(argv=None) -> int:
               "text_dim": text_dim, "depth": mc["model"]["diffusion"]["config"]["depth"],
               "width": mc["model"]["diffusion"]["config"]["embed_dim"], "scale": a.scale, "items": a.items,
               "fit_steps": a.steps, "draws": a.draws, "query_draws": a.query_draws, "fit_precision": precision,
-              "threads": a.threads, "checkpointing": a.checkpointing, "cpu_matmul_gflops": rates, "flops_forward": f_fwd, "flops_forward_backward": f_fb,
+              "threads": a.threads, "checkpointing": a.checkpointing, "unlearn_with": a.unlearn_with, "cpu_matmul_gflops": rates, "flops_forward": f_fwd, "flops_forward_backward": f_fb,
               "assumption": {"gpus": a.gpus, "mfu": a.mfu, "peak_flops": a.peak_flops, "paper_items": a.paper_items,
                              "paper_T": PAPER_T, "paper_query_draws": a.paper_query_draws},
               "memory_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,

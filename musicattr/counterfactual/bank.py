@@ -561,11 +561,24 @@ def _commit(root: Path, message: str) -> None:
     log.warning("bank: git index stayed locked; %s not committed (the next record commits it)", root)
 
 
-def _check_manifest(manifest: dict, store_fp: str, items_fp: str, recipe: Recipe, key: dict | None) -> None:
-    if manifest["store"]["content"] != store_fp or manifest["store"]["items"] != items_fp:
-        raise BankError(f"the bank was built on another store (content {manifest['store']['content']}, items "
-                        f"{manifest['store']['items']}; this store: {store_fp}, {items_fp}); fix: use the store the "
-                        "bank was made on (`make demo` on the shipped corpus), or give another bank_dir")
+def equivalent_stores(manifest: dict | None) -> dict[str, dict]:
+    """The store contents a bank accepts besides its own (``store_check``), content -> the check's figures."""
+    return dict(((manifest or {}).get("store") or {}).get("equivalent") or {})
+
+
+def _check_manifest(manifest: dict, store_fp: str, items_fp: str, recipe: Recipe, key: dict | None,
+                    check_store: bool = False) -> None:
+    if manifest["store"]["items"] != items_fp:
+        raise BankError(f"the bank was built on another store (items {manifest['store']['items']}; this store's "
+                        f"items: {items_fp}); fix: use the store the bank was made on (`make demo` on the shipped "
+                        "corpus), or give another bank_dir")
+    own = manifest["store"]["content"]
+    if store_fp != own and store_fp not in equivalent_stores(manifest) and not check_store:
+        raise BankError(f"the bank was built on a store with the same items but other arrays (content {own}; this "
+                        f"store: {store_fp}), e.g. one encoded on another CPU (float rounding); fix: `make bank "
+                        "BANK_ARGS='--check_store true'` refits a few finished LDS retrains on this store and accepts "
+                        "it (in manifest.json) when their query losses differ from the records by no more than a "
+                        "second training seed's do; or use the bank's own store, or give another bank_dir")
     if manifest["recipe"]["fingerprint"] != recipe.fingerprint():
         raise BankError(f"the bank's recipe {manifest['recipe']['fingerprint']} differs from this run's "
                         f"{recipe.fingerprint()}; fix: leave steps/recipe as the manifest states, or give another "
@@ -583,6 +596,7 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
              top_k: BankTopK = BankTopK(),
              loss_draws: int = 128, mask_loss: bool = False, seed: int = 0, checkpoint_every: int = 100,
              max_retrains: int | None = None, only: int | None = None, plan: bool = False, commit: bool = False,
+             check_store: bool = False, store_check_subsets: int = 2, store_check_max_ratio: float = 1.0,
              task=None,
              trainer: dict | None = None) -> dict:
     """Build, or continue, the counterfactual bank in ``bank_dir``.
@@ -607,6 +621,9 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
             benchmark model and the queries before any task starts).
         plan: write the design, plan and manifest, print the plan and the time left, then stop.
         commit: commit the bank folder (only it) after each finished retrain.
+        check_store: accept a store with the bank's items but other arrays (another CPU's encoding) if
+            ``store_check_subsets`` refitted LDS retrains differ from their records by at most
+            ``store_check_max_ratio`` times the second seed's difference (``counterfactual.store_check``).
         task: the attribution task whose loss measures the queries (default: the SAT DiT).
         trainer: Trainer options of the retrains (accelerator, devices).
     """
@@ -635,8 +652,9 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
             raise BankError(f"a new bank needs theta0's checkpoint for its recipe ({checkpoint!r} not found); fix: "
                             "run `make demo` first (runs/demo/fit/last.ckpt), or point bank_dir at a shipped bank")
         rec = recipe_from_checkpoint(checkpoint, steps, recipe)
+    bank_content = manifest["store"]["content"] if manifest is not None else content   # the bank's identity
     if manifest is not None:
-        _check_manifest(manifest, content, items_fingerprint(ids), rec, None)
+        _check_manifest(manifest, content, items_fingerprint(ids), rec, None, check_store)
     task = task if task is not None else _default_task()
     root.mkdir(parents=True, exist_ok=True)
     if (root / DESIGN).exists():
@@ -651,7 +669,7 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
     if (root / "queries" / "queries.csv").exists():
         _choose_or_grow_top_k(root, design, top_k, random_k.k)
     retrains = bank_plan(design, lds, groups, random_k, top_k)
-    context = {"store": content, "recipe": rec.fingerprint()}
+    context = {"store": bank_content, "recipe": rec.fingerprint()}
     _sync_roles(root, retrains, context)
     rows = [{"index": i, "name": b.retrain.name(context), "kind": b.roles[0]["kind"], "seed": b.retrain.seed,
              "removed": len(b.retrain.removed), "roles": "; ".join(b.retrain.purposes)} for i, b in enumerate(retrains)]
@@ -686,7 +704,11 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
     table = Bank(root).queries_table()
     queries = bank_queries(root, table)
     key = loss_key(root, table, loss_draws, seed, mask_loss, task)
-    _check_manifest(manifest, content, items_fingerprint(ids), rec, key)
+    _check_manifest(manifest, content, items_fingerprint(ids), rec, key, check_store)
+    if content != bank_content and content not in equivalent_stores(manifest):
+        _accept_store(root, work, retrains, context, content, rec, store, trainer, checkpoint_every, task, queries,
+                      seed, loss_draws, mask_loss, device=_device(trainer), lds_seed=lds.seed,
+                      subsets=store_check_subsets, max_ratio=store_check_max_ratio, manifest=manifest)
     manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
     if commit:
         _commit(root, f"bank: manifest, design, plan{', benchmark model and queries' if not done else ''}")
@@ -707,7 +729,7 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
             if (root / "retrains" / f"{name}.json").exists():
                 continue                                 # another worker finished it since this run started
             ran += _run_one(i, b, name, root, work, first_dir, rec, store, context, trainer, checkpoint_every, task,
-                            queries, seed, loss_draws, mask_loss, device, key)
+                            queries, seed, loss_draws, mask_loss, device, key, content)
         per = _seconds_per_retrain(root)
         manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
         left = sum(not (root / "retrains" / f"{x.retrain.name(context)}.json").exists() for x in retrains)
@@ -740,8 +762,57 @@ def _benchmark_model_and_queries(root, work, first, first_dir, rec, store, s, co
         log.info("bank: queries generated in %.0f s", time.time() - t1)
 
 
+def _accept_store(root, work, retrains, context, content, rec, store, trainer, every, task, queries, seed, loss_draws,
+                  mask_loss, device, lds_seed, subsets, max_ratio, manifest) -> None:
+    """Refit ``subsets`` finished LDS retrains (seed ``lds_seed``, both seeds recorded) on this store and accept it
+    (``manifest['store']['equivalent'][content]``, the losses in store_checks/<content>.json) if they differ from
+    their records by at most ``max_ratio`` times the second seed's difference; else refuse."""
+    from musicattr.counterfactual.store_check import store_check_stats
+
+    records = {p.stem: json.loads(p.read_text()) for p in (root / "retrains").glob("*.json")}
+    by_subset: dict[int, dict[int, BankRetrain]] = {}
+    for b in retrains:
+        for role in b.roles:
+            if role["kind"] == "lds":
+                by_subset.setdefault(int(role["subset"]), {})[int(role["seed"])] = b
+    pairs = []
+    for j in sorted(by_subset):
+        seeds = by_subset[j]
+        other = [x for x in sorted(seeds) if x != lds_seed]
+        if lds_seed in seeds and other:
+            n0, n1 = seeds[lds_seed].retrain.name(context), seeds[other[0]].retrain.name(context)
+            if n0 in records and n1 in records:
+                pairs.append((j, seeds[lds_seed], n0, n1))
+        if len(pairs) == subsets:
+            break
+    if not pairs:
+        raise BankError(f"{root}: no LDS subset has both seeds recorded, so a store check has no retraining noise to "
+                        "compare with; fix: use the bank's own store")
+    new = []
+    for j, b, n0, _ in pairs:
+        run_dir = work / "store-check" / content / n0
+        log.info("bank: store check: refitting %s (LDS subset %d) on store %s", n0, j, content)
+        _fit(run_dir, rec, store, b.retrain, context, trainer, every)
+        new.append(_measure_queries(task, run_dir / MODEL, queries, store, seed, loss_draws, mask_loss, device))
+    stats = store_check_stats(new, [records[n0]["losses"] for _, _, n0, _ in pairs],
+                              [records[n1]["losses"] for _, _, _, n1 in pairs], max_ratio)
+    stats = {**stats, "content": content, "own_content": manifest["store"]["content"],
+             "retrains": [n0 for _, _, n0, _ in pairs], "second_seed_retrains": [n1 for *_, n1 in pairs],
+             "machine": _machine(), "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(root / "store_checks" / f"{content}.json", {**stats, "losses": new})
+    log.info("bank: store check of %s: rms difference to the records %.4g, second seed %.4g (ratio %.2f, at most "
+             "%.2f): %s", content, stats["rms_store"], stats["rms_seed"], stats["ratio"], max_ratio,
+             "accepted" if stats["accepted"] else "refused")
+    if not stats["accepted"]:
+        raise BankError(f"store {content}: refitted retrains differ from the bank's records by {stats['ratio']:.2f} "
+                        f"times what a second training seed does (at most {max_ratio}; see "
+                        f"{root / 'store_checks' / (content + '.json')}); fix: use the bank's own store, or give "
+                        "another bank_dir")
+    manifest["store"].setdefault("equivalent", {})[content] = {k: v for k, v in stats.items()}
+
+
 def _run_one(i, b, name, root, work, first_dir, rec, store, context, trainer, checkpoint_every, task, queries, seed,
-             loss_draws, mask_loss, device, key) -> int:
+             loss_draws, mask_loss, device, key, content: str) -> int:
     """Fit retrain ``i`` of the plan (or reuse its finished fit), measure its query losses, write its record."""
     r = b.retrain
     run_dir = work / "retrains" / name
@@ -762,7 +833,8 @@ def _run_one(i, b, name, root, work, first_dir, rec, store, context, trainer, ch
     record = {"format": FORMAT, "name": name, "key": r.key(context), "roles": b.roles,
               "loss_key": key, "losses": losses, "model_fingerprint": _file_fingerprint(model),
               "fit_s": fit_s, "measure_s": time.time() - t2, "steps": rec.steps,
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine()}
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
+              "store_content": content}   # the store it was fitted on (the bank's own, or one its check accepted)
     if any(role["kind"] == "top-k" for role in b.roles):
         record["removed"] = list(r.removed)
     atomic_write_json(root / "retrains" / f"{name}.json", record)
@@ -846,11 +918,15 @@ def _write_manifest(root: Path, old: dict | None, store, content: str, ids: list
                     key: dict | None) -> dict:
     records = [json.loads(p.read_text()) for p in sorted((root / "retrains").glob("*.json"))]
     fits = [r["fit_s"] for r in records if r.get("fit_s")]
+    own = {"content": content, "items": items_fingerprint(ids), "n_items": len(ids), "fingerprint": store.fingerprint,
+           "autoencoder_fingerprint": store.manifest.get("autoencoder_fingerprint")}
+    if old is not None and old["store"]["content"] != content:   # a store its check accepted: the bank keeps its own
+        own = {k: v for k, v in old["store"].items() if k != "equivalent"}
+    if equivalent_stores(old):
+        own["equivalent"] = equivalent_stores(old)
     manifest = {
         "format": FORMAT,
-        "store": {"content": content, "items": items_fingerprint(ids), "n_items": len(ids),
-                  "fingerprint": store.fingerprint,
-                  "autoencoder_fingerprint": store.manifest.get("autoencoder_fingerprint")},
+        "store": own,
         "recipe": {**asdict(rec), "fingerprint": rec.fingerprint(), "describe": rec.describe()},
         "settings": settings,
         "loss_key": key if key is not None else (old or {}).get("loss_key"),

@@ -386,6 +386,53 @@ def test_bank_end_to_end(tmp_path):
     latent.write_bytes(latent.read_bytes() + b" ")
     with pytest.raises(BankError, match="q000"):
         check_compare(bank, compare)
+    # the same items encoded elsewhere (other float rounding): refused until a store check accepts it
+    import shutil
+
+    from musicattr.counterfactual.bank import store_content
+    from musicattr.data.latent_store import LatentStore
+
+    other = tmp_path / "store-elsewhere"
+    shutil.copytree(s["store"], other)
+    for shard in (other / "shards").glob("*.latents.npy"):     # every latent a few float16 ulps off
+        np.save(shard, np.load(shard) + np.float16(0.01))
+    content = store_content(LatentStore(str(other)))
+    own = json.loads((bank_dir / "manifest.json").read_text())["store"]["content"]
+    assert content != own
+    kw_other = {**kw, "store": str(other), "checkpoint": None, "top_k": grown_top}
+    with pytest.raises(BankError, match="other arrays.*check_store"):
+        run_bank(**kw_other)
+    with pytest.raises(BankError, match="times what a second training seed does"):
+        run_bank(**kw_other, check_store=True, store_check_subsets=2, store_check_max_ratio=0.0)
+    check = json.loads((bank_dir / "store_checks" / f"{content}.json").read_text())
+    assert check["subsets"] == 2 and check["rms_store"] > 0 and check["rms_seed"] > 0 and not check["accepted"]
+    assert len(check["losses"]) == 2 and check["ratio"] == pytest.approx(check["rms_store"] / check["rms_seed"])
+    accepted = run_bank(**kw_other, check_store=True, store_check_subsets=2, store_check_max_ratio=1e9)
+    assert accepted["ran"] == 0
+    manifest = json.loads((bank_dir / "manifest.json").read_text())
+    assert manifest["store"]["content"] == own and manifest["store"]["equivalent"][content]["accepted"]
+    # accepted: the next run needs no check; the bank keeps its names, and a new record names the store it used
+    before = list(pd.read_csv(bank_dir / "plan.csv")["name"])
+    grown_more = run_bank(**{**kw_other, "lds": BankLDS(subsets=8, second_subsets=3)})
+    after = pd.read_csv(bank_dir / "plan.csv")
+    assert grown_more["ran"] == 1 and list(after["name"][:len(before)]) == before
+    record = json.loads((bank_dir / "retrains" / f"{after['name'].iloc[-1]}.json").read_text())
+    assert record["store_content"] == content and record["key"]["store"] == own
+
+
+def test_store_check_stats_compare_with_the_second_seed():
+    from musicattr.counterfactual.store_check import store_check_stats
+
+    recorded = [{"q0": 1.0, "q1": 2.0}, {"q0": 1.5, "q1": 2.5, "q2": 9.0}]
+    other = [{"q0": 1.2, "q1": 1.8}, {"q0": 1.3, "q1": 2.7}]
+    new = [{"q0": 1.1, "q1": 2.0}, {"q0": 1.5, "q1": 2.4}]
+    r = store_check_stats(new, recorded, other)
+    assert r["pairs"] == 4 and r["rms_seed"] == pytest.approx(0.2)
+    assert r["rms_store"] == pytest.approx(np.sqrt(0.02 / 4)) and r["ratio"] == pytest.approx(r["rms_store"] / 0.2)
+    assert r["mean_store"] == pytest.approx(0.0) and r["accepted"]
+    assert not store_check_stats(new, recorded, other, max_ratio=0.1)["accepted"]
+    with pytest.raises(ValueError, match="same number"):
+        store_check_stats(new[:1], recorded, other)
 
 
 def test_bank_errors_name_the_file_and_the_fix(tmp_path):
