@@ -103,12 +103,12 @@ class TensorFormat:
         return len(buffer["index"])
 
     def write(self, folder: Path, rank: int, buffer: dict) -> Path:
-        from safetensors.torch import save_file
+        from musicattr.tensor_file import save_tensors
 
-        tensors = {k: (torch.cat(v) if self.reduce == "cat" else v).contiguous() for k, v in buffer["tensors"].items()}
+        tensors = {k: (torch.cat(v) if self.reduce == "cat" else v) for k, v in buffer["tensors"].items()}
         path = folder / _part_name(rank, ".safetensors")
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"indices": json.dumps(buffer["index"]), "reduce": self.reduce})
+        with atomic_path(path) as tmp:   # streamed: a Fisher part is 8 B per parameter, never copied whole
+            save_tensors(tensors, tmp, metadata={"indices": json.dumps(buffer["index"]), "reduce": self.reduce})
         return path
 
     def indices(self, path: Path) -> list[int]:

@@ -49,13 +49,14 @@ PAPER_T = 16              # scoring timesteps per track (configs/paper/attribute
 PAPER_FIT_DRAWS = 8       # EK-FAC's (item, draw) examples per track (configs/paper/ekfac.yaml)
 
 
-try:  # fit's checkpoints written straight to their file (the stage imports it as rehearse.FileCheckpointIO)
+def _file_checkpoint_io():
+    """Lightning's TorchCheckpointIO serializes a checkpoint into an in-memory buffer and copies it out (two copies of
+    the weights: 8 GB at 1 B parameters); this one streams torch.save into a temporary file beside the target and
+    renames it (atomic, no copy in memory). The same file."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     class FileCheckpointIO(TorchCheckpointIO):
-        """Lightning's TorchCheckpointIO serializes a checkpoint into an in-memory buffer and copies it out (two
-        copies of the weights: 8 GB at 1 B parameters); this one streams torch.save into a temporary file beside
-        the target and renames it (atomic, no copy in memory). The same file."""
+        __doc__ = _file_checkpoint_io.__doc__
 
         def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
             import torch
@@ -65,8 +66,16 @@ try:  # fit's checkpoints written straight to their file (the stage imports it a
             tmp = path.with_name(path.name + ".tmp")
             torch.save(checkpoint, tmp)
             os.replace(tmp, path)
-except ImportError:  # pragma: no cover
-    FileCheckpointIO = None
+
+    return FileCheckpointIO
+
+
+def __getattr__(name: str):
+    """``rehearse.FileCheckpointIO`` (fit's ``--trainer.plugins``), built on first use so that this script's own
+    process never imports torch or Lightning."""
+    if name == "FileCheckpointIO":
+        return _file_checkpoint_io()
+    raise AttributeError(name)
 
 
 def matmul_gflops(dtype_name: str, threads: int, seconds: float = 1.0) -> float:
@@ -82,6 +91,19 @@ def matmul_gflops(dtype_name: str, threads: int, seconds: float = 1.0) -> float:
         a @ b
         n += 1
     return 2 * 256 * 1536 * 1536 * n / (time.perf_counter() - t0) / 1e9
+
+
+def _probe(mc: dict, frames: int, threads: int, store: str | None, items: int, channels: int, text_dim: int):
+    """(flops_per_draw, matmul rates, torch version), and the synthetic store written when ``store`` is given."""
+    import shutil
+
+    import torch
+
+    if store is not None:
+        shutil.rmtree(store, ignore_errors=True)
+        write_store(Path(store), items, channels, frames, text_dim)
+    rates = {d: matmul_gflops(d, threads) for d in ("float32", "bfloat16")}
+    return flops_per_draw(mc, frames, "all"), rates, torch.__version__
 
 
 def paper_config(config_dir: Path) -> dict:
@@ -175,8 +197,10 @@ def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, 
     lt, ft = (["--model.task", task], ["--task", task]) if a.checkpointing else ([], [])
     return {
         "fit": fit,
+        # a part per batch: the writer's running float64 sum is not held beside the next batch's (8 B per parameter
+        # each); the paper's GPU hosts keep flush_every 200 in host memory
         "fisher": [*ma, "fisher", "--config", str(cfg / "fisher.yaml"), *rr, *cpu, *data, "--model.num_draws",
-                   str(a.draws), "--model.chunk_size", "1", "--model.overwrite", "true"],
+                   str(a.draws), "--model.chunk_size", "1", "--model.overwrite", "true", "--model.flush_every", "1", *lt],
         "unlearn": [*ma, "unlearn", "--config", str(cfg / "unlearn.yaml"), *rr, "--query", "null", "--query_item",
                     QUERY_ITEM, "--num_draws", str(a.query_draws), "--draws_per_forward", "1", "--device", "cpu",
                     # AbU+ (the demo's default) with ekfac's factors, else configs/paper's own diagonal Fisher
@@ -207,7 +231,7 @@ def stage_flops(stage: str, f_fwd: float, f_fb: float, checkpointing: bool, task
     re = f_fwd if task_checkpointing else 0.0
     return {
         "fit": (f_fb + (f_fwd if checkpointing else 0.0), "item-timestep (one training example)"),
-        "fisher": (f_fb, "item-timestep (a per-sample gradient)"),
+        "fisher": (f_fb + re, "item-timestep (a per-sample gradient)"),
         "ekfac": (2 * f_fb, "item-timestep (kronfluence's covariance and eigenvalue-correction passes)"),
         "unlearn": (f_fb + re, "query draw"),
         "attribute": (2 * f_fwd + f_fb + re, "item-timestep (theta0 and unlearned forwards + the relative score's "
@@ -303,7 +327,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights_only", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                     help="fit's checkpoint without the optimizer state (the later stages read the weights only)")
     ap.add_argument("--checkpointing", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
-                    help="the SAT task's gradient checkpointing in unlearn, attribute, index and query (the same "
+                    help="the SAT task's gradient checkpointing in fisher, unlearn, attribute, index and query (the same "
                          "numbers; activations of one block instead of all)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--unlearn_with", choices=("ekfac", "diagonal"),
@@ -347,23 +371,23 @@ def main(argv=None) -> int:
     precision = a.precision or fit["trainer"].get("precision", "32-true")
     checkpointing = bool(fit["model"].get("use_checkpointing", True))
 
-    import torch
-    params, f_fwd, f_fb, all_params = flops_per_draw(mc, frames, "all")
+    # the FLOP count, the matmul rates and the store are made in a child process: this one never imports torch, so
+    # the stages (each its own process) have the machine's memory less this script's ~0.1 GB, not ~1.2 GB
+    store = run / "store"
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        (params, f_fwd, f_fb, all_params), rates, torch_version = pool.apply(
+            _probe, (mc, frames, a.threads, str(store) if "fit" in stages or not (store / "index.parquet").exists()
+                     else None, a.items, channels, text_dim))
     print(f"rehearsal: DiT of {all_params / 1e9:.3f} B parameters (depth {mc['model']['diffusion']['config']['depth']}, "
           f"width {mc['model']['diffusion']['config']['embed_dim']}), latents {channels} x {frames}, text 1 x "
           f"{text_dim}; {a.items} items, fit {a.steps} steps in {precision}, {a.draws} draw(s) per item, K = "
-          f"{a.query_draws}; {a.threads} thread(s); torch {torch.__version__}")
+          f"{a.query_draws}; {a.threads} thread(s); torch {torch_version}")
     print(f"  FLOPs per item-timestep (FlopCounterMode, meta device): forward {f_fwd / 1e12:.3f} TFLOP, forward + "
           f"backward {f_fb / 1e12:.3f} TFLOP")
-
-    rates = {d: matmul_gflops(d, a.threads) for d in ("float32", "bfloat16")}
     print(f"  this CPU's matmul at the DiT's shape: float32 {rates['float32']:.1f} GFLOP/s, bfloat16 "
           f"{rates['bfloat16']:.2f} GFLOP/s ({a.threads} thread(s))")
-    store = run / "store"
-    if "fit" in stages or not (store / "index.parquet").exists():
-        import shutil
-        shutil.rmtree(store, ignore_errors=True)
-        write_store(store, a.items, channels, frames, text_dim)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "MUSICATTR_TEST_THREADS": str(a.threads), "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
@@ -380,7 +404,7 @@ def main(argv=None) -> int:
         per_unit, unit = stage_flops(stage, f_fwd, f_fb, checkpointing, a.checkpointing)
         units = executed_units(stage, a)
         paper = paper_units(stage, a.paper_items, a.paper_query_draws)
-        r.update(stage=stage, task_checkpointing=a.checkpointing and stage in ("unlearn", "attribute", "index", "query"),
+        r.update(stage=stage, task_checkpointing=a.checkpointing and stage in ("fisher", "unlearn", "attribute", "index", "query"),
                  command=" ".join(cmds[stage]), flops_per_unit=per_unit, unit=unit,
                  units_run=units, cpu_flops_per_s=per_unit * units / r["seconds"] if per_unit else None,
                  paper_units=paper if per_unit else 0,

@@ -37,6 +37,7 @@ by skipping the items already summed), and rank 0 merges the parts (float64) int
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.func import grad, vmap
 
 from musicattr.atomic import atomic_path
@@ -203,20 +204,27 @@ def merge_fisher(parts: Parts, out: Path, key: dict[str, Any], names: list[str],
                  provenance: dict[str, Any] | None = None) -> None:
     """F = (sum of part sums) / (N T), each item counted once; writes ``out`` (safetensors) with ``key`` and
     ``provenance`` (how it was computed, not what it depends on: e.g. the vectorize choice) as metadata."""
-    total: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for p in parts.files():
-        idx, sums = parts.format.read(p)
+    from musicattr.tensor_file import save_tensors
+
+    files, seen = parts.files(), set()
+    for p in files:
+        idx = parts.format.indices(p)
         if seen.intersection(idx):
             raise RuntimeError(f"{p} repeats items already summed; fix: delete {parts.folder} and rerun")
         seen.update(idx)
-        for k, v in sums.items():
-            total[k] = total[k] + v if k in total else v
     n, t = len(seen), int(key["num_draws"])
-    fisher = {k: (total[k] / (n * t)).float().contiguous() for k in names}
+    fisher = {}
+    with contextlib.ExitStack() as stack:   # tensor by tensor: one float64 sum at a time, never every part whole
+        opened = [stack.enter_context(safe_open(str(p), "pt")) for p in files]
+        for k in names:
+            total = None
+            for f in opened:
+                v = f.get_tensor(k)
+                total = v if total is None else total + v
+            fisher[k] = (total / (n * t)).float().contiguous()
     meta = {k: json.dumps(v) for k, v in {**(provenance or {}), **key, "num_items": n, "parameters": names}.items()}
     with atomic_path(out) as tmp:
-        save_file(fisher, str(tmp), metadata=meta)
+        save_tensors(fisher, tmp, metadata=meta)
     log.info("fisher: %s (N = %d items, T = %d draws, %d tensors)", out, n, t, len(names))
 
 

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from musicattr.atomic import atomic_path
 from musicattr.attribution.loss import UNLEARN
@@ -162,9 +162,10 @@ def count_changed(theta0: Mapping[str, torch.Tensor], theta: Mapping[str, torch.
 
 def save_unlearned(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
     """Write only the changed tensors (their unlearned values) with the run's metadata."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: json.dumps(v) for k, v in metadata.items()})
+    from musicattr.tensor_file import save_tensors
+
+    with atomic_path(path) as tmp:   # streamed tensor by tensor (save_file copies the whole dict into memory first)
+        save_tensors(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
 def load_unlearned(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -109,16 +109,17 @@ class DiffusionModule(L.LightningModule):
 
 def load_diffusion_module(path: str, map_location: str = "cpu") -> DiffusionModule:
     """theta0: a DiffusionModule from a `musicattr fit` checkpoint (config from its hyper_parameters)."""
-    from musicattr.models.sat import init_kwargs, load_state_dict_checked, read_state_dict
+    from musicattr.models.sat import init_kwargs, load_state_dict_checked, mapped_checkpoint
 
     if not path or not __import__("os").path.exists(path):
         raise FileNotFoundError(f"DiT checkpoint not found: {path!r}; fix: run `musicattr fit` or give the path "
                                 "of a checkpoint it wrote")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = mapped_checkpoint(path, map_location)   # read once, memory-mapped: the weights are copied in, never held twice
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "model_config" not in hp:
         raise ValueError(f"{path} has no hyper_parameters.model_config; fix: pass a checkpoint written by "
                          "`musicattr fit`")
     module = DiffusionModule(**init_kwargs(DiffusionModule, hp))
-    load_state_dict_checked(module, read_state_dict(path), path)
+    load_state_dict_checked(module, ckpt.get("state_dict", ckpt), path)
+    del ckpt
     return module.eval()

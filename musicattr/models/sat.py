@@ -111,6 +111,18 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tens
     module.load_state_dict(state)
 
 
+def mapped_checkpoint(path: str, map_location: str = "cpu"):
+    """``torch.load`` of a checkpoint with its tensors memory-mapped from the file (copy-on-write: nothing is
+    written back), so loading a model copies each weight once instead of holding the file's copy beside it (at
+    1 B parameters 4 GB less at the load's peak). Files torch cannot map (the legacy format) are read whole."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a state dict from a .ckpt/.pt (Lightning or plain) or .safetensors file."""
     if not os.path.exists(path):

@@ -118,3 +118,18 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert const.lr_factor(5) == pytest.approx(0.6) and const.lr_factor(10_000) == 1.0
     with pytest.raises(ValueError, match="constant' or 'cosine"):
         DiffusionModule(tiny_config(), lr_schedule="linear")
+
+
+def test_mapped_checkpoint_maps_zip_files_and_reads_legacy_ones(tmp_path):
+    """Checkpoints are loaded memory-mapped (one copy of the weights at the load's peak); a legacy (non-zip) file
+    cannot be mapped and is read whole; both give the same tensors."""
+    import torch
+
+    from musicattr.models.sat import mapped_checkpoint
+
+    state = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "hyper_parameters": {"a": 1}}
+    torch.save(state, tmp_path / "zip.ckpt")
+    torch.save(state, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    for name in ("zip.ckpt", "legacy.ckpt"):
+        got = mapped_checkpoint(str(tmp_path / name))
+        assert torch.equal(got["state_dict"]["w"], state["state_dict"]["w"]) and got["hyper_parameters"] == {"a": 1}
