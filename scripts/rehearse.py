@@ -8,10 +8,12 @@ Writes a synthetic latent store (``--items`` latents of 64 channels x 2584 frame
 gives, timing of a two-minute track), then runs, each as ``musicattr <stage> --config configs/paper/<stage>.yaml
 --run_root <out>/run ...`` in its own process on one CPU device (no wandb):
 
-    fit (a few AdamW steps, the config's precision: bf16-mixed through Lightning's plugin) -> fisher -> ekfac
-    (kronfluence's factors of the linear layers) -> unlearn (AbU+ with those factors, the demo's default; a training item as
-    the query) -> attribute (Eq. 1, relative) -> index (k of the config) -> query (a query
-    gradient and the unlearned file against the index) -> report (the attribute table's page)
+    fit (a few AdamW steps in the config's precision, bf16-mixed through Lightning's plugin, where this CPU runs
+    bf16 matmuls at least as fast as float32, else 32-true) -> fisher -> [ekfac (kronfluence's factors of the
+    linear layers; only when --stages names it: 56 GB at the paper's depth)] -> unlearn (configs/paper's diagonal
+    Fisher, or AbU+ with the ekfac factors; a training item as the query) -> attribute (Eq. 1, relative) -> index
+    (k of the config) -> query (a query gradient and the unlearned file against the index) -> report (the
+    attribute table's page)
 
 and prints per stage: wall time, peak resident memory of the stage's process (``os.wait4``'s ru_maxrss), FLOPs
 per item-timestep (torch's FlopCounterMode on the meta device, ``scripts/index_paper_scale.flops_per_draw``), the
@@ -43,6 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from index_paper_scale import PAPER_ITEMS, flops_per_draw  # noqa: E402  the shared FLOP counter
 
 STAGES = ("fit", "fisher", "ekfac", "unlearn", "attribute", "index", "query", "report")
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "ekfac")
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 QUERY_ITEM = "synthetic/track000.wav"  # the query of unlearn and query: a training item (train-to-train)
 PAPER_T = 16              # scoring timesteps per track (configs/paper/attribute.yaml, index.yaml)
@@ -147,11 +150,12 @@ def write_store(root: Path, items: int, channels: int, frames: int, text_dim: in
 
 def run_stage(cmd: list[str], env: dict, log: Path) -> dict:
     """Run one stage; its wall time and peak resident memory (ru_maxrss of that process from os.wait4, and the
-    largest VmRSS seen by polling /proc every 0.2 s as a check)."""
+    largest VmRSS seen by polling /proc every 0.2 s as a check), and the largest RssAnon polled: the memory the
+    kernel cannot reclaim (resident pages of memory-mapped files count in RSS but are dropped under pressure)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        peak = {"kb": 0}
+        peak = {"kb": 0, "anon_kb": 0}
         done = threading.Event()
 
         def poll():
@@ -160,6 +164,8 @@ def run_stage(cmd: list[str], env: dict, log: Path) -> dict:
                     for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
                         if line.startswith("VmRSS:"):
                             peak["kb"] = max(peak["kb"], int(line.split()[1]))
+                        elif line.startswith("RssAnon:"):
+                            peak["anon_kb"] = max(peak["anon_kb"], int(line.split()[1]))
                 except (FileNotFoundError, ProcessLookupError, ValueError):
                     pass
                 done.wait(0.2)
@@ -171,7 +177,8 @@ def run_stage(cmd: list[str], env: dict, log: Path) -> dict:
         watcher.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": time.perf_counter() - t0, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
-            "polled_rss_gb": peak["kb"] * 1024 / 1e9, "returncode": proc.returncode, "log": str(log)}
+            "polled_rss_gb": peak["kb"] * 1024 / 1e9, "polled_anon_gb": peak["anon_kb"] * 1024 / 1e9,
+            "returncode": proc.returncode, "log": str(log)}
 
 
 def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, list[str]]:
@@ -191,7 +198,7 @@ def stage_commands(a, run: Path, cfg: Path, override: Path | None) -> dict[str, 
            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
            "--trainer.log_every_n_steps", "1", "--trainer.callbacks", ckpt_cb, "--model.warmup_steps", "1",
            "--trainer.plugins", "rehearse.FileCheckpointIO"]
-    if a.precision:
+    if a.precision and a.precision != "auto":
         fit += ["--trainer.precision", a.precision]
     task = "{class_path: musicattr.models.sat_task.SATDiffusionTask, init_args: {checkpointing: true}}"
     lt, ft = (["--model.task", task], ["--task", task]) if a.checkpointing else ([], [])
@@ -323,13 +330,18 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=1, help="timesteps per item in fisher, attribute and index")
     ap.add_argument("--query_draws", type=int, default=1, help="K of unlearn and query")
     ap.add_argument("--k", type=int, help="the index's k (default: the config's)")
-    ap.add_argument("--precision", help="fit's trainer.precision (default: the config's)")
+    ap.add_argument("--precision", default="auto",
+                    help="fit's trainer.precision; auto (default): the config's (bf16-mixed), unless this CPU's bf16 "
+                         "matmul is slower than its float32 one (no AVX-512 BF16 or AMX: 60x slower measured), then "
+                         "32-true (the same weights and moments in memory, no bf16 copy)")
     ap.add_argument("--weights_only", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                     help="fit's checkpoint without the optimizer state (the later stages read the weights only)")
     ap.add_argument("--checkpointing", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
                     help="the SAT task's gradient checkpointing in fisher, unlearn, attribute, index and query (the same "
                          "numbers; activations of one block instead of all)")
-    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                    help=f"comma-separated, of {','.join(STAGES)} (default: all but ekfac, whose factors take 56 GB at "
+                         "the paper's depth; configs/paper unlearns with the diagonal Fisher)")
     ap.add_argument("--unlearn_with", choices=("ekfac", "diagonal"),
                     help="unlearn's preconditioner: ekfac (AbU+, the factors of the ekfac stage; the default when "
                          "--stages has ekfac) or diagonal (configs/paper's own, ekfac: null; the default otherwise)")
@@ -368,7 +380,6 @@ def main(argv=None) -> int:
         override = out / "model_override.yaml"
         override.write_text(yaml.safe_dump({"model": {"model_config": mc}}))
     channels, text_dim = int(mc["model"]["io_channels"]), int(mc["model"]["conditioning"]["cond_dim"])
-    precision = a.precision or fit["trainer"].get("precision", "32-true")
     checkpointing = bool(fit["model"].get("use_checkpointing", True))
 
     # the FLOP count, the matmul rates and the store are made in a child process: this one never imports torch, so
@@ -380,6 +391,12 @@ def main(argv=None) -> int:
         (params, f_fwd, f_fb, all_params), rates, torch_version = pool.apply(
             _probe, (mc, frames, a.threads, str(store) if "fit" in stages or not (store / "index.parquet").exists()
                      else None, a.items, channels, text_dim))
+    precision = a.precision
+    if precision == "auto":   # the documented rule: bf16 only where this CPU runs it at least as fast as float32
+        precision = fit["trainer"].get("precision", "32-true")
+        if "bf16" in precision and rates["bfloat16"] < rates["float32"]:
+            precision = "32-true"
+    a.precision = precision
     print(f"rehearsal: DiT of {all_params / 1e9:.3f} B parameters (depth {mc['model']['diffusion']['config']['depth']}, "
           f"width {mc['model']['diffusion']['config']['embed_dim']}), latents {channels} x {frames}, text 1 x "
           f"{text_dim}; {a.items} items, fit {a.steps} steps in {precision}, {a.draws} draw(s) per item, K = "
@@ -410,7 +427,8 @@ def main(argv=None) -> int:
                  paper_units=paper if per_unit else 0,
                  paper_seconds=paper * per_unit / rate if per_unit else 0.0)
         status = "ok" if r["returncode"] == 0 else f"FAILED (exit {r['returncode']}, see {r['log']})"
-        print(f"  {stage:<9} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_gb']:6.2f} GB  "
+        print(f"  {stage:<9} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_gb']:6.2f} GB (anonymous "
+              f"{r['polled_anon_gb']:.2f})  "
               f"{per_unit / 1e12:7.3f} TFLOP per unit  {status}", flush=True)
         results[stage] = r
         if r["returncode"] != 0:
@@ -431,12 +449,13 @@ def main(argv=None) -> int:
           f"{channels} x {frames}, {a.items} items, {a.threads} thread(s); extrapolation: {a.gpus} GPUs at "
           f"{100 * a.mfu:.0f}% of {a.peak_flops / 1e12:.0f} TFLOP/s, {a.paper_items:,} tracks x {PAPER_T} timesteps "
           f"(unlearn, query: K = {a.paper_query_draws})", "",
-          "| stage | wall s | peak RSS GB | TFLOP per unit | unit | CPU GFLOP/s | paper scale on GPUs |",
-          "|---|---|---|---|---|---|---|"]
+          "| stage | wall s | peak RSS GB | peak anonymous GB | TFLOP per unit | unit | CPU GFLOP/s | paper scale on GPUs |",
+          "|---|---|---|---|---|---|---|---|"]
     for s in report["stages"]:
         cpu = f"{s['cpu_flops_per_s'] / 1e9:.0f}" if s.get("cpu_flops_per_s") else "-"
         paper = fmt_time(s["paper_seconds"]) if s["paper_seconds"] else "-"
-        md.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} | {s['flops_per_unit'] / 1e12:.3f} | "
+        anon = f"{s['polled_anon_gb']:.2f}" if s.get("polled_anon_gb") else "-"
+        md.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_gb']:.2f} | {anon} | {s['flops_per_unit'] / 1e12:.3f} | "
                   f"{s['unit']} | {cpu} | {paper} |")
     (out / "rehearse.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

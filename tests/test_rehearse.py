@@ -83,7 +83,8 @@ def test_rehearsal_runs_every_stage(tmp_path):
 
     out = tmp_path / "rehearse"
     cmd = [sys.executable, str(ROOT / "scripts" / "rehearse.py"), "--scale", "0.01", "--width", "512", "--frames", "64",
-           "--items", "2", "--threads", "1", "--out", str(out)]
+           "--items", "2", "--threads", "1", "--precision", "bf16-mixed", "--stages", ",".join(_script().STAGES),
+           "--out", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((out / "rehearse.json").read_text())

@@ -35,3 +35,19 @@ def test_same_bytes_as_save_file_and_read_back(tmp_path, metadata):
 def test_unknown_dtype_is_refused_with_the_fix(tmp_path):
     with pytest.raises(TypeError, match="complex.*fix: cast"):
         save_tensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "z.safetensors")
+
+
+def test_reader_gives_what_safetensors_gives(tmp_path):
+    from musicattr.tensor_file import TensorFileReader
+
+    ts = _tensors()
+    save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp_path / "y.safetensors"), metadata={"m": "1"})
+    with TensorFileReader(tmp_path / "y.safetensors") as r:
+        assert sorted(r.keys()) == sorted(ts) and r.metadata == {"m": "1"}
+        for k, v in ts.items():
+            got = r.get_tensor(k)
+            assert got.dtype == v.dtype and torch.equal(got, v)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "y.safetensors").read_bytes()[:-8])
+    with TensorFileReader(tmp_path / "cut.safetensors") as r, pytest.raises(OSError, match="truncated.*fix"):
+        for k in r.keys():
+            r.get_tensor(k)

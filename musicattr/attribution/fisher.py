@@ -48,7 +48,6 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.func import grad, vmap
 
 from musicattr.atomic import atomic_path
@@ -204,7 +203,7 @@ def merge_fisher(parts: Parts, out: Path, key: dict[str, Any], names: list[str],
                  provenance: dict[str, Any] | None = None) -> None:
     """F = (sum of part sums) / (N T), each item counted once; writes ``out`` (safetensors) with ``key`` and
     ``provenance`` (how it was computed, not what it depends on: e.g. the vectorize choice) as metadata."""
-    from musicattr.tensor_file import save_tensors
+    from musicattr.tensor_file import TensorFileReader, save_tensors
 
     files, seen = parts.files(), set()
     for p in files:
@@ -215,7 +214,7 @@ def merge_fisher(parts: Parts, out: Path, key: dict[str, Any], names: list[str],
     n, t = len(seen), int(key["num_draws"])
     fisher = {}
     with contextlib.ExitStack() as stack:   # tensor by tensor: one float64 sum at a time, never every part whole
-        opened = [stack.enter_context(safe_open(str(p), "pt")) for p in files]
+        opened = [stack.enter_context(TensorFileReader(p)) for p in files]   # plain reads: no mapped pages kept
         for k in names:
             total = None
             for f in opened:
@@ -242,7 +241,9 @@ def load_fisher(path: str, checkpoint_fingerprint: str | None = None) -> tuple[d
             f"{path} was computed from checkpoint {meta.get('checkpoint')} (fingerprint "
             f"{meta.get('checkpoint_fingerprint')}), not from the checkpoint given now ({checkpoint_fingerprint}); "
             "fix: rerun `musicattr fisher` with this checkpoint")
-    return load_file(path), meta
+    from musicattr.tensor_file import load_tensors
+
+    return load_tensors(path)[0], meta   # plain reads: no pages of the file stay mapped beside the tensors
 
 
 class FisherModule(L.LightningModule):

@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from musicattr.atomic import atomic_path
 from musicattr.attribution.loss import UNLEARN
@@ -171,9 +169,10 @@ def save_unlearned(path: str, tensors: Mapping[str, torch.Tensor], metadata: Map
 def load_unlearned(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"unlearned weights not found: {path}; fix: run `musicattr unlearn` first")
-    with safe_open(path, "pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
-    return load_file(path), meta
+    from musicattr.tensor_file import load_tensors
+
+    tensors, meta = load_tensors(path)   # plain reads: no pages of the file stay mapped beside the tensors
+    return tensors, {k: json.loads(v) for k, v in (meta or {}).items()}
 
 
 # the metadata that identifies an unlearning run: same values, same unlearned weights (up to float order)
