@@ -277,9 +277,10 @@ ensemble: venv $(BD)/compare/comparison.json
 
 # ---- the paper-scale rehearsal (README "Limits and what runs where") ----
 # Every stage that touches the model, as the real CLI with configs/paper, on synthetic latents of the paper's shape
-# (64 x 2584) on the CPU: wall time, peak memory, FLOPs per item-timestep, the 8-GPU extrapolation. REHEARSE_ARGS
-# picks the size: the default is one block of the paper's 24 at its width (about 40 min on one thread here, half of it the EK-FAC factors); the
-# full DiT is REHEARSE_ARGS='--scale 1' (its stages each take 10 to 40 min per item on this CPU, see README).
-REHEARSE_ARGS ?= --scale 0.0417 --items 2 --precision 32-true --checkpointing true
+# (64 x 2584) on the CPU: wall time, peak memory, FLOPs per item-timestep, the 8-GPU extrapolation. The default is
+# the paper's DiT whole (1.04 B parameters, 24 blocks; fit in bf16-mixed where this CPU runs bf16 at least as fast as
+# float32): about an hour on one thread of an AVX-512 BF16 machine, every stage under 24 GB (README). REHEARSE_ARGS
+# picks another size, e.g. '--scale 0.0417' for one block (a few minutes); '--stages ...,ekfac,...' adds EK-FAC.
+REHEARSE_ARGS ?= --scale 1 --items 2 --checkpointing true
 rehearse: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/rehearse.py --out runs/rehearse $(REHEARSE_ARGS)
