@@ -96,6 +96,12 @@ class TensorFileReader:
         self.close()
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file, from its header alone (no tensor is read)."""
+    with TensorFileReader(path) as r:
+        return r.metadata
+
+
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     """(every tensor of a safetensors file, its metadata), read with plain reads: the tensors' own memory only."""
     with TensorFileReader(path) as r:

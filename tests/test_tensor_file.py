@@ -51,3 +51,11 @@ def test_reader_gives_what_safetensors_gives(tmp_path):
     with TensorFileReader(tmp_path / "cut.safetensors") as r, pytest.raises(OSError, match="truncated.*fix"):
         for k in r.keys():
             r.get_tensor(k)
+
+
+def test_metadata_alone_from_the_header(tmp_path):
+    from musicattr.tensor_file import read_metadata
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "m.safetensors"), metadata={"lr": "1e-6"})
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "n.safetensors"))
+    assert read_metadata(tmp_path / "m.safetensors") == {"lr": "1e-6"} and read_metadata(tmp_path / "n.safetensors") is None

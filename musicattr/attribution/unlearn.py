@@ -175,6 +175,13 @@ def load_unlearned(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, {k: json.loads(v) for k, v in (meta or {}).items()}
 
 
+def unlearned_metadata(path: str) -> dict[str, Any]:
+    """The metadata of an unlearned file (its run's settings and fingerprints), without reading its tensors."""
+    from musicattr.tensor_file import read_metadata
+
+    return {k: json.loads(v) for k, v in (read_metadata(path) or {}).items()}
+
+
 # the metadata that identifies an unlearning run: same values, same unlearned weights (up to float order)
 RUN_KEYS = ("query_id", "query_fingerprint", "checkpoint_fingerprint", "fisher_fingerprint", "task", "num_items",
             "lr", "steps", "num_draws", "target", "strategy", "mask_unlearn", "mask_loss", "damping", "seed")
@@ -230,7 +237,7 @@ def run_unlearn(checkpoint: str, fisher: str, out: str, query: str | None = None
 
         meta.update(preconditioner="ekfac", ekfac=ekfac, ekfac_fingerprint=factors_fingerprint(ekfac))
     if reuse and os.path.exists(out):
-        old = load_unlearned(out)[1]
+        old = unlearned_metadata(out)   # the header only: the tensors are 4 B per parameter
         same_p = all(old.get(k) == meta.get(k) for k in ("preconditioner", "ekfac_fingerprint", "precision"))
         if same_p and all(old.get(k) == json.loads(json.dumps(meta[k])) for k in RUN_KEYS if k != "num_items"):
             log.info("unlearn: %s is up to date (same query, checkpoint, Fisher and settings): reused", out)
