@@ -706,9 +706,13 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
     key = loss_key(root, table, loss_draws, seed, mask_loss, task)
     _check_manifest(manifest, content, items_fingerprint(ids), rec, key, check_store)
     if content != bank_content and content not in equivalent_stores(manifest):
-        _accept_store(root, work, retrains, context, content, rec, store, trainer, checkpoint_every, task, queries,
-                      seed, loss_draws, mask_loss, device=_device(trainer), lds_seed=lds.seed,
-                      subsets=store_check_subsets, max_ratio=store_check_max_ratio, manifest=manifest)
+        with wait_claim(work / "claims", f"store-check-{content}"):   # one worker checks; the others take its verdict
+            manifest = json.loads((root / MANIFEST).read_text())
+            if content not in equivalent_stores(manifest):
+                _accept_store(root, work, retrains, context, content, rec, store, trainer, checkpoint_every, task,
+                              queries, seed, loss_draws, mask_loss, device=_device(trainer), lds_seed=lds.seed,
+                              subsets=store_check_subsets, max_ratio=store_check_max_ratio, manifest=manifest)
+                manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
     manifest = _write_manifest(root, manifest, s, content, ids, rec, settings, key)
     if commit:
         _commit(root, f"bank: manifest, design, plan{', benchmark model and queries' if not done else ''}")
