@@ -279,7 +279,7 @@ ensemble: venv $(BD)/compare/comparison.json
 # Every stage that touches the model, as the real CLI with configs/paper, on synthetic latents of the paper's shape
 # (64 x 2584) on the CPU: wall time, peak memory, FLOPs per item-timestep, the 8-GPU extrapolation. The default is
 # the paper's DiT whole (1.04 B parameters, 24 blocks; fit in bf16-mixed where this CPU runs bf16 at least as fast as
-# float32): about an hour on one thread of an AVX-512 BF16 machine, every stage under 24 GB (README). REHEARSE_ARGS
+# float32): about an hour on one thread of an AVX-512 BF16 machine, every stage within its 25.3 GB (README). REHEARSE_ARGS
 # picks another size, e.g. '--scale 0.0417' for one block (a few minutes); '--stages ...,ekfac,...' adds EK-FAC.
 REHEARSE_ARGS ?= --scale 1 --items 2 --checkpointing true
 rehearse: venv

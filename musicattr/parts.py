@@ -112,15 +112,9 @@ class TensorFormat:
         return path
 
     def indices(self, path: Path) -> list[int]:
-        from safetensors import safe_open
+        from musicattr.tensor_file import read_metadata
 
-        with safe_open(str(path), "pt") as f:
-            return json.loads(f.metadata()["indices"])
-
-    def read(self, path: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
-        from safetensors.torch import load_file
-
-        return self.indices(path), load_file(str(path))
+        return json.loads(read_metadata(path)["indices"])   # the header alone
 
 
 class Parts:

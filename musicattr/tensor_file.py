@@ -37,7 +37,8 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
         if t.dtype not in DTYPES:
             raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name here; fix: cast it to one of "
                             f"{sorted(str(d) for d in DTYPES)}")
-    for name in _order(tensors):
+    order = _order(tensors)
+    for name in order:
         t = tensors[name]
         size = t.numel() * t.element_size()
         header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + size]}
@@ -47,7 +48,7 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name in _order(tensors):
+        for name in order:
             t = tensors[name].detach()
             if t.device.type != "cpu":
                 t = t.cpu()

@@ -47,7 +47,6 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
-from safetensors import safe_open
 from torch.func import grad, vmap
 
 from musicattr.atomic import atomic_path
@@ -231,19 +230,19 @@ def load_fisher(path: str, checkpoint_fingerprint: str | None = None) -> tuple[d
     """Fisher tensors and metadata; refuses a Fisher computed from another checkpoint."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"Fisher file not found: {path}; fix: run `musicattr fisher` first")
-    with safe_open(path, "pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
-    if checkpoint_fingerprint and "checkpoint_fingerprint" not in meta:
-        raise FisherMismatchError(f"{path} records no checkpoint fingerprint, so nothing says it is the Fisher of "
-                                  f"the checkpoint given now; fix: rerun `musicattr fisher` with this checkpoint")
-    if checkpoint_fingerprint and meta["checkpoint_fingerprint"] != checkpoint_fingerprint:
-        raise FisherMismatchError(
-            f"{path} was computed from checkpoint {meta.get('checkpoint')} (fingerprint "
-            f"{meta.get('checkpoint_fingerprint')}), not from the checkpoint given now ({checkpoint_fingerprint}); "
-            "fix: rerun `musicattr fisher` with this checkpoint")
-    from musicattr.tensor_file import load_tensors
+    from musicattr.tensor_file import TensorFileReader
 
-    return load_tensors(path)[0], meta   # plain reads: no pages of the file stay mapped beside the tensors
+    with TensorFileReader(path) as f:   # one open; plain reads: no page of the file stays mapped beside the tensors
+        meta = {k: json.loads(v) for k, v in (f.metadata or {}).items()}
+        if checkpoint_fingerprint and "checkpoint_fingerprint" not in meta:
+            raise FisherMismatchError(f"{path} records no checkpoint fingerprint, so nothing says it is the Fisher of "
+                                      f"the checkpoint given now; fix: rerun `musicattr fisher` with this checkpoint")
+        if checkpoint_fingerprint and meta["checkpoint_fingerprint"] != checkpoint_fingerprint:
+            raise FisherMismatchError(
+                f"{path} was computed from checkpoint {meta.get('checkpoint')} (fingerprint "
+                f"{meta.get('checkpoint_fingerprint')}), not from the checkpoint given now ({checkpoint_fingerprint}); "
+                "fix: rerun `musicattr fisher` with this checkpoint")
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
 class FisherModule(L.LightningModule):

@@ -812,7 +812,7 @@ def _accept_store(root, work, retrains, context, content, rec, store, trainer, e
                         f"times what a second training seed does (at most {max_ratio}; see "
                         f"{root / 'store_checks' / (content + '.json')}); fix: use the bank's own store, or give "
                         "another bank_dir")
-    manifest["store"].setdefault("equivalent", {})[content] = {k: v for k, v in stats.items()}
+    manifest["store"].setdefault("equivalent", {})[content] = stats
 
 
 def _run_one(i, b, name, root, work, first_dir, rec, store, context, trainer, checkpoint_every, task, queries, seed,
