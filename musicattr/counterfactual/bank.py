@@ -19,7 +19,8 @@ The bank folder (``bank_dir``, e.g. assets/bank/demo)::
     manifest.json       store fingerprints, recipe, seeds, loss draws, how it was made, time per retrain
     model.ckpt          the benchmark model theta0' (``musicattr fit``'s checkpoint format)
     queries/            queries.csv (id, kind, prompt, duration, planted group, training item, fingerprint),
-                        <qid>.query.safetensors (latent + text embedding), <qid>.flac (the decoded query)
+                        <qid>.query.safetensors (latent + text embedding), <qid>.flac (the decoded query),
+                        generation.json (the first batch's settings), generation-<b>.json (a later batch's)
     design.json         the item ids, the LDS subsets (kept masks), the groups, the random-K sets
     plan.csv            every retrain in the order it runs: index, name, kind, seed, removed count
     retrains/<name>.json  one per finished retrain: its key, what it is for, its query losses, its time
@@ -27,6 +28,11 @@ The bank folder (``bank_dir``, e.g. assets/bank/demo)::
 Retrained checkpoints stay in ``work_dir`` (under runs/, not shipped). A run reuses what the bank holds: a
 retrain with a record is done, so ``make bank`` continues a bank that grows across machines (``commit: true``
 commits each record, and only the bank folder, as it is written).
+
+The queries grow like the subsets: prompts appended to ``prompts`` are generated as a later batch (ids and
+sampler seeds continue), appended to queries.csv, and measured by every retrain from then on; records made
+before keep the earlier batches' losses (their key names that prefix of the table), and a run fills in the new
+queries' losses of every record whose retrained weights are still in ``work_dir`` (the benchmark model's always).
 """
 from __future__ import annotations
 
@@ -170,10 +176,9 @@ def _file_fingerprint(path) -> str:
 
 def _query_info(path) -> dict:
     """The record ``musicattr generate`` keeps in a query file's metadata (query_id, caption, audio, ...)."""
-    from safetensors import safe_open
+    from musicattr.tensor_file import read_metadata
 
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["info"])
+    return json.loads(read_metadata(path)["info"])
 
 
 def _store_metadata(store) -> dict[str, dict]:
@@ -425,6 +430,12 @@ class Bank:
     def queries(self) -> list[Query]:
         return bank_queries(self.root, self.queries_table())
 
+    def query_batches(self) -> list[pd.DataFrame]:
+        """The queries batch by batch (``make bank`` appends a later batch's rows to queries.csv)."""
+        table = self.queries_table()
+        ends = query_batch_ends(self.root, table)
+        return [table.iloc[a:b].reset_index(drop=True) for a, b in zip([0, *ends[:-1]], ends)]
+
     def records(self) -> list[dict]:
         """Every finished retrain's record (retrains/*.json), in plan order where the plan names it."""
         recs = [json.loads(p.read_text()) for p in sorted((self.root / "retrains").glob("*.json"))]
@@ -458,14 +469,59 @@ def bank_queries(root: Path, table: pd.DataFrame) -> list[Query]:
     return out
 
 
+def table_hash(table: pd.DataFrame) -> str:
+    """The queries' content: their table (with each latent file's fingerprint)."""
+    return hashlib.blake2b(table.to_csv(index=False).encode(), digest_size=8).hexdigest()
+
+
 def loss_key(bank_root: Path, table: pd.DataFrame, num_draws: int, seed: int, mask: bool, task) -> dict:
     """What every query loss of the bank depends on besides theta: the queries' content (their table and
     latent files), T, the seed, M_L, the draw namespace and the task."""
     from musicattr.attribution.loss import COUNTERFACTUAL
 
-    return {"queries": hashlib.blake2b(table.to_csv(index=False).encode(), digest_size=8).hexdigest(),
+    return {"queries": table_hash(table),
             "num_draws": int(num_draws), "seed": int(seed), "mask_loss": bool(mask), "namespace": COUNTERFACTUAL,
             **task.identity()}
+
+
+def _batch_number(path: Path) -> int:
+    return int(path.stem.split("-", 1)[1])
+
+
+def query_batch_ends(root: Path, table: pd.DataFrame) -> list[int]:
+    """The row counts of queries.csv after each batch of queries: [46] for a bank with one batch, [46, 106]
+    once 60 queries were appended (generation-<b>.json lists each later batch's ids)."""
+    later = [json.loads(p.read_text())["query_ids"]
+             for p in sorted(Path(root, "queries").glob("generation-*.json"), key=_batch_number)]
+    ends = [len(table)]
+    for ids in reversed(later):
+        ends.insert(0, ends[0] - len(ids))
+    got = list(table["query_id"])
+    for b, ids in enumerate(later):
+        if got[ends[b]:ends[b + 1]] != list(ids):
+            raise BankError(f"{Path(root, 'queries')}: queries.csv does not end with the ids of generation-{b + 1}.json; "
+                            "fix: restore the bank's queries from git (batches are appended, never reordered)")
+    return ends
+
+
+def earlier_batches(root: Path, table: pd.DataFrame) -> dict[str, list[str]]:
+    """The content hash of queries.csv as it stood after each earlier batch -> the query ids it held (what a
+    record measured before a later batch was appended names in its key)."""
+    return {table_hash(table.iloc[:end]): list(table["query_id"][:end]) for end in query_batch_ends(root, table)[:-1]}
+
+
+def covered_queries(table: pd.DataFrame, earlier: dict[str, list[str]], key: dict | None,
+                    record_key: dict | None) -> list[str] | None:
+    """The query ids whose losses a record measured with ``record_key`` holds under the bank's ``key``: every
+    query if the keys are equal, the first batches' if the record's key names that prefix of the table
+    (``earlier``: ``earlier_batches``; it was made before a later batch was appended), None if it was measured
+    otherwise (left out)."""
+    if key is None or record_key == key:
+        return list(table["query_id"])
+    if record_key is None or {k: v for k, v in record_key.items() if k != "queries"} != \
+            {k: v for k, v in key.items() if k != "queries"}:
+        return None
+    return earlier.get(record_key["queries"])
 
 
 # ---------------------------------------------------------------------------------------------- queries
@@ -477,6 +533,12 @@ def training_query_items(item_ids: list[str], excluded: set[str], n: int, seed: 
     return [eligible[i] for i in sorted(rng.choice(len(eligible), min(n, len(eligible)), replace=False))]
 
 
+def _check_prompt_lists(prompts: list, durations: list, attributes: list) -> None:
+    if len(durations) != len(prompts) or len(attributes) != len(prompts):
+        raise BankError(f"{len(prompts)} prompts, {len(durations)} durations and {len(attributes)} prompt_attributes; "
+                        "fix: give one duration and one attribute mapping per prompt")
+
+
 def make_queries(bank_root: Path, work_dir: Path, model: Path, store, prompts: list[str], durations: list[float],
                  attributes: list[dict], include_planted: bool, training_queries: int, gen_steps: int, seed: int,
                  match_columns: list[str]) -> pd.DataFrame:
@@ -484,12 +546,8 @@ def make_queries(bank_root: Path, work_dir: Path, model: Path, store, prompts: l
     ``generated_queries``: the prompts, then the planted captions; ids q000...), add ``training_queries``
     training items (ids t000...), and copy them into ``bank_root/queries``: the latents and text embeddings,
     the audio as FLAC (lossless), compare's generation settings, and queries.csv."""
-    import soundfile as sf
-
     generated_queries, planted_queries = _compare_generation()
-    if len(durations) != len(prompts) or len(attributes) != len(prompts):
-        raise BankError(f"{len(prompts)} prompts, {len(durations)} durations and {len(attributes)} prompt_attributes; "
-                        "fix: give one duration and one attribute mapping per prompt")
+    _check_prompt_lists(prompts, durations, attributes)
     meta = _store_metadata(store)
     queries = [{"prompt": p, "duration": float(d), "planted_group": None, "attributes": dict(a or {})}
                for p, d, a in zip(prompts, durations, attributes)]
@@ -503,14 +561,10 @@ def make_queries(bank_root: Path, work_dir: Path, model: Path, store, prompts: l
     tmp.mkdir(parents=True)
     rows = []
     for q, info in zip(queries, infos, strict=True):
-        qid = info["query_id"]
-        shutil.copyfile(gen_dir / f"{qid}.query.safetensors", tmp / f"{qid}.query.safetensors")
-        audio, sr = sf.read(str(gen_dir / info["audio"]), dtype="int16", always_2d=True)
-        sf.write(str(tmp / f"{qid}.flac"), audio, sr, subtype="PCM_16")
-        rows.append({"query_id": qid, "kind": "planted" if q["planted_group"] else "generated", "prompt": q["prompt"],
-                     "duration_s": info["duration_s"], "planted_group": q["planted_group"], "query_item": None,
-                     "attributes": json.dumps(q.get("attributes") or {}, sort_keys=True),
-                     "fingerprint": _file_fingerprint(tmp / f"{qid}.query.safetensors")})
+        rows.append({"query_id": info["query_id"], "kind": "planted" if q["planted_group"] else "generated",
+                     "prompt": q["prompt"], "duration_s": info["duration_s"], "planted_group": q["planted_group"],
+                     "query_item": None, "attributes": json.dumps(q.get("attributes") or {}, sort_keys=True),
+                     "fingerprint": _ship_query(gen_dir, tmp, info)})
     ids = list(store.items["item_id"].astype(str))
     groups = _planted_groups(store)
     planted = set(groups) | set(groups.values())
@@ -529,6 +583,86 @@ def make_queries(bank_root: Path, work_dir: Path, model: Path, store, prompts: l
     log.info("bank: %d queries (%s) in %s", len(table), ", ".join(f"{n} {k}" for k, n in
                                                                   table["kind"].value_counts().items()), out)
     return table
+
+
+def _ship_query(gen_dir: Path, out: Path, info: dict) -> str:
+    """Copy a generated query's latent file and its audio (as 16-bit FLAC, lossless) from compare's ``gen_dir``
+    into ``out``, each file written whole or not at all; returns the latent file's fingerprint."""
+    import soundfile as sf
+
+    qid = info["query_id"]
+    with atomic_path(out / f"{qid}.query.safetensors") as tmp:
+        shutil.copyfile(gen_dir / f"{qid}.query.safetensors", tmp)
+    audio, sr = sf.read(str(gen_dir / info["audio"]), dtype="int16", always_2d=True)
+    with atomic_path(out / f"{qid}.flac") as tmp:
+        sf.write(str(tmp), audio, sr, subtype="PCM_16", format="FLAC")
+    return _file_fingerprint(out / f"{qid}.query.safetensors")
+
+
+def grow_queries(bank_root: Path, work_dir: Path, model: Path, store, prompts: list[str], durations: list[float],
+                 attributes: list[dict], gen_steps: int, seed: int) -> pd.DataFrame | None:
+    """Append the queries of the prompts beyond those the bank was generated from (a later batch; None if
+    there are none): generated by the benchmark model as compare does, numbered and seeded on from the last
+    query (``first_id``), the latents, FLAC audio and generation-<b>.json copied into ``bank_root/queries``,
+    their rows appended to queries.csv (the earlier rows unchanged)."""
+    generated_queries, _ = _compare_generation()
+    root = Path(bank_root)
+    table = Bank.queries_table_at(root)
+    have = list(table.loc[table["kind"] == "generated", "prompt"])
+    if len(prompts) < len(have) or [str(p) for p in prompts[:len(have)]] != have:
+        raise BankError(f"{root / 'queries' / 'queries.csv'}: the bank's queries were generated from {len(have)} "
+                        f"prompts that are not the first {len(have)} of this run's prompts ({len(prompts)}); fix: keep "
+                        "the bank's prompts in their order and append new ones at the end")
+    new = list(range(len(have), len(prompts)))
+    if not new:
+        return None
+    _check_prompt_lists(prompts, durations, attributes)
+    batch = 1 + len(list((root / "queries").glob("generation-*.json")))
+    first = 1 + max(int(q[1:]) for q in table["query_id"] if str(q).startswith("q"))
+    gen_dir = Path(work_dir) / f"generated-{batch}"
+    infos = generated_queries(gen_dir, [{"prompt": prompts[j], "duration": float(durations[j])} for j in new],
+                              str(model), store, gen_steps, seed, first_id=first)
+    out = root / "queries"
+    rows = [{"query_id": info["query_id"], "kind": "generated", "prompt": prompts[j], "duration_s": info["duration_s"],
+             "planted_group": None, "query_item": None, "attributes": json.dumps(attributes[j] or {}, sort_keys=True),
+             "fingerprint": _ship_query(gen_dir, out, info)} for j, info in zip(new, infos, strict=True)]
+    settings = json.loads((gen_dir / "settings.json").read_text())
+    atomic_write_json(out / f"generation-{batch}.json", {**settings, "query_ids": [r["query_id"] for r in rows]})
+    grown = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+    atomic_write_text(out / "queries.csv", grown.to_csv(index=False))
+    log.info("bank: query batch %d: %d queries (%s to %s) appended to %s", batch, len(rows), rows[0]["query_id"],
+             rows[-1]["query_id"], out / "queries.csv")
+    return Bank.queries_table_at(root)
+
+
+def backfill_losses(root: Path, work: Path, first_name: str, task, queries: list[Query], store: str, seed: int,
+                    loss_draws: int, mask: bool, device: str, key: dict) -> dict:
+    """Measure the queries a record lacks (a later batch) on its retrained weights, where they are still here
+    (``work_dir``; the benchmark model's in the bank), and give the record the bank's current key. Returns how
+    many records were completed and how many stay with the earlier batches only (their weights are gone)."""
+    done, gone = 0, 0
+    for path in sorted((root / "retrains").glob("*.json")):
+        rec = json.loads(path.read_text())
+        missing = [q for q in queries if q.query_id not in rec["losses"]]
+        if not missing:
+            continue
+        model = root / BENCHMARK_MODEL if rec["name"] == first_name else work / "retrains" / rec["name"] / MODEL
+        if not model.exists() or _file_fingerprint(model) != rec.get("model_fingerprint"):
+            gone += 1
+            continue
+        t1 = time.time()
+        rec["losses"].update(_measure_queries(task, model, missing, store, seed, loss_draws, mask, device))
+        rec["loss_key"] = key
+        rec.setdefault("backfilled", []).append({"queries": [q.query_id for q in missing], "measure_s": time.time() - t1,
+                                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                 "machine": _machine()})
+        atomic_write_json(path, rec)
+        done += 1
+        log.info("bank: %s: %d more query losses (%.0f s)", rec["name"], len(missing), time.time() - t1)
+    if done or gone:
+        log.info("bank: later query batches: %d records completed, %d keep the earlier batches' losses only (their "
+                 "retrained weights are not in %s)", done, gone, work / "retrains")
+    return {"completed": done, "without_weights": gone}
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -567,7 +701,8 @@ def equivalent_stores(manifest: dict | None) -> dict[str, dict]:
 
 
 def _check_manifest(manifest: dict, store_fp: str, items_fp: str, recipe: Recipe, key: dict | None,
-                    check_store: bool = False) -> None:
+                    check_store: bool = False, table: pd.DataFrame | None = None,
+                    earlier: dict[str, list[str]] | None = None) -> None:
     if manifest["store"]["items"] != items_fp:
         raise BankError(f"the bank was built on another store (items {manifest['store']['items']}; this store's "
                         f"items: {items_fp}); fix: use the store the bank was made on (`make demo` on the shipped "
@@ -583,7 +718,8 @@ def _check_manifest(manifest: dict, store_fp: str, items_fp: str, recipe: Recipe
         raise BankError(f"the bank's recipe {manifest['recipe']['fingerprint']} differs from this run's "
                         f"{recipe.fingerprint()}; fix: leave steps/recipe as the manifest states, or give another "
                         "bank_dir")
-    if key is not None and manifest.get("loss_key") not in (None, key):
+    if key is not None and manifest.get("loss_key") not in (None, key) and (
+            table is None or covered_queries(table, earlier or {}, key, manifest["loss_key"]) is None):
         raise BankError(f"the bank's query losses were measured with {manifest['loss_key']}, this run asks for {key}; "
                         "fix: keep loss_draws, seed, mask_loss, the task and the queries of the bank")
 
@@ -701,10 +837,12 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
         _benchmark_model_and_queries(root, work, first, first_dir, rec, store, s, context, trainer, checkpoint_every,
                                      prompts, durations, prompt_attributes, include_planted, training_queries,
                                      gen_steps, seed, match_columns)
+        grow_queries(root, work, root / BENCHMARK_MODEL, s, list(prompts or []), list(durations or []),
+                     list(prompt_attributes or [{}] * len(prompts or [])), gen_steps, seed)
     table = Bank(root).queries_table()
     queries = bank_queries(root, table)
     key = loss_key(root, table, loss_draws, seed, mask_loss, task)
-    _check_manifest(manifest, content, items_fingerprint(ids), rec, key, check_store)
+    _check_manifest(manifest, content, items_fingerprint(ids), rec, key, check_store, table, earlier_batches(root, table))
     if content != bank_content and content not in equivalent_stores(manifest):
         with wait_claim(work / "claims", f"store-check-{content}"):   # one worker checks; the others take its verdict
             manifest = json.loads((root / MANIFEST).read_text())
@@ -717,6 +855,14 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
     if commit:
         _commit(root, f"bank: manifest, design, plan{', benchmark model and queries' if not done else ''}")
     device = _device(trainer)
+    claim = try_claim(work / "claims", "backfill-queries")       # one worker fills in a later batch's losses
+    if claim is not None:
+        with claim:
+            filled = backfill_losses(root, work, first.name(context), task, queries, store, seed, loss_draws,
+                                     mask_loss, device, key)
+        if commit and filled["completed"]:
+            _commit(root, f"bank: the later query batches' losses of {filled['completed']} finished retrains "
+                          f"({filled['without_weights']} without their weights here keep the earlier batches')")
     ran = 0
     start = time.time()
     for i, b in todo:

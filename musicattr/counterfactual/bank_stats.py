@@ -38,7 +38,27 @@ def _half_width(samples: np.ndarray) -> float:
 
 
 def row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman's correlation of each row pair of a, b [..., K] (average ranks; NaN for a constant row)."""
+    """Spearman's correlation of each row pair of a, b [..., K] (average ranks; NaN for a constant row), over
+    the columns where both are finite (a query of a later batch has no loss on the subsets retrained before it
+    was added; NaN where fewer than 3 remain)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    bad = np.isnan(a) | np.isnan(b)
+    if not bad.any():
+        return _spearman_rows(a, b)
+    k = a.shape[-1]
+    fa, fb, fbad = a.reshape(-1, k), b.reshape(-1, k), bad.reshape(-1, k)
+    out = np.full(len(fa), np.nan)
+    patterns, which = np.unique(fbad, axis=0, return_inverse=True)
+    which = np.asarray(which).ravel()
+    for n, pattern in enumerate(patterns):
+        keep = ~pattern
+        if keep.sum() >= 3:
+            rows = which == n
+            out[rows] = _spearman_rows(fa[rows][:, keep], fb[rows][:, keep])
+    return out.reshape(a.shape[:-1])
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ra, rb = rankdata(a, axis=-1), rankdata(b, axis=-1)
     ra = ra - ra.mean(-1, keepdims=True)
     rb = rb - rb.mean(-1, keepdims=True)

@@ -5,6 +5,9 @@ benchmark`` runs it: ``prepare: true`` puts the bank's query latents where compa
 compare options; compare scores every method; this stage then checks that compare used the bank's queries
 and not new generations). Any other method is one more scores table per query (``methods``, as in
 ``musicattr counterfactual``: a Parquet table with ``item_id`` and a score column, one per query id).
+Each batch of the bank's queries has its own compare run (``compare_dir_of``); the tables keep the queries
+that every listed method has scored, and a later batch's query enters the LDS once ``MIN_SUBSETS`` of its
+subsets are retrained (its Spearman over the subsets it has).
 
 What it prints (statistics: ``bank_stats``), over the bank's non-training queries (training-item queries are a
 sanity row), on whatever part of the bank is finished (it says how many retrains each number rests on):
@@ -27,9 +30,11 @@ import pandas as pd
 
 from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.counterfactual import bank_stats as st
-from musicattr.counterfactual.bank import Bank, BankError, _file_fingerprint, _query_info
+from musicattr.counterfactual.bank import (Bank, BankError, _file_fingerprint, _query_info, covered_queries,
+                                          earlier_batches)
 from musicattr.attribution.methods import default_methods
 from musicattr.counterfactual.methods import method_scores, parse_methods
+from musicattr.counterfactual.shipped_scores import shipped_queries
 from musicattr.counterfactual.split import HALVES, read_split
 from musicattr.counterfactual.subsets import top_k
 
@@ -38,93 +43,126 @@ DECOMPOSE_DRAWS = 500       # bootstrap draws of each part of an interval's widt
 
 
 # ---------------------------------------------------------------------------------------------- prepare compare
-def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index: str | None) -> Path:
-    """Put the bank's queries where ``musicattr compare`` reuses them (``<compare_dir>/generated``: the latents,
-    the audio decoded from FLAC to compare's 16-bit wav, queries.json from the latents' own records, and the
-    generation settings with this store's and model's fingerprints), and write ``compare_args.yaml``: the
-    bank's prompts, durations, attributes and training items, the benchmark model, Fisher and index."""
+def compare_dir_of(compare_dir: str | Path, batch: int) -> Path:
+    """Where ``musicattr compare`` scores a batch of the bank's queries: ``compare`` for the first,
+    ``compare/batch-<b>`` for a later one (its ids continue the bank's: ``first_id``)."""
+    return Path(compare_dir) if batch == 0 else Path(compare_dir) / f"batch-{batch}"
+
+
+def _generation_settings(bank: Bank, batch: int) -> dict:
+    path = bank.root / "queries" / ("generation.json" if batch == 0 else f"generation-{batch}.json")
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "query_ids"}
+
+
+def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index: str | None) -> list[Path]:
+    """Put each batch of the bank's queries where ``musicattr compare`` reuses them (``<dir>/generated``: the
+    latents, the audio decoded from FLAC to compare's 16-bit wav, queries.json from the latents' own records, and
+    the generation settings with this store's and model's fingerprints; ``dir`` from ``compare_dir_of``), and
+    write its ``compare_args.yaml``: the batch's prompts, durations, attributes and training items, its first id,
+    the benchmark model, Fisher and index."""
     import soundfile as sf
     import yaml
 
     from musicattr.data.latent_store import LatentStore
 
-    table = bank.queries_table()
-    gen = Path(compare_dir) / "generated"
-    gen.mkdir(parents=True, exist_ok=True)
-    settings = json.loads((bank.root / "queries" / "generation.json").read_text())
     s = LatentStore(store)
-    settings.update(checkpoint_fingerprint=_file_fingerprint(bank.model), store_fingerprint=s.fingerprint,
-                    autoencoder_fingerprint=_file_fingerprint(s.manifest["autoencoder"]))
-    generated = table[table["kind"] != "training"]
-    infos = []
-    for r in generated.to_dict("records"):
-        qid = r["query_id"]
-        src = bank.root / "queries" / f"{qid}.query.safetensors"
-        dst = gen / f"{qid}.query.safetensors"
-        if not dst.exists() or _file_fingerprint(dst) != r["fingerprint"]:
-            dst.write_bytes(src.read_bytes())
-        info = _query_info(dst)
-        audio, sr = sf.read(str(bank.root / "queries" / f"{qid}.flac"), dtype="int16", always_2d=True)
-        sf.write(str(gen / info["audio"]), audio, sr, subtype="PCM_16")
-        infos.append(info)
-    atomic_write_json(gen / "queries.json", infos)
-    atomic_write_json(gen / "settings.json", settings)
-    prompts = generated[generated["kind"] == "generated"]
-    n = len(prompts)
-    if list(prompts["prompt"]) != settings["prompts"][:n]:
-        raise BankError(f"{bank.root / 'queries'}: queries.csv and generation.json list other prompts; fix: restore "
-                        "the bank's queries from git")
-    args = {"checkpoint": str(bank.model), "store": store, "fisher": fisher, "out_dir": str(compare_dir),
-            "prompts": settings["prompts"][:n], "durations": settings["durations"][:n],   # as requested
-            "prompt_attributes": [json.loads(a) for a in prompts["attributes"]],
-            "include_planted": bool((generated["kind"] == "planted").any()),
-            "query_items": list(table.loc[table["kind"] == "training", "query_item"]), "training_queries": 0,
-            "gen_steps": settings["gen_steps"], "seed": settings["seed"], "index": index}
-    path = Path(compare_dir) / "compare_args.yaml"
-    atomic_write_text(path, "# written by `musicattr benchmark --prepare true`: compare on the bank's queries\n"
-                      + yaml.safe_dump(args, sort_keys=False, allow_unicode=True, width=200))
-    log.info("benchmark: %d bank queries placed in %s; compare options: %s", len(infos), gen, path)
-    return path
+    paths = []
+    for batch, table in enumerate(bank.query_batches()):
+        out = compare_dir_of(compare_dir, batch)
+        gen = out / "generated"
+        gen.mkdir(parents=True, exist_ok=True)
+        settings = _generation_settings(bank, batch)
+        settings.update(checkpoint_fingerprint=_file_fingerprint(bank.model), store_fingerprint=s.fingerprint,
+                        autoencoder_fingerprint=_file_fingerprint(s.manifest["autoencoder"]))
+        generated = table[table["kind"] != "training"]
+        infos = []
+        for r in generated.to_dict("records"):
+            qid = r["query_id"]
+            src = bank.root / "queries" / f"{qid}.query.safetensors"
+            dst = gen / f"{qid}.query.safetensors"
+            if not dst.exists() or _file_fingerprint(dst) != r["fingerprint"]:
+                dst.write_bytes(src.read_bytes())
+            info = _query_info(dst)
+            audio, sr = sf.read(str(bank.root / "queries" / f"{qid}.flac"), dtype="int16", always_2d=True)
+            sf.write(str(gen / info["audio"]), audio, sr, subtype="PCM_16")
+            infos.append(info)
+        atomic_write_json(gen / "queries.json", infos)
+        atomic_write_json(gen / "settings.json", settings)
+        prompts = generated[generated["kind"] == "generated"]
+        n = len(prompts)
+        if list(prompts["prompt"]) != settings["prompts"][:n]:
+            raise BankError(f"{bank.root / 'queries'}: queries.csv and the generation settings of batch {batch} list "
+                            "other prompts; fix: restore the bank's queries from git")
+        args = {"checkpoint": str(bank.model), "store": store, "fisher": fisher, "out_dir": str(out),
+                "prompts": settings["prompts"][:n], "durations": settings["durations"][:n],   # as requested
+                "prompt_attributes": [json.loads(a) for a in prompts["attributes"]],
+                "include_planted": bool((generated["kind"] == "planted").any()),
+                "query_items": list(table.loc[table["kind"] == "training", "query_item"]), "training_queries": 0,
+                "gen_steps": settings["gen_steps"], "seed": settings["seed"], "index": index}
+        if settings.get("first_id"):
+            args["first_id"] = int(settings["first_id"])
+        path = out / "compare_args.yaml"
+        atomic_write_text(path, "# written by `musicattr benchmark --prepare true`: compare on the bank's queries"
+                          f"{f' (batch {batch})' if batch else ''}\n"
+                          + yaml.safe_dump(args, sort_keys=False, allow_unicode=True, width=200))
+        log.info("benchmark: %d bank queries placed in %s; compare options: %s", len(infos), gen, path)
+        paths.append(path)
+    return paths
 
 
-def check_compare(bank: Bank, compare_dir: Path) -> None:
-    """The compare run scored the bank's queries: same ids, prompts and kinds, and the same latents."""
-    listing = compare_dir / "queries.csv"
-    if not listing.exists():
-        raise FileNotFoundError(f"{listing} not found: no finished compare run on the bank's queries; fix: run "
-                                "`make benchmark` (it prepares and runs it), or point `compare` at its out_dir")
-    got = pd.read_csv(listing, dtype={"query_id": str}).set_index("query_id")
-    table = bank.queries_table()
+def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = None) -> None:
+    """The compare runs scored the bank's queries (of ``batches``, default all): same ids, prompts and kinds, and
+    the same latents."""
     bad = []
-    for r in table.to_dict("records"):
-        qid = r["query_id"]
-        if qid not in got.index or str(got.loc[qid, "prompt"]) != str(r["prompt"]) or got.loc[qid, "kind"] != r["kind"]:
-            bad.append(f"{qid} (missing or another prompt/kind)")
-        elif r["kind"] != "training":
-            f = compare_dir / "generated" / f"{qid}.query.safetensors"
-            if not f.exists() or _file_fingerprint(f) != r["fingerprint"]:
-                bad.append(f"{qid} (compare generated its own latent instead of the bank's)")
+    for batch, table in enumerate(bank.query_batches()):
+        if batches is not None and batch not in batches:
+            continue
+        out = compare_dir_of(compare_dir, batch)
+        listing = out / "queries.csv"
+        if not listing.exists():
+            raise FileNotFoundError(f"{listing} not found: no finished compare run on the bank's queries "
+                                    f"{f'(batch {batch}) ' if batch else ''}; fix: run `make benchmark` (it prepares "
+                                    "and runs it), or point `compare` at its out_dir")
+        got = pd.read_csv(listing, dtype={"query_id": str}).set_index("query_id")
+        for r in table.to_dict("records"):
+            qid = r["query_id"]
+            if qid not in got.index or str(got.loc[qid, "prompt"]) != str(r["prompt"]) or got.loc[qid, "kind"] != r["kind"]:
+                bad.append(f"{qid} (missing or another prompt/kind)")
+            elif r["kind"] != "training":
+                f = out / "generated" / f"{qid}.query.safetensors"
+                if not f.exists() or _file_fingerprint(f) != r["fingerprint"]:
+                    bad.append(f"{qid} (compare generated its own latent instead of the bank's)")
     if bad:
         raise BankError(f"{compare_dir} did not score the bank's queries: {bad[:4]} ({len(bad)} in all); fix: rerun "
                         "`make benchmark` (it places the bank's latents first), or delete that compare run")
 
 
+def compared_batches(bank: Bank, compare_dir: str | Path) -> list[int]:
+    """The batches whose compare run has finished (its queries.csv exists)."""
+    return [b for b in range(len(bank.query_batches())) if (compare_dir_of(compare_dir, b) / "queries.csv").exists()]
+
+
 # ---------------------------------------------------------------------------------------------- the bank's losses
 def bank_losses(bank: Bank, qids: list[str]) -> dict:
     """The finished retrains' losses, arranged: lds[seed] [Q, M] (NaN where not finished), reference[seed] [Q],
-    group[(name, seed)] [Q], random_k[(seed, set)] [Q], top_k[(method, qid, seed)] (loss, removed ids)."""
+    group[(name, seed)] [Q], random_k[(seed, set)] [Q], top_k[(method, qid, seed)] (loss, removed ids). A record
+    made before a later batch of queries was added (and not filled in since) has NaN for that batch's queries."""
     m = len(bank.design["lds"]["kept"])
     out = {"lds": {}, "reference": {}, "group": {}, "random_k": {}, "top_k": {}, "records": 0}
     key = bank.manifest.get("loss_key")
+    table = bank.queries_table()
+    earlier = earlier_batches(bank.root, table)
     for rec in bank.records():
-        if key is not None and rec.get("loss_key") != key:
+        covered = covered_queries(table, earlier, key, rec.get("loss_key"))
+        if covered is None:
             log.warning("benchmark: %s was measured with another loss key: left out", rec["name"])
             continue
-        missing = [q for q in qids if q not in rec["losses"]]
+        covered = set(covered)                  # a record made before a later batch of queries: NaN for those
+        missing = [q for q in qids if q in covered and q not in rec["losses"]]
         if missing:
             log.warning("benchmark: %s lacks the losses of %s: left out", rec["name"], missing[:3])
             continue
-        v = np.array([rec["losses"][q] for q in qids], dtype=np.float64)
+        v = np.array([rec["losses"][q] if q in covered else np.nan for q in qids], dtype=np.float64)
         out["records"] += 1
         for role in rec["roles"]:
             s = int(role["seed"])
@@ -146,7 +184,7 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
                   prepare: bool = False, fisher: str | None = None, index: str | None = None,
                   bootstrap: int = 2000, null_vectors: int = 200, k: int | None = None, seed: int = 0,
                   half: str = "all", subsets: int | None = None, scores: str | None = None,
-                  export_scores: bool = False) -> dict:
+                  export_scores: bool = False, batches: list[int] | None = None) -> dict:
     """Check every method's scores against the bank (see the module docstring).
 
     Args:
@@ -173,13 +211,15 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
             clone; a method without shipped scores is left out.
         export_scores: after checking the compare run, write its methods' scores to ``<bank>/scores`` (with
             ``half: all``).
+        batches: only these batches of the bank's queries (None: every batch): with ``subsets``, a table that
+            stays put while later batches are scored.
     """
     bank = Bank(bank_dir)
     compare_dir = Path(compare)
     if prepare:
         if not fisher:
             raise ValueError("prepare needs the benchmark model's Fisher (fisher: ...); fix: run `make benchmark`")
-        return {"compare_args": str(prepare_compare(bank, store, str(compare_dir), fisher, index))}
+        return {"compare_args": [str(p) for p in prepare_compare(bank, store, str(compare_dir), fisher, index)]}
     if null_vectors < 100:
         raise ValueError(f"null_vectors = {null_vectors}; fix: at least 100 random score vectors per query")
     if store is not None:
@@ -188,19 +228,29 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
         raise ValueError("store = null needs shipped scores (--scores <bank>/scores); fix: give the store the bank "
                          "was made on, or the shipped scores")
     if scores is None:
-        check_compare(bank, compare_dir)
+        compared = compared_batches(bank, compare_dir) or [0]    # none: batch 0's check says what is missing
+        check_compare(bank, compare_dir, compared)
     if export_scores and (scores is not None or half != "all"):
         raise ValueError("export_scores writes every query's scores from a compare run; fix: use it with half: all "
                          "and without scores")
     table = bank.queries_table()
+    tables = bank.query_batches()
+    scores_dir = scores
+    specs = parse_methods(methods) if methods else default_methods()
+    if scores is None:                                       # the compare runs' batches
+        table = table[table["query_id"].isin({q for b in compared for q in tables[b]["query_id"]})]
+    else:
+        table = table[table["query_id"].isin(shipped_queries(scores))]
+    if batches is not None:
+        if not batches or any(not 0 <= b < len(tables) for b in batches):
+            raise ValueError(f"batches = {batches}; fix: some of 0 to {len(tables) - 1} (the bank's query batches)")
+        table = table[table["query_id"].isin({q for b in batches for q in tables[b]["query_id"]})]
     if half != "all":
         if half not in HALVES:
             raise ValueError(f"half = {half!r}; fix: one of all, {', '.join(HALVES)}")
         table = table[(read_split(bank.root, table).reindex(table["query_id"]) == half).to_numpy()]
-        table = table.reset_index(drop=True)
+    table = table.reset_index(drop=True)
     qids = list(table["query_id"])
-    kinds = np.array(table["kind"])
-    specs = parse_methods(methods) if methods else default_methods()
     if scores is not None:
         from musicattr.counterfactual.shipped_scores import read_shipped
 
@@ -210,13 +260,24 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
         method_table = {m.name: shipped.get(m.name, chance.get(m.name)) for m in specs}
         method_table = {k: v for k, v in method_table.items() if v is not None}
     else:
-        method_table = method_scores(specs, compare_dir, qids, bank.item_ids, seed, random_per_query=True,
-                                     fix="run `make benchmark` (compare on the bank's queries)")
+        method_table = _compare_scores(bank, specs, compare_dir, qids, seed)
         if export_scores:
             from musicattr.counterfactual.shipped_scores import export_scores as export
 
             export(bank, {m.name: method_table[m.name] for m in specs if m.table is not None and m.name in method_table},
                    qids, str(compare_dir))
+    # the queries every method has scores for (a later batch may lack a method's tables, e.g. the peers')
+    scored = np.all([np.isfinite(v).all(1) for v in method_table.values()], axis=0) if method_table else \
+        np.ones(len(qids), bool)
+    unscored = [q for q in bank.queries_table()["query_id"] if q not in set(np.array(qids)[scored])
+                and ((half == "all" and batches is None) or q in set(qids))]
+    if unscored:
+        log.info("benchmark: %d queries (%s to %s) lack some method's scores: left out", len(unscored), unscored[0],
+                 unscored[-1])
+        method_table = {k: v[scored] for k, v in method_table.items()}
+        table = table[scored].reset_index(drop=True)
+        qids = list(table["query_id"])
+    kinds = np.array(table["kind"])
     scores = method_table
     data = bank_losses(bank, qids)
     if subsets is not None:
@@ -226,6 +287,10 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
         for v in data["lds"].values():
             v[:, subsets:] = np.nan                     # as if not finished: the LDS uses the first ``subsets``
     result, text = summarize(bank, table, kinds, scores, data, bootstrap, null_vectors, k, seed)
+    if unscored:
+        text = (f"{len(unscored)} queries ({unscored[0]} to {unscored[-1]}; a later batch) lack the scores of some "
+                f"of these methods {'in ' + str(scores_dir) if scores_dir is not None else 'in the compare runs'}: "
+                "left out (`--methods` picks the methods that have them).\n\n") + text
     if half != "all":
         text = f"Queries: the {half} half of the bank's ({len(qids)} of them; queries/split.csv).\n\n" + text
         result["half"] = {"half": half, "queries": qids}
@@ -236,6 +301,28 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
     atomic_write_json(out / f"{name}.json", result)
     print(text, flush=True)
     return result
+
+
+def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str], seed: int) -> dict[str, np.ndarray]:
+    """Each method's scores [Q, N] from the compare run of each query's batch (NaN rows where a batch's run has
+    no table of that optional method); ``random`` is one seeded vector per query over all of ``qids``."""
+    batch_of = {q: b for b, t in enumerate(bank.query_batches()) for q in t["query_id"]}
+    fix = "run `make benchmark` (compare on the bank's queries)"
+    out = method_scores([m for m in specs if m.table is None], compare_dir, qids, bank.item_ids, seed,
+                        random_per_query=True)
+    for m in specs:
+        if m.table is None:
+            continue
+        values = np.full((len(qids), len(bank.item_ids)), np.nan)
+        for b in sorted({batch_of[q] for q in qids}):
+            rows = [i for i, q in enumerate(qids) if batch_of[q] == b]
+            got = method_scores([m], compare_dir_of(compare_dir, b), [qids[i] for i in rows], bank.item_ids, seed,
+                                fix=fix)
+            if m.name in got:
+                values[rows] = got[m.name]
+        if np.isfinite(values).all(1).any():
+            out[m.name] = values
+    return {m.name: out[m.name] for m in specs if m.name in out}
 
 
 def _check_store(bank: Bank, store: str) -> None:
@@ -270,16 +357,27 @@ def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[s
             f"({bank.manifest['recipe']['describe']}), query losses over {bank.manifest['loss_key']['num_draws']} "
             f"fixed draws. Intervals: 95% bootstrap, {draws} draws.")
     lines += [head, ""]
-    headline = kinds != "training"
     lds_seed = int(bank.manifest["settings"]["lds"]["seed"])
     second = int(bank.manifest["settings"]["lds"]["second_seed"])
     la = data["lds"].get(lds_seed)
-    done = np.flatnonzero(~np.isnan(la[0])) if la is not None else np.array([], int)
+    done = np.flatnonzero(~np.isnan(la).all(0)) if la is not None else np.array([], int)
+    count = (~np.isnan(la[:, done])).sum(1) if la is not None else np.zeros(len(kinds), int)
+    measured = (count >= MIN_SUBSETS) | ((count == len(done)) & (count > 0))   # a later batch's: from MIN_SUBSETS on
+    headline = (kinds != "training") & measured
+    waiting = int(((kinds != "training") & ~measured).sum())
     nq = int(headline.sum())
-    lines.append(f"## LDS ({nq} non-training queries: {int((kinds == 'generated').sum())} generated, "
-                 f"{int((kinds == 'planted').sum())} planted; {len(done)} of {kept.shape[0]} subsets at alpha "
-                 f"{bank.design['lds']['alpha']}, seed {lds_seed})")
+    lines.append(f"## LDS ({nq} non-training queries: {int((kinds[headline] == 'generated').sum())} generated, "
+                 f"{int((kinds[headline] == 'planted').sum())} planted; {len(done)} of {kept.shape[0]} subsets at "
+                 f"alpha {bank.design['lds']['alpha']}, seed {lds_seed})")
     lines.append("")
+    if waiting:
+        lines += [f"{waiting} more non-training queries (a later batch) have fewer than {MIN_SUBSETS} of these subsets "
+                  "retrained since they were added: not in this table yet.", ""]
+    partial = headline & np.isnan(la[:, done]).any(1) if la is not None else headline & False
+    if partial.any():
+        lines += [f"{int(partial.sum())} of these queries (a later batch) have "
+                  "losses only on the subsets retrained after they were added; each query's Spearman uses the "
+                  "subsets it has.", ""]
     if len(done) < 4:
         lines += [f"Not yet: {len(done)} subsets finished; the LDS needs at least 4 (it grows as `make bank` runs).", ""]
     else:
@@ -288,7 +386,8 @@ def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[s
         boot = st.lds_bootstrap({m: g[headline] for m, g in sums.items()}, loss[headline], draws, seed,
                                 decompose=min(draws, DECOMPOSE_DRAWS))
         null = st.lds_null(kept[done], loss[headline], null_vectors, seed)
-        sanity = {m: np.nanmean(st.row_spearman(g[~headline], -loss[~headline])) if (~headline).any() else np.nan
+        train = kinds == "training"
+        sanity = {m: np.nanmean(st.row_spearman(g[train], -loss[train])) if train.any() else np.nan
                   for m, g in sums.items()}
         rows = ["| method | LDS [95% CI] | generated | planted | p vs null | training items (sanity) |",
                 "|---|---|---|---|---|---|"]
@@ -345,11 +444,12 @@ def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[s
                       "at least 3).", ""]
         else:
             pos = {j: i for i, j in enumerate(done)}
-            ceil = st.noise_ceiling(loss[headline], lb[headline][:, done], np.array([pos[j] for j in paired]), draws,
-                                    seed)
+            full = headline & ~partial               # the queries measured on every subset, the pairs among them
+            ceil = st.noise_ceiling(loss[full], lb[full][:, done], np.array([pos[j] for j in paired]), draws, seed)
             result["ceiling"] = {k2: v for k2, v in ceil.items() if k2 != "per_query"}
             lines += [f"Retraining-noise ceiling ({ceil['pairs']} subsets with seeds {lds_seed} and {second}, "
-                      f"{ceil['subsets']} subsets for the spread): a perfect expected-loss predictor reaches LDS "
+                      f"{ceil['subsets']} subsets for the spread"
+                      f"{f', the {int(full.sum())} queries measured on all of them' if partial.any() else ''}): a perfect expected-loss predictor reaches LDS "
                       f"{_fmt(ceil['ceiling'], ceil['ceiling_ci'])}; reliability 1 - seed variance / subset "
                       f"variance {_fmt(ceil['reliability'], ceil['reliability_ci'])}; seed-to-seed Spearman over "
                       f"the pairs {_fmt(ceil['seed_spearman'], ceil['seed_spearman_ci'])}.", ""]
@@ -371,17 +471,19 @@ def _leave_k_out(bank, table, kinds, scores, data, draws, seed, k, result) -> li
         for r in range(sets):
             if (s, r) in data["random_k"]:
                 inc[:, a, r] = (data["random_k"][s, r] - data["reference"][s])[headline]
-    est, lo, hi = st.increase_bootstrap(inc, draws, seed)
-    n = int((~np.isnan(inc[0])).sum())
+    measured = ~np.isnan(inc).all((1, 2))           # a later batch's queries lack the random-K retrained before them
+    est, lo, hi = st.increase_bootstrap(inc[measured], draws, seed)
+    n = int((~np.isnan(inc).all(0)).sum())
+    nq = int(measured.sum())
     within = lo <= 0 <= hi
-    lines.append(f"random-K: mean increase {_fmt(est, (lo, hi), 4)} over {int(headline.sum())} queries, {n} random "
+    lines.append(f"random-K: mean increase {_fmt(est, (lo, hi), 4)} over {nq} queries, {n} random "
                  f"sets in {len(seeds)} seed(s){' (within noise: no ratio to it is given)' if within else ''}.")
     result["random_k"] = {"increase": est, "ci": [lo, hi], "sets": n, "within_noise": within, "by_seed": {}}
     if len(seeds) > 1:
         lds_seed = int(bank.manifest["settings"]["lds"]["seed"])
         parts = []
         for a, s in enumerate(seeds):
-            e, l2, h2 = st.increase_bootstrap(inc[:, a:a + 1], draws, seed)
+            e, l2, h2 = st.increase_bootstrap(inc[measured, a:a + 1], draws, seed)
             result["random_k"]["by_seed"][str(s)] = {"increase": e, "ci": [l2, h2]}
             parts.append(f"seed {s} {_fmt(e, (l2, h2), 4)}" + (" (its theta0' is the benchmark model, which generated "
                                                                 "the queries)" if s == lds_seed else ""))
@@ -454,6 +556,7 @@ def _paired_top_k(per_pair: dict, shape: tuple[int, int], draws: int, seed: int,
 
 
 GROUP_SIZE = "group size (reference)"
+MIN_SUBSETS = 8          # a query enters the LDS once this many of its subsets are retrained (a later batch's)
 GROUP_PERMUTATIONS = 100
 
 
@@ -467,6 +570,7 @@ def _groups(bank, kinds, scores, data, draws, seed, result) -> list[str]:
         return lines + [f"Not yet: {len(data['group'])} of {len(names)} x seeds group retrains finished (a seed counts "
                         "once every group and its theta0' are).", ""]
     truth = np.mean([np.stack([data["group"][g, s] - data["reference"][s] for g in names], 1) for s in complete], 0)
+    headline = headline & np.isfinite(truth).all(1)     # a later batch's queries lack the group retrains before them
     truth = truth[headline]
     ids = bank.item_ids
     pos = {i: n for n, i in enumerate(ids)}

@@ -37,21 +37,49 @@ def _query_fingerprints(bank) -> dict[str, str | None]:
 
 
 def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: str, out: str | Path | None = None) -> Path:
-    """Write ``scores`` (method -> [Q, N] in ``qids`` x the bank's item order) with their provenance."""
+    """Write ``scores`` (method -> [Q, N] in ``qids`` x the bank's item order; a NaN row: no score for that
+    query) with their provenance, merged into the folder's scores on the same benchmark model (a later batch of
+    queries adds its columns; a query scored again replaces its column)."""
     folder = Path(out) if out else bank.root / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    files = {}
+    model = file_fingerprint(str(bank.model))
+    old = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else None
+    if old is not None and old["model_fingerprint"] != model:
+        old = None                                       # scores of another benchmark model: replaced
+    files = dict(old["methods"]) if old else {}
+    have = _query_fingerprints(bank)
+    queries = {q: fp for q, fp in (old["queries"] if old else {}).items() if have.get(q) == fp}
     for name, v in scores.items():
-        df = pd.DataFrame(np.asarray(v, np.float64).T, columns=qids)
+        v = np.asarray(v, np.float64)
+        keep = [j for j, q in enumerate(qids) if np.isfinite(v[j]).all()]
+        df = pd.DataFrame(v[keep].T, columns=[qids[j] for j in keep])
+        if name in files and (folder / files[name]).exists():
+            prev = pd.read_parquet(folder / files[name]).set_index("item_id").loc[bank.item_ids]
+            prev = prev[[q for q in prev.columns if q in queries and q not in df.columns]]
+            df = pd.concat([prev.reset_index(drop=True), df], axis=1)
+        df = df[sorted(df.columns)]
         df.insert(0, "item_id", bank.item_ids)
         with atomic_path(folder / _file_name(name)) as tmp:
             df.to_parquet(tmp, index=False)
         files[name] = _file_name(name)
+        queries.update({qids[j]: have.get(qids[j]) for j in keep})
     atomic_write_json(folder / MANIFEST, {
-        "format": 1, "model_fingerprint": file_fingerprint(str(bank.model)), "queries": _query_fingerprints(bank),
-        "source": str(source), "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": files})
-    log.info("benchmark: %d methods' scores for %d queries written to %s", len(files), len(qids), folder)
+        "format": 1, "model_fingerprint": model, "queries": dict(sorted(queries.items())),
+        "source": str(source) if not old or old.get("source") in (None, str(source)) else
+        f"{old['source']}; {source}",
+        "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": files})
+    log.info("benchmark: %d methods' scores for %d queries written to %s", len(scores), len(qids), folder)
     return folder
+
+
+def shipped_queries(folder: str | Path) -> set[str]:
+    """The query ids the shipped scores cover, by any method (a later batch of the bank's queries may not be
+    scored yet, or only by some methods: ``read_shipped`` gives NaN rows where a method has no column)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: no shipped scores there; fix: point --scores at the bank's "
+                                "scores folder (<bank>/scores), or write it with --export_scores true")
+    return set(json.loads(path.read_text())["queries"])
 
 
 def read_shipped(bank, folder: str | Path, names: list[str], qids: list[str]) -> dict[str, np.ndarray]:
@@ -78,6 +106,6 @@ def read_shipped(bank, folder: str | Path, names: list[str], qids: list[str]) ->
         if name not in manifest["methods"]:
             log.info("benchmark: method %s has no shipped scores in %s: left out", name, folder)
             continue
-        df = pd.read_parquet(folder / manifest["methods"][name]).set_index("item_id")
-        out[name] = df.loc[bank.item_ids, qids].to_numpy(np.float64).T
+        df = pd.read_parquet(folder / manifest["methods"][name]).set_index("item_id").loc[bank.item_ids]
+        out[name] = df.reindex(columns=qids).to_numpy(np.float64).T     # NaN rows: queries it has not scored
     return out

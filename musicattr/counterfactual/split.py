@@ -3,8 +3,8 @@
 
 Within each query kind (generated, planted, training) the queries are ordered by a hash of (query id, latent
 fingerprint), queries already used to choose something first (``used_for_tuning``), and the first floor(n/2)
-form the tuning half. The split is a pure function of the bank's query table, so it stays the same as the bank
-grows; ``queries/split.csv`` ships it and is what the benchmark reads.
+form the tuning half. ``queries/split.csv`` ships it and is what the benchmark reads; a later batch of queries
+is split the same way among its own queries and added, so no query ever changes half.
 """
 from __future__ import annotations
 
@@ -32,18 +32,25 @@ def split_queries(table: pd.DataFrame, used_for_tuning=USED_FOR_TUNING) -> pd.Da
     return pd.DataFrame(rows).sort_values("query_id").reset_index(drop=True)
 
 
-def read_split(bank_root: str | Path, table: pd.DataFrame) -> pd.Series:
-    """The half of each query (indexed by query id): ``queries/split.csv`` where the bank ships it (a query it
-    does not name is refused), else ``split_queries`` of the table."""
+def grown_split(shipped: pd.DataFrame | None, table: pd.DataFrame) -> pd.DataFrame:
+    """``shipped`` (the split as it stands) and the queries it does not name split among themselves: a later
+    batch of queries is halved on its own, and no query ever changes half (one used for tuning stays there)."""
+    named = set() if shipped is None else set(shipped["query_id"])
+    new = table[~table["query_id"].isin(named)]
+    parts = [p for p in (shipped, split_queries(new) if len(new) else None) if p is not None]
+    return pd.concat(parts, ignore_index=True).sort_values("query_id").reset_index(drop=True)
+
+
+def current_split(bank_root: str | Path, table: pd.DataFrame) -> pd.DataFrame:
+    """query_id, kind, half of every query of ``table``: ``queries/split.csv`` where the bank ships it, with the
+    queries it does not name (a later batch) split among themselves; else ``split_queries`` of the table."""
     path = Path(bank_root) / "queries" / "split.csv"
-    split = pd.read_csv(path, dtype={"query_id": str}) if path.exists() else split_queries(table)
-    half = split.set_index("query_id")["half"]
-    missing = sorted(set(table["query_id"]) - set(half.index))
-    if missing:
-        raise ValueError(f"{path} does not name the queries {missing[:5]}; fix: regenerate it with "
-                         "`python -m musicattr.counterfactual.split BANK_DIR` (the split of the new queries only "
-                         "depends on their ids and latents)")
-    return half
+    return grown_split(pd.read_csv(path, dtype={"query_id": str}) if path.exists() else None, table)
+
+
+def read_split(bank_root: str | Path, table: pd.DataFrame) -> pd.Series:
+    """The half of each query (indexed by query id), as ``current_split``."""
+    return current_split(bank_root, table).set_index("query_id")["half"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("bank_dir")
     a = ap.parse_args(argv)
     path = Path(a.bank_dir) / "queries" / "split.csv"
-    split = split_queries(pd.read_csv(Path(a.bank_dir) / "queries" / "queries.csv", dtype={"query_id": str}))
+    split = current_split(a.bank_dir, pd.read_csv(Path(a.bank_dir) / "queries" / "queries.csv", dtype={"query_id": str}))
     split.to_csv(path, index=False)
     print(f"written: {path} ({(split['half'] == 'tuning').sum()} tuning, {(split['half'] == 'report').sum()} report)")
 

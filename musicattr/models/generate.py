@@ -46,7 +46,8 @@ def write_generation(path: str | Path, audio: torch.Tensor, sample_rate: int) ->
 def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str], durations: list[float] | None = None,
              max_frames: int | None = None, text_encoder: str = "minilm", text_encoder_checkpoint: str | None = None,
              autoencoder_config: str | None = None, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
-             sampler_type: str = "dpmpp-2m-sde", device: str = "cpu", store: str | None = None) -> list[dict]:
+             sampler_type: str = "dpmpp-2m-sde", device: str = "cpu", store: str | None = None,
+             first_id: int = 0) -> list[dict]:
     """Generate one track per prompt; write ``<out_dir>/<name>.wav`` and ``<name>.query.safetensors``.
 
     Args:
@@ -54,6 +55,8 @@ def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str]
         autoencoder: autoencoder checkpoint used to build the latent store.
         prompts / durations: one duration in seconds per prompt (default: the model's maximum length).
         max_frames: latent length; default the latent store's (``store``) or the checkpoint's.
+        first_id: the number of the first query: prompt j is ``q{first_id + j:03d}``, sampled with seed
+            ``seed + first_id + j`` (a later batch of queries continues the numbering and the seeds).
     """
     from musicattr.embeddings.text import build_text_encoder
     from musicattr.models.autoencoder_module import load_autoencoder
@@ -84,14 +87,14 @@ def generate(checkpoint: str, autoencoder: str, out_dir: str, prompts: list[str]
     results = []
     for q, (prompt, dur) in enumerate(zip(prompts, durations)):
         dur = min(float(dur), max_frames * ratio / sr)
-        name = f"q{q:03d}"
-        latents = sample_latents(module, text[q:q + 1], math.ceil(dur), max_frames, steps, cfg_scale, seed + q,
+        name = f"q{first_id + q:03d}"
+        latents = sample_latents(module, text[q:q + 1], math.ceil(dur), max_frames, steps, cfg_scale, seed + first_id + q,
                                  sampler_type)
         audio = ae.decode(latents)[0, :, : int(dur * sr)].cpu()
         write_generation(out / f"{name}.wav", audio, sr)
         valid = math.ceil(dur * sr / ratio)
         info = {"query_id": name, "caption": prompt, "duration_s": dur, "seconds_start": 0.0,
-                "seconds_total": float(math.ceil(dur)), "valid_frames": valid, "seed": seed + q,
+                "seconds_total": float(math.ceil(dur)), "valid_frames": valid, "seed": seed + first_id + q,
                 "audio": f"{name}.wav", "checkpoint": checkpoint}
         save_query(out / f"{name}.query.safetensors", latents[0], text[q], info)
         results.append(info)

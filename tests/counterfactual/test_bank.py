@@ -418,6 +418,70 @@ def test_bank_end_to_end(tmp_path):
     assert grown_more["ran"] == 1 and list(after["name"][:len(before)]) == before
     record = json.loads((bank_dir / "retrains" / f"{after['name'].iloc[-1]}.json").read_text())
     assert record["store_content"] == content and record["key"]["store"] == own
+    # the queries grow: an appended prompt is generated as batch 1 (ids and seeds continue), measured by every
+    # retrain from then on and filled in where a record's weights are still here; one record's weights are gone
+    from musicattr.counterfactual.bank import query_batch_ends
+    from musicattr.counterfactual.benchmark import bank_losses
+
+    gone = after["name"][1]
+    (work / "retrains" / gone / "model.ckpt").unlink()
+    old_table = Bank(bank_dir).queries_table()
+    with pytest.raises(BankError, match="append new ones at the end"):
+        run_bank(**{**kw_other, "lds": BankLDS(subsets=8, second_subsets=3), "prompts": ["another tone", "a low tone"],
+                    "durations": [1.0, 1.0], "prompt_attributes": [{}, {}]})
+    more = dict(prompts=["a low tone", "a high tone"], durations=[1.0, 1.0], prompt_attributes=[{}, {"pitch": "high"}])
+    grown_q = run_bank(**{**kw_other, **more, "lds": BankLDS(subsets=9, second_subsets=3)})
+    bank = Bank(bank_dir)
+    table = bank.queries_table()
+    assert table.iloc[:len(old_table)].equals(old_table)             # earlier rows unchanged
+    assert list(table["query_id"][len(old_table):]) == ["q002"] and table["kind"].iloc[-1] == "generated"
+    assert query_batch_ends(bank_dir, table) == [len(old_table), len(old_table) + 1]
+    assert json.loads((bank_dir / "queries" / "generation-1.json").read_text())["query_ids"] == ["q002"]
+    assert grown_q["ran"] == 1
+    recs = {r["name"]: r for r in bank.records()}
+    key = bank.manifest["loss_key"]
+    assert "q002" not in recs[gone]["losses"] and recs[gone]["loss_key"] != key      # weights gone: first batch
+    others = [r for n, r in recs.items() if n != gone]
+    assert all("q002" in r["losses"] and r["loss_key"] == key for r in others)
+    assert sum("backfilled" in r for r in others) == len(others) - 1                  # all but the new retrain
+    data = bank_losses(bank, list(table["query_id"]))
+    assert data["records"] == len(recs)
+    subset = next(int(r["subset"]) for r in recs[gone]["roles"] if r["kind"] == "lds")
+    q = len(old_table)
+    assert np.isnan(data["lds"][0][q, subset]) and np.isfinite(data["lds"][0][:q, subset]).all()
+    # the benchmark: the new query has no scores yet, so the tables are those of the first batch
+    shipped_manifest = json.loads((bank_dir / "scores" / "manifest.json").read_text())
+    shipped_manifest["queries"]["q000"] = table.set_index("query_id").at["q000", "fingerprint"]   # undo the above
+    (bank_dir / "scores" / "manifest.json").write_text(json.dumps(shipped_manifest))
+    before_growth = run_benchmark(str(bank_dir), None, str(tmp_path / "nowhere"), str(tmp_path / "outg"),
+                                  bootstrap=100, null_vectors=100, scores=str(bank_dir / "scores"), subsets=5)
+    assert before_growth["lds"]["unlearning"]["lds"] == pytest.approx(first5["lds"]["unlearning"]["lds"])
+    assert "lack the scores" in (tmp_path / "outg" / "benchmark.md").read_text()
+    # compare scores batch 1 in its own run (the bank's ids continue: first_id), the export adds its columns
+    paths = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out"), prepare=True,
+                          fisher=fisher)["compare_args"]
+    assert paths == [str(compare / "compare_args.yaml"), str(compare / "batch-1" / "compare_args.yaml")]
+    args1 = yaml.safe_load((compare / "batch-1" / "compare_args.yaml").read_text())
+    args1.pop("index")
+    assert args1["first_id"] == 2 and args1["prompts"] == ["a high tone"] and args1["query_items"] == []
+    run_comparison(**args1, unlearning=UnlearnSettings(lr=1e-5, num_draws=8), scoring=ScoreSettings(draws=2),
+                   use_wandb=False)
+    both = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "outb"), bootstrap=100,
+                         null_vectors=100, export_scores=True)
+    md = (tmp_path / "outb" / "benchmark.md").read_text()
+    assert "lack the scores" not in md and "losses only on the subsets retrained after" in md
+    assert both["lds"]["unlearning"]["lds"] != pytest.approx(first5["lds"]["unlearning"]["lds"])
+    shipped_manifest = json.loads((bank_dir / "scores" / "manifest.json").read_text())
+    assert {"q000", "q001", "q002"} <= set(shipped_manifest["queries"])
+    again = run_benchmark(str(bank_dir), None, str(tmp_path / "nowhere"), str(tmp_path / "outs2"), bootstrap=100,
+                          null_vectors=100, scores=str(bank_dir / "scores"))
+    assert again["lds"]["unlearning"]["lds"] == pytest.approx(both["lds"]["unlearning"]["lds"])
+    only_first = run_benchmark(str(bank_dir), None, str(tmp_path / "nowhere"), str(tmp_path / "outs3"),
+                               bootstrap=100, null_vectors=100, scores=str(bank_dir / "scores"), batches=[0], subsets=5)
+    assert only_first["lds"]["unlearning"]["lds"] == pytest.approx(first5["lds"]["unlearning"]["lds"])
+    only_first = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "outb3"), bootstrap=100,
+                               null_vectors=100, batches=[0], subsets=5)        # the compare runs' path too
+    assert only_first["lds"]["unlearning"]["lds"] == pytest.approx(first5["lds"]["unlearning"]["lds"])
 
 
 def test_store_check_stats_compare_with_the_second_seed():
@@ -475,3 +539,25 @@ def test_group_credit_permuted_null_removes_the_size_effect():
     assert out["knows"]["excess_top1_ci"][0] > 0
     again = permuted_credits(blind, member, 50, [0, 1])
     assert np.array_equal(again, nulls["blind"])                # seeded
+
+
+def test_row_spearman_uses_the_columns_both_have():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((5, 12)), rng.random((5, 12))
+    b[1, :4] = np.nan                                   # a later batch's query: no loss on the first subsets
+    b[3, :11] = np.nan                                  # too few columns left
+    got = st.row_spearman(a, b)
+    full = st.row_spearman(a[[0, 2, 4]], b[[0, 2, 4]])
+    assert np.allclose(got[[0, 2, 4]], full)
+    assert got[1] == pytest.approx(st.row_spearman(a[1:2, 4:], b[1:2, 4:])[0])
+    assert np.isnan(got[3])
+
+
+def test_benchmark_batches_option_is_checked(tmp_path):
+    from musicattr.counterfactual.benchmark import run_benchmark
+
+    from pathlib import Path
+
+    bank = Path(__file__).resolve().parents[2] / "assets" / "bank" / "demo"
+    with pytest.raises(ValueError, match=r"batches = \[7\]; fix: some of 0 to"):
+        run_benchmark(str(bank), None, str(tmp_path), str(tmp_path / "out"), scores=str(bank / "scores"), batches=[7])

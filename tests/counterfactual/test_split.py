@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from musicattr.counterfactual.split import read_split, split_queries
+from musicattr.counterfactual.split import grown_split, read_split, split_queries
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,23 +26,32 @@ def test_halves_per_kind_and_forced_tuning_queries():
                       ("planted", "tuning"): 2, ("training", "report"): 1, ("training", "tuning"): 1}
     assert split.set_index("query_id").at["q003", "half"] == "tuning"  # used to choose the draw design
     assert split.equals(split_queries(table.sample(frac=1, random_state=0)))  # order of the table: irrelevant
-    grown = split_queries(_table(n_gen=42))  # a bank that grows keeps most queries where they were
-    same = (grown.set_index("query_id")["half"].reindex(split["query_id"]).to_numpy() == split["half"].to_numpy())
-    assert same.mean() > 0.8
+    grown = grown_split(split, _table(n_gen=42))  # a later batch is halved on its own: no query changes half
+    assert (grown.set_index("query_id")["half"].reindex(split["query_id"]).to_numpy() == split["half"].to_numpy()).all()
+    assert len(grown) == len(split) + 2
 
 
-def test_shipped_split_is_the_rule_applied_to_the_shipped_queries():
+def test_shipped_split_is_the_rule_applied_batch_by_batch():
+    from musicattr.counterfactual.bank import query_batch_ends
+
     bank = ROOT / "assets" / "bank" / "demo"
     table = pd.read_csv(bank / "queries" / "queries.csv", dtype={"query_id": str})
     shipped = pd.read_csv(bank / "queries" / "split.csv", dtype={"query_id": str})
-    assert shipped.equals(split_queries(table))
+    ends = query_batch_ends(bank, table)
+    expect = None
+    for a, b in zip([0, *ends[:-1]], ends):
+        expect = grown_split(expect, table.iloc[:b]) if a else split_queries(table.iloc[:b])
+    assert shipped.equals(expect)
     assert (read_split(bank, table).reindex(table["query_id"]).to_numpy() == shipped.set_index("query_id")
             .reindex(table["query_id"])["half"].to_numpy()).all()
 
 
-def test_a_query_missing_from_the_split_file_is_refused(tmp_path):
+def test_queries_missing_from_the_split_file_are_split_among_themselves(tmp_path):
     (tmp_path / "queries").mkdir()
-    table = _table(4, 0, 0)
-    split_queries(table.iloc[:3]).to_csv(tmp_path / "queries" / "split.csv", index=False)
-    with pytest.raises(ValueError, match="split.csv.*q003.*fix"):
-        read_split(tmp_path, table)
+    table = _table(8, 0, 0)
+    first = split_queries(table.iloc[:4])
+    first.to_csv(tmp_path / "queries" / "split.csv", index=False)
+    half = read_split(tmp_path, table)
+    assert (half.reindex(first["query_id"]).to_numpy() == first["half"].to_numpy()).all()
+    later = half.reindex([f"q{i:03d}" for i in range(4, 8)])
+    assert sorted(later) == ["report", "report", "tuning", "tuning"]
