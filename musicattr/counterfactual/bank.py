@@ -29,19 +29,16 @@ Retrained checkpoints stay in ``work_dir`` (under runs/, not shipped). A run reu
 retrain with a record is done, so ``make bank`` continues a bank that grows across machines (``commit: true``
 commits each record, and only the bank folder, as it is written).
 
-The queries grow like the subsets: prompts appended to ``prompts`` are generated as a later batch (ids and
-sampler seeds continue), appended to queries.csv, and measured by every retrain from then on; records made
-before keep the earlier batches' losses (their key names that prefix of the table), and a run fills in the new
-queries' losses of every record whose retrained weights are still in ``work_dir`` (the benchmark model's always).
+The queries grow like the subsets, in batches (``bank_queries``): records made before a batch was appended
+keep the earlier batches' losses, and a run fills in the new queries' losses of every record whose retrained
+weights are still in ``work_dir``. Folder names and the bank's error: ``bank_layout``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
 import os
-import platform
 import shutil
 import subprocess
 import time
@@ -52,6 +49,11 @@ import numpy as np
 import pandas as pd
 
 from musicattr.atomic import atomic_path, atomic_write_json, atomic_write_text
+from musicattr.counterfactual.bank_layout import (BENCHMARK_MODEL, DESIGN, FORMAT, MANIFEST, PLAN, QUERIES, BankError,
+                                                  file_fingerprint_at, machine_info, measure_queries, store_metadata)
+from musicattr.counterfactual.bank_queries import (backfill_losses, bank_queries, covered_queries, earlier_batches,
+                                                   grow_queries, loss_key, make_queries, query_batch_ends,
+                                                   read_queries_table)
 from musicattr.counterfactual.claims import live_claims, try_claim, wait_claim
 from musicattr.counterfactual.queries import Query
 from musicattr.counterfactual.recipe import Recipe, recipe_from_checkpoint
@@ -59,13 +61,7 @@ from musicattr.counterfactual.retrain import MODEL, StepProgress, finished, fit_
 from musicattr.counterfactual.subsets import Plan, PlannedRetrain, lds_subsets
 
 log = logging.getLogger(__name__)
-FORMAT = 1
-MANIFEST, DESIGN, PLAN, BENCHMARK_MODEL = "manifest.json", "design.json", "plan.csv", "model.ckpt"
 KINDS = ("reference", "lds", "group", "random-k", "top-k")
-
-
-class BankError(ValueError):
-    """A bank that does not fit the store, recipe or settings it is used with."""
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -165,50 +161,6 @@ def store_content(store) -> str:
 
 def items_fingerprint(item_ids: list[str]) -> str:
     return hashlib.blake2b("\n".join(item_ids).encode(), digest_size=8).hexdigest()
-
-
-# The few names taken from the layers below (they move as those layers are refactored): imported here only.
-def _file_fingerprint(path) -> str:
-    from musicattr.fingerprint import file_fingerprint
-
-    return file_fingerprint(str(path))
-
-
-def _query_info(path) -> dict:
-    """The record ``musicattr generate`` keeps in a query file's metadata (query_id, caption, audio, ...)."""
-    from musicattr.tensor_file import read_metadata
-
-    return json.loads(read_metadata(path)["info"])
-
-
-def _store_metadata(store) -> dict[str, dict]:
-    """file_name -> metadata row of the store's audio folder."""
-    from musicattr.evaluation.common import read_metadata_rows
-
-    return read_metadata_rows(store)
-
-
-def _planted_groups(store) -> dict[str, str]:
-    """file_name of each planted copy -> its original's file_name."""
-    from musicattr.evaluation.common import planted_groups
-
-    return planted_groups(store)
-
-
-def _measure_queries(task, checkpoint, queries: list[Query], store: str, seed: int, num_draws: int, mask: bool,
-                     device: str) -> dict[str, float]:
-    """L(z_q, theta) of each query under the model in ``checkpoint`` (``counterfactual.queries.query_losses``;
-    the task is stateless, the model an argument)."""
-    from musicattr.counterfactual.queries import query_losses
-
-    return query_losses(task, task.load(str(checkpoint)), queries, store, seed, num_draws, mask, device)
-
-
-def _compare_generation():
-    """compare's query generation (reused so that compare on the benchmark model reuses the bank's queries)."""
-    from musicattr.evaluation.compare import generated_queries, planted_queries
-
-    return generated_queries, planted_queries
 
 
 # ---------------------------------------------------------------------------------------------- the design
@@ -355,7 +307,7 @@ def choose_top_k(design: dict, table: pd.DataFrame, top: BankTopK, k: int) -> di
 def _choose_or_grow_top_k(root: Path, design: dict, top: BankTopK, k: int) -> None:
     """Choose the methods' top-K sets once and freeze them in design.json; a method added to ``top.methods``
     later gets its sets chosen then and appended (the frozen ones never change; ``top_k.added`` says when)."""
-    table = Bank.queries_table_at(root)
+    table = read_queries_table(root)
     if "top_k" not in design:
         chosen = choose_top_k(design, table, top, k)
         if chosen is not None:
@@ -417,15 +369,7 @@ class Bank:
         return self.root / BENCHMARK_MODEL
 
     def queries_table(self) -> pd.DataFrame:
-        return self.queries_table_at(self.root)
-
-    @staticmethod
-    def queries_table_at(root: Path) -> pd.DataFrame:
-        path = Path(root) / "queries" / "queries.csv"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: the bank has no queries yet; fix: run `make bank` (it "
-                                    "generates them once the benchmark model exists)")
-        return pd.read_csv(path, dtype={"query_id": str, "query_item": str, "planted_group": str})
+        return read_queries_table(self.root)
 
     def queries(self) -> list[Query]:
         return bank_queries(self.root, self.queries_table())
@@ -451,228 +395,7 @@ class Bank:
         return kept_matrix(self.design)
 
 
-def bank_queries(root: Path, table: pd.DataFrame) -> list[Query]:
-    """The bank's queries as the counterfactual ``Query`` records (latents in ``root/queries``)."""
-    out = []
-    for r in table.to_dict("records"):
-        item = r.get("query_item")
-        item = None if item is None or (isinstance(item, float) and math.isnan(item)) or item == "" else str(item)
-        planted = r.get("planted_group")
-        planted = None if planted is None or (isinstance(planted, float) and math.isnan(planted)) else str(planted)
-        qid = str(r["query_id"])
-        if r["kind"] == "training":
-            out.append(Query(qid, "training", str(r["prompt"]), item_id=item))
-        else:
-            out.append(Query(qid, str(r["kind"]), str(r["prompt"]),
-                             query_file=str(Path(root) / "queries" / f"{qid}.query.safetensors"),
-                             planted_group=planted))
-    return out
-
-
-def table_hash(table: pd.DataFrame) -> str:
-    """The queries' content: their table (with each latent file's fingerprint)."""
-    return hashlib.blake2b(table.to_csv(index=False).encode(), digest_size=8).hexdigest()
-
-
-def loss_key(bank_root: Path, table: pd.DataFrame, num_draws: int, seed: int, mask: bool, task) -> dict:
-    """What every query loss of the bank depends on besides theta: the queries' content (their table and
-    latent files), T, the seed, M_L, the draw namespace and the task."""
-    from musicattr.attribution.loss import COUNTERFACTUAL
-
-    return {"queries": table_hash(table),
-            "num_draws": int(num_draws), "seed": int(seed), "mask_loss": bool(mask), "namespace": COUNTERFACTUAL,
-            **task.identity()}
-
-
-def _batch_number(path: Path) -> int:
-    return int(path.stem.split("-", 1)[1])
-
-
-def query_batch_ends(root: Path, table: pd.DataFrame) -> list[int]:
-    """The row counts of queries.csv after each batch of queries: [46] for a bank with one batch, [46, 106]
-    once 60 queries were appended (generation-<b>.json lists each later batch's ids)."""
-    later = [json.loads(p.read_text())["query_ids"]
-             for p in sorted(Path(root, "queries").glob("generation-*.json"), key=_batch_number)]
-    ends = [len(table)]
-    for ids in reversed(later):
-        ends.insert(0, ends[0] - len(ids))
-    got = list(table["query_id"])
-    for b, ids in enumerate(later):
-        if got[ends[b]:ends[b + 1]] != list(ids):
-            raise BankError(f"{Path(root, 'queries')}: queries.csv does not end with the ids of generation-{b + 1}.json; "
-                            "fix: restore the bank's queries from git (batches are appended, never reordered)")
-    return ends
-
-
-def earlier_batches(root: Path, table: pd.DataFrame) -> dict[str, list[str]]:
-    """The content hash of queries.csv as it stood after each earlier batch -> the query ids it held (what a
-    record measured before a later batch was appended names in its key)."""
-    return {table_hash(table.iloc[:end]): list(table["query_id"][:end]) for end in query_batch_ends(root, table)[:-1]}
-
-
-def covered_queries(table: pd.DataFrame, earlier: dict[str, list[str]], key: dict | None,
-                    record_key: dict | None) -> list[str] | None:
-    """The query ids whose losses a record measured with ``record_key`` holds under the bank's ``key``: every
-    query if the keys are equal, the first batches' if the record's key names that prefix of the table
-    (``earlier``: ``earlier_batches``; it was made before a later batch was appended), None if it was measured
-    otherwise (left out)."""
-    if key is None or record_key == key:
-        return list(table["query_id"])
-    if record_key is None or {k: v for k, v in record_key.items() if k != "queries"} != \
-            {k: v for k, v in key.items() if k != "queries"}:
-        return None
-    return earlier.get(record_key["queries"])
-
-
-# ---------------------------------------------------------------------------------------------- queries
-def training_query_items(item_ids: list[str], excluded: set[str], n: int, seed: int) -> list[str]:
-    """n training items as sanity queries, drawn with ``seed`` among the items not in ``excluded`` (the planted
-    tracks: their duplicates would make the query trivial)."""
-    eligible = [i for i in item_ids if i not in excluded]
-    rng = np.random.default_rng([seed, 0x7A1])
-    return [eligible[i] for i in sorted(rng.choice(len(eligible), min(n, len(eligible)), replace=False))]
-
-
-def _check_prompt_lists(prompts: list, durations: list, attributes: list) -> None:
-    if len(durations) != len(prompts) or len(attributes) != len(prompts):
-        raise BankError(f"{len(prompts)} prompts, {len(durations)} durations and {len(attributes)} prompt_attributes; "
-                        "fix: give one duration and one attribute mapping per prompt")
-
-
-def make_queries(bank_root: Path, work_dir: Path, model: Path, store, prompts: list[str], durations: list[float],
-                 attributes: list[dict], include_planted: bool, training_queries: int, gen_steps: int, seed: int,
-                 match_columns: list[str]) -> pd.DataFrame:
-    """Generate the queries with the benchmark model exactly as ``musicattr compare`` does (its
-    ``generated_queries``: the prompts, then the planted captions; ids q000...), add ``training_queries``
-    training items (ids t000...), and copy them into ``bank_root/queries``: the latents and text embeddings,
-    the audio as FLAC (lossless), compare's generation settings, and queries.csv."""
-    generated_queries, planted_queries = _compare_generation()
-    _check_prompt_lists(prompts, durations, attributes)
-    meta = _store_metadata(store)
-    queries = [{"prompt": p, "duration": float(d), "planted_group": None, "attributes": dict(a or {})}
-               for p, d, a in zip(prompts, durations, attributes)]
-    if include_planted:
-        queries += planted_queries(store, meta, list(match_columns))
-    gen_dir = Path(work_dir) / "generated"
-    infos = generated_queries(gen_dir, queries, str(model), store, gen_steps, seed)
-    out = Path(bank_root) / "queries"
-    tmp = out.with_name("queries.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rows = []
-    for q, info in zip(queries, infos, strict=True):
-        rows.append({"query_id": info["query_id"], "kind": "planted" if q["planted_group"] else "generated",
-                     "prompt": q["prompt"], "duration_s": info["duration_s"], "planted_group": q["planted_group"],
-                     "query_item": None, "attributes": json.dumps(q.get("attributes") or {}, sort_keys=True),
-                     "fingerprint": _ship_query(gen_dir, tmp, info)})
-    ids = list(store.items["item_id"].astype(str))
-    groups = _planted_groups(store)
-    planted = set(groups) | set(groups.values())
-    files = dict(zip(store.items["file_name"], ids))
-    for j, item in enumerate(training_query_items(ids, {files[f] for f in planted if f in files}, training_queries,
-                                                  seed)):
-        r = store.items.iloc[store.position_of(item)]
-        rows.append({"query_id": f"t{j:03d}", "kind": "training", "prompt": r["caption"],
-                     "duration_s": float(r["duration_s"]), "planted_group": None, "query_item": item,
-                     "attributes": "{}", "fingerprint": f"item:{item}"})
-    shutil.copyfile(gen_dir / "settings.json", tmp / "generation.json")
-    table = pd.DataFrame(rows)
-    atomic_write_text(tmp / "queries.csv", table.to_csv(index=False))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("bank: %d queries (%s) in %s", len(table), ", ".join(f"{n} {k}" for k, n in
-                                                                  table["kind"].value_counts().items()), out)
-    return table
-
-
-def _ship_query(gen_dir: Path, out: Path, info: dict) -> str:
-    """Copy a generated query's latent file and its audio (as 16-bit FLAC, lossless) from compare's ``gen_dir``
-    into ``out``, each file written whole or not at all; returns the latent file's fingerprint."""
-    import soundfile as sf
-
-    qid = info["query_id"]
-    with atomic_path(out / f"{qid}.query.safetensors") as tmp:
-        shutil.copyfile(gen_dir / f"{qid}.query.safetensors", tmp)
-    audio, sr = sf.read(str(gen_dir / info["audio"]), dtype="int16", always_2d=True)
-    with atomic_path(out / f"{qid}.flac") as tmp:
-        sf.write(str(tmp), audio, sr, subtype="PCM_16", format="FLAC")
-    return _file_fingerprint(out / f"{qid}.query.safetensors")
-
-
-def grow_queries(bank_root: Path, work_dir: Path, model: Path, store, prompts: list[str], durations: list[float],
-                 attributes: list[dict], gen_steps: int, seed: int) -> pd.DataFrame | None:
-    """Append the queries of the prompts beyond those the bank was generated from (a later batch; None if
-    there are none): generated by the benchmark model as compare does, numbered and seeded on from the last
-    query (``first_id``), the latents, FLAC audio and generation-<b>.json copied into ``bank_root/queries``,
-    their rows appended to queries.csv (the earlier rows unchanged)."""
-    generated_queries, _ = _compare_generation()
-    root = Path(bank_root)
-    table = Bank.queries_table_at(root)
-    have = list(table.loc[table["kind"] == "generated", "prompt"])
-    if len(prompts) < len(have) or [str(p) for p in prompts[:len(have)]] != have:
-        raise BankError(f"{root / 'queries' / 'queries.csv'}: the bank's queries were generated from {len(have)} "
-                        f"prompts that are not the first {len(have)} of this run's prompts ({len(prompts)}); fix: keep "
-                        "the bank's prompts in their order and append new ones at the end")
-    new = list(range(len(have), len(prompts)))
-    if not new:
-        return None
-    _check_prompt_lists(prompts, durations, attributes)
-    batch = 1 + len(list((root / "queries").glob("generation-*.json")))
-    first = 1 + max(int(q[1:]) for q in table["query_id"] if str(q).startswith("q"))
-    gen_dir = Path(work_dir) / f"generated-{batch}"
-    infos = generated_queries(gen_dir, [{"prompt": prompts[j], "duration": float(durations[j])} for j in new],
-                              str(model), store, gen_steps, seed, first_id=first)
-    out = root / "queries"
-    rows = [{"query_id": info["query_id"], "kind": "generated", "prompt": prompts[j], "duration_s": info["duration_s"],
-             "planted_group": None, "query_item": None, "attributes": json.dumps(attributes[j] or {}, sort_keys=True),
-             "fingerprint": _ship_query(gen_dir, out, info)} for j, info in zip(new, infos, strict=True)]
-    settings = json.loads((gen_dir / "settings.json").read_text())
-    atomic_write_json(out / f"generation-{batch}.json", {**settings, "query_ids": [r["query_id"] for r in rows]})
-    grown = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
-    atomic_write_text(out / "queries.csv", grown.to_csv(index=False))
-    log.info("bank: query batch %d: %d queries (%s to %s) appended to %s", batch, len(rows), rows[0]["query_id"],
-             rows[-1]["query_id"], out / "queries.csv")
-    return Bank.queries_table_at(root)
-
-
-def backfill_losses(root: Path, work: Path, first_name: str, task, queries: list[Query], store: str, seed: int,
-                    loss_draws: int, mask: bool, device: str, key: dict) -> dict:
-    """Measure the queries a record lacks (a later batch) on its retrained weights, where they are still here
-    (``work_dir``; the benchmark model's in the bank), and give the record the bank's current key. Returns how
-    many records were completed and how many stay with the earlier batches only (their weights are gone)."""
-    done, gone = 0, 0
-    for path in sorted((root / "retrains").glob("*.json")):
-        rec = json.loads(path.read_text())
-        missing = [q for q in queries if q.query_id not in rec["losses"]]
-        if not missing:
-            continue
-        model = root / BENCHMARK_MODEL if rec["name"] == first_name else work / "retrains" / rec["name"] / MODEL
-        if not model.exists() or _file_fingerprint(model) != rec.get("model_fingerprint"):
-            gone += 1
-            continue
-        t1 = time.time()
-        rec["losses"].update(_measure_queries(task, model, missing, store, seed, loss_draws, mask, device))
-        rec["loss_key"] = key
-        rec.setdefault("backfilled", []).append({"queries": [q.query_id for q in missing], "measure_s": time.time() - t1,
-                                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                 "machine": _machine()})
-        atomic_write_json(path, rec)
-        done += 1
-        log.info("bank: %s: %d more query losses (%.0f s)", rec["name"], len(missing), time.time() - t1)
-    if done or gone:
-        log.info("bank: later query batches: %d records completed, %d keep the earlier batches' losses only (their "
-                 "retrained weights are not in %s)", done, gone, work / "retrains")
-    return {"completed": done, "without_weights": gone}
-
-
 # ---------------------------------------------------------------------------------------------- the stage
-def _machine() -> dict:
-    import torch
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-
-
 def _commit(root: Path, message: str) -> None:
     """Commit the bank folder, and only it (``git commit -- <bank>``); retry while another git holds the index."""
     for attempt in range(30):
@@ -799,10 +522,10 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
             raise BankError(f"{root / DESIGN} lists other item ids than {store}; fix: use the bank's store")
         _extend_design(design, ids, lds, random_k)
     else:
-        design = make_design(ids, corpus_groups(ids, list(s.items["file_name"]), _store_metadata(s), groups),
+        design = make_design(ids, corpus_groups(ids, list(s.items["file_name"]), store_metadata(s), groups),
                              lds, random_k)
     atomic_write_json(root / DESIGN, design)
-    if (root / "queries" / "queries.csv").exists():
+    if (root / QUERIES / "queries.csv").exists():
         _choose_or_grow_top_k(root, design, top_k, random_k.k)
     retrains = bank_plan(design, lds, groups, random_k, top_k)
     context = {"store": bank_content, "recipe": rec.fingerprint()}
@@ -904,7 +627,7 @@ def _benchmark_model_and_queries(root, work, first, first_dir, rec, store, s, co
             shutil.copyfile(first_dir / MODEL, tmp)
         _timing(first_dir, fit_s=time.time() - t1)
         log.info("bank: benchmark model theta0' written: %s (%.0f s)", root / BENCHMARK_MODEL, time.time() - t1)
-    if not (root / "queries" / "queries.csv").exists():
+    if not (root / QUERIES / "queries.csv").exists():
         t1 = time.time()
         make_queries(root, work, root / BENCHMARK_MODEL, s, list(prompts or []), list(durations or []),
                      list(prompt_attributes or [{}] * len(prompts or [])), include_planted, training_queries,
@@ -943,12 +666,12 @@ def _accept_store(root, work, retrains, context, content, rec, store, trainer, e
         run_dir = work / "store-check" / content / n0
         log.info("bank: store check: refitting %s (LDS subset %d) on store %s", n0, j, content)
         _fit(run_dir, rec, store, b.retrain, context, trainer, every)
-        new.append(_measure_queries(task, run_dir / MODEL, queries, store, seed, loss_draws, mask_loss, device))
+        new.append(measure_queries(task, run_dir / MODEL, queries, store, seed, loss_draws, mask_loss, device))
     stats = store_check_stats(new, [records[n0]["losses"] for _, _, n0, _ in pairs],
                               [records[n1]["losses"] for _, _, _, n1 in pairs], max_ratio)
     stats = {**stats, "content": content, "own_content": manifest["store"]["content"],
              "retrains": [n0 for _, _, n0, _ in pairs], "second_seed_retrains": [n1 for *_, n1 in pairs],
-             "machine": _machine(), "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+             "machine": machine_info(), "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(root / "store_checks" / f"{content}.json", {**stats, "losses": new})
     log.info("bank: store check of %s: rms difference to the records %.4g, second seed %.4g (ratio %.2f, at most "
              "%.2f): %s", content, stats["rms_store"], stats["rms_seed"], stats["ratio"], max_ratio,
@@ -979,11 +702,11 @@ def _run_one(i, b, name, root, work, first_dir, rec, store, context, trainer, ch
             _timing(run_dir, fit_s=fit_s)
     t2 = time.time()
 
-    losses = _measure_queries(task, model, queries, store, seed, loss_draws, mask_loss, device)
+    losses = measure_queries(task, model, queries, store, seed, loss_draws, mask_loss, device)
     record = {"format": FORMAT, "name": name, "key": r.key(context), "roles": b.roles,
-              "loss_key": key, "losses": losses, "model_fingerprint": _file_fingerprint(model),
+              "loss_key": key, "losses": losses, "model_fingerprint": file_fingerprint_at(model),
               "fit_s": fit_s, "measure_s": time.time() - t2, "steps": rec.steps,
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": _machine(),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
               "store_content": content}   # the store it was fitted on (the bank's own, or one its check accepted)
     if any(role["kind"] == "top-k" for role in b.roles):
         record["removed"] = list(r.removed)
@@ -1081,12 +804,12 @@ def _write_manifest(root: Path, old: dict | None, store, content: str, ids: list
         "settings": settings,
         "loss_key": key if key is not None else (old or {}).get("loss_key"),
         "benchmark_model": {"file": BENCHMARK_MODEL, "seed": settings["lds"]["seed"],
-                            "fingerprint": _file_fingerprint(root / BENCHMARK_MODEL)
+                            "fingerprint": file_fingerprint_at(root / BENCHMARK_MODEL)
                             if (root / BENCHMARK_MODEL).exists() else None},
         "retrains_done": len(records),
         "timing": {"seconds_per_retrain_median": _seconds_per_retrain(root),
                    "fit_s_median": float(np.median(fits)) if fits else None,
-                   "measured_on": records[-1]["machine"] if records else _machine()},
+                   "measured_on": records[-1]["machine"] if records else machine_info()},
         "how": ("`make bank` (musicattr bank --config configs/demo/bank.yaml): each retrain fits musicattr fit's "
                 "DiffusionModule with the recipe on the store minus its removed set, one torch thread; the "
                 "benchmark model is the first (nothing removed); queries generated by it as musicattr compare "

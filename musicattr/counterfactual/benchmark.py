@@ -30,8 +30,9 @@ import pandas as pd
 
 from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.counterfactual import bank_stats as st
-from musicattr.counterfactual.bank import (Bank, BankError, _file_fingerprint, _query_info, covered_queries,
-                                          earlier_batches)
+from musicattr.counterfactual.bank import Bank
+from musicattr.counterfactual.bank_layout import BankError, file_fingerprint_at, query_info
+from musicattr.counterfactual.bank_queries import covered_queries, earlier_batches
 from musicattr.attribution.methods import default_methods
 from musicattr.counterfactual.methods import method_scores, parse_methods
 from musicattr.counterfactual.shipped_scores import shipped_queries
@@ -72,17 +73,17 @@ def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index
         gen = out / "generated"
         gen.mkdir(parents=True, exist_ok=True)
         settings = _generation_settings(bank, batch)
-        settings.update(checkpoint_fingerprint=_file_fingerprint(bank.model), store_fingerprint=s.fingerprint,
-                        autoencoder_fingerprint=_file_fingerprint(s.manifest["autoencoder"]))
+        settings.update(checkpoint_fingerprint=file_fingerprint_at(bank.model), store_fingerprint=s.fingerprint,
+                        autoencoder_fingerprint=file_fingerprint_at(s.manifest["autoencoder"]))
         generated = table[table["kind"] != "training"]
         infos = []
         for r in generated.to_dict("records"):
             qid = r["query_id"]
             src = bank.root / "queries" / f"{qid}.query.safetensors"
             dst = gen / f"{qid}.query.safetensors"
-            if not dst.exists() or _file_fingerprint(dst) != r["fingerprint"]:
+            if not dst.exists() or file_fingerprint_at(dst) != r["fingerprint"]:
                 dst.write_bytes(src.read_bytes())
-            info = _query_info(dst)
+            info = query_info(dst)
             audio, sr = sf.read(str(bank.root / "queries" / f"{qid}.flac"), dtype="int16", always_2d=True)
             sf.write(str(gen / info["audio"]), audio, sr, subtype="PCM_16")
             infos.append(info)
@@ -130,7 +131,7 @@ def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = Non
                 bad.append(f"{qid} (missing or another prompt/kind)")
             elif r["kind"] != "training":
                 f = out / "generated" / f"{qid}.query.safetensors"
-                if not f.exists() or _file_fingerprint(f) != r["fingerprint"]:
+                if not f.exists() or file_fingerprint_at(f) != r["fingerprint"]:
                     bad.append(f"{qid} (compare generated its own latent instead of the bank's)")
     if bad:
         raise BankError(f"{compare_dir} did not score the bank's queries: {bad[:4]} ({len(bad)} in all); fix: rerun "

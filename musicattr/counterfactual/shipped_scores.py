@@ -85,7 +85,7 @@ def shipped_queries(folder: str | Path) -> set[str]:
 def read_shipped(bank, folder: str | Path, names: list[str], qids: list[str]) -> dict[str, np.ndarray]:
     """The shipped scores [Q, N] of each of ``names`` that the folder holds (the others are left out with a log
     line); refuses scores made on another benchmark model or other query latents."""
-    from musicattr.counterfactual.bank import BankError
+    from musicattr.counterfactual.bank_layout import BankError
 
     folder = Path(folder)
     path = folder / MANIFEST

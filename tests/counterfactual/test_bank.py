@@ -420,7 +420,7 @@ def test_bank_end_to_end(tmp_path):
     assert record["store_content"] == content and record["key"]["store"] == own
     # the queries grow: an appended prompt is generated as batch 1 (ids and seeds continue), measured by every
     # retrain from then on and filled in where a record's weights are still here; one record's weights are gone
-    from musicattr.counterfactual.bank import query_batch_ends
+    from musicattr.counterfactual.bank_queries import query_batch_ends
     from musicattr.counterfactual.benchmark import bank_losses
 
     gone = after["name"][1]

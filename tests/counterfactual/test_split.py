@@ -32,7 +32,7 @@ def test_halves_per_kind_and_forced_tuning_queries():
 
 
 def test_shipped_split_is_the_rule_applied_batch_by_batch():
-    from musicattr.counterfactual.bank import query_batch_ends
+    from musicattr.counterfactual.bank_queries import query_batch_ends
 
     bank = ROOT / "assets" / "bank" / "demo"
     table = pd.read_csv(bank / "queries" / "queries.csv", dtype={"query_id": str})
