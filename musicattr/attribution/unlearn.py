@@ -149,7 +149,8 @@ def unlearn_query(task: AttributionTask, model, batch, precond: Preconditioner, 
                 params[k].copy_(new)
             del new
         del g
-    return {k: p.detach().clone().cpu() for k, p in params.items()}
+    # one copy on the host (a GPU clone first would hold a second copy of the target parameters on the device)
+    return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
 
 
 def count_changed(theta0: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor]) -> tuple[int, int]:

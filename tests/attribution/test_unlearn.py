@@ -131,6 +131,7 @@ def test_unlearn_query_changes_only_target_group(work):
         assert changed == {net_prefix + k for k in chosen}, changed ^ {net_prefix + k for k in chosen}
         for k in chosen:
             assert torch.equal(new[k], after[net_prefix + k])
+            assert new[k].data_ptr() != after[net_prefix + k].data_ptr()  # a copy: the model can be reset after
 
 
 def test_unlearn_query_one_and_two_steps_by_hand(work):
