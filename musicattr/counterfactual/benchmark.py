@@ -38,6 +38,7 @@ from musicattr.counterfactual.methods import method_scores, parse_methods
 from musicattr.counterfactual.shipped_scores import shipped_queries
 from musicattr.counterfactual.split import HALVES, read_split
 from musicattr.counterfactual.subsets import top_k
+from musicattr.data.queries import PREPARED_LISTING
 
 log = logging.getLogger(__name__)
 DECOMPOSE_DRAWS = 500       # bootstrap draws of each part of an interval's width (queries alone, subsets alone)
@@ -60,7 +61,8 @@ def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index
     latents, the audio decoded from FLAC to compare's 16-bit wav, queries.json from the latents' own records, and
     the generation settings with this store's and model's fingerprints; ``dir`` from ``compare_dir_of``), and
     write its ``compare_args.yaml``: the batch's prompts, durations, attributes and training items, its first id,
-    the benchmark model, Fisher and index."""
+    the benchmark model, Fisher and index; and the batch's listing (``bank_queries.csv``: the peers and the
+    index ensemble score a prepared batch before compare has run there)."""
     import soundfile as sf
     import yaml
 
@@ -89,6 +91,8 @@ def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index
             infos.append(info)
         atomic_write_json(gen / "queries.json", infos)
         atomic_write_json(gen / "settings.json", settings)
+        atomic_write_text(out / PREPARED_LISTING,
+                          table[["query_id", "kind", "prompt", "query_item"]].to_csv(index=False))
         prompts = generated[generated["kind"] == "generated"]
         n = len(prompts)
         if list(prompts["prompt"]) != settings["prompts"][:n]:
@@ -111,15 +115,18 @@ def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index
     return paths
 
 
-def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = None) -> None:
+def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = None, prepared: bool = False) -> None:
     """The compare runs scored the bank's queries (of ``batches``, default all): same ids, prompts and kinds, and
-    the same latents."""
+    the same latents. ``prepared``: a batch folder that was only prepared (its ``bank_queries.csv``; the peers' or
+    the ensemble's tables without compare's) passes too."""
     bad = []
     for batch, table in enumerate(bank.query_batches()):
         if batches is not None and batch not in batches:
             continue
         out = compare_dir_of(compare_dir, batch)
         listing = out / "queries.csv"
+        if not listing.exists() and prepared and (out / PREPARED_LISTING).exists():
+            listing = out / PREPARED_LISTING
         if not listing.exists():
             raise FileNotFoundError(f"{listing} not found: no finished compare run on the bank's queries "
                                     f"{f'(batch {batch}) ' if batch else ''}; fix: run `make benchmark` (it prepares "
@@ -228,7 +235,10 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
     elif scores is None:
         raise ValueError("store = null needs shipped scores (--scores <bank>/scores); fix: give the store the bank "
                          "was made on, or the shipped scores")
-    if scores is None:
+    if scores is None and batches is not None:                # as asked: compared, or prepared for the peers
+        compared = list(batches)
+        check_compare(bank, compare_dir, compared, prepared=True)
+    elif scores is None:
         compared = compared_batches(bank, compare_dir) or [0]    # none: batch 0's check says what is missing
         check_compare(bank, compare_dir, compared)
     if export_scores and (scores is not None or half != "all"):

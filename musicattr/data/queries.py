@@ -66,18 +66,26 @@ def query_fingerprint(query: str | None, query_item: str | None, store: str | No
     return f"{s.fingerprint}:{s.items['item_id'].iloc[s.resolve(query_item)]}"
 
 
+PREPARED_LISTING = "bank_queries.csv"
+
+
 def compare_listing(compare: str | Path, query_ids: list[str] | None = None) -> list[dict[str, Any]]:
     """The queries of a finished ``musicattr compare`` run: [{query_id, kind, query, query_item}] in queries.csv's
     order (generated and planted: ``generated/<id>.query.safetensors``; training: the store item ``query_item``).
-    ``query_ids`` keeps those queries only. A missing file raises FileNotFoundError, a bad listing ValueError."""
+    A folder that ``musicattr benchmark --prepare true`` prepared for compare, which has not run there yet, is
+    listed from its ``bank_queries.csv`` (the bank's queries placed in ``generated/``): the peers and the index
+    ensemble score them without compare's own tables. ``query_ids`` keeps those queries only. A missing file raises
+    FileNotFoundError, a bad listing ValueError."""
     import pandas as pd
 
     compare = Path(compare)
     listing = compare / "queries.csv"
+    if not listing.exists() and (compare / PREPARED_LISTING).exists():
+        listing = compare / PREPARED_LISTING
     if not listing.exists():
         raise FileNotFoundError(f"{listing} not found: {compare} is no finished `musicattr compare` run; fix: run "
-                                "compare first (`make benchmark` for the bank's queries) or point --compare at its "
-                                "out_dir")
+                                "compare first (`make benchmark` for the bank's queries), prepare the bank's queries "
+                                "there (`musicattr benchmark --prepare true`) or point --compare at its out_dir")
     table = pd.read_csv(listing, dtype={"query_id": str, "query_item": str})
     missing_cols = {"query_id", "kind"} - set(table.columns)
     if missing_cols:
