@@ -117,7 +117,8 @@ def run_ensemble(compare: str, store: str, members: list, work_dir: str, bank_di
     """Build the members, score every query on each, write the ensemble's table per query.
 
     Args:
-        compare: the out_dir of ``musicattr compare`` (queries.csv, generated/*.query.safetensors).
+        compare: the out_dir of ``musicattr compare`` (queries.csv, generated/*.query.safetensors), or a batch
+            folder ``musicattr benchmark --prepare true`` prepared for it (bank_queries.csv).
         store: the latent store (the members' training data and the items scored).
         members: ``{seed, checkpoint, fisher, index}`` each; a member without checkpoint is the bank's recipe
             refitted with its seed, one without fisher / index gets them built (``ensemble_members``).

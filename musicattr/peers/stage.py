@@ -51,7 +51,8 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
     """Write every peer's scores table for the queries of a compare run.
 
     Args:
-        compare: the out_dir of ``musicattr compare`` (queries.csv, generated/*.query.safetensors).
+        compare: the out_dir of ``musicattr compare`` (queries.csv, generated/*.query.safetensors), or a batch
+            folder ``musicattr benchmark --prepare true`` prepared for it (bank_queries.csv).
         checkpoint: theta0 (the model compare scored); store: its latent store; fisher: its diagonal Fisher (the
             fallback of unlearning-ekfac on tensors outside linear layers; without it unlearning-ekfac changes the
             linear layers only).
