@@ -255,8 +255,12 @@ $(BD)/index/index.json: $(BD)/fisher.safetensors $(CFG)/index.yaml
 # compare runs once per batch of the bank's queries: $(BD)/compare, then $(BD)/compare/batch-<b> for a later batch
 # (`make bank` appends them); each reuses what it has made.
 BATCH_DIRS = $(BD)/compare $$(ls -d $(BD)/compare/batch-* 2>/dev/null | grep -E '/batch-[0-9]+$$')
-$(BD)/compare/comparison.json: $(BD)/index/index.json $(BANK)/queries/queries.csv $(CFG)/compare.yaml
+# --prepare places each batch's queries (and its listing, bank_queries.csv) where compare, the peers and the
+# ensemble read them; the peers and the ensemble need no compare run.
+$(BD)/compare/bank_queries.csv: $(BD)/index/index.json $(BANK)/queries/queries.csv
 	$(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN) --prepare true
+
+$(BD)/compare/comparison.json: $(BD)/compare/bank_queries.csv $(CFG)/compare.yaml
 	for d in $(BATCH_DIRS); do \
 		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) compare --config $(CFG)/compare.yaml \
 			--config $$d/compare_args.yaml $(RUN) --use_wandb false || exit 1; \
@@ -270,19 +274,22 @@ BENCH_WITH ?= peers ensemble
 benchmark: venv $(BD)/compare/comparison.json $(BENCH_WITH)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN)
 
-# The peers on the benchmark's compare run (configs/demo/peers.yaml): kronfluence's EK-FAC influence, traker's TRAK
-# and D-TRAK, EK-FAC-preconditioned unlearning; their tables sit beside compare's, where `make benchmark` reads them.
-peers: venv $(BD)/compare/comparison.json
+# The peers on the bank's queries, batch by batch (configs/demo/peers.yaml): kronfluence's EK-FAC influence, traker's
+# TRAK and D-TRAK, EK-FAC-preconditioned unlearning; their tables sit beside compare's, where `make benchmark` reads
+# them. They need the prepared batches only, not compare's run: `musicattr benchmark --batches B --methods M
+# --export_scores true` then ships the tables of batches that compare has not scored.
+peers: venv $(BD)/compare/bank_queries.csv
 	for d in $(BATCH_DIRS); do \
 		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) peers --config $(CFG)/peers.yaml $(RUN) --compare $$d \
 			--work_dir $(BD)/compare/peers $(PEERS_ARGS) || exit 1; \
 	done
 
 # The index ensemble (configs/demo/ensemble.yaml): the index averaged over the benchmark model and refits of the bank's
-# recipe with training seeds 1 and 2 (each with its Fisher and index; resumable); its tables sit beside compare's
-# (method index-ensemble), where `make benchmark` reads them. ENSEMBLE_ARGS adds options.
+# recipe with training seeds 1 and 2 (each with its Fisher and index; resumable), on the prepared batches as the
+# peers; its tables sit beside compare's (method index-ensemble), where `make benchmark` reads them. ENSEMBLE_ARGS
+# adds options.
 .PHONY: ensemble
-ensemble: venv $(BD)/compare/comparison.json
+ensemble: venv $(BD)/compare/bank_queries.csv
 	for d in $(BATCH_DIRS); do \
 		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) ensemble --config $(CFG)/ensemble.yaml $(RUN) --compare $$d \
 			$(ENSEMBLE_ARGS) || exit 1; \
