@@ -63,10 +63,11 @@ def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: 
             df.to_parquet(tmp, index=False)
         files[name] = _file_name(name)
         queries.update({qids[j]: have.get(qids[j]) for j in keep})
+    sources = [x for x in str((old or {}).get("source") or "").split("; ") if x]
+    sources += [] if str(source) in sources else [str(source)]             # each run once, in the order first used
     atomic_write_json(folder / MANIFEST, {
         "format": 1, "model_fingerprint": model, "queries": dict(sorted(queries.items())),
-        "source": str(source) if not old or old.get("source") in (None, str(source)) else
-        f"{old['source']}; {source}",
+        "source": "; ".join(sources),
         "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": files})
     log.info("benchmark: %d methods' scores for %d queries written to %s", len(scores), len(qids), folder)
     return folder

@@ -501,6 +501,7 @@ def test_bank_end_to_end(tmp_path):
     assert both["lds"]["unlearning"]["lds"] != pytest.approx(first5["lds"]["unlearning"]["lds"])
     shipped_manifest = json.loads((bank_dir / "scores" / "manifest.json").read_text())
     assert {"q000", "q001", "q002"} <= set(shipped_manifest["queries"])
+    assert shipped_manifest["source"].split("; ").count(str(compare)) == 1      # each run named once
     again = run_benchmark(str(bank_dir), None, str(tmp_path / "nowhere"), str(tmp_path / "outs2"), bootstrap=100,
                           null_vectors=100, scores=str(bank_dir / "scores"))
     assert again["lds"]["unlearning"]["lds"] == pytest.approx(both["lds"]["unlearning"]["lds"])
