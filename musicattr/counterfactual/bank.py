@@ -396,15 +396,20 @@ class Bank:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+BANK_OUTPUTS = (MANIFEST, DESIGN, PLAN, BENCHMARK_MODEL, QUERIES, "retrains", "store_checks")
+
+
 def _commit(root: Path, message: str) -> None:
-    """Commit the bank folder, and only it (``git commit -- <bank>``); retry while another git holds the index."""
+    """Commit what ``make bank`` writes in the bank folder, and only that (``git commit -- <its paths>``: not
+    ``scores/`` or anything else there or elsewhere); retry while another git holds the index."""
+    paths = [str(root / p) for p in BANK_OUTPUTS if (root / p).exists()]
     for attempt in range(30):
-        add = subprocess.run(["git", "add", "--", str(root)], capture_output=True, text=True)
+        add = subprocess.run(["git", "add", "--", *paths], capture_output=True, text=True)
         if add.returncode == 0:
-            staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", str(root)])
+            staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths])
             if staged.returncode == 0:
                 return
-            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", str(root)], capture_output=True,
+            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], capture_output=True,
                                   text=True)
             if done.returncode == 0:
                 return

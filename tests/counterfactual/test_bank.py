@@ -8,6 +8,7 @@ bank's queries and the benchmark on top, and recomputes the LDS from the files.
 """
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -590,3 +591,30 @@ def test_benchmark_batches_option_is_checked(tmp_path):
     bank = Path(__file__).resolve().parents[2] / "assets" / "bank" / "demo"
     with pytest.raises(ValueError, match=r"batches = \[7\]; fix: some of 0 to"):
         run_benchmark(str(bank), None, str(tmp_path), str(tmp_path / "out"), scores=str(bank / "scores"), batches=[7])
+
+
+def test_bank_commit_takes_only_what_the_bank_writes(tmp_path, monkeypatch):
+    """``commit: true`` commits the records, manifest and queries, never other files in the bank folder (a scores
+    export there, staged or not, stays for its own commit)."""
+    import subprocess
+
+    from musicattr.counterfactual.bank import _commit
+
+    monkeypatch.chdir(tmp_path)
+    git = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True, text=True).stdout  # noqa: E731
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    bank = Path("assets/bank/demo")
+    (bank / "retrains").mkdir(parents=True)
+    (bank / "scores").mkdir()
+    (bank / "manifest.json").write_text("{}")
+    (bank / "retrains" / "s0-1-abc.json").write_text("{}")
+    (bank / "scores" / "ekfac.parquet").write_text("x")
+    (tmp_path / "README.md").write_text("x")
+    git("add", "README.md")
+    _commit(bank, "bank: one record")
+    committed = git("ls-tree", "-r", "--name-only", "HEAD").split()
+    assert committed == ["assets/bank/demo/manifest.json", "assets/bank/demo/retrains/s0-1-abc.json"]
+    assert git("log", "--format=%s").strip() == "bank: one record"
+    assert "README.md" in git("diff", "--cached", "--name-only")      # still staged, not swept in
