@@ -73,6 +73,12 @@ def loss_key(bank_root: Path, table: pd.DataFrame, num_draws: int, seed: int, ma
             **task.identity()}
 
 
+def generation_file(root: Path, batch: int) -> Path:
+    """The generation settings of a batch of the bank's queries: generation.json for the first, generation-<b>.json
+    (with the batch's ``query_ids``) for a later one."""
+    return Path(root) / QUERIES / ("generation.json" if batch == 0 else f"generation-{batch}.json")
+
+
 def _batch_number(path: Path) -> int:
     return int(path.stem.split("-", 1)[1])
 
@@ -215,7 +221,7 @@ def grow_queries(bank_root: Path, work_dir: Path, model: Path, store, prompts: l
              "planted_group": None, "query_item": None, "attributes": json.dumps(attributes[j] or {}, sort_keys=True),
              "fingerprint": _ship_query(gen_dir, out, info)} for j, info in zip(new, infos, strict=True)]
     settings = json.loads((gen_dir / "settings.json").read_text())
-    atomic_write_json(out / f"generation-{batch}.json", {**settings, "query_ids": [r["query_id"] for r in rows]})
+    atomic_write_json(generation_file(root, batch), {**settings, "query_ids": [r["query_id"] for r in rows]})
     grown = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
     atomic_write_text(out / "queries.csv", grown.to_csv(index=False))
     log.info("bank: query batch %d: %d queries (%s to %s) appended to %s", batch, len(rows), rows[0]["query_id"],

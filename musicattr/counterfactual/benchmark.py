@@ -32,13 +32,13 @@ from musicattr.atomic import atomic_write_json, atomic_write_text
 from musicattr.counterfactual import bank_stats as st
 from musicattr.counterfactual.bank import Bank
 from musicattr.counterfactual.bank_layout import BankError, file_fingerprint_at, query_info
-from musicattr.counterfactual.bank_queries import covered_queries, earlier_batches
+from musicattr.counterfactual.bank_queries import covered_queries, earlier_batches, generation_file
 from musicattr.attribution.methods import default_methods
 from musicattr.counterfactual.methods import method_scores, parse_methods
 from musicattr.counterfactual.shipped_scores import shipped_queries
 from musicattr.counterfactual.split import HALVES, read_split
 from musicattr.counterfactual.subsets import top_k
-from musicattr.data.queries import PREPARED_LISTING
+from musicattr.data.queries import PREPARED_LISTING, listing_file
 
 log = logging.getLogger(__name__)
 DECOMPOSE_DRAWS = 500       # bootstrap draws of each part of an interval's width (queries alone, subsets alone)
@@ -52,8 +52,7 @@ def compare_dir_of(compare_dir: str | Path, batch: int) -> Path:
 
 
 def _generation_settings(bank: Bank, batch: int) -> dict:
-    path = bank.root / "queries" / ("generation.json" if batch == 0 else f"generation-{batch}.json")
-    return {k: v for k, v in json.loads(path.read_text()).items() if k != "query_ids"}
+    return {k: v for k, v in json.loads(generation_file(bank.root, batch).read_text()).items() if k != "query_ids"}
 
 
 def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index: str | None) -> list[Path]:
@@ -124,9 +123,7 @@ def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = Non
         if batches is not None and batch not in batches:
             continue
         out = compare_dir_of(compare_dir, batch)
-        listing = out / "queries.csv"
-        if not listing.exists() and prepared and (out / PREPARED_LISTING).exists():
-            listing = out / PREPARED_LISTING
+        listing = listing_file(out, prepared)
         if not listing.exists():
             raise FileNotFoundError(f"{listing} not found: no finished compare run on the bank's queries "
                                     f"{f'(batch {batch}) ' if batch else ''}; fix: run `make benchmark` (it prepares "

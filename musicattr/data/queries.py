@@ -69,6 +69,16 @@ def query_fingerprint(query: str | None, query_item: str | None, store: str | No
 PREPARED_LISTING = "bank_queries.csv"
 
 
+def listing_file(compare: str | Path, prepared: bool = True) -> Path:
+    """The listing of a compare folder's queries: compare's ``queries.csv`` once it has run there, else (with
+    ``prepared``) the ``bank_queries.csv`` that ``musicattr benchmark --prepare true`` wrote, if any (the path
+    returned may not exist)."""
+    compare = Path(compare)
+    if prepared and not (compare / "queries.csv").exists() and (compare / PREPARED_LISTING).exists():
+        return compare / PREPARED_LISTING
+    return compare / "queries.csv"
+
+
 def compare_listing(compare: str | Path, query_ids: list[str] | None = None) -> list[dict[str, Any]]:
     """The queries of a finished ``musicattr compare`` run: [{query_id, kind, query, query_item}] in queries.csv's
     order (generated and planted: ``generated/<id>.query.safetensors``; training: the store item ``query_item``).
@@ -79,9 +89,7 @@ def compare_listing(compare: str | Path, query_ids: list[str] | None = None) -> 
     import pandas as pd
 
     compare = Path(compare)
-    listing = compare / "queries.csv"
-    if not listing.exists() and (compare / PREPARED_LISTING).exists():
-        listing = compare / PREPARED_LISTING
+    listing = listing_file(compare)
     if not listing.exists():
         raise FileNotFoundError(f"{listing} not found: {compare} is no finished `musicattr compare` run; fix: run "
                                 "compare first (`make benchmark` for the bank's queries), prepare the bank's queries "

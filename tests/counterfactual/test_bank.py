@@ -382,7 +382,7 @@ def test_bank_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="half.*fix"):
         run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out"), half="test")
     # a compare run that generated its own latents instead of the bank's is refused
-    from musicattr.counterfactual.benchmark import check_compare
+    from musicattr.counterfactual.benchmark import check_compare, compare_dir_of
 
     latent = compare / "generated" / "q000.query.safetensors"
     latent.write_bytes(latent.read_bytes() + b" ")
@@ -468,7 +468,7 @@ def test_bank_end_to_end(tmp_path):
     assert args1["first_id"] == 2 and args1["prompts"] == ["a high tone"] and args1["query_items"] == []
     # a prepared batch is listed for the peers and the ensemble before compare runs there; the benchmark scores
     # and exports a peer's tables of it when asked for that batch (and refuses it otherwise: compare has not run)
-    from musicattr.counterfactual.benchmark import check_compare
+    from musicattr.counterfactual.benchmark import check_compare, compare_dir_of
     from musicattr.data.queries import compare_listing
     from musicattr.peers.common import write_table
 
@@ -481,7 +481,7 @@ def test_bank_end_to_end(tmp_path):
     fake = []
     for b, t in enumerate(bank.query_batches()):
         for qid in t["query_id"]:
-            fake.append(write_table(compare / ("batch-1" if b else ""), qid, "index-ensemble",
+            fake.append(write_table(compare_dir_of(compare, b), qid, "index-ensemble",
                                     pd.DataFrame({"item_id": bank.item_ids}), rng.random(len(bank.item_ids)), {}))
     peer_only = run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "outp"), bootstrap=100,
                               null_vectors=100, methods=["index-ensemble"], batches=[0, 1], export_scores=True)
