@@ -569,7 +569,7 @@ def run_bank(store: str, bank_dir: str, work_dir: str, checkpoint: str | None = 
                      list(prompt_attributes or [{}] * len(prompts or [])), gen_steps, seed)
     table = Bank(root).queries_table()
     queries = bank_queries(root, table)
-    key = loss_key(root, table, loss_draws, seed, mask_loss, task)
+    key = loss_key(table, loss_draws, seed, mask_loss, task)
     _check_manifest(manifest, content, items_fingerprint(ids), rec, key, check_store, table, earlier_batches(root, table))
     if content != bank_content and content not in equivalent_stores(manifest):
         with wait_claim(work / "claims", f"store-check-{content}"):   # one worker checks; the others take its verdict

@@ -63,7 +63,7 @@ def table_hash(table: pd.DataFrame) -> str:
     return hashlib.blake2b(table.to_csv(index=False).encode(), digest_size=8).hexdigest()
 
 
-def loss_key(bank_root: Path, table: pd.DataFrame, num_draws: int, seed: int, mask: bool, task) -> dict:
+def loss_key(table: pd.DataFrame, num_draws: int, seed: int, mask: bool, task) -> dict:
     """What every query loss of the bank depends on besides theta: the queries' content (their table and
     latent files), T, the seed, M_L, the draw namespace and the task."""
     from musicattr.attribution.loss import COUNTERFACTUAL

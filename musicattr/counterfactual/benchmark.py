@@ -299,6 +299,11 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
         text = (f"{len(unscored)} queries ({unscored[0]} to {unscored[-1]}; a later batch) lack the scores of some "
                 f"of these methods {'in ' + str(scores_dir) if scores_dir is not None else 'in the compare runs'}: "
                 "left out (`--methods` picks the methods that have them).\n\n") + text
+    if scores_dir is not None:
+        from musicattr.counterfactual.shipped_scores import describe_provenance
+
+        where = describe_provenance(scores_dir, [m for m in scores if m in shipped], qids)
+        text += f"\n\nShipped scores ({scores_dir}), by method and export:\n\n{where}\n" if where else ""
     if half != "all":
         text = f"Queries: the {half} half of the bank's ({len(qids)} of them; queries/split.csv).\n\n" + text
         result["half"] = {"half": half, "queries": qids}

@@ -3,7 +3,8 @@ them against it in minutes on a fresh clone (no Fisher, index, compare run or pe
 
     <bank>/scores/<method>.parquet   tau_m(q, i): one row per training item (``item_id``), one column per query id
     <bank>/scores/manifest.json      the benchmark model's and the queries' fingerprints the scores were made on,
-                                     the compare run they came from, when, and each method's file
+                                     the compare runs they came from, each method's file, and its provenance: per
+                                     method, which export (compare run, time) each of its query columns came from
 
 Written by ``musicattr benchmark --export_scores true`` from a checked compare run; read with ``--scores
 <bank>/scores``, which refuses files made on another benchmark model or other query latents.
@@ -24,6 +25,9 @@ from musicattr.fingerprint import file_fingerprint
 
 log = logging.getLogger(__name__)
 FOLDER, MANIFEST = "scores", "manifest.json"
+FORMAT = 2          # 2: per-method provenance; a format-1 manifest is read, and gains it at its next export
+UNRECORDED = ("exported before per-method provenance was recorded: source lists every compare run the folder's "
+              "scores had come from by then, made is the last export's time")
 
 
 def _file_name(method: str) -> str:
@@ -34,6 +38,43 @@ def _query_fingerprints(bank) -> dict[str, str | None]:
     table = bank.queries_table()
     return {r["query_id"]: (None if pd.isna(r.get("fingerprint")) else str(r["fingerprint"]))
             for r in table.to_dict("records")}
+
+
+def _columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [c for c in pq.read_schema(path).names if c != "item_id"]
+
+
+def _provenance(old: dict | None, folder: Path) -> dict[str, list[dict]]:
+    """Per method, the exports its columns came from: [{source, made, queries}]; a format-1 manifest (none
+    recorded) gives each method one entry with the folder's sources, time and a note saying so."""
+    if old is None:
+        return {}
+    if "provenance" in old:
+        return {m: [dict(e) for e in v] for m, v in old["provenance"].items()}
+    return {name: [{"source": old.get("source"), "made": old.get("made"), "queries": _columns(folder / f),
+                    "note": UNRECORDED}]
+            for name, f in old["methods"].items() if (folder / f).exists()}
+
+
+def provenance(folder: str | Path) -> dict[str, list[dict]]:
+    """Which export (compare run, time) each method's shipped query columns came from (see ``export_scores``)."""
+    path = Path(folder) / MANIFEST
+    return _provenance(json.loads(path.read_text()), Path(folder)) if path.exists() else {}
+
+
+def describe_provenance(folder: str | Path, names: list[str], qids: list[str]) -> str:
+    """Markdown lines: for each of ``names``, how many of ``qids`` each export gave it, from where and when."""
+    prov, want = provenance(folder), set(qids)
+    lines = []
+    for name in names:
+        for e in prov.get(name, []):
+            got = [q for q in e["queries"] if q in want]
+            if got:
+                lines.append(f"- {name}: {len(got)} queries ({got[0]} to {got[-1]}) from {e['source']}, {e['made']}"
+                             + (" (source not recorded per method)" if e.get("note") else ""))
+    return "\n".join(lines)
 
 
 def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: str, out: str | Path | None = None) -> Path:
@@ -49,6 +90,8 @@ def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: 
     files = dict(old["methods"]) if old else {}
     have = _query_fingerprints(bank)
     queries = {q: fp for q, fp in (old["queries"] if old else {}).items() if have.get(q) == fp}
+    prov = _provenance(old, folder)
+    made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for name, v in scores.items():
         v = np.asarray(v, np.float64)
         keep = [j for j, q in enumerate(qids) if np.isfinite(v[j]).all()]
@@ -63,12 +106,18 @@ def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: 
             df.to_parquet(tmp, index=False)
         files[name] = _file_name(name)
         queries.update({qids[j]: have.get(qids[j]) for j in keep})
+        new = [qids[j] for j in keep]
+        older = [dict(e, queries=[q for q in e["queries"] if q not in set(new)]) for e in prov.get(name, [])]
+        prov[name] = older + ([{"source": str(source), "made": made, "queries": new}] if new else [])
+    for name in prov:                                    # columns of other latents were dropped above
+        prov[name] = [e for e in (dict(e, queries=[q for q in e["queries"] if q in queries]) for e in prov[name])
+                      if e["queries"]]
     sources = [x for x in str((old or {}).get("source") or "").split("; ") if x]
     sources += [] if str(source) in sources else [str(source)]             # each run once, in the order first used
     atomic_write_json(folder / MANIFEST, {
-        "format": 1, "model_fingerprint": model, "queries": dict(sorted(queries.items())),
-        "source": "; ".join(sources),
-        "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "methods": files})
+        "format": FORMAT, "model_fingerprint": model, "queries": dict(sorted(queries.items())),
+        "source": "; ".join(sources), "made": made, "methods": files,
+        "provenance": {name: prov[name] for name in sorted(prov) if name in files}})
     log.info("benchmark: %d methods' scores for %d queries written to %s", len(scores), len(qids), folder)
     return folder
 

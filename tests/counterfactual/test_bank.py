@@ -355,6 +355,7 @@ def test_bank_end_to_end(tmp_path):
                   export_scores=True)
     shipped = run_benchmark(str(bank_dir), None, str(tmp_path / "nowhere"), str(tmp_path / "outs"),
                             bootstrap=100, null_vectors=100, scores=str(bank_dir / "scores"))   # no store, no compare
+    assert f"- unlearning: 3 queries (q000 to t000) from {compare}, " in (tmp_path / "outs" / "benchmark.md").read_text()
     with pytest.raises(ValueError, match="store = null needs shipped scores"):
         run_benchmark(str(bank_dir), None, str(compare), str(tmp_path / "outs"))
     assert shipped["methods"] == result["methods"]
