@@ -26,8 +26,7 @@ from musicattr.fingerprint import file_fingerprint
 log = logging.getLogger(__name__)
 FOLDER, MANIFEST = "scores", "manifest.json"
 FORMAT = 2          # 2: per-method provenance; a format-1 manifest is read, and gains it at its next export
-UNRECORDED = ("exported before per-method provenance was recorded: source lists every compare run the folder's "
-              "scores had come from by then, made is the last export's time")
+UNRECORDED = "not recorded per method: source = every compare run of the folder, made = its last export's time"
 
 
 def _file_name(method: str) -> str:
@@ -73,7 +72,7 @@ def describe_provenance(folder: str | Path, names: list[str], qids: list[str]) -
             got = [q for q in e["queries"] if q in want]
             if got:
                 lines.append(f"- {name}: {len(got)} queries ({got[0]} to {got[-1]}) from {e['source']}, {e['made']}"
-                             + (" (source not recorded per method)" if e.get("note") else ""))
+                             + (f" ({e['note']})" if e.get("note") else ""))
     return "\n".join(lines)
 
 
