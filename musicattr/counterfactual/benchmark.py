@@ -317,8 +317,8 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
 
 
 def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str], seed: int) -> dict[str, np.ndarray]:
-    """Each method's scores [Q, N] from the compare run of each query's batch (NaN rows where a batch's run has
-    no table of that optional method); ``random`` is one seeded vector per query over all of ``qids``."""
+    """Each method's scores [Q, N] from the compare run of each query's batch (NaN rows where a query has no
+    table of that optional method yet, e.g. a peer still scoring its batch); ``random`` is one seeded vector per query over all of ``qids``."""
     batch_of = {q: b for b, t in enumerate(bank.query_batches()) for q in t["query_id"]}
     fix = "run `make benchmark` (compare on the bank's queries)"
     out = method_scores([m for m in specs if m.table is None], compare_dir, qids, bank.item_ids, seed,
@@ -330,7 +330,7 @@ def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str],
         for b in sorted({batch_of[q] for q in qids}):
             rows = [i for i, q in enumerate(qids) if batch_of[q] == b]
             got = method_scores([m], compare_dir_of(compare_dir, b), [qids[i] for i in rows], bank.item_ids, seed,
-                                fix=fix)
+                                fix=fix, partial=True)
             if m.name in got:
                 values[rows] = got[m.name]
         if np.isfinite(values).all(1).any():

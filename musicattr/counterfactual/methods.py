@@ -49,10 +49,11 @@ def read_scores(path: Path, column: str, item_ids: list[str]) -> np.ndarray:
 
 def method_scores(methods: list[Method], root: str | Path, queries: list, item_ids: list[str],
                   random_seed: int = 0, random_per_query: bool = False, fix: str = "run the stage that writes it "
-                  "(`musicattr compare` for the compare run's tables)") -> dict[str, np.ndarray]:
+                  "(`musicattr compare` for the compare run's tables)", partial: bool = False) -> dict[str, np.ndarray]:
     """Scores [Q, N] of each available method: row q in the order of ``query_ids``, column i in the store's order.
     ``queries``: query ids or :class:`~musicattr.counterfactual.queries.Query`. ``random``: one seeded uniform
-    vector for every query, or with ``random_per_query`` one per query."""
+    vector for every query, or with ``random_per_query`` one per query. An optional method missing some queries'
+    tables is left out, or with ``partial`` kept with NaN rows for those queries (a peer still scoring a batch)."""
     root = Path(root)
     query_ids = [getattr(q, "query_id", q) for q in queries]
     out = {}
@@ -67,11 +68,15 @@ def method_scores(methods: list[Method], root: str | Path, queries: list, item_i
             continue
         paths = [m.path(root, q) for q in query_ids]
         missing = [p for p in paths if not p.exists()]
-        if missing and m.optional:
+        if missing and m.optional and not (partial and len(missing) < len(paths)):
             log.info("method %s left out: no table %s (optional)", m.name, missing[0])
             continue
-        if missing:
+        if missing and not m.optional:
             raise FileNotFoundError(f"method {m.name!r}: {missing[0]} not found ({len(missing)} of {len(query_ids)} "
                                     f"queries); fix: {fix}, or mark the method optional: true")
-        out[m.name] = np.stack([read_scores(p, m.column, item_ids) for p in paths])
+        if missing:
+            log.info("method %s: %d of %d queries have no table yet (first %s): NaN rows", m.name, len(missing),
+                     len(paths), missing[0])
+        out[m.name] = np.stack([read_scores(p, m.column, item_ids) if p.exists() else np.full(len(item_ids), np.nan)
+                                for p in paths])
     return out

@@ -67,6 +67,9 @@ def test_a_method_registered_in_a_test_is_found_by_its_name(tmp_path, monkeypatc
     assert got["random"].shape == (2, len(ids))
     # optional: a query without its table leaves the method out instead of stopping
     assert "test-peer" not in method_scores(methods, tmp_path, ["q000", "q002"], ids)
+    part = method_scores(methods, tmp_path, ["q000", "q002"], ids, partial=True)["test-peer"]   # still scoring q002
+    assert np.array_equal(part[0], truth["q000"]) and np.isnan(part[1]).all()
+    assert "test-peer" not in method_scores(methods, tmp_path, ["q002"], ids, partial=True)
     with pytest.raises(ValueError, match="registered twice"):
         register_method(type("Other", (Method,), {"name": "test-peer", "table": "x/{query_id}.parquet"}))
 
