@@ -272,8 +272,9 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
         if export_scores:
             from musicattr.counterfactual.shipped_scores import export_scores as export
 
-            export(bank, {m.name: method_table[m.name] for m in specs if m.table is not None and m.name in method_table},
-                   qids, str(compare_dir))
+            shipped_specs = [m for m in specs if m.table is not None and m.name in method_table]
+            export(bank, {m.name: method_table[m.name] for m in shipped_specs}, qids, str(compare_dir),
+                   settings=_table_settings(bank, shipped_specs, compare_dir, qids))
     # the queries every method has scores for (a later batch may lack a method's tables, e.g. the peers')
     scored = np.all([np.isfinite(v).all(1) for v in method_table.values()], axis=0) if method_table else \
         np.ones(len(qids), bool)
@@ -336,6 +337,21 @@ def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str],
         if np.isfinite(values).all(1).any():
             out[m.name] = values
     return {m.name: out[m.name] for m in specs if m.name in out}
+
+
+def _table_settings(bank: Bank, specs: list, compare_dir: Path, qids: list[str]) -> dict[str, list[dict | None]]:
+    """Per method, each query's table settings: the ``settings.json`` beside a ``scores.parquet`` (the peers' and
+    the index's tables), else None."""
+    batch_of = {q: b for b, t in enumerate(bank.query_batches()) for q in t["query_id"]}
+    out = {}
+    for m in specs:
+        got = []
+        for q in qids:
+            table = m.path(compare_dir_of(compare_dir, batch_of[q]), q)
+            f = table.with_name("settings.json")
+            got.append(json.loads(f.read_text()) if table.name == "scores.parquet" and f.exists() else None)
+        out[m.name] = got
+    return out
 
 
 def _check_store(bank: Bank, store: str) -> None:

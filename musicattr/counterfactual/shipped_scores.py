@@ -11,6 +11,7 @@ Written by ``musicattr benchmark --export_scores true`` from a checked compare r
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -63,23 +64,52 @@ def provenance(folder: str | Path) -> dict[str, list[dict]]:
     return _provenance(json.loads(path.read_text()), Path(folder)) if path.exists() else {}
 
 
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def describe_provenance(folder: str | Path, names: list[str], qids: list[str]) -> str:
-    """Markdown lines: for each of ``names``, how many of ``qids`` each export gave it, from where and when."""
+    """Markdown lines: for each of ``names``, how many of ``qids`` each export gave it, from where and when, with
+    the settings that differ where its columns were scored with more than one recorded setting."""
+    path = Path(folder) / MANIFEST
+    known = json.loads(path.read_text()).get("settings", {}) if path.exists() else {}
     prov, want = provenance(folder), set(qids)
     lines = []
     for name in names:
+        used = []
         for e in prov.get(name, []):
             got = [q for q in e["queries"] if q in want]
             if got:
+                used.append(e.get("settings"))
                 lines.append(f"- {name}: {len(got)} queries ({got[0]} to {got[-1]}) from {e['source']}, {e['made']}"
+                             + (f", settings {e['settings']}" if e.get("settings") else "")
                              + (f" ({e['note']})" if e.get("note") else ""))
+        keys = sorted({k for k in used if k})
+        if len(keys) > 1:
+            flats = [_flat(known.get(k)) for k in keys]
+            differ = sorted({f for d in flats for f in d if len({str(x.get(f)) for x in flats}) > 1})
+            lines.append(f"- **{name}: its columns here were scored with {len(keys)} different settings** (differing: "
+                         f"{', '.join(differ[:8])}{', ...' if len(differ) > 8 else ''})")
     return "\n".join(lines)
 
 
-def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: str, out: str | Path | None = None) -> Path:
+def settings_key(settings: dict | None) -> str | None:
+    """A short content key of a table's settings (None: not recorded)."""
+    if settings is None:
+        return None
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
+
+
+def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: str, out: str | Path | None = None,
+                  settings: dict[str, list[dict | None]] | None = None) -> Path:
     """Write ``scores`` (method -> [Q, N] in ``qids`` x the bank's item order; a NaN row: no score for that
     query) with their provenance, merged into the folder's scores on the same benchmark model (a later batch of
-    queries adds its columns; a query scored again replaces its column)."""
+    queries adds its columns; a query scored again replaces its column). ``settings``: per method, each query's
+    table settings (its ``settings.json``; None where there is none), kept once in the manifest under their key;
+    an export whose queries were scored with different settings gives one provenance entry per settings."""
     folder = Path(out) if out else bank.root / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     model = file_fingerprint(str(bank.model))
@@ -90,6 +120,7 @@ def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: 
     have = _query_fingerprints(bank)
     queries = {q: fp for q, fp in (old["queries"] if old else {}).items() if have.get(q) == fp}
     prov = _provenance(old, folder)
+    known = dict((old or {}).get("settings") or {})
     made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for name, v in scores.items():
         v = np.asarray(v, np.float64)
@@ -107,16 +138,26 @@ def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: 
         queries.update({qids[j]: have.get(qids[j]) for j in keep})
         new = [qids[j] for j in keep]
         older = [dict(e, queries=[q for q in e["queries"] if q not in set(new)]) for e in prov.get(name, [])]
-        prov[name] = older + ([{"source": str(source), "made": made, "queries": new}] if new else [])
+        groups: dict[str | None, list[str]] = {}
+        for j in keep:
+            got = (settings or {}).get(name, [None] * len(qids))[j]
+            key = settings_key(got)
+            if key is not None:
+                known[key] = got
+            groups.setdefault(key, []).append(qids[j])
+        prov[name] = older + [{"source": str(source), "made": made, "queries": qs, **({"settings": key} if key else {})}
+                              for key, qs in groups.items()]
     for name in prov:                                    # columns of other latents were dropped above
         prov[name] = [e for e in (dict(e, queries=[q for q in e["queries"] if q in queries]) for e in prov[name])
                       if e["queries"]]
     sources = [x for x in str((old or {}).get("source") or "").split("; ") if x]
     sources += [] if str(source) in sources else [str(source)]             # each run once, in the order first used
+    prov = {name: prov[name] for name in sorted(prov) if name in files}
+    used = {e.get("settings") for v in prov.values() for e in v}
     atomic_write_json(folder / MANIFEST, {
         "format": FORMAT, "model_fingerprint": model, "queries": dict(sorted(queries.items())),
-        "source": "; ".join(sources), "made": made, "methods": files,
-        "provenance": {name: prov[name] for name in sorted(prov) if name in files}})
+        "source": "; ".join(sources), "made": made, "methods": files, "provenance": prov,
+        "settings": {k: known[k] for k in sorted(known) if k in used}})
     log.info("benchmark: %d methods' scores for %d queries written to %s", len(scores), len(qids), folder)
     return folder
 

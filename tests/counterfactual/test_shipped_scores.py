@@ -54,3 +54,18 @@ def test_a_format_1_manifest_gains_a_provenance_that_says_it_was_not_recorded(ba
     prov = provenance(bank.root / "scores")
     assert prov["a"] == [{"source": "runs/old", "made": m["made"], "queries": ["q0", "q1", "q2"], "note": UNRECORDED}]
     assert [(e["source"], e["queries"]) for e in prov["b"]] == [("runs/old", ["q0", "q1"]), ("runs/new", ["q2"])]
+
+
+def test_settings_are_kept_once_and_mixed_settings_are_flagged(bank):
+    rng = np.random.default_rng(2)
+    qids = ["q0", "q1", "q2"]
+    k512, k2048 = {"peer": "trak", "proj_dim": 512}, {"peer": "trak", "proj_dim": 2048}
+    export_scores(bank, {"trak": _scores(rng, 3)}, qids, "runs/a", settings={"trak": [k512, k512, k2048]})
+    m = json.loads((bank.root / "scores" / MANIFEST).read_text())
+    assert [len(e["queries"]) for e in m["provenance"]["trak"]] == [2, 1] and len(m["settings"]) == 2
+    text = describe_provenance(bank.root / "scores", ["trak"], qids)
+    assert "2 different settings** (differing: proj_dim)" in text
+    assert "different settings" not in describe_provenance(bank.root / "scores", ["trak"], ["q0", "q1"])
+    export_scores(bank, {"trak": _scores(rng, 1)}, ["q2"], "runs/b", settings={"trak": [k512]})   # rescored alike
+    m = json.loads((bank.root / "scores" / MANIFEST).read_text())
+    assert len(m["settings"]) == 1 and "different" not in describe_provenance(bank.root / "scores", ["trak"], qids)
