@@ -341,7 +341,7 @@ def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str],
 
 def _table_settings(bank: Bank, specs: list, compare_dir: Path, qids: list[str]) -> dict[str, list[dict | None]]:
     """Per method, each query's table settings: the ``settings.json`` beside a ``scores.parquet`` (the peers' and
-    the index's tables), else None."""
+    the index's tables) less what names the query, else None."""
     batch_of = {q: b for b, t in enumerate(bank.query_batches()) for q in t["query_id"]}
     out = {}
     for m in specs:
@@ -349,9 +349,20 @@ def _table_settings(bank: Bank, specs: list, compare_dir: Path, qids: list[str])
         for q in qids:
             table = m.path(compare_dir_of(compare_dir, batch_of[q]), q)
             f = table.with_name("settings.json")
-            got.append(json.loads(f.read_text()) if table.name == "scores.parquet" and f.exists() else None)
+            got.append(_per_method(json.loads(f.read_text()), q) if table.name == "scores.parquet" and f.exists()
+                       else None)
         out[m.name] = got
     return out
+
+
+def _per_method(settings, query_id: str):
+    """A table's settings without what names its query (its id in paths, its fingerprint), so that the queries
+    scored alike share one settings record."""
+    if isinstance(settings, dict):
+        return {k: _per_method(v, query_id) for k, v in settings.items() if k not in ("query_id", "query_fingerprint")}
+    if isinstance(settings, list):
+        return [_per_method(v, query_id) for v in settings]
+    return settings.replace(query_id, "{query_id}") if isinstance(settings, str) else settings
 
 
 def _check_store(bank: Bank, store: str) -> None:

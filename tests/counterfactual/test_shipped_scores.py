@@ -69,3 +69,14 @@ def test_settings_are_kept_once_and_mixed_settings_are_flagged(bank):
     export_scores(bank, {"trak": _scores(rng, 1)}, ["q2"], "runs/b", settings={"trak": [k512]})   # rescored alike
     m = json.loads((bank.root / "scores" / MANIFEST).read_text())
     assert len(m["settings"]) == 1 and "different" not in describe_provenance(bank.root / "scores", ["trak"], qids)
+
+
+def test_table_settings_drop_what_names_the_query():
+    from musicattr.counterfactual.benchmark import _per_method
+
+    a = {"query_id": "q001", "query_fingerprint": "x", "members": {"m0": {"table": "e/m0/queries/q001/s.parquet",
+                                                                          "lr": 1e-6}}}
+    b = {"query_id": "q002", "query_fingerprint": "y", "members": {"m0": {"table": "e/m0/queries/q002/s.parquet",
+                                                                          "lr": 1e-6}}}
+    assert _per_method(a, "q001") == _per_method(b, "q002") == {"members": {"m0": {
+        "table": "e/m0/queries/{query_id}/s.parquet", "lr": 1e-6}}}
