@@ -15,6 +15,7 @@ model (what is paid once: factors, training features) and per query.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -141,7 +142,10 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
             _, model = load_theta(task, checkpoint)
             sc, cost = trak_scores(task, model, kind, train, [q["batch"] for q in todo], work / kind, target, proj_dim,
                                    seed, proj_seed, train_draws, query_draws, query_mask, batch_size, query_batch_size,
-                                   damping=trak_damping)
+                                   damping=trak_damping, features_key={
+                                       **{k: v for k, v in settings.items() if k not in ("query_draws", "query_mask")},
+                                       "item_ids": hashlib.blake2b("\n".join(map(str, items["item_id"])).encode(),
+                                                                   digest_size=8).hexdigest()})
             for q, row in zip(todo, sc):
                 write_table(out, q["query_id"], kind, items, row, settings, score_se=np.zeros(len(row)))
             log.info("peers/%s: %d tables (featurize %.0f s, score %.0f s)", kind, len(todo), cost["featurize_s"],

@@ -21,6 +21,7 @@ item helps the query (larger = more credit, as Eq. 1's tau).
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -35,6 +36,8 @@ from musicattr.peers.common import concat_batches
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("trak", "dtrak")
+FEATURES_KEY = "features_key.json"     # beside traker's files: the settings its training features were made with
+EXPERIMENT = "queries"                # traker's experiment name for a run's queries
 
 
 def _model_output_class():
@@ -87,9 +90,12 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
                 query_batches: Sequence[Mapping[str, Any]], work_dir: str | Path, target: str = "all",
                 proj_dim: int = 2048, seed: int = 0, proj_seed: int = 0, train_draws: int = 32,
                 query_draws: int = 128, query_mask: bool = True, batch_size: int = 16, query_batch_size: int = 4,
-                block_size: int = 128, damping: float = 1e-3, query_namespace: str = UNLEARN) -> tuple[np.ndarray, dict[str, float]]:
+                block_size: int = 128, damping: float = 1e-3, query_namespace: str = UNLEARN,
+                features_key: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """TRAK scores [Q, N] (query x training item) with traker's BasicProjector on the CPU; (scores, seconds of the
-    featurize and score phases)."""
+    featurize and score phases). ``features_key``: what the training features depend on beyond these arguments
+    (checkpoint, store, items); with it, features finalized in ``work_dir`` under the same key are reused (only the
+    queries are scored), and an interrupted featurisation resumes; without it every run featurizes afresh."""
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
@@ -97,12 +103,24 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
     params = task.select_parameters(model, target)
     grad_dim = sum(p.numel() for p in params.values())
     work = Path(work_dir)
-    if work.exists():
-        shutil.rmtree(work)  # traker refuses to featurize a registered model id again: every run starts clean
-    work.mkdir(parents=True)
-    # at least two blocks: traker 0.3.2's finalize_features frees a one-block projector's matrix and project() then
-    # fails (AttributeError: 'BasicProjector' object has no attribute 'proj_matrix'); several blocks are regenerated
     block_size = max(1, min(block_size, proj_dim // 2))
+    key = None if features_key is None else json.loads(json.dumps(
+        {**features_key, "kind": kind, "target": target, "proj_dim": proj_dim, "seed": seed, "proj_seed": proj_seed,
+         "train_draws": train_draws, "block_size": block_size, "damping": damping, "items": len(train_batches)},
+        sort_keys=True, default=str))
+    key_file = work / FEATURES_KEY
+    reuse = key is not None and key_file.exists() and json.loads(key_file.read_text()) == key
+    if work.exists() and not reuse:
+        shutil.rmtree(work)  # features of other settings (or none recorded): traker would load them as they are
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in (work / "scores" / f"{EXPERIMENT}.mmap", work / "0" / f"{EXPERIMENT}_grads.mmap"):
+        stale.unlink(missing_ok=True)           # the last run's queries: this run scores its own
+    if key is not None and not reuse:
+        key_file.write_text(json.dumps(key, indent=1))
+    if reuse:
+        log.info("peers/%s: training features in %s have this key: reused (featurized items are skipped)", kind, work)
+    # at least two blocks (block_size above): traker 0.3.2's finalize_features frees a one-block projector's matrix
+    # and project() then fails (AttributeError: 'BasicProjector' object has no attribute 'proj_matrix')
     projector = BasicProjector(grad_dim=grad_dim, proj_dim=proj_dim, seed=proj_seed, proj_type=ProjectionType.normal,
                                device=torch.device("cpu"), block_size=block_size, dtype=torch.float32)
     probe, keys, const = trak_inputs(task, model, train_batches[0], seed, 1, "", False)
@@ -123,11 +141,11 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
     traker.score_computer.lambda_reg = float(damping * (grads ** 2).sum() / grads.shape[1])  # damping x mean eig
     traker.finalize_features()
     t1 = time.time()
-    traker.start_scoring_checkpoint(exp_name="queries", checkpoint=net.state_dict(), model_id=0,
+    traker.start_scoring_checkpoint(exp_name=EXPERIMENT, checkpoint=net.state_dict(), model_id=0,
                                     num_targets=len(query_batches))
     for start in range(0, len(query_batches), query_batch_size):
         chunk = concat_batches(query_batches[start:start + query_batch_size])
         inputs, _, _ = trak_inputs(task, model, chunk, seed, query_draws, query_namespace, query_mask)
         traker.score(batch=inputs, num_samples=len(chunk["item_id"]))
-    scores = np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float64).T   # [Q, N]
+    scores = np.asarray(traker.finalize_scores(exp_name=EXPERIMENT), dtype=np.float64).T   # [Q, N]
     return scores, {"featurize_s": t1 - t0, "score_s": time.time() - t1}

@@ -81,3 +81,28 @@ def test_trak_sign_a_training_item_queried_by_itself_is_credited(compare_run):
         own = s[np.arange(3), np.arange(3)]
         assert (own > 0).all(), (kind, s)
         assert (s.argmax(1) == np.arange(3)).all(), (kind, s)
+
+
+def test_trak_features_are_reused_under_the_same_key_only(compare_run):
+    """A second run with the same features key scores new queries on the kept features (the same numbers as a
+    fresh run, no featurisation); another key featurizes afresh."""
+    from musicattr.attribution.task import load_theta
+    from musicattr.models.sat_task import SATDiffusionTask
+    from musicattr.peers.common import store_batches
+    from musicattr.peers.trak_peer import FEATURES_KEY, trak_scores
+
+    d = compare_run["dir"]
+    task, model = load_theta(SATDiffusionTask(), compare_run["ckpt"])
+    batches = store_batches(compare_run["store"])
+    kw = dict(proj_dim=16, train_draws=2, query_draws=2, batch_size=3, query_batch_size=2)
+    work, key = d / "reuse-trak", {"checkpoint": "a", "items": "b"}
+    trak_scores(task, model, "trak", batches, batches[:2], work, features_key=key, **kw)
+    made = (work / "0" / "features.mmap").stat().st_mtime_ns
+    again, cost = trak_scores(task, model, "trak", batches, batches[2:5], work, features_key=key, **kw)
+    assert (work / "0" / "features.mmap").stat().st_mtime_ns == made           # kept, not featurized again
+    fresh, _ = trak_scores(task, model, "trak", batches, batches[2:5], d / "fresh-trak", **kw)
+    np.testing.assert_allclose(again, fresh, rtol=1e-5, atol=1e-6)
+    assert not (d / "fresh-trak" / FEATURES_KEY).exists()
+    trak_scores(task, model, "trak", batches, batches[:1], work, features_key={**key, "checkpoint": "c"}, **kw)
+    assert (work / "0" / "features.mmap").stat().st_mtime_ns != made           # another key: featurized afresh
+    assert json.loads((work / FEATURES_KEY).read_text())["checkpoint"] == "c"
