@@ -59,6 +59,7 @@ from musicattr.counterfactual.queries import Query
 from musicattr.counterfactual.recipe import Recipe, recipe_from_checkpoint
 from musicattr.counterfactual.retrain import MODEL, StepProgress, finished, fit_retrain
 from musicattr.counterfactual.subsets import Plan, PlannedRetrain, lds_subsets
+from musicattr.fingerprint import items_fingerprint
 
 log = logging.getLogger(__name__)
 KINDS = ("reference", "lds", "group", "random-k", "top-k")
@@ -157,10 +158,6 @@ def store_content(store) -> str:
         h.update(item["latents"].numpy().tobytes())
         h.update(item["text_emb"].numpy().tobytes())
     return h.hexdigest()
-
-
-def items_fingerprint(item_ids: list[str]) -> str:
-    return hashlib.blake2b("\n".join(item_ids).encode(), digest_size=8).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- the design

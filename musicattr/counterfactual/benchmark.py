@@ -243,6 +243,7 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
                          "and without scores")
     table = bank.queries_table()
     tables = bank.query_batches()
+    batch_of = {q: b for b, t in enumerate(tables) for q in t["query_id"]}
     scores_dir = scores
     specs = parse_methods(methods) if methods else default_methods()
     if scores is None:                                       # the compare runs' batches
@@ -268,13 +269,13 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
         method_table = {m.name: shipped.get(m.name, chance.get(m.name)) for m in specs}
         method_table = {k: v for k, v in method_table.items() if v is not None}
     else:
-        method_table = _compare_scores(bank, specs, compare_dir, qids, seed)
+        method_table = _compare_scores(bank, specs, compare_dir, qids, seed, batch_of)
         if export_scores:
             from musicattr.counterfactual.shipped_scores import export_scores as export
 
             shipped_specs = [m for m in specs if m.table is not None and m.name in method_table]
             export(bank, {m.name: method_table[m.name] for m in shipped_specs}, qids, str(compare_dir),
-                   settings=_table_settings(bank, shipped_specs, compare_dir, qids))
+                   settings=_table_settings(shipped_specs, compare_dir, qids, batch_of))
     # the queries every method has scores for (a later batch may lack a method's tables, e.g. the peers')
     scored = np.all([np.isfinite(v).all(1) for v in method_table.values()], axis=0) if method_table else \
         np.ones(len(qids), bool)
@@ -317,10 +318,10 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
     return result
 
 
-def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str], seed: int) -> dict[str, np.ndarray]:
+def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str], seed: int,
+                    batch_of: dict[str, int]) -> dict[str, np.ndarray]:
     """Each method's scores [Q, N] from the compare run of each query's batch (NaN rows where a query has no
     table of that optional method yet, e.g. a peer still scoring its batch); ``random`` is one seeded vector per query over all of ``qids``."""
-    batch_of = {q: b for b, t in enumerate(bank.query_batches()) for q in t["query_id"]}
     fix = "run `make benchmark` (compare on the bank's queries)"
     out = method_scores([m for m in specs if m.table is None], compare_dir, qids, bank.item_ids, seed,
                         random_per_query=True)
@@ -339,29 +340,31 @@ def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str],
     return {m.name: out[m.name] for m in specs if m.name in out}
 
 
-def _table_settings(bank: Bank, specs: list, compare_dir: Path, qids: list[str]) -> dict[str, list[dict | None]]:
+def _table_settings(specs: list, compare_dir: Path, qids: list[str],
+                    batch_of: dict[str, int]) -> dict[str, list[dict | None]]:
     """Per method, each query's table settings: the ``settings.json`` beside a ``scores.parquet`` (the peers' and
     the index's tables) less what names the query, else None."""
-    batch_of = {q: b for b, t in enumerate(bank.query_batches()) for q in t["query_id"]}
+    from musicattr.peers.common import SETTINGS_FILE
+
     out = {}
     for m in specs:
         got = []
         for q in qids:
             table = m.path(compare_dir_of(compare_dir, batch_of[q]), q)
-            f = table.with_name("settings.json")
-            got.append(_per_method(json.loads(f.read_text()), q) if table.name == "scores.parquet" and f.exists()
+            f = table.with_name(SETTINGS_FILE)
+            got.append(_without_query(json.loads(f.read_text()), q) if table.name == "scores.parquet" and f.exists()
                        else None)
         out[m.name] = got
     return out
 
 
-def _per_method(settings, query_id: str):
+def _without_query(settings, query_id: str):
     """A table's settings without what names its query (its id in paths, its fingerprint), so that the queries
     scored alike share one settings record."""
     if isinstance(settings, dict):
-        return {k: _per_method(v, query_id) for k, v in settings.items() if k not in ("query_id", "query_fingerprint")}
+        return {k: _without_query(v, query_id) for k, v in settings.items() if k not in ("query_id", "query_fingerprint")}
     if isinstance(settings, list):
-        return [_per_method(v, query_id) for v in settings]
+        return [_without_query(v, query_id) for v in settings]
     return settings.replace(query_id, "{query_id}") if isinstance(settings, str) else settings
 
 

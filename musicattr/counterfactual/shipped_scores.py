@@ -11,7 +11,6 @@ Written by ``musicattr benchmark --export_scores true`` from a checked compare r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from musicattr.atomic import atomic_path, atomic_write_json
-from musicattr.fingerprint import file_fingerprint
+from musicattr.fingerprint import file_fingerprint, settings_key
 
 log = logging.getLogger(__name__)
 FOLDER, MANIFEST = "scores", "manifest.json"
@@ -75,8 +74,9 @@ def describe_provenance(folder: str | Path, names: list[str], qids: list[str]) -
     """Markdown lines: for each of ``names``, how many of ``qids`` each export gave it, from where and when, with
     the settings that differ where its columns were scored with more than one recorded setting."""
     path = Path(folder) / MANIFEST
-    known = json.loads(path.read_text()).get("settings", {}) if path.exists() else {}
-    prov, want = provenance(folder), set(qids)
+    manifest = json.loads(path.read_text()) if path.exists() else None
+    known = (manifest or {}).get("settings", {})
+    prov, want = _provenance(manifest, Path(folder)), set(qids)
     lines = []
     for name in names:
         used = []
@@ -94,13 +94,6 @@ def describe_provenance(folder: str | Path, names: list[str], qids: list[str]) -
             lines.append(f"- **{name}: its columns here were scored with {len(keys)} different settings** (differing: "
                          f"{', '.join(differ[:8])}{', ...' if len(differ) > 8 else ''})")
     return "\n".join(lines)
-
-
-def settings_key(settings: dict | None) -> str | None:
-    """A short content key of a table's settings (None: not recorded)."""
-    if settings is None:
-        return None
-    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
 
 
 def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: str, out: str | Path | None = None,
@@ -136,12 +129,12 @@ def export_scores(bank, scores: dict[str, np.ndarray], qids: list[str], source: 
             df.to_parquet(tmp, index=False)
         files[name] = _file_name(name)
         queries.update({qids[j]: have.get(qids[j]) for j in keep})
-        new = [qids[j] for j in keep]
-        older = [dict(e, queries=[q for q in e["queries"] if q not in set(new)]) for e in prov.get(name, [])]
+        new = {qids[j] for j in keep}
+        older = [dict(e, queries=[q for q in e["queries"] if q not in new]) for e in prov.get(name, [])]
         groups: dict[str | None, list[str]] = {}
         for j in keep:
             got = (settings or {}).get(name, [None] * len(qids))[j]
-            key = settings_key(got)
+            key = None if got is None else settings_key(got)
             if key is not None:
                 known[key] = got
             groups.setdefault(key, []).append(qids[j])

@@ -2,7 +2,6 @@
 of a target group, and the resumable per-query scores tables."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,11 +16,6 @@ from musicattr.attribution.scores_table import scores_table
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "settings.json"
-
-
-def settings_key(settings: Mapping[str, Any]) -> str:
-    """A short stable hash of a settings dict (names factor and score folders)."""
-    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=6).hexdigest()
 
 
 def concat_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

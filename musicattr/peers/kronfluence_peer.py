@@ -34,7 +34,8 @@ import torch
 from torch.utils.data import Dataset
 
 from musicattr.attribution.loss import FISHER, UNLEARN, draw_keys, masked_mse
-from musicattr.peers.common import concat_batches, settings_key
+from musicattr.fingerprint import settings_key
+from musicattr.peers.common import concat_batches
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ model (what is paid once: factors, training features) and per query.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,7 +26,8 @@ import torch
 
 from musicattr.atomic import atomic_write_json
 from musicattr.attribution.loss import UNLEARN
-from musicattr.peers.common import compare_queries, is_done, linear_layers, settings_key, store_batches, write_table
+from musicattr.fingerprint import items_fingerprint, settings_key
+from musicattr.peers.common import compare_queries, is_done, linear_layers, store_batches, write_table
 
 log = logging.getLogger(__name__)
 PEERS = ("ekfac", "trak", "dtrak", "unlearning-ekfac")
@@ -144,8 +144,7 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
                                    seed, proj_seed, train_draws, query_draws, query_mask, batch_size, query_batch_size,
                                    damping=trak_damping, features_key={
                                        **{k: v for k, v in settings.items() if k not in ("query_draws", "query_mask")},
-                                       "item_ids": hashlib.blake2b("\n".join(map(str, items["item_id"])).encode(),
-                                                                   digest_size=8).hexdigest()})
+                                       "item_ids": items_fingerprint(list(map(str, items["item_id"])))})
             for q, row in zip(todo, sc):
                 write_table(out, q["query_id"], kind, items, row, settings, score_se=np.zeros(len(row)))
             log.info("peers/%s: %d tables (featurize %.0f s, score %.0f s)", kind, len(todo), cost["featurize_s"],

@@ -72,11 +72,11 @@ def test_settings_are_kept_once_and_mixed_settings_are_flagged(bank):
 
 
 def test_table_settings_drop_what_names_the_query():
-    from musicattr.counterfactual.benchmark import _per_method
+    from musicattr.counterfactual.benchmark import _without_query
 
     a = {"query_id": "q001", "query_fingerprint": "x", "members": {"m0": {"table": "e/m0/queries/q001/s.parquet",
                                                                           "lr": 1e-6}}}
     b = {"query_id": "q002", "query_fingerprint": "y", "members": {"m0": {"table": "e/m0/queries/q002/s.parquet",
                                                                           "lr": 1e-6}}}
-    assert _per_method(a, "q001") == _per_method(b, "q002") == {"members": {"m0": {
+    assert _without_query(a, "q001") == _without_query(b, "q002") == {"members": {"m0": {
         "table": "e/m0/queries/{query_id}/s.parquet", "lr": 1e-6}}}
