@@ -16,6 +16,18 @@ from musicattr.attribution.scores_table import scores_table
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "settings.json"
+MADE_FILE = "made.json"   # beside what a peer pays for once (factors, training features): the seconds it took
+
+
+def record_made(folder: str | Path, seconds: float) -> None:
+    """Record in ``folder`` the seconds that making its contents took (the run that finished it)."""
+    atomic_write_json(Path(folder) / MADE_FILE, {"seconds": round(float(seconds), 1)})
+
+
+def made_seconds(folder: str | Path) -> float | None:
+    """The seconds recorded by ``record_made`` in ``folder`` (None: made before such records were kept)."""
+    path = Path(folder) / MADE_FILE
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else None
 
 
 def concat_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def run_ekfac(checkpoint: str, store: str, out: str, task: Any = None, target: s
     t0 = time.time()
     analyzer, _ = make_analyzer(task, model, list(layers), out_dir / "kronfluence", device=device, seed=seed,
                                 fit_seed=seed)
-    name, folder, seconds = fit_factors(analyzer, store_batches(s), layers, fit_draws, batch_size, fisher_kind,
+    name, folder, seconds, reused = fit_factors(analyzer, store_batches(s), layers, fit_draws, batch_size, fisher_kind,
                                         provenance)
     fitted = json.loads((folder / MAPPING_FILE).read_text())
     if not (mapping.exists() and json.loads(mapping.read_text()) == fitted
@@ -83,7 +83,8 @@ def run_ekfac(checkpoint: str, store: str, out: str, task: Any = None, target: s
         log.info("ekfac: %d linear layers' factors (%s) -> %s", len(layers), name, out_dir)
     else:
         log.info("ekfac: %s is up to date (same checkpoint, store and settings): kept", out_dir)
-    result = {"factors": str(out_dir), "layers": len(layers), "fit_seconds": round(seconds, 1),
-              "seconds": round(time.time() - t0, 1), **provenance}
+    result = {"factors": str(out_dir), "layers": len(layers), "fit_reused": reused,
+              "fit_seconds": None if seconds is None else round(seconds, 1), "seconds": round(time.time() - t0, 1),
+              **provenance}
     print(json.dumps(result))
     return result

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from musicattr.attribution.loss import FISHER, UNLEARN, draw_keys, masked_mse
 from musicattr.fingerprint import settings_key
-from musicattr.peers.common import concat_batches
+from musicattr.peers.common import concat_batches, made_seconds, record_made
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,10 @@ def make_analyzer(task, model, modules: Sequence[str], work_dir: str | Path, dev
 
 
 def fit_factors(analyzer, train_batches, layers: Mapping[str, Mapping[str, Any]], fit_draws: int, batch_size: int,
-                fisher: str, provenance: Mapping[str, Any]) -> tuple[str, Path, float]:
+                fisher: str, provenance: Mapping[str, Any]) -> tuple[str, Path, float | None, bool]:
     """Fit EK-FAC factors on (item, draw) examples (skipped when fitted with the same settings); write the layer
-    mapping (``musicattr_ekfac.json``) beside them. Returns (factors name, folder, seconds)."""
+    mapping (``musicattr_ekfac.json``) beside them. Returns (factors name, folder, seconds the fit took, reused):
+    when reused, the seconds recorded by the run that fitted them (None if it kept no record)."""
     from kronfluence.arguments import FactorArguments
 
     from musicattr.attribution.ekfac import MAPPING_FILE
@@ -167,11 +168,13 @@ def fit_factors(analyzer, train_batches, layers: Mapping[str, Mapping[str, Any]]
         torch.manual_seed(0)
         analyzer.fit_all_factors(factors_name=name, dataset=BatchList(train_batches, fit_draws),
                                  per_device_batch_size=batch_size, factor_args=args, overwrite_output_dir=True)
+        seconds = time.time() - t0
+        record_made(folder, seconds)
         (folder / MAPPING_FILE).write_text(json.dumps({"modules": dict(layers), "fit": fit, **provenance}, indent=1))
-        log.info("peers/ekfac: factors fitted in %.0f s", time.time() - t0)
-    else:
-        log.info("peers/ekfac: factors %s up to date: reused", folder)
-    return name, folder, time.time() - t0
+        log.info("peers/ekfac: factors fitted in %.0f s", seconds)
+        return name, folder, seconds, False
+    log.info("peers/ekfac: factors %s up to date: reused", folder)
+    return name, folder, made_seconds(folder), True
 
 
 def pairwise_scores(analyzer, factors_name: str, query_batches, train_batches, batch_size: int,

@@ -11,7 +11,8 @@ items: their store item) and each peer, the standard scores table at ``<out_dir>
 
 Resumable: a query whose table exists with the same settings (``settings.json`` beside it) is skipped; EK-FAC factors
 are reused when fitted with the same settings. ``costs.json`` in ``<out_dir>/peers/`` records each peer's seconds per
-model (what is paid once: factors, training features) and per query.
+model (what is paid once: factors, training features; when a run reused them, the seconds their making took, with
+``per_model_reused``) and per query.
 """
 from __future__ import annotations
 
@@ -33,11 +34,15 @@ log = logging.getLogger(__name__)
 PEERS = ("ekfac", "trak", "dtrak", "unlearning-ekfac")
 
 
-def _record_cost(out_dir: Path, peer: str, per_model_s: float, per_query_s: float, queries: int) -> None:
+def _record_cost(out_dir: Path, peer: str, per_model_s: float | None, per_query_s: float, queries: int,
+                 reused: bool = False) -> None:
+    """costs.json's entry for ``peer``: per_model_s is what the once-paid part cost when made (None: not recorded),
+    ``reused`` whether this run reused it rather than paying it."""
     path = out_dir / "peers" / "costs.json"
     costs = json.loads(path.read_text()) if path.exists() else {}
-    costs[peer] = {"seconds_per_model": round(per_model_s, 1), "seconds_per_query": round(per_query_s, 2),
-                   "queries": queries, "threads": torch.get_num_threads()}
+    costs[peer] = {"seconds_per_model": None if per_model_s is None else round(per_model_s, 1),
+                   "per_model_reused": reused, "seconds_per_query": round(per_query_s, 2), "queries": queries,
+                   "threads": torch.get_num_threads()}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, costs)
 
@@ -110,7 +115,8 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
         analyzer, _ = make_analyzer(task, model, list(layers), work / "kronfluence", seed=seed, train_draws=train_draws,
                                     query_draws=query_draws, query_mask=query_mask, fit_seed=fit_seed)
         fit_prov = {**base, **({} if fit_seed is None else {"seed": fit_seed}), "batch_size": batch_size}
-        fname, factors, fit_s = fit_factors(analyzer, train, layers, fit_draws, batch_size, fisher_kind, fit_prov)
+        fname, factors, fit_s, fit_reused = fit_factors(analyzer, train, layers, fit_draws, batch_size, fisher_kind,
+                                                        fit_prov)
         settings = {**base, "peer": "ekfac", "factors": fname, "fit_draws": fit_draws, "fisher_kind": fisher_kind,
                     "damping": ekfac_damping, "train_draws": train_draws, "query_draws": query_draws,
                     "query_mask": query_mask}
@@ -125,7 +131,7 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
                 write_table(out, q["query_id"], "ekfac", items, row, settings, score_se=np.zeros(len(row)))
             dt = time.time() - t0
             log.info("peers/ekfac: %d tables in %.0f s", len(todo), dt)
-            _record_cost(out, "ekfac", fit_s + dt, dt / len(todo), len(todo))
+            _record_cost(out, "ekfac", fit_s, dt / len(todo), len(todo), fit_reused)
         result["ekfac"] = len(todo)
         del analyzer, model
 
@@ -147,9 +153,11 @@ def run_peers(compare: str, checkpoint: str, store: str, fisher: str | None = No
                                        "item_ids": items_fingerprint(list(map(str, items["item_id"])))})
             for q, row in zip(todo, sc):
                 write_table(out, q["query_id"], kind, items, row, settings, score_se=np.zeros(len(row)))
-            log.info("peers/%s: %d tables (featurize %.0f s, score %.0f s)", kind, len(todo), cost["featurize_s"],
-                     cost["score_s"])
-            _record_cost(out, kind, cost["featurize_s"], cost["score_s"] / len(todo), len(todo))
+            log.info("peers/%s: %d tables (featurize %s s%s, score %.0f s)", kind, len(todo),
+                     "?" if cost["featurize_s"] is None else f"{cost['featurize_s']:.0f}",
+                     ", reused" if cost["features_reused"] else "", cost["score_s"])
+            _record_cost(out, kind, cost["featurize_s"], cost["score_s"] / len(todo), len(todo),
+                         cost["features_reused"])
         result[kind] = len(todo)
 
     if "unlearning-ekfac" in peers:

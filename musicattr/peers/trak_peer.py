@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from musicattr.attribution.loss import UNLEARN, draw_keys
-from musicattr.peers.common import concat_batches
+from musicattr.peers.common import concat_batches, made_seconds, record_made
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("trak", "dtrak")
@@ -92,10 +92,12 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
                 query_draws: int = 128, query_mask: bool = True, batch_size: int = 16, query_batch_size: int = 4,
                 block_size: int = 128, damping: float = 1e-3, query_namespace: str = UNLEARN,
                 features_key: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """TRAK scores [Q, N] (query x training item) with traker's BasicProjector on the CPU; (scores, seconds of the
-    featurize and score phases). ``features_key``: what the training features depend on beyond these arguments
-    (checkpoint, store, items); with it, features finalized in ``work_dir`` under the same key are reused (only the
-    queries are scored), and an interrupted featurisation resumes; without it every run featurizes afresh."""
+    """TRAK scores [Q, N] (query x training item) with traker's BasicProjector on the CPU; (scores, costs): costs
+    ``featurize_s`` (the seconds the training features took, as recorded by the run that finished them when they are
+    reused; None if it kept no record), ``features_reused`` and ``score_s``. ``features_key``: what the training
+    features depend on beyond these arguments (checkpoint, store, items); with it, features finalized in ``work_dir``
+    under the same key are reused (only the queries are scored), and an interrupted featurisation resumes; without it
+    every run featurizes afresh."""
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
@@ -141,6 +143,8 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
     traker.score_computer.lambda_reg = float(damping * (grads ** 2).sum() / grads.shape[1])  # damping x mean eig
     traker.finalize_features()
     t1 = time.time()
+    if not reuse:
+        record_made(work, t1 - t0)
     traker.start_scoring_checkpoint(exp_name=EXPERIMENT, checkpoint=net.state_dict(), model_id=0,
                                     num_targets=len(query_batches))
     for start in range(0, len(query_batches), query_batch_size):
@@ -148,4 +152,5 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
         inputs, _, _ = trak_inputs(task, model, chunk, seed, query_draws, query_namespace, query_mask)
         traker.score(batch=inputs, num_samples=len(chunk["item_id"]))
     scores = np.asarray(traker.finalize_scores(exp_name=EXPERIMENT), dtype=np.float64).T   # [Q, N]
-    return scores, {"featurize_s": t1 - t0, "score_s": time.time() - t1}
+    return scores, {"featurize_s": made_seconds(work) if reuse else t1 - t0, "features_reused": reuse,
+                    "score_s": time.time() - t1}

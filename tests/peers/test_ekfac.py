@@ -88,7 +88,7 @@ def fitted(tmp_path_factory):
     layers = linear_layers(task, model, "all")
     batches = store_batches(store)
     analyzer, _ = make_analyzer(task, model, list(layers), d / "kf", train_draws=4, query_draws=6)
-    name, folder, _ = fit_factors(analyzer, batches, layers, 3, 8, "empirical", {"checkpoint_fingerprint": "x"})
+    name, folder, _, _ = fit_factors(analyzer, batches, layers, 3, 8, "empirical", {"checkpoint_fingerprint": "x"})
     return {"task": task, "model": model, "layers": layers, "batches": batches, "analyzer": analyzer, "name": name,
             "folder": folder}
 
@@ -177,7 +177,7 @@ def test_run_unlearn_takes_ekfac_factors_and_keeps_the_diagonal_default(tmp_path
     model = task.load(ckpt)
     layers = linear_layers(task, model, "all")
     analyzer, _ = make_analyzer(task, model, list(layers), tmp_path / "kf")
-    _, folder, _ = fit_factors(analyzer, store_batches(store), layers, 2, 6, "empirical",
+    _, folder, _, _ = fit_factors(analyzer, store_batches(store), layers, 2, 6, "empirical",
                                {"checkpoint_fingerprint": file_fingerprint(ckpt)})
     item = store.items["item_id"].iloc[1]
     kw = dict(query_item=item, store=str(tmp_path / "store"), lr=1e-3, num_draws=4)

@@ -48,6 +48,8 @@ def test_every_peer_writes_the_schema_table_per_query(compare_run):
     np.testing.assert_allclose(ul["score"], ul["unlearned_loss"] - ul["baseline_loss"], rtol=1e-6, atol=1e-9)
     costs = json.loads((d / "compare" / "peers" / "costs.json").read_text())
     assert set(costs) == set(PEERS)
+    assert not any(c["per_model_reused"] for c in costs.values())
+    assert all(costs[p]["seconds_per_model"] > 0 for p in ("ekfac", "trak", "dtrak"))
     # the registry knows them and the benchmark's reader takes their tables
     scores = method_scores(resolve_methods(list(PEERS)), d / "compare", ["q000", "t000"], ids)
     assert set(scores) == set(PEERS) and all(v.shape == (2, len(ids)) for v in scores.values())
@@ -89,6 +91,7 @@ def test_trak_features_are_reused_under_the_same_key_only(compare_run):
     from musicattr.attribution.task import load_theta
     from musicattr.models.sat_task import SATDiffusionTask
     from musicattr.peers.common import store_batches
+    from musicattr.peers.common import made_seconds
     from musicattr.peers.trak_peer import FEATURES_KEY, trak_scores
 
     d = compare_run["dir"]
@@ -96,10 +99,13 @@ def test_trak_features_are_reused_under_the_same_key_only(compare_run):
     batches = store_batches(compare_run["store"])
     kw = dict(proj_dim=16, train_draws=2, query_draws=2, batch_size=3, query_batch_size=2)
     work, key = d / "reuse-trak", {"checkpoint": "a", "items": "b"}
-    trak_scores(task, model, "trak", batches, batches[:2], work, features_key=key, **kw)
+    _, first = trak_scores(task, model, "trak", batches, batches[:2], work, features_key=key, **kw)
     made = (work / "0" / "features.mmap").stat().st_mtime_ns
     again, cost = trak_scores(task, model, "trak", batches, batches[2:5], work, features_key=key, **kw)
     assert (work / "0" / "features.mmap").stat().st_mtime_ns == made           # kept, not featurized again
+    # the reusing run reports what the features cost when made, not its own near-zero pass
+    assert not first["features_reused"] and cost["features_reused"]
+    assert cost["featurize_s"] == made_seconds(work) == round(first["featurize_s"], 1)
     fresh, _ = trak_scores(task, model, "trak", batches, batches[2:5], d / "fresh-trak", **kw)
     np.testing.assert_allclose(again, fresh, rtol=1e-5, atol=1e-6)
     assert not (d / "fresh-trak" / FEATURES_KEY).exists()
