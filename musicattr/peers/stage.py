@@ -12,7 +12,8 @@ items: their store item) and each peer, the standard scores table at ``<out_dir>
 Resumable: a query whose table exists with the same settings (``settings.json`` beside it) is skipped; EK-FAC factors
 are reused when fitted with the same settings. ``costs.json`` in ``<out_dir>/peers/`` records each peer's seconds per
 model (what is paid once: factors, training features; when a run reused them, the seconds their making took, with
-``per_model_reused``) and per query.
+``per_model_reused``) and per query (EK-FAC's: kronfluence's pairwise scoring passes the training gradients once
+per run, so its per-query seconds hold that pass shared over the run's queries).
 """
 from __future__ import annotations
 
