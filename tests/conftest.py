@@ -114,6 +114,25 @@ TINY_DIT = {
                                  "transformer_type": "continuous_transformer"}}}}
 
 
+class BareNetTask:
+    """Mixin of the tests' toy attribution tasks over a bare torch network: nothing to load, no conditioning, the
+    frame mask from ``valid_frames``; a task adds its noise and prediction (and AttributionTask as its base)."""
+
+    def load(self, checkpoint):
+        raise NotImplementedError
+
+    def net(self, model):
+        return model
+
+    def conditioning(self, model, batch):
+        return {}
+
+    def frame_mask(self, model, batch):
+        from musicattr.attribution.loss import frame_mask_from_lengths
+
+        return frame_mask_from_lengths(batch["valid_frames"], batch["latents"].shape[-1])
+
+
 def tiny_autoencoder_config(latent_dim: int = 16, sample_rate: int = 16000) -> dict:
     """A tiny Oobleck VAE (SAT AudioAutoencoder) at the demo's 2048x downsampling."""
     def coder(kind, channels_key, latent):

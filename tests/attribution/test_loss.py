@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_module, make_store
+from conftest import BareNetTask, make_module, make_store
 from musicattr.attribution.loss import draw_seed, frame_mask_from_lengths, make_draws, masked_mse
 from musicattr.models.v_objective import v_objective
 from musicattr.attribution.task import AttributionTask
@@ -129,20 +129,8 @@ def test_item_loss_is_differentiable(setup):
 # ---------------------------------------------------------------- masking, by hand on a toy net
 
 
-class ZeroTask(AttributionTask):
+class ZeroTask(BareNetTask, AttributionTask):
     """The v-objective with a network that predicts zeros: the loss is the mean of v^2 (checked by hand)."""
-
-    def load(self, checkpoint):
-        raise NotImplementedError
-
-    def net(self, model):
-        return model
-
-    def conditioning(self, model, batch):
-        return {}
-
-    def frame_mask(self, model, batch):
-        return frame_mask_from_lengths(batch["valid_frames"], batch["latents"].shape[-1])
 
     def noise(self, z, t, eps):
         return v_objective(z, t, eps)

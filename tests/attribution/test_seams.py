@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from conftest import BareNetTask
 from musicattr.attribution.fisher import squared_grads_loop, squared_grads_vmap
 from musicattr.attribution.gradients import preconditioned_gradients
-from musicattr.attribution.loss import UNLEARN, DiscreteTimesteps, frame_mask_from_lengths, make_draws
+from musicattr.attribution.loss import UNLEARN, DiscreteTimesteps, make_draws
 from musicattr.attribution.preconditioner import DiagonalFisher
 from musicattr.attribution.task import AttributionTask
 from musicattr.attribution.unlearn import loss_gradient, unlearn_query
@@ -66,24 +67,12 @@ class Denoiser2d(nn.Module):
         return self.out(torch.tanh(self.inp(z_t) + self.time(t[:, None])[:, :, None, None]))
 
 
-class Task2d(AttributionTask):
+class Task2d(BareNetTask, AttributionTask):
     """Epsilon prediction, z_t = sqrt(1 - t) z + sqrt(t) eps, t one of 50 discrete timesteps; the frame axis is
     the last of [C, H, L] (the mask covers it)."""
 
     parameter_groups = {"all": r"^(inp|out)\.", "out": r"^out\."}
     timesteps = DiscreteTimesteps(50)
-
-    def load(self, checkpoint):
-        raise NotImplementedError
-
-    def net(self, model):
-        return model
-
-    def conditioning(self, model, batch):
-        return {}
-
-    def frame_mask(self, model, batch):
-        return frame_mask_from_lengths(batch["valid_frames"], batch["latents"].shape[-1])
 
     def noise(self, z, t, eps):
         a, s = (1 - t).sqrt().view(-1, 1, 1, 1), t.sqrt().view(-1, 1, 1, 1)
