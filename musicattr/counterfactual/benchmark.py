@@ -114,12 +114,13 @@ def prepare_compare(bank: Bank, store: str, compare_dir: str, fisher: str, index
     return paths
 
 
-def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = None, prepared: bool = False) -> None:
+def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = None, prepared: bool = False,
+                  tables: list[pd.DataFrame] | None = None) -> None:
     """The compare runs scored the bank's queries (of ``batches``, default all): same ids, prompts and kinds, and
     the same latents. ``prepared``: a batch folder that was only prepared (its ``bank_queries.csv``; the peers' or
-    the ensemble's tables without compare's) passes too."""
+    the ensemble's tables without compare's) passes too. ``tables``: ``bank.query_batches()`` if already read."""
     bad = []
-    for batch, table in enumerate(bank.query_batches()):
+    for batch, table in enumerate(bank.query_batches() if tables is None else tables):
         if batches is not None and batch not in batches:
             continue
         out = compare_dir_of(compare_dir, batch)
@@ -142,9 +143,10 @@ def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = Non
                         "`make benchmark` (it places the bank's latents first), or delete that compare run")
 
 
-def compared_batches(bank: Bank, compare_dir: str | Path) -> list[int]:
-    """The batches whose compare run has finished (its queries.csv exists)."""
-    return [b for b in range(len(bank.query_batches())) if (compare_dir_of(compare_dir, b) / "queries.csv").exists()]
+def compared_batches(bank: Bank, compare_dir: str | Path, tables: list[pd.DataFrame] | None = None) -> list[int]:
+    """The batches whose compare run has finished (its queries.csv exists); ``tables`` as ``check_compare``'s."""
+    n = len(bank.query_batches() if tables is None else tables)
+    return [b for b in range(n) if (compare_dir_of(compare_dir, b) / "queries.csv").exists()]
 
 
 # ---------------------------------------------------------------------------------------------- the bank's losses
@@ -232,17 +234,17 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
     elif scores is None:
         raise ValueError("store = null needs shipped scores (--scores <bank>/scores); fix: give the store the bank "
                          "was made on, or the shipped scores")
+    tables = bank.query_batches()
     if scores is None and batches is not None:                # as asked: compared, or prepared for the peers
         compared = list(batches)
-        check_compare(bank, compare_dir, compared, prepared=True)
+        check_compare(bank, compare_dir, compared, prepared=True, tables=tables)
     elif scores is None:
-        compared = compared_batches(bank, compare_dir) or [0]    # none: batch 0's check says what is missing
-        check_compare(bank, compare_dir, compared)
+        compared = compared_batches(bank, compare_dir, tables) or [0]  # none: batch 0's check says what is missing
+        check_compare(bank, compare_dir, compared, tables=tables)
     if export_scores and (scores is not None or half != "all"):
         raise ValueError("export_scores writes every query's scores from a compare run; fix: use it with half: all "
                          "and without scores")
-    table = bank.queries_table()
-    tables = bank.query_batches()
+    table = pd.concat(tables, ignore_index=True)                # = bank.queries_table(), read once
     batch_of = {q: b for b, t in enumerate(tables) for q in t["query_id"]}
     scores_dir = scores
     specs = parse_methods(methods) if methods else default_methods()
@@ -279,8 +281,8 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
     # the queries every method has scores for (a later batch may lack a method's tables, e.g. the peers')
     scored = np.all([np.isfinite(v).all(1) for v in method_table.values()], axis=0) if method_table else \
         np.ones(len(qids), bool)
-    unscored = [q for q in bank.queries_table()["query_id"] if q not in set(np.array(qids)[scored])
-                and ((half == "all" and batches is None) or q in set(qids))]
+    have, asked = set(np.array(qids)[scored]), set(qids)
+    unscored = [q for q in batch_of if q not in have and ((half == "all" and batches is None) or q in asked)]
     if unscored:
         log.info("benchmark: %d queries (%s to %s) lack some method's scores: left out", len(unscored), unscored[0],
                  unscored[-1])
