@@ -93,8 +93,8 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
                 block_size: int = 128, damping: float = 1e-3, query_namespace: str = UNLEARN,
                 features_key: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """TRAK scores [Q, N] (query x training item) with traker's BasicProjector on the CPU; (scores, costs): costs
-    ``featurize_s`` (the seconds the training features took, as recorded by the run that finished them when they are
-    reused; None if it kept no record), ``features_reused`` and ``score_s``. ``features_key``: what the training
+    ``featurize_s`` (the seconds the training features took; when finished features are reused, as recorded by the
+    run that finished them), ``features_reused`` and ``score_s``. ``features_key``: what the training
     features depend on beyond these arguments (checkpoint, store, items); with it, features finalized in ``work_dir``
     under the same key are reused (only the queries are scored), and an interrupted featurisation resumes; without it
     every run featurizes afresh."""
@@ -119,6 +119,7 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
         stale.unlink(missing_ok=True)           # the last run's queries: this run scores its own
     if key is not None and not reuse:
         key_file.write_text(json.dumps(key, indent=1))
+    finished = made_seconds(work) if reuse else None      # features this key finalized earlier (None: not yet)
     if reuse:
         log.info("peers/%s: training features in %s have this key: reused (featurized items are skipped)", kind, work)
     # at least two blocks (block_size above): traker 0.3.2's finalize_features frees a one-block projector's matrix
@@ -143,8 +144,8 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
     traker.score_computer.lambda_reg = float(damping * (grads ** 2).sum() / grads.shape[1])  # damping x mean eig
     traker.finalize_features()
     t1 = time.time()
-    if not reuse:
-        record_made(work, t1 - t0)
+    if finished is None:
+        record_made(work, t1 - t0)   # this run finished them (all, or the rest of an interrupted featurisation)
     traker.start_scoring_checkpoint(exp_name=EXPERIMENT, checkpoint=net.state_dict(), model_id=0,
                                     num_targets=len(query_batches))
     for start in range(0, len(query_batches), query_batch_size):
@@ -152,5 +153,5 @@ def trak_scores(task, model, kind: str, train_batches: Sequence[Mapping[str, Any
         inputs, _, _ = trak_inputs(task, model, chunk, seed, query_draws, query_namespace, query_mask)
         traker.score(batch=inputs, num_samples=len(chunk["item_id"]))
     scores = np.asarray(traker.finalize_scores(exp_name=EXPERIMENT), dtype=np.float64).T   # [Q, N]
-    return scores, {"featurize_s": made_seconds(work) if reuse else t1 - t0, "features_reused": reuse,
+    return scores, {"featurize_s": t1 - t0 if finished is None else finished, "features_reused": finished is not None,
                     "score_s": time.time() - t1}

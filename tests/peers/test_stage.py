@@ -91,7 +91,7 @@ def test_trak_features_are_reused_under_the_same_key_only(compare_run):
     from musicattr.attribution.task import load_theta
     from musicattr.models.sat_task import SATDiffusionTask
     from musicattr.peers.common import store_batches
-    from musicattr.peers.common import made_seconds
+    from musicattr.peers.common import MADE_FILE, made_seconds
     from musicattr.peers.trak_peer import FEATURES_KEY, trak_scores
 
     d = compare_run["dir"]
@@ -106,6 +106,9 @@ def test_trak_features_are_reused_under_the_same_key_only(compare_run):
     # the reusing run reports what the features cost when made, not its own near-zero pass
     assert not first["features_reused"] and cost["features_reused"]
     assert cost["featurize_s"] == made_seconds(work) == round(first["featurize_s"], 1)
+    (work / MADE_FILE).unlink()          # as after an interrupted featurisation: the key, no record of finished ones
+    _, resumed = trak_scores(task, model, "trak", batches, batches[:1], work, features_key=key, **kw)
+    assert not resumed["features_reused"] and made_seconds(work) == round(resumed["featurize_s"], 1)
     fresh, _ = trak_scores(task, model, "trak", batches, batches[2:5], d / "fresh-trak", **kw)
     np.testing.assert_allclose(again, fresh, rtol=1e-5, atol=1e-6)
     assert not (d / "fresh-trak" / FEATURES_KEY).exists()
