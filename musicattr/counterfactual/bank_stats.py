@@ -78,8 +78,74 @@ def bootstrap_draws(n_queries: int, n_subsets: int, draws: int, seed: int) -> tu
     return rng.integers(0, n_queries, (draws, n_queries)), rng.integers(0, n_subsets, (draws, n_subsets))
 
 
+class _Ranker:
+    """Average ranks of each row of x [Q, M] under column weights w [Q, M] (a bootstrap draw's multiplicities of
+    the subsets; 0 for a subset left out), without sorting again: rank_j = W_<(x_j) + W_=(x_j) / 2, the total weight
+    of the row's values below x_j plus half of those equal to it (its tie block, x_j included), which is the average
+    rank of x_j's copies in the resampled row up to a shift that no correlation sees. The sort order and the tie
+    blocks are found once; each draw costs a gather and a cumulative sum."""
+
+    def __init__(self, x: np.ndarray):
+        q, m = x.shape
+        self.order = np.argsort(x, axis=1, kind="stable")
+        xs = np.take_along_axis(x, self.order, 1)
+        first = np.ones((q, m), bool)
+        first[:, 1:] = xs[:, 1:] != xs[:, :-1]                    # NaN != NaN: a missing value is a block of its own
+        last = np.ones((q, m), bool)
+        last[:, :-1] = first[:, 1:]
+        pos = np.arange(m)
+        self.start = np.maximum.accumulate(np.where(first, pos, 0), axis=1)
+        self.end = np.minimum.accumulate(np.where(last, pos, m - 1)[:, ::-1], axis=1)[:, ::-1]
+
+    def ranks(self, w: np.ndarray) -> np.ndarray:
+        ws = np.take_along_axis(w, self.order, 1)
+        cs = np.cumsum(ws, 1)
+        r = (np.take_along_axis(cs - ws, self.start, 1) + np.take_along_axis(cs, self.end, 1)) / 2
+        out = np.empty_like(r)
+        np.put_along_axis(out, self.order, r, 1)
+        return out
+
+
+def _weighted_corr(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row pair with column weights w (a column of weight c counts c times); NaN for a
+    row with total weight below 3 or constant (over its weighted columns) in a or b."""
+    sw = w.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        da = a - (w * a).sum(1, keepdims=True) / sw[:, None]
+        db = b - (w * b).sum(1, keepdims=True) / sw[:, None]
+        rho = (w * da * db).sum(1) / np.sqrt((w * da * da).sum(1) * (w * db * db).sum(1))
+    on = w > 0
+    flat = [np.where(on, v, -np.inf).max(1) == np.where(on, v, np.inf).min(1) for v in (a, b)]
+    rho[(sw < 3) | flat[0] | flat[1]] = np.nan
+    return rho
+
+
 def _boot_lds(sums: dict[str, np.ndarray], losses: np.ndarray, qi: np.ndarray, ji: np.ndarray) -> np.ndarray:
-    """[methods, draws]: each method's LDS on the resampled queries qi [draws, Q] and subsets ji [draws, M]."""
+    """[methods, draws]: each method's LDS on the resampled queries qi [draws, Q] and subsets ji [draws, M]: the
+    mean over the resampled queries of Spearman over the resampled subsets (a query's missing losses left out), as
+    ``row_spearman`` on the resampled matrices gives it (to float rounding). A subset drawn c times is one column
+    of weight c, a query drawn r times one row of weight r, so a draw ranks nothing anew (``_Ranker``)."""
+    g_all = list(sums.values())
+    if not all(np.isfinite(g).all() for g in g_all):
+        return _boot_lds_resampled(sums, losses, qi, ji)
+    q, m = losses.shape
+    valid = np.isfinite(losses).astype(np.float64)
+    loss_ranks, ranks = _Ranker(-losses), [_Ranker(np.asarray(g, np.float64)) for g in g_all]
+    boot = np.empty((len(sums), len(qi)))
+    for b in range(len(qi)):
+        w = valid * np.bincount(ji[b], minlength=m)[None, :]
+        rows = np.bincount(qi[b], minlength=q).astype(np.float64)
+        rl = loss_ranks.ranks(w)
+        for k, ranker in enumerate(ranks):
+            rho = _weighted_corr(ranker.ranks(w), rl, w)
+            ok = np.isfinite(rho) & (rows > 0)
+            boot[k, b] = (rows[ok] * rho[ok]).sum() / rows[ok].sum() if ok.any() else np.nan
+    return boot
+
+
+def _boot_lds_resampled(sums: dict[str, np.ndarray], losses: np.ndarray, qi: np.ndarray,
+                        ji: np.ndarray) -> np.ndarray:
+    """``_boot_lds`` by resampling the matrices and ranking each draw afresh (scores with missing values)."""
     boot = np.empty((len(sums), len(qi)))
     for b in range(len(qi)):
         lb = -losses[qi[b]][:, ji[b]]

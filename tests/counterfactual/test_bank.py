@@ -584,6 +584,26 @@ def test_row_spearman_uses_the_columns_both_have():
     assert np.isnan(got[3])
 
 
+def test_bootstrap_by_weights_equals_ranking_each_resampled_draw():
+    """The benchmark's bootstrap counts a subset drawn c times as a column of weight c (ranks from one sort); it
+    gives what ranking each resampled matrix gives, with later-batch queries' missing losses, ties, constant rows
+    and a query left with fewer than 3 subsets."""
+    rng = np.random.default_rng(3)
+    q, m = 24, 30
+    loss = rng.normal(size=(q, m))
+    loss[8:16, :10] = np.nan                            # a later batch of queries
+    loss[16:, :20] = np.nan
+    loss[23, :28] = np.nan                              # 2 subsets left: NaN in every draw
+    loss[5] = 0.7                                       # constant
+    g = {"a": rng.normal(size=(q, m)), "ties": np.round(rng.normal(size=(q, m)) * 2)}
+    g["ties"][2] = 1.0
+    qi, ji = st.bootstrap_draws(q, m, 200, 0)
+    fast, slow = st._boot_lds(g, loss, qi, ji), st._boot_lds_resampled(g, loss, qi, ji)
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
+    g["a"][0, 0] = np.nan                               # missing scores: the resampling path
+    np.testing.assert_allclose(st._boot_lds(g, loss, qi, ji), st._boot_lds_resampled(g, loss, qi, ji), atol=0)
+
+
 def test_benchmark_batches_option_is_checked(tmp_path):
     from musicattr.counterfactual.benchmark import run_benchmark
 
