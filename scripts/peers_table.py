@@ -1,4 +1,4 @@
-"""The README's "Peers on the benchmark" table from `musicattr benchmark`'s three halves (prints markdown).
+"""The README's 44-query table ("The first 44 queries") from `musicattr benchmark`'s three halves (prints markdown).
 
 Reads ``<dir>/benchmark.json`` (all non-training queries), ``benchmark-tuning.json`` and ``benchmark-report.json``
 (the split of assets/bank/demo/queries/split.csv) and the draw-seed overlap of ``scripts/benchmark_seed_overlap.py``;
