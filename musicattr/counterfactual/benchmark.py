@@ -411,6 +411,7 @@ def summarize(bank: Bank, table: pd.DataFrame, kinds: np.ndarray, scores: dict[s
     headline = (kinds != "training") & measured
     waiting = int(((kinds != "training") & ~measured).sum())
     nq = int(headline.sum())
+    result["lds_queries"], result["lds_subsets"] = nq, int(len(done))
     lines.append(f"## LDS ({nq} non-training queries: {int((kinds[headline] == 'generated').sum())} generated, "
                  f"{int((kinds[headline] == 'planted').sum())} planted; {len(done)} of {kept.shape[0]} subsets at "
                  f"alpha {bank.design['lds']['alpha']}, seed {lds_seed})")

@@ -350,6 +350,7 @@ def test_bank_end_to_end(tmp_path):
     loss = np.array([[recs[j, 0]["losses"][q] for j in range(kept.shape[0])] for q in qids])
     expect = np.nanmean(st.row_spearman(st.subset_sums(scores, kept), -loss))
     assert result["lds"]["unlearning"]["lds"] == pytest.approx(expect)
+    assert result["lds_queries"] == len(qids) and result["lds_subsets"] == kept.shape[0]
     # the scores shipped beside the bank: the same table without the compare run (a fresh clone's check)
     run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "outx"), bootstrap=100, null_vectors=100,
                   export_scores=True)
@@ -371,6 +372,7 @@ def test_bank_end_to_end(tmp_path):
                            null_vectors=100, subsets=5)                # the table as it was before the bank grew
     assert first5["lds"]["unlearning"]["lds"] == pytest.approx(
         np.nanmean(st.row_spearman(st.subset_sums(scores, kept[:5]), -loss[:, :5])))
+    assert first5["lds_subsets"] == 5
     with pytest.raises(ValueError, match="subsets = 9; fix: 1 to 7"):
         run_benchmark(str(bank_dir), s["store"], str(compare), str(tmp_path / "out5"), subsets=9)
     assert (tmp_path / "out" / "benchmark.md").read_text().startswith("Counterfactual benchmark")
