@@ -150,14 +150,15 @@ def compared_batches(bank: Bank, compare_dir: str | Path, tables: list[pd.DataFr
 
 
 # ---------------------------------------------------------------------------------------------- the bank's losses
-def bank_losses(bank: Bank, qids: list[str]) -> dict:
+def bank_losses(bank: Bank, qids: list[str], table: pd.DataFrame | None = None) -> dict:
     """The finished retrains' losses, arranged: lds[seed] [Q, M] (NaN where not finished), reference[seed] [Q],
     group[(name, seed)] [Q], random_k[(seed, set)] [Q], top_k[(method, qid, seed)] (loss, removed ids). A record
-    made before a later batch of queries was added (and not filled in since) has NaN for that batch's queries."""
+    made before a later batch of queries was added (and not filled in since) has NaN for that batch's queries.
+    ``table``: the bank's queries table if already read (``bank.queries_table()``)."""
     m = len(bank.design["lds"]["kept"])
     out = {"lds": {}, "reference": {}, "group": {}, "random_k": {}, "top_k": {}, "records": 0}
     key = bank.manifest.get("loss_key")
-    table = bank.queries_table()
+    table = bank.queries_table() if table is None else table
     earlier = earlier_batches(bank.root, table)
     for rec in bank.records():
         covered = covered_queries(table, earlier, key, rec.get("loss_key"))
@@ -244,7 +245,7 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
     if export_scores and (scores is not None or half != "all"):
         raise ValueError("export_scores writes every query's scores from a compare run; fix: use it with half: all "
                          "and without scores")
-    table = pd.concat(tables, ignore_index=True)                # = bank.queries_table(), read once
+    table = every = pd.concat(tables, ignore_index=True)        # = bank.queries_table(), read once
     batch_of = {q: b for b, t in enumerate(tables) for q in t["query_id"]}
     scores_dir = scores
     specs = parse_methods(methods) if methods else default_methods()
@@ -291,7 +292,7 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
         qids = list(table["query_id"])
     kinds = np.array(table["kind"])
     scores = method_table
-    data = bank_losses(bank, qids)
+    data = bank_losses(bank, qids, every)
     if subsets is not None:
         m = len(bank.design["lds"]["kept"])
         if not 0 < subsets <= m:
