@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from musicattr.evaluation.fidelity import topk_overlap
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name, seed-0 table, seed-1 table (both relative to their roots, ``{q}`` the query id), score column, what the
@@ -94,15 +96,9 @@ def paired(a: pd.DataFrame, b: pd.DataFrame, column: str) -> tuple[np.ndarray, n
     return x.to_numpy(np.float64), y.reindex(x.index).to_numpy(np.float64)
 
 
-def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> int:
-    """How many of a's k highest scores are among b's k highest (ties broken by position)."""
-    top = lambda v: set(np.argsort(-np.asarray(v, np.float64), kind="stable")[:k].tolist())  # noqa: E731
-    return len(top(a) & top(b))
-
-
 def agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> dict[str, float]:
     """Spearman over the items and the top-k overlap of two score vectors of one query."""
-    return {"spearman": float(spearmanr(a, b).statistic), f"top{k}_overlap": top_overlap(a, b, k)}
+    return {"spearman": float(spearmanr(a, b).statistic), f"top{k}_overlap": topk_overlap(a, b, k)}
 
 
 def interval(values, seed: int = 0, resamples: int = 10000) -> tuple[float, float, float]:

@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 
 from musicattr.counterfactual.bank import Bank
 from musicattr.counterfactual.shipped_scores import read_shipped
+from musicattr.evaluation.fidelity import topk_overlap
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
         other = t["score"].reindex(bank.item_ids).to_numpy(np.float64)
         s = shipped[j]
         rho.append(spearmanr(s, other)[0])
-        top.append(len(set(np.argsort(-s)[:10]) & set(np.argsort(-other)[:10])))
+        top.append(topk_overlap(s, other, 10))
         rel.append(np.abs(s - other).max() / np.abs(s).max())
     out = {"queries": len(qids), "spearman": [min(rho), float(np.mean(rho)), max(rho)],
            "top10_overlap": [min(top), float(np.mean(top))], "max_rel_diff": max(rel)}

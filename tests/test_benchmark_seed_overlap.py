@@ -35,14 +35,14 @@ def test_paired_matches_items_by_id(so):
         so.paired(a, b.assign(item_id=["c", "a", "d"]), "score")
 
 
-def test_top_overlap(so):
+def test_agreement_top_overlap(so):
     a = np.arange(20, dtype=float)          # top 10: items 10..19
-    assert so.top_overlap(a, a) == 10
-    assert so.top_overlap(a, -a) == 0        # reversed: the top 10 become the bottom 10
+    assert so.agreement(a, a)["top10_overlap"] == 10
+    assert so.agreement(a, -a)["top10_overlap"] == 0        # reversed: the top 10 become the bottom 10
     b = a.copy()
     b[[19, 0]] = b[[0, 19]]                  # item 19 falls out of the top 10, item 0 enters it
-    assert so.top_overlap(a, b) == 9
-    assert so.top_overlap(a, b, k=20) == 20
+    assert so.agreement(a, b)["top10_overlap"] == 9
+    assert so.agreement(a, b, k=20)["top20_overlap"] == 20
 
 
 def test_interval_is_seeded_and_brackets_the_mean(so):
