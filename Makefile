@@ -22,7 +22,7 @@ CORPUS_CFG ?= $(CFG)/corpus.yaml
 COMPARE_CFG ?= $(CFG)/compare.yaml
 
 .PHONY: all venv demo test test-fast bench reproducibility reproducibility-curve table1 self-influence figure1 report adherence autoencoder clean-demo help \
-	lds leave-k-out index index-query index-fidelity two-stage-fidelity heldback index-scale bank bank-plan benchmark benchmark-shipped peers rehearse
+	lds leave-k-out index index-query index-fidelity two-stage-fidelity heldback index-scale bank bank-plan benchmark benchmark-shipped benchmark-scores peers rehearse
 
 help:
 	@echo "make demo     - set up, then run corpus -> encode (shipped autoencoder) -> fit -> fisher -> generate -> unlearn -> attribute -> report"
@@ -55,13 +55,14 @@ help:
 	@echo "                thread, resumable; BANK_ARGS='--commit true' commits each finished retrain's losses;"
 	@echo "                BANK_WORKERS=2 runs two retrains side by side (one per core)"
 	@echo "make bank-plan - the bank's plan, what is done and the time left"
-	@echo "make benchmark - the peers and the index ensemble (BENCH_WITH=, empty, skips them), then every method's"
-	@echo "                scores on the bank's queries against the bank: LDS with intervals,"
-	@echo "                paired differences, null, noise ceiling, leave-K-out, group credit (runs/demo/benchmark)"
-	@echo "make benchmark-shipped - the same tables from the scores shipped in assets/bank/demo/scores: minutes on a"
-	@echo "                fresh clone, nothing computed first (runs/demo/benchmark-shipped)"
+	@echo "make benchmark - every method's scores shipped in assets/bank/demo/scores against the bank: LDS with"
+	@echo "                intervals, paired differences, null, noise ceiling, leave-K-out, group credit; minutes on a"
+	@echo "                fresh clone, nothing computed first (runs/demo/benchmark-shipped; BENCHMARK_ARGS adds options)"
+	@echo "make benchmark-scores - every method scored afresh on the bank's queries (Fisher, index, compare, the peers"
+	@echo "                and the index ensemble: hours; BENCH_WITH=, empty, skips the last two), then the same"
+	@echo "                tables (runs/demo/benchmark)"
 	@echo "make peers    - EK-FAC influence (kronfluence), TRAK, D-TRAK (traker) and EK-FAC unlearning on the benchmark's"
-	@echo "                compare run (one table per query and peer; resumable); then make benchmark includes them"
+	@echo "                compare run (one table per query and peer; resumable); then make benchmark-scores includes them"
 
 venv: $(VENV)/.installed
 
@@ -221,8 +222,9 @@ leave-k-out: venv $(D)/figure1/comparison.json
 # ---- the counterfactual bank (configs/demo/bank.yaml) and the benchmark against it (configs/demo/benchmark.yaml) ----
 # The bank ships in $(BANK) and grows: `make bank` continues from the retrains it holds (one thread per worker;
 # BANK_WORKERS=2 runs two side by side, each claiming its next retrain in $(D)/bank/claims).
-# `make benchmark` scores every method on the benchmark model and the bank's queries (Fisher, index, compare), then
-# checks the scores against the bank; no retraining.
+# `make benchmark` checks the scores shipped in $(BANK)/scores against the bank (minutes, nothing computed);
+# `make benchmark-scores` first scores every method afresh on the benchmark model and the bank's queries (Fisher,
+# index, compare, the peers, the index ensemble). No retraining in either.
 BANK := assets/bank/demo
 BD := $(D)/benchmark
 BANK_ARGS ?=
@@ -234,9 +236,11 @@ bank: venv $(D)/store/index.parquet
 	done; status=0; for p in $$pids; do wait $$p || status=1; done; exit $$status
 
 # Every method's shipped scores ($(BANK)/scores) against the bank: the benchmark's tables in minutes on a fresh clone,
-# nothing computed first (BENCHMARK_ARGS adds options, e.g. --half report --subsets 48).
+# nothing computed first (BENCHMARK_ARGS adds options, e.g. --half report --subsets 48). benchmark-shipped: its
+# earlier name.
 BENCHMARK_ARGS ?=
-benchmark-shipped: venv
+benchmark-shipped: benchmark
+benchmark: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN) --store null \
 		--scores $(BANK)/scores --out_dir $(D)/benchmark-shipped $(BENCHMARK_ARGS)
 
@@ -266,16 +270,16 @@ $(BD)/compare/comparison.json: $(BD)/compare/bank_queries.csv $(CFG)/compare.yam
 			--config $$d/compare_args.yaml $(RUN) --use_wandb false || exit 1; \
 	done
 
-# `make benchmark` first runs the peers and the index ensemble (resumable; each skips what is done: about 3 hours
+# `make benchmark-scores` first runs the peers and the index ensemble (resumable; each skips what is done: about 3 hours
 # of one core on a fresh clone for the first batch's 44 queries, most of it the peers; each query of a later batch
 # adds 1 to 2 minutes of compare here under load and, by the per-query costs in README "Peers on the benchmark", about 2 minutes of
 # the peers, not yet measured on a whole batch); BENCH_WITH= (empty) scores only the tables that exist.
 BENCH_WITH ?= peers ensemble
-benchmark: venv $(BD)/compare/comparison.json $(BENCH_WITH)
+benchmark-scores: venv $(BD)/compare/comparison.json $(BENCH_WITH)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(MA) benchmark --config $(CFG)/benchmark.yaml $(RUN)
 
 # The peers on the bank's queries, batch by batch (configs/demo/peers.yaml): kronfluence's EK-FAC influence, traker's
-# TRAK and D-TRAK, EK-FAC-preconditioned unlearning; their tables sit beside compare's, where `make benchmark` reads
+# TRAK and D-TRAK, EK-FAC-preconditioned unlearning; their tables sit beside compare's, where `make benchmark-scores` reads
 # them. They need the prepared batches only, not compare's run: `musicattr benchmark --batches B --methods M
 # --export_scores true` then ships the tables of batches that compare has not scored.
 peers: venv $(BD)/compare/bank_queries.csv
@@ -286,7 +290,7 @@ peers: venv $(BD)/compare/bank_queries.csv
 
 # The index ensemble (configs/demo/ensemble.yaml): the index averaged over the benchmark model and refits of the bank's
 # recipe with training seeds 1 and 2 (each with its Fisher and index; resumable), on the prepared batches as the
-# peers; its tables sit beside compare's (method index-ensemble), where `make benchmark` reads them. ENSEMBLE_ARGS
+# peers; its tables sit beside compare's (method index-ensemble), where `make benchmark-scores` reads them. ENSEMBLE_ARGS
 # adds options.
 .PHONY: ensemble
 ensemble: venv $(BD)/compare/bank_queries.csv

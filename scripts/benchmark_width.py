@@ -2,8 +2,8 @@
 
 For each (M subsets, Q queries) it draws ``--reps`` random sub-banks (M of the finished seed-0 subsets, Q of the
 non-training queries) and bootstraps the difference LDS_a - LDS_b with the benchmark's own bootstrap
-(``bank_stats.lds_bootstrap``): queries and subsets together, queries alone, subsets alone (``--draws`` each). The half-widths' means say which count a narrower interval needs (README, "Where
-that width comes from"). Reads the scores of a finished `make benchmark` compare run, like `musicattr benchmark`.
+(``bank_stats.lds_bootstrap``): queries and subsets together, queries alone, subsets alone (``--draws`` each). The half-widths' means say which count a narrower interval needs (README, "How
+the bank got its power"). Reads the scores of a finished `make benchmark-scores` compare run, like `musicattr benchmark`.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark_width.py \
         --a unlearning --b 'all-against-all[aisfx]' --json docs/evidence/benchmark_width.json
@@ -52,7 +52,7 @@ def main() -> None:
     qids = list(table["query_id"])
     head = np.array(table["kind"]) != "training"
     scores = method_scores(parse_methods([a.a, a.b]), Path(a.compare), qids, bank.item_ids, a.seed,
-                           random_per_query=True, fix="run `make benchmark` first")
+                           random_per_query=True, fix="run `make benchmark-scores` first")
     la = bank_losses(bank, qids)["lds"][int(bank.manifest["settings"]["lds"]["seed"])]
     done = np.flatnonzero(~np.isnan(la[0]))
     if a.first:

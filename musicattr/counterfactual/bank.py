@@ -129,7 +129,7 @@ class BankRandomK:
 @dataclass
 class BankTopK:
     """Leave-K-out of the methods: a method's top-K items for a query removed (K = ``random_k.k``), per seed.
-    The sets are chosen once, from the scores of a ``make benchmark`` compare run on the bank's queries, and
+    The sets are chosen once, from the scores of a ``make benchmark-scores`` compare run on the bank's queries, and
     frozen in design.json (a later run, or another machine, retrains the same sets).
 
     Args:
@@ -291,7 +291,7 @@ def choose_top_k(design: dict, table: pd.DataFrame, top: BankTopK, k: int) -> di
     paths = {(m.name, q.query_id): m.path(Path(top.scores), q.query_id) for m in methods for q in chosen}
     missing = [p for p in paths.values() if not p.exists()]
     if missing:
-        log.info("bank: no top-K retrains planned yet: %s not found (run `make benchmark` first)", missing[0])
+        log.info("bank: no top-K retrains planned yet: %s not found (run `make benchmark-scores` first)", missing[0])
         return None
     ids = design["item_ids"]
     sets = [{"method": m.name, "query_id": q.query_id,

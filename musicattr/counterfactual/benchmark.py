@@ -127,7 +127,7 @@ def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = Non
         listing = listing_file(out, prepared)
         if not listing.exists():
             raise FileNotFoundError(f"{listing} not found: no finished compare run on the bank's queries "
-                                    f"{f'(batch {batch}) ' if batch else ''}; fix: run `make benchmark` (it prepares "
+                                    f"{f'(batch {batch}) ' if batch else ''}; fix: run `make benchmark-scores` (it prepares "
                                     "and runs it), or point `compare` at its out_dir")
         got = pd.read_csv(listing, dtype={"query_id": str}).set_index("query_id")
         for r in table.to_dict("records"):
@@ -140,7 +140,7 @@ def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = Non
                     bad.append(f"{qid} (compare generated its own latent instead of the bank's)")
     if bad:
         raise BankError(f"{compare_dir} did not score the bank's queries: {bad[:4]} ({len(bad)} in all); fix: rerun "
-                        "`make benchmark` (it places the bank's latents first), or delete that compare run")
+                        "`make benchmark-scores` (it places the bank's latents first), or delete that compare run")
 
 
 def compared_batches(bank: Bank, compare_dir: str | Path, tables: list[pd.DataFrame] | None = None) -> list[int]:
@@ -226,7 +226,7 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
     compare_dir = Path(compare)
     if prepare:
         if not fisher:
-            raise ValueError("prepare needs the benchmark model's Fisher (fisher: ...); fix: run `make benchmark`")
+            raise ValueError("prepare needs the benchmark model's Fisher (fisher: ...); fix: run `make benchmark-scores`")
         return {"compare_args": [str(p) for p in prepare_compare(bank, store, str(compare_dir), fisher, index)]}
     if null_vectors < 100:
         raise ValueError(f"null_vectors = {null_vectors}; fix: at least 100 random score vectors per query")
@@ -325,7 +325,7 @@ def _compare_scores(bank: Bank, specs: list, compare_dir: Path, qids: list[str],
                     batch_of: dict[str, int]) -> dict[str, np.ndarray]:
     """Each method's scores [Q, N] from the compare run of each query's batch (NaN rows where a query has no
     table of that optional method yet, e.g. a peer still scoring its batch); ``random`` is one seeded vector per query over all of ``qids``."""
-    fix = "run `make benchmark` (compare on the bank's queries)"
+    fix = "run `make benchmark-scores` (compare on the bank's queries)"
     out = method_scores([m for m in specs if m.table is None], compare_dir, qids, bank.item_ids, seed,
                         random_per_query=True)
     for m in specs:

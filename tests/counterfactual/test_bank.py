@@ -286,7 +286,7 @@ def test_bank_end_to_end(tmp_path):
     from musicattr.attribution.fisher import FisherModule
     from musicattr.data.datamodules import StorePredictDataModule
 
-    fisher = str(tmp_path / "bank_fisher.safetensors")      # the benchmark model's Fisher (make benchmark: fisher)
+    fisher = str(tmp_path / "bank_fisher.safetensors")      # the benchmark model's Fisher (make benchmark-scores: fisher)
     L.Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False, inference_mode=False,
               enable_progress_bar=False).predict(FisherModule(str(bank_dir / "model.ckpt"), fisher, num_draws=2),
                                                  datamodule=StorePredictDataModule(s["store"]))
