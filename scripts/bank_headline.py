@@ -96,6 +96,8 @@ def main() -> None:
     a = p.parse_args()
     out = a.out_dir or ROOT / "runs" / "demo" / f"bank-headline-{a.subsets}"
     out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()     # before the run: `make bank --commit true` may add commits
     t0 = time.time()
     res = {h: run_benchmark(a.subsets, a.batches, h, out) for h in ("all", "report")}
     print(f"benchmark, both halves: {time.time() - t0:.0f} s", flush=True)
@@ -104,8 +106,6 @@ def main() -> None:
                     "--batches", a.batches, "--seeds", a.seeds, "--json", str(width_json)], check=True, cwd=ROOT)
     width = json.loads(width_json.read_text())
     seconds = time.time() - t0
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     ra, rr = res["all"]["json"], res["report"]["json"]
     made_by = (f"`OMP_NUM_THREADS=1 .venv/bin/python scripts/bank_headline.py --subsets {a.subsets} --batches "
                f"'{a.batches}' --seeds {a.seeds}` at commit {commit}, {datetime.date.today().isoformat()}, "
