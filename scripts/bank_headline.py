@@ -112,8 +112,8 @@ def main() -> None:
                f"{seconds:.0f} s: `musicattr benchmark --config configs/demo/benchmark.yaml --store null --scores "
                f"assets/bank/demo/scores --subsets {a.subsets} --batches '{a.batches}'` (every method of the config), "
                f"the same with `--half report`, then `scripts/width_seeds.py` over bootstrap seeds {a.seeds}. "
-               f"{ra['lds_queries']} non-training queries, the first {ra['lds_subsets']} LDS subsets; bank: {ra['retrains']} "
-               "finished retrains.")
+               f"{ra['lds_queries']} non-training queries, the first {ra['lds_subsets']} LDS subsets; bank: "
+               f"{ra['retrains']} finished retrains.")
     evidence = a.evidence or (ROOT / "docs" / "evidence" /
                               f"bank_split_{a.subsets}_subsets_{ra['lds_queries']}_queries_all_methods.md")
     evidence.write_text(evidence_text(made_by, res["all"]["md"], res["report"]["md"], width))

@@ -127,8 +127,8 @@ def check_compare(bank: Bank, compare_dir: Path, batches: list[int] | None = Non
         listing = listing_file(out, prepared)
         if not listing.exists():
             raise FileNotFoundError(f"{listing} not found: no finished compare run on the bank's queries "
-                                    f"{f'(batch {batch}) ' if batch else ''}; fix: run `make benchmark-scores` (it prepares "
-                                    "and runs it), or point `compare` at its out_dir")
+                                    f"{f'(batch {batch}) ' if batch else ''}; fix: run `make benchmark-scores` "
+                                    "(it prepares and runs it), or point `compare` at its out_dir")
         got = pd.read_csv(listing, dtype={"query_id": str}).set_index("query_id")
         for r in table.to_dict("records"):
             qid = r["query_id"]
@@ -226,7 +226,8 @@ def run_benchmark(bank_dir: str, store: str | None, compare: str, out_dir: str, 
     compare_dir = Path(compare)
     if prepare:
         if not fisher:
-            raise ValueError("prepare needs the benchmark model's Fisher (fisher: ...); fix: run `make benchmark-scores`")
+            raise ValueError("prepare needs the benchmark model's Fisher (fisher: ...); fix: run "
+                             "`make benchmark-scores`")
         return {"compare_args": [str(p) for p in prepare_compare(bank, store, str(compare_dir), fisher, index)]}
     if null_vectors < 100:
         raise ValueError(f"null_vectors = {null_vectors}; fix: at least 100 random score vectors per query")

@@ -1,8 +1,8 @@
 """The members of an index ensemble: one model each, with its diagonal Fisher and its attribution index.
 
 A member is either given (``checkpoint``, ``fisher``, ``index``: e.g. the bank's benchmark model with the Fisher and
-index `make benchmark-scores` built) or refitted: the bank's recipe (``<bank_dir>/manifest.json``, the recipe every retrain
-of the bank follows) on the whole store with the member's training ``seed``, by the bank's own retrain
+index `make benchmark-scores` built) or refitted: the bank's recipe (``<bank_dir>/manifest.json``, the recipe every
+retrain of the bank follows) on the whole store with the member's training ``seed``, by the bank's own retrain
 (``retrain.fit_retrain``, nothing removed, the bank's run key: a refit with seed 0 is the bank's benchmark model).
 Its Fisher and index are then built by the ``musicattr fisher`` and ``musicattr index`` commands with the stage
 configs the Makefile uses (the same settings as the benchmark model's), in a child process each:

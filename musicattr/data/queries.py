@@ -92,8 +92,9 @@ def compare_listing(compare: str | Path, query_ids: list[str] | None = None) -> 
     listing = listing_file(compare)
     if not listing.exists():
         raise FileNotFoundError(f"{listing} not found: {compare} is no finished `musicattr compare` run; fix: run "
-                                "compare first (`make benchmark-scores` for the bank's queries), prepare the bank's queries "
-                                "there (`musicattr benchmark --prepare true`) or point --compare at its out_dir")
+                                "compare first (`make benchmark-scores` for the bank's queries), prepare the bank's "
+                                "queries there (`musicattr benchmark --prepare true`) or point --compare at its "
+                                "out_dir")
     table = pd.read_csv(listing, dtype={"query_id": str, "query_item": str})
     missing_cols = {"query_id", "kind"} - set(table.columns)
     if missing_cols:
