@@ -2,8 +2,9 @@
 
 Runs ``musicattr benchmark`` on the scores shipped in the bank (every method of configs/demo/benchmark.yaml, the
 first M LDS subsets, all query batches) for all non-training queries and for the held-back report half, then
-``scripts/width_seeds.py`` (the paired interval of Eq. 1 and the similarity baseline under several bootstrap seeds:
-the target half-width <= 0.05 holds only if it holds for every seed). Writes
+``scripts/width_seeds.py``'s run per further bootstrap seed (the paired interval of Eq. 1 and the similarity
+baseline under several seeds, seed 0's from the first run: the target half-width <= 0.05 holds only if it holds for
+every seed). Writes
 
     docs/evidence/bank_split_<M>_subsets_<Q>_queries_all_methods.md
 
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from peers_table import lds, paired  # noqa: E402
+from width_seeds import (benchmark_cmd, benchmark_pair, row_line, seed_row, summarize,  # noqa: E402
+                         summary_line)
 
 ROWS = [("unlearning", "Eq. 1 (`unlearning`)"), ("unlearning-relative", "relative (`unlearning-relative`)"),
         ("index", "index"), ("index-ensemble", "index ensemble"), ("unlearning-ekfac", "AbU+ (`unlearning-ekfac`)"),
@@ -62,10 +65,9 @@ def leaders_lines(res_all: dict, res_report: dict) -> list[str]:
 
 
 def run_benchmark(subsets: int, batches: str, half: str, out: Path) -> dict:
-    cmd = [str(Path(sys.executable).with_name("musicattr")), "benchmark", "--config", "configs/demo/benchmark.yaml",
-           "--store", "null", "--scores", "assets/bank/demo/scores", "--subsets", str(subsets), "--batches", batches,
-           "--out_dir", str(out)] + (["--half", half] if half != "all" else [])
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    """Every method of the config on the shipped scores (bootstrap seed 0), one half of the queries."""
+    subprocess.run(benchmark_cmd(None, 0, subsets, batches, out, half), check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
     suffix = "" if half == "all" else f"-{half}"
     return {"json": json.loads((out / f"benchmark{suffix}.json").read_text()),
             "md": (out / f"benchmark{suffix}.md").read_text()}
@@ -98,13 +100,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()     # before the run: `make bank --commit true` may add commits
+    seeds = [int(x) for x in a.seeds.split(",")]
+    if len(seeds) < 2:
+        p.error("--seeds: at least two seeds, e.g. 0,1,2 (one seed has no spread)")
     t0 = time.time()
-    res = {h: run_benchmark(a.subsets, a.batches, h, out) for h in ("all", "report")}
+    res = {"all": run_benchmark(a.subsets, a.batches, "all", out)}
+    first = time.time() - t0
+    res["report"] = run_benchmark(a.subsets, a.batches, "report", out)
     print(f"benchmark, both halves: {time.time() - t0:.0f} s", flush=True)
-    width_json = out / "width_seeds.json"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "width_seeds.py"), "--subsets", str(a.subsets),
-                    "--batches", a.batches, "--seeds", a.seeds, "--json", str(width_json)], check=True, cwd=ROOT)
-    width = json.loads(width_json.read_text())
+    rows = []
+    for seed in seeds:         # seed 0's pair is the all-queries run's own (the same bootstrap draws): not run again
+        t1 = time.time()
+        pair = (res["all"]["json"]["pairs"][f"{REFERENCE} - {SIMILARITY}"] if seed == 0 else
+                benchmark_pair(REFERENCE, SIMILARITY, seed, a.subsets, a.batches, out / f"seed-{seed}"))
+        rows.append(seed_row(pair, seed, first if seed == 0 else time.time() - t1))
+        print(row_line(REFERENCE, SIMILARITY, rows[-1]), flush=True)
+    width = summarize(REFERENCE, SIMILARITY, a.subsets, a.batches, 0.05, rows)
+    print(summary_line(width), flush=True)
+    (out / "width_seeds.json").write_text(json.dumps(width, indent=1) + "\n")
     seconds = time.time() - t0
     ra, rr = res["all"]["json"], res["report"]["json"]
     made_by = (f"`OMP_NUM_THREADS=1 .venv/bin/python scripts/bank_headline.py --subsets {a.subsets} --batches "
@@ -126,7 +139,7 @@ def main() -> None:
     print(f"Eq. 1 minus similarity: half-width {e['half_width']:.4f} ({e['half_width_queries_alone']:.3f} from the "
           f"queries, {e['half_width_subsets_alone']:.3f} from the subsets); over seeds {a.seeds}: largest "
           f"{width['max']:.4f}, every seed <= {width['target']}: {width['every_seed_meets_target']}")
-    print(f"evidence: {evidence.relative_to(ROOT)}")
+    print(f"evidence: {evidence.relative_to(ROOT) if evidence.is_relative_to(ROOT) else evidence}")
 
 
 if __name__ == "__main__":

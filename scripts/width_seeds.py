@@ -19,16 +19,56 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def benchmark_cmd(methods: list[str] | None, seed: int, subsets: int | None, batches: str, out: Path,
+                  half: str = "all") -> list[str]:
+    """``musicattr benchmark`` on the shipped scores (``methods`` None: every method of the config)."""
+    cmd = [str(Path(sys.executable).with_name("musicattr")), "benchmark", "--config", "configs/demo/benchmark.yaml",
+           "--store", "null", "--scores", "assets/bank/demo/scores", "--batches", batches, "--seed", str(seed),
+           "--out_dir", str(out)]
+    if methods is not None:
+        cmd += ["--methods", json.dumps(methods)]
+    if subsets is not None:
+        cmd += ["--subsets", str(subsets)]
+    if half != "all":
+        cmd += ["--half", half]
+    return cmd
+
 
 def benchmark_pair(a: str, b: str, seed: int, subsets: int | None, batches: str, out: Path) -> dict:
     """One ``musicattr benchmark`` run on the shipped scores of methods a and b; the pair's entry of its JSON."""
-    cmd = [str(Path(sys.executable).with_name("musicattr")), "benchmark", "--config", "configs/demo/benchmark.yaml",
-           "--store", "null", "--scores", "assets/bank/demo/scores", "--methods", json.dumps([a, b]),
-           "--batches", batches, "--seed", str(seed), "--out_dir", str(out)]
-    if subsets is not None:
-        cmd += ["--subsets", str(subsets)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(benchmark_cmd([a, b], seed, subsets, batches, out), check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
     return json.loads((out / "benchmark.json").read_text())["pairs"][f"{a} - {b}"]
+
+
+def seed_row(pair: dict, seed: int, seconds: float) -> dict:
+    """One seed's figures from a benchmark.json pair entry."""
+    return {"seed": seed, "diff": pair["diff"], "ci": pair["ci"], "half_width": pair["half_width"],
+            "queries_alone": pair.get("half_width_queries_alone"),
+            "subsets_alone": pair.get("half_width_subsets_alone"), "seconds": round(seconds)}
+
+
+def row_line(a: str, b: str, r: dict) -> str:
+    return (f"seed {r['seed']}: {a} - {b} = {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], "
+            f"half-width {r['half_width']:.4f} (queries alone {r['queries_alone']:.3f}, subsets alone "
+            f"{r['subsets_alone']:.3f}; {r['seconds']} s)")
+
+
+def summarize(a: str, b: str, subsets: int | None, batches: str, target: float, rows: list[dict]) -> dict:
+    """The half-width's mean, sample SD and largest value over the seeds' rows, and whether every seed meets target."""
+    widths = [r["half_width"] for r in rows]
+    return {"a": a, "b": b, "subsets": subsets, "batches": batches, "target": target,
+            "mean": statistics.mean(widths), "sd": statistics.stdev(widths), "max": max(widths),
+            "every_seed_meets_target": max(widths) <= target, "seeds": rows}
+
+
+def summary_line(summary: dict) -> str:
+    return (f"half-width over {len(summary['seeds'])} bootstrap seeds: mean {summary['mean']:.4f}, SD "
+            f"{summary['sd']:.4f}, largest {summary['max']:.4f}; <= {summary['target']} for every seed: "
+            f"{summary['every_seed_meets_target']}")
 
 
 def main() -> None:
@@ -49,19 +89,10 @@ def main() -> None:
         for seed in seeds:
             t0 = time.time()
             pair = benchmark_pair(args.a, args.b, seed, args.subsets, args.batches, Path(tmp) / f"seed-{seed}")
-            rows.append({"seed": seed, "diff": pair["diff"], "ci": pair["ci"], "half_width": pair["half_width"],
-                         "queries_alone": pair.get("half_width_queries_alone"),
-                         "subsets_alone": pair.get("half_width_subsets_alone"), "seconds": round(time.time() - t0)})
-            r = rows[-1]
-            print(f"seed {seed}: {args.a} - {args.b} = {r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], "
-                  f"half-width {r['half_width']:.4f} (queries alone {r['queries_alone']:.3f}, subsets alone "
-                  f"{r['subsets_alone']:.3f}; {r['seconds']} s)", flush=True)
-    widths = [r["half_width"] for r in rows]
-    summary = {"a": args.a, "b": args.b, "subsets": args.subsets, "batches": args.batches, "target": args.target,
-               "mean": statistics.mean(widths), "sd": statistics.stdev(widths), "max": max(widths),
-               "every_seed_meets_target": max(widths) <= args.target, "seeds": rows}
-    print(f"half-width over {len(seeds)} bootstrap seeds: mean {summary['mean']:.4f}, SD {summary['sd']:.4f}, "
-          f"largest {summary['max']:.4f}; <= {args.target} for every seed: {summary['every_seed_meets_target']}")
+            rows.append(seed_row(pair, seed, time.time() - t0))
+            print(row_line(args.a, args.b, rows[-1]), flush=True)
+    summary = summarize(args.a, args.b, args.subsets, args.batches, args.target, rows)
+    print(summary_line(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
 
