@@ -259,7 +259,9 @@ def increase_bootstrap(values: np.ndarray, draws: int = 2000, seed: int = 0) -> 
     rng = np.random.default_rng([seed, 0x1C0])
     boot = np.empty(draws)
     for k in range(draws):
-        boot[k] = np.nanmean(v[rng.integers(0, q, q)][:, rng.integers(0, s, s)][:, :, rng.integers(0, r, r)])
+        sample = v[rng.integers(0, q, q)][:, rng.integers(0, s, s)][:, :, rng.integers(0, r, r)]
+        # a draw that picked no present value is NaN, and _ci leaves it out
+        boot[k] = np.nanmean(sample) if np.isfinite(sample).any() else np.nan
     lo, hi = _ci(boot)
     return float(np.nanmean(v)), float(lo), float(hi)
 
