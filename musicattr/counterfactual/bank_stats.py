@@ -261,7 +261,7 @@ def increase_bootstrap(values: np.ndarray, draws: int = 2000, seed: int = 0) -> 
     for k in range(draws):
         sample = v[rng.integers(0, q, q)][:, rng.integers(0, s, s)][:, :, rng.integers(0, r, r)]
         # a draw that picked no present value is NaN, and _ci leaves it out
-        boot[k] = np.nanmean(sample) if np.isfinite(sample).any() else np.nan
+        boot[k] = np.nan if np.isnan(sample).all() else np.nanmean(sample)
     lo, hi = _ci(boot)
     return float(np.nanmean(v)), float(lo), float(hi)
 
